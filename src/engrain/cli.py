@@ -1,0 +1,122 @@
+"""The ``engrain`` command line: one verb per pipeline stage.
+
+Exit status: 0 success, 1 some input failed but the step went on, 2 bad usage or total failure.
+Errors the user can fix are printed as a message (never a traceback); ``ENGRAIN_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import EngrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="engrain: make a language model know a folder of documents, and measure which way works.")
+console = Console(stderr=True)
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace folder")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="base model: embedded default, folder, .gguf or hub id")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object with the step's summary on stdout")]
+DEFAULT_WS = Path("engrain-workspace")
+
+
+def emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def model_spec(workspace: Path, model: str | None) -> str | None:
+    """--model wins; else the workspace config's model; else the embedded default."""
+    if model:
+        return model
+    from .config import load_config
+    from .workspace import Workspace
+
+    return load_config(Workspace.at(workspace).config_path).model.name
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    memory: Annotated[str, typer.Option("--memory", help="base (closed-book) | context | rag | lora | ...")] = "base",
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 96,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer one question with a memory (the base model closed-book by default)."""
+    from .memory.registry import open_memory
+    from .models import load_model
+    from .workspace import Workspace
+
+    if not question.strip():
+        raise EngrainError("The question is empty.", hint='Usage: engrain ask "your question"')
+    ws = Workspace.at(workspace)
+    lm = load_model(model_spec(workspace, model))
+    mem = open_memory(memory, ws, lm)
+    ans = mem.answer([question], max_new_tokens=max_tokens)[0]
+    if as_json:
+        emit_json({"answer": ans.text, "memory": memory, "chunks": ans.chunks, "latency_ms": round(ans.latency_ms, 1),
+                   "prompt_tokens": ans.prompt_tokens, **ans.meta})
+    else:
+        print(ans.text)
+        console.print(f"[dim]{memory} · {ans.latency_ms:.0f} ms · {ans.prompt_tokens} prompt tokens"
+                      + (f" · chunks {', '.join(ans.chunks)}" if ans.chunks else "") + "[/dim]")
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Print versions, threads, cache state, devices and bf16 support: what a bug report needs."""
+    from .doctor import collect
+
+    info = collect()
+    if as_json:
+        emit_json(info)
+        return
+    from rich.table import Table
+
+    table = Table(title="engrain doctor", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    Console().print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user-fixable errors into a message and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except EngrainError as exc:
+        if os.environ.get("ENGRAIN_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/bold red] {exc.message}")
+        if exc.hint:
+            console.print(exc.hint)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if os.environ.get("ENGRAIN_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {exc}")
+        console.print("This is a bug in engrain or an unexpected environment; rerun with ENGRAIN_DEBUG=1 for details "
+                      "and include `engrain doctor` output in a report.")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

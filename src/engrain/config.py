@@ -1,0 +1,74 @@
+"""The run's configuration: plain values in one pydantic model, saved as WORKSPACE/engrain.yaml.
+
+Each stage owns one section. CLI flags override what the file says; the file records what was used.
+"""
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .atomic import write_text
+from .errors import EngrainError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Section):
+    name: str | None = Field(None, description="base model spec; None = the embedded SmolLM2-135M-Instruct")
+    device: str | None = None
+    dtype: str = "auto"
+
+
+class IngestConfig(Section):
+    chunk_tokens: int = 256
+    chunk_overlap: int = 32
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    max_file_mb: float = 50.0
+    json_text_field: str = "text"
+
+
+class SynthConfig(Section):
+    strategies: list[str] = Field(default_factory=lambda: ["facts", "qa", "rephrase", "implications", "entities"])
+    generator: str | None = None
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    memory: str = "lora"
+    seed: int = 0
+
+
+class RagConfig(Section):
+    embedding_model: str | None = None
+    top_k: int = 4
+
+
+class EngrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
+
+
+def load_config(path: Path) -> EngrainConfig:
+    """The config at ``path``, or the defaults when it does not exist; a clear error when it is invalid."""
+    if not path.exists():
+        return EngrainConfig()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise EngrainError(f"{path}: not valid YAML ({exc}).", hint="Fix the file or delete it to use defaults.") from exc
+    try:
+        return EngrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise EngrainError(f"{path}: invalid config: {problems}.", hint="Fix those fields or delete them.") from exc
+
+
+def save_config(config: EngrainConfig, path: Path) -> None:
+    write_text(path, yaml.safe_dump(config.model_dump(), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Memories: the ways a model can know the documents, behind one protocol (base.py)."""
