@@ -8,7 +8,7 @@ from ..models import LM
 from ..workspace import Workspace
 from .base import ClosedBook, Memory
 
-KNOWN = ["base"]
+KNOWN = ["base", "lora", "full", "prefix", "memory"]
 
 
 def open_memory(name: str, workspace: Workspace, lm: LM) -> Memory:
@@ -16,4 +16,8 @@ def open_memory(name: str, workspace: Workspace, lm: LM) -> Memory:
     name = name.strip().lower()
     if name == "base":
         return ClosedBook(lm)
+    if name in ("lora", "full", "prefix", "memory"):
+        from .parametric import TrainedMemory  # torch/peft only when a trained memory is asked for
+
+        return TrainedMemory(name, workspace, lm)
     raise EngrainError(f"Unknown memory '{name}'.", hint=f"Available memories: {', '.join(KNOWN)}.")

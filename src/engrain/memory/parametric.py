@@ -1,0 +1,262 @@
+"""Parametric memories: knowledge trained into weights, and the contract every such memory follows.
+
+One trainer (``engrain/train.py``) trains every kind; each kind only says how it changes the model.
+
+    class ParametricKind(Protocol):            # one per memory: "lora", "full", "prefix", "memory"
+        name: str
+        def attach(self, model, tokenizer, cfg: dict, workspace) -> torch.nn.Module
+            # returns a module whose forward(input_ids, attention_mask, labels=None) returns an object with .loss
+            # and .logits like a HF CausalLM output, with ONLY the memory's parameters requiring grad, and which
+            # supports .generate(input_ids=, attention_mask=, **hf_generate_kwargs) so models.generate() works on it.
+        def sparse_grad_hook(self, module) -> None   # optional: called after backward, before optimizer step
+        def save(self, module, folder: Path, meta: dict) -> None     # safetensors + small json config (lora: PEFT)
+        def load(self, model, tokenizer, folder: Path) -> torch.nn.Module   # raises EngrainError on model mismatch
+    KINDS: dict[str, ParametricKind]   # registry the trainer and open_memory use; prefix/memory register themselves
+
+Details the trainer relies on:
+
+- ``cfg`` is ``TrainConfig.model_dump()`` (plain values); settings of one kind live in ``cfg["options"][name]``
+  (a free-form dict) or in fields the kind adds to ``TrainConfig``.
+- ``packing`` (optional attribute, default True): the trainer packs several examples into one row and calls
+  ``module(input_ids=, attention_mask=None, position_ids=, use_cache=False, logits_to_keep=bool_mask)``;
+  ``position_ids`` restart at 0 for each example, which makes transformers build a block-diagonal causal mask
+  (attention never crosses examples), and the boolean ``logits_to_keep`` (rows x tokens) makes the model return
+  logits only where a loss is taken, flattened to (n_true, vocab). A module that wraps a Hugging Face CausalLM and
+  passes ``**kwargs`` on gets both for free. With ``packing = False`` every row holds one example, right-padded,
+  and the trainer calls ``module(input_ids=, attention_mask=)`` and takes the loss from the full ``.logits``.
+- ``default_lr`` (optional attribute): the learning rate when the config leaves ``lr`` unset.
+- ``make_optimizer(module, lr, weight_decay)`` (optional): a kind needing a special optimizer (sparse updates must
+  not let Adam momentum or weight decay move slots the batch did not read) returns it; AdamW otherwise.
+- ``save`` writes into ``folder`` (already created); the trainer writes ``engrain_memory.json`` (``meta`` plus
+  training metrics) after it, and a memory is complete only when that file exists.
+- ``load`` must not change ``model`` in a way visible to other users of it: ``TrainedMemory`` hands it a private
+  copy of the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import EngrainError
+from ..models import LM, answer
+from ..workspace import Workspace
+from .base import Answer, BuildInfo
+
+META_FILE = "engrain_memory.json"
+
+
+@runtime_checkable
+class ParametricKind(Protocol):
+    name: str
+
+    def attach(self, model, tokenizer, cfg: dict, workspace) -> Any: ...
+
+    def save(self, module, folder: Path, meta: dict) -> None: ...
+
+    def load(self, model, tokenizer, folder: Path) -> Any: ...
+
+
+KINDS: dict[str, ParametricKind] = {}
+
+# Kinds whose code lives in their own module; imported on first use so a missing or broken one only
+# affects that memory.
+LAZY_KINDS = {"prefix": "engrain.memory.prefix", "memory": "engrain.memory.memory_layer"}
+
+
+def register(kind: ParametricKind) -> ParametricKind:
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> ParametricKind:
+    """The kind registered under ``name``, importing its module when needed."""
+    if name not in KINDS and name in LAZY_KINDS:
+        import importlib
+
+        try:
+            importlib.import_module(LAZY_KINDS[name])
+        except ImportError as exc:
+            raise EngrainError(f"The '{name}' memory is not available in this installation ({exc}).",
+                               hint=f"Available parametric memories: {', '.join(sorted(KINDS))}.") from exc
+    if name not in KINDS:
+        raise EngrainError(f"Unknown parametric memory '{name}'.",
+                           hint=f"Use one of: {', '.join(sorted(set(KINDS) | set(LAZY_KINDS)))}.")
+    return KINDS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Base-model identity: a trained memory only fits the model it was trained on
+# --------------------------------------------------------------------------------------------------
+
+
+def model_fingerprint(model) -> dict:
+    """The shape-defining parts of a model's config; a memory trained on one model loads only onto a match."""
+    cfg = model.config
+    keys = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim")
+    dims = {k: getattr(cfg, k, None) for k in keys}
+    dims["hash"] = hashlib.sha1(json.dumps(dims, sort_keys=True).encode()).hexdigest()[:12]
+    return dims
+
+
+def check_base(model, folder: Path) -> dict:
+    """Read ``folder``'s meta and raise EngrainError when it was trained on a different model shape."""
+    meta = read_meta(folder)
+    want = meta.get("base_fingerprint", {})
+    have = model_fingerprint(model)
+    if want and want.get("hash") != have["hash"]:
+        diff = ", ".join(f"{k}: trained {want.get(k)} vs loaded {have.get(k)}" for k in have
+                         if k != "hash" and want.get(k) != have.get(k))
+        raise EngrainError(f"The memory in {folder} was trained on model '{meta.get('base_model')}', "
+                           f"which does not match the loaded model ({diff}).",
+                           hint="Load it with the same --model it was trained with, or train it again.")
+    return meta
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise EngrainError(f"No trained memory in {folder} (missing {META_FILE}).",
+                           hint="Train it first: engrain train -w WORKSPACE --memory NAME")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise EngrainError(f"{path} is not valid JSON ({exc}).", hint="Train the memory again.") from exc
+
+
+def trainable_state(module) -> dict:
+    """Only the parameters being trained (what a checkpoint must hold), detached and contiguous."""
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA (PEFT) and full fine-tuning
+# --------------------------------------------------------------------------------------------------
+
+
+class LoraKind:
+    """Low-rank adapters via PEFT on every linear layer but the output head (configurable); PEFT layout on disk."""
+
+    name = "lora"
+    default_lr = 1e-3
+
+    def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.get("lora_targets") or "all-linear"
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        lcfg = LoraConfig(r=int(cfg.get("lora_rank", 16)), lora_alpha=float(cfg.get("lora_alpha", 32)),
+                          lora_dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
+        try:
+            return get_peft_model(model, lcfg)
+        except ValueError as exc:  # e.g. a target name that matches no layer
+            raise EngrainError(f"LoRA could not be attached: {exc}",
+                               hint="Check train.lora_targets: 'all-linear' or module names like q_proj,v_proj.") from exc
+
+    def save(self, module, folder: Path, meta: dict) -> None:
+        module.peft_config["default"].base_model_name_or_path = meta.get("base_model_path") or meta.get("base_model")
+        module.save_pretrained(str(folder), safe_serialization=True)
+
+    def load(self, model, tokenizer, folder: Path) -> Any:
+        from peft import PeftModel
+
+        check_base(model, folder)
+        try:
+            module = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise EngrainError(f"The LoRA adapter in {folder} does not fit the loaded model: {exc}",
+                               hint="Load it with the model it was trained on (see base_model_name_or_path in "
+                                    "adapter_config.json).") from exc
+        module.eval()
+        return module
+
+
+class FullKind:
+    """Every weight trained: the strongest and most expensive memory (needs ~4x the model's size in RAM for Adam)."""
+
+    name = "full"
+    default_lr = 3e-5
+
+    def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def save(self, module, folder: Path, meta: dict) -> None:
+        module.save_pretrained(str(folder), safe_serialization=True)
+
+    def load(self, model, tokenizer, folder: Path) -> Any:
+        from safetensors.torch import load_file
+
+        check_base(model, folder)
+        state = {}
+        for shard in sorted(Path(folder).glob("*.safetensors")):
+            state.update(load_file(str(shard)))
+        if not state:
+            raise EngrainError(f"No weights (*.safetensors) in {folder}.", hint="Train the memory again.")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # Tied output weights are stored once; anything else missing means another architecture.
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise EngrainError(f"The weights in {folder} do not fit the loaded model "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]}).",
+                               hint="Load it with the model it was trained on.")
+        model.eval()
+        return model
+
+
+register(LoraKind())
+register(FullKind())
+
+
+# --------------------------------------------------------------------------------------------------
+# The Memory a trained folder becomes
+# --------------------------------------------------------------------------------------------------
+
+
+class TrainedMemory:
+    """A parametric memory loaded from ``WS/memories/<name>/``, answering closed-book.
+
+    ``.lm`` is an ``LM`` whose ``.model`` is the loaded module, so anything that takes an LM (``models.generate``,
+    a RAG wrapper for ``X+rag``) works on the trained memory unchanged. The base ``lm`` is not modified.
+    """
+
+    def __init__(self, name: str, workspace: Workspace, lm: LM, batch_size: int = 16) -> None:
+        self.name = name
+        self.workspace = workspace
+        self.folder = workspace.memory_dir(name)
+        self.meta = read_meta(self.folder)
+        self.kind = get_kind(self.meta.get("kind", name))
+        self.batch_size = batch_size
+        t0 = time.time()
+        base = copy.deepcopy(lm.model)  # kinds may inject layers in place; keep the caller's model untouched
+        module = self.kind.load(base, lm.tokenizer, self.folder)
+        module.eval()
+        self.lm = LM(model=module, tokenizer=lm.tokenizer, name=f"{lm.name}+{name}", path=lm.path, device=lm.device,
+                     load_seconds=time.time() - t0, extra={"memory": name})
+
+    def build(self, workspace: Workspace) -> BuildInfo:
+        # Built by `engrain train`; here only its record is reported.
+        return BuildInfo(seconds=float(self.meta.get("train_seconds", 0.0)), disk_bytes=self.disk_bytes(),
+                         details={"steps": self.meta.get("steps")})
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+
+    def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
+        t0 = time.perf_counter()
+        gens = answer(self.lm, questions, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+        per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
+        return [Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens) for g in gens]
+
+    def describe(self) -> dict:
+        keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",
+                "trainable_params")
+        return {"memory": self.name, "closed_book": True, **{k: self.meta.get(k) for k in keep if k in self.meta}}
