@@ -290,6 +290,9 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     name, path = resolve_model(spec)
     t0 = time.time()
     torch_dtype = pick_dtype(device, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a cached load takes a second; a bar per load is noise
     for attempt in range(2):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
