@@ -43,6 +43,28 @@ def model_spec(workspace: Path, model: str | None) -> str | None:
 
 
 @app.command()
+def ingest(
+    docs_dir: Annotated[Path, typer.Argument(help="folder of documents (.txt .md .html .pdf .docx .json .jsonl)")],
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    include: Annotated[Optional[list[str]], typer.Option("--include", help="glob to keep (repeatable)")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="glob to leave out (repeatable)")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option("--chunk-tokens", help="chunk size in tokens")] = None,
+    chunk_overlap: Annotated[Optional[int], typer.Option("--chunk-overlap", help="overlap in tokens")] = None,
+    max_file_mb: Annotated[Optional[float], typer.Option("--max-file-mb", help="skip larger files")] = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a folder of documents into the corpus (incremental: only new or changed files are processed)."""
+    from .corpus.ingest_cli import ingest_command
+
+    code = ingest_command(docs_dir, workspace, include=include, exclude=exclude, chunk_tokens=chunk_tokens,
+                          chunk_overlap=chunk_overlap, max_file_mb=max_file_mb, model=model, as_json=as_json,
+                          emit=emit_json)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     workspace: WorkspaceOpt = DEFAULT_WS,
@@ -91,7 +113,9 @@ def doctor(as_json: JsonOpt = False) -> None:
 def main() -> None:
     """Entry point: run the app, turning user-fixable errors into a message and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode click returns typer.Exit's code, not raises
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EngrainError as exc:
         if os.environ.get("ENGRAIN_DEBUG"):
             raise

@@ -23,12 +23,15 @@ class ModelConfig(Section):
 
 
 class IngestConfig(Section):
-    chunk_tokens: int = 256
-    chunk_overlap: int = 32
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
-    max_file_mb: float = 50.0
-    json_text_field: str = "text"
+    source: str | None = Field(None, description="the folder last ingested (recorded by `engrain ingest`)")
+    chunk_tokens: int = Field(256, description="chunk size in tokens of the model's tokenizer")
+    chunk_overlap: int = Field(32, description="tokens of whole sentences shared by consecutive chunks")
+    include: list[str] = Field(default_factory=list, description="globs to keep (all supported files when empty)")
+    exclude: list[str] = Field(default_factory=list, description="globs to leave out ('drafts/**', '*.json')")
+    max_file_mb: float = Field(50.0, description="files larger than this are reported and skipped")
+    json_text_field: str = Field("text", description="field holding the text in .json/.jsonl records")
+    skip_hidden: bool = Field(True, description="skip files and folders whose name starts with '.'")
+    workers: int = Field(2, description="processes parsing files when there are many (1: no pool)")
 
 
 class SynthConfig(Section):

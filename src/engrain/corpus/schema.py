@@ -32,6 +32,10 @@ class Document:
     tokens: int = 0
     status: str = "ok"
     meta: dict = field(default_factory=dict)
+    change: str = ""
+    headings: list = field(default_factory=list)
+    aliases: list[str] = field(default_factory=list)
+    error: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,6 +51,7 @@ class Chunk:
     heading_path: list[str] = field(default_factory=list)
     tokens: int = 0
     sha256: str = ""
+    index: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
