@@ -1,0 +1,157 @@
+"""The product-key memory layer: identity when attached, only its own parameters train, sparse updates touch
+only the rows a batch read (and, with top_t, only the TF-IDF top rows), save/load round trip, mismatch errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engrain.atomic import write_json
+from engrain.errors import EngrainError
+from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, memories,
+                                         select_rows)
+from engrain.memory.parametric import META_FILE, model_fingerprint
+from engrain.models import LM, generate
+from engrain.workspace import Workspace
+
+SMALL = {"slots": 256, "heads": 2, "topk": 4, "key_dim": 16}
+TEXT = ["Mara Olsen founded Veltrix Systems in Tromsø in 1987.", "The tide gauge sold 212 units in its first year."]
+
+
+def attach(lm, tmp_path, **opts):
+    model = copy.deepcopy(lm.model)
+    cfg = {"options": {"memory": {**SMALL, **opts}}}
+    return MemoryLayerKind().attach(model, lm.tokenizer, cfg, Workspace.at(tmp_path / "ws"))
+
+
+def batch(lm, texts=TEXT):
+    enc = lm.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def train_step(model, opt, ids, mask):
+    kind = MemoryLayerKind()
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    kind.sparse_grad_hook(model)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def test_attaching_is_identity_and_only_memory_params_train(tiny_lm, tmp_path):
+    ids, mask = batch(tiny_lm)
+    with torch.no_grad():
+        before = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
+    model = attach(tiny_lm, tmp_path, layers=[0, 1])
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    assert [m.layer_idx for m in memories(model)] == [0, 1]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.mlp.memory.{p}" for i in (0, 1)
+                         for p in ("query.weight", "sub_keys", "values")}
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    for mem in memories(model):
+        rows_with_grad = (mem.values.grad != 0).any(dim=1)
+        # Gradient only on rows read (a row read only where no loss is taken gets none).
+        assert rows_with_grad.any() and not (rows_with_grad & (mem.reads == 0)).any()
+
+
+def test_sparse_update_moves_only_rows_the_batch_read(tiny_lm, tmp_path):
+    model = attach(tiny_lm, tmp_path, top_t=0, train_keys=False)
+    model.train()
+    opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.1)
+    mem = memories(model)[0]
+    train_step(model, opt, *batch(tiny_lm, TEXT[:1]))  # gives many rows momentum
+    ids, mask = batch(tiny_lm, ["Completely different words about rivers and bread."])
+    before = mem.values.detach().clone()
+    model(input_ids=ids, attention_mask=mask)  # count what this batch reads without a gradient step
+    read = mem.reads > 0
+    mem.reads.zero_()
+    train_step(model, opt, ids, mask)
+    changed = (mem.values.detach() != before).any(dim=1)
+    assert changed.any()
+    assert not (changed & ~read).any(), "a row the batch did not read was moved (momentum or weight decay)"
+    # Plain AdamW would have moved rows read only in the first step: the property is not trivial.
+    assert (before.abs().sum(1) > 0).logical_and(~read).any()
+
+
+def test_top_t_keeps_only_the_highest_tf_idf_rows(tiny_lm, tmp_path):
+    model = attach(tiny_lm, tmp_path, top_t=5)
+    mem = memories(model)[0]
+    # Background text (the package's general prompts) was read at attach: common slots got a lower IDF.
+    assert model.engrain_memory_options["background_tokens"] > 0
+    assert mem.idf.min() < mem.idf.max()
+    model.train()
+    opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
+    before = mem.values.detach().clone()
+    ids, mask = batch(tiny_lm)
+    train_step(model, opt, ids, mask)
+    changed = (mem.values.detach() != before).any(dim=1)
+    assert 0 < int(changed.sum()) <= 5
+
+    # The rule itself: TF x IDF, so a slot general text uses a lot loses to a rarer one read less often.
+    probe = ProductKeyMemory(8, 16, heads=1, topk=2, key_dim=4)
+    probe.reads.copy_(torch.tensor([9.0, 3.0, 2.0] + [0.0] * 13))
+    probe.idf.copy_(torch.tensor([0.1, 2.0, 2.0] + [5.0] * 13))
+    assert select_rows(probe, 2).nonzero().flatten().tolist() == [1, 2]
+    assert select_rows(probe, 0).nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_training_lowers_loss_and_round_trips(tiny_lm, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = attach(tiny_lm, tmp_path, top_t=0)
+    model.train()
+    opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
+    ids, mask = batch(tiny_lm)
+    losses = [train_step(model, opt, ids, mask) for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.5
+    model.eval()
+
+    folder = tmp_path / "ws" / "memories" / "memory"
+    folder.mkdir(parents=True)
+    MemoryLayerKind().save(model, folder, {"base_model": "tiny"})
+    write_json(folder / META_FILE, {"kind": "memory", "base_fingerprint": model_fingerprint(tiny_lm.model)})
+    assert (folder / "memory_layer.safetensors").is_file() and (folder / "memory_config.json").is_file()
+    loaded = MemoryLayerKind().load(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    gens = generate(LM(model=loaded, tokenizer=tiny_lm.tokenizer, name="tiny+memory", path="", device="cpu"),
+                    ["Who founded Veltrix Systems?"], max_new_tokens=4)
+    assert gens[0].completion_tokens > 0
+
+    cfg = tiny_lm.model.config.to_dict()
+    cfg.update(num_hidden_layers=3)
+    other = LlamaForCausalLM(LlamaConfig(**cfg))
+    with pytest.raises(EngrainError, match="does not match"):
+        MemoryLayerKind().load(other, tiny_lm.tokenizer, folder)
+    (folder / META_FILE).write_text('{"kind": "memory"}')  # no fingerprint: the memory's own config catches it
+    with pytest.raises(EngrainError, match="hidden size 64 and 2 blocks"):
+        MemoryLayerKind().load(other, tiny_lm.tokenizer, folder)
+
+
+def test_optimizer_state_survives_a_checkpoint_round_trip(tiny_lm, tmp_path):
+    model = attach(tiny_lm, tmp_path, top_t=0)
+    model.train()
+    opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
+    train_step(model, opt, *batch(tiny_lm))
+    state = copy.deepcopy(opt.state_dict())
+    again = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
+    again.load_state_dict(state)
+    assert isinstance(again, RowSparseAdamW)
+    for a, b in zip(opt.state.values(), again.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_options(tiny_lm, tmp_path):
+    for opts, match in [({"slots": 200}, "square"), ({"topk": 99}, "topk"), ({"layers": [7]}, "blocks 0..1"),
+                        ({"lyers": "middle"}, "Unknown memory option"), ({"top_t": -1}, "top_t")]:
+        with pytest.raises(EngrainError, match=match):
+            attach(tiny_lm, tmp_path, **opts)
