@@ -251,6 +251,11 @@ def _read_previous(ws: Workspace) -> tuple[dict[str, Document], dict[str, list[C
     return docs, chunks, manifest
 
 
+def _row(record) -> dict:
+    """A record's fields as a dict for json: shallow, unlike dataclasses.asdict, whose deep copy dominated re-runs."""
+    return {name: getattr(record, name) for name in record.__dataclass_fields__}
+
+
 def _doc_id(rel: str, key: str, with_extension: bool = False) -> str:
     base = rel if with_extension else str(PurePosixPath(rel).with_suffix(""))
     return f"{base}/{key}" if key else base
@@ -484,8 +489,8 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
     ordered = [documents[k] for k in sorted(documents)]
     all_chunks = [c for d in ordered if d.status == "ok" for c in chunks.get(d.id, [])]
     workspace.corpus_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(workspace.chunks_path, (c.to_dict() for c in all_chunks))
-    write_jsonl(workspace.documents_path, (d.to_dict() for d in ordered))
+    write_jsonl(workspace.chunks_path, (_row(c) for c in all_chunks))
+    write_jsonl(workspace.documents_path, (_row(d) for d in ordered))
     summary.written = True
     ok = [d for d in ordered if d.status == "ok"]
     summary.documents = len(ok)

@@ -1,13 +1,33 @@
 """The corpus files (WORKSPACE/corpus/*.jsonl) as typed records, and readers for later stages.
 
 documents.jsonl, one line per document:
-    {"id", "path", "format", "title", "text", "sha256", "bytes", "tokens", "status": "ok"|"removed", ...}
+    {"id", "path", "format", "title", "text", "sha256", "bytes", "tokens", "status": "ok"|"removed", "meta",
+     "change", "headings", "aliases", "error"}
     ``id`` is the path relative to the ingested folder without its extension ("handbook/leave-policy"),
     so a top-level file's id is its file name without extension, as benchmark ``docs`` fields expect.
+    (Records of a .jsonl/.json export get "<path without extension>/<record id>"; when two files differ only
+    by extension, the second keeps its extension in the id.)
+    ``sha256`` hashes the document ``text``; ``meta.file_sha256`` hashes the file's bytes. ``headings`` lists
+    ``[start, level, title]`` of each heading in ``text``. Documents with identical text are stored once:
+    ``path`` is the copy kept, ``aliases`` the other paths. ``meta`` holds what the parser found (``encoding``,
+    ``pages``, ``pages_without_text``...).
 chunks.jsonl, one line per chunk of a document whose status is "ok":
-    {"id", "doc_id", "text", "start", "end", "heading_path", "tokens", "sha256"}
-    ``start``/``end`` are character offsets into the document's ``text``; ``sha256`` hashes the chunk text,
-    so later stages can tell new or changed chunks from ones they already processed.
+    {"id", "doc_id", "text", "start", "end", "heading_path", "tokens", "sha256", "index"}
+    ``start``/``end`` are character offsets into the document's ``text`` (``text[start:end] == chunk text``);
+    ``sha256`` hashes the chunk text, so later stages can tell new or changed chunks from ones they already
+    processed. ``id`` is "<doc id>#<first 10 hex of sha256>" (a suffix "-2", "-3" for repeats inside one
+    document): stable across runs, and an edit in one section leaves other sections' chunk ids unchanged.
+    ``tokens`` counts the model tokenizer's tokens; ``index`` is the chunk's position in its document.
+
+The incremental contract (what `engrain ingest` promises to later stages):
+    - ``status`` "ok": the document is in the corpus; "removed": its file is gone (or now excluded). Removed
+      records stay, with empty ``text`` and no chunks, so a stage can drop what it built from them.
+    - ``change`` says what the last ingest run did: "new", "changed" (text differs), "unchanged", or
+      "removed" (this run removed it; an older removal reads "unchanged").
+    - A stage that may skip ingest runs should not rely on ``change`` alone: it should remember the chunk
+      ``(id, sha256)`` pairs it processed and, on its next run, process the chunks whose pair it has not
+      seen and drop what it built from pairs that are gone.
+    - ``error`` non-empty: the file's latest version could not be read; the record is the last good version.
 """
 
 from __future__ import annotations

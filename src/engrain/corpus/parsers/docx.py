@@ -27,6 +27,8 @@ def parse_docx(data: bytes) -> Parsed:
         document = docx.Document(io.BytesIO(data))
     except Exception as exc:  # python-docx raises KeyError/ValueError/lxml errors on damaged packages
         raise ParseError(f"corrupt Word document ({type(exc).__name__}: {exc})") from exc
+    # Style names by id, read once: python-docx's per-paragraph ``.style`` lookup scans every style each time.
+    style_names = {s.style_id: s.name or "" for s in document.styles}
     blocks: list[Block] = []
     for element in document.element.body.iterchildren():
         tag = element.tag.rsplit("}", 1)[-1]
@@ -35,7 +37,9 @@ def parse_docx(data: bytes) -> Parsed:
             text = clean(paragraph.text)
             if not text:
                 continue
-            style = (paragraph.style.name if paragraph.style is not None else "") or ""
+            ppr = element.pPr
+            style_id = ppr.pStyle.val if ppr is not None and ppr.pStyle is not None else None
+            style = style_names.get(style_id, "") if style_id else ""
             m = _HEADING_STYLE.match(style)
             level = int(m.group(1)) if m else (1 if style.lower() == "title" else 0)
             blocks.append(Block(text, heading=min(level, 6)))
