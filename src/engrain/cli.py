@@ -110,6 +110,30 @@ def doctor(as_json: JsonOpt = False) -> None:
     Console().print(table)
 
 
+@app.command()
+def synth(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    strategies: Annotated[Optional[str], typer.Option("--strategies", help="comma list: facts,qa,rephrase,implications,entities")] = None,
+    generator: Annotated[Optional[str], typer.Option("--generator", help="http(s)://... OpenAI-compatible server, or a model spec")] = None,
+    generator_model: Annotated[Optional[str], typer.Option("--generator-model", help="model name for an HTTP generator")] = None,
+    model: ModelOpt = None,
+    per_chunk: Annotated[Optional[int], typer.Option("--per-chunk", help="accepted items per chunk per model strategy")] = None,
+    exclude_questions: Annotated[Optional[list[Path]], typer.Option("--exclude-questions", help="benchmark questions.jsonl to keep out (repeatable)")] = None,
+    grounding: Annotated[Optional[str], typer.Option("--grounding", help="off | lenient | strict")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan and estimates; generate nothing")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make grounded synthetic training data from the corpus (append-only, resumable)."""
+    from .synth.cli import synth_command
+
+    code = synth_command(workspace, strategies=strategies, generator=generator, generator_model=generator_model,
+                         model=model_spec(workspace, model), per_chunk=per_chunk, exclude_questions=exclude_questions,
+                         grounding=grounding, seed=seed, dry_run=dry_run, as_json=as_json, emit=emit_json)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     """Entry point: run the app, turning user-fixable errors into a message and exit status 2."""
     try:

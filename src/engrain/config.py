@@ -36,8 +36,26 @@ class IngestConfig(Section):
 
 class SynthConfig(Section):
     strategies: list[str] = Field(default_factory=lambda: ["facts", "qa", "rephrase", "implications", "entities"])
-    generator: str | None = None
+    generator: str | None = Field(None, description="http(s)://... = OpenAI-compatible server; else a model spec; "
+                                                    "None = the base model")
+    generator_model: str | None = Field(None, description="model name sent to an HTTP generator")
     seed: int = 0
+    per_chunk: int = Field(4, ge=0, description="accepted items per chunk per model-made strategy")
+    facts_per_chunk: int = Field(64, ge=0, description="cap on deterministic fact items per chunk")
+    max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")
+    chunks_per_batch: int = Field(8, ge=1, description="chunks synthesised (and written) together")
+    batch_size: int = Field(32, ge=1, description="local generator batch size")
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    grounding: str = Field("strict", pattern="^(off|lenient|strict)$")
+    dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    leak_mode: str = Field("source", pattern="^(source|strict)$")
+    leak_ngram: int = Field(8, ge=3)
+    concurrency: int = Field(8, ge=1, description="parallel requests to an HTTP generator")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost counter")
+    price_out_per_mtok: float = Field(0.0, ge=0)
 
 
 class TrainConfig(Section):

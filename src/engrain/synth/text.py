@@ -1,0 +1,154 @@
+"""Plain-text helpers every strategy shares: sentences, words, and the spans a fact hangs on.
+
+No model and no external NLP package: regular expressions tuned for expository prose. The spans found
+here (names, numbers, dates) are what the grounding filter checks and what cloze items blank out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
+
+# Words that start sentences or titles without being names; a capitalized word from this list is not a name.
+COMMON_WORDS = set("""
+a an the this that these those it its he she his her they their them we our you your i my me one some any all
+each every both either neither no not nor and but or so yet for if then than when while where which who whom
+whose what why how after before during since until because although though however therefore thus also
+in on at by to from of with without about above below over under into onto upon as is are was were be been
+being has have had do does did can could will would shall should may might must there here today later
+first second third fourth fifth last next another other such many much more most few several according
+yes following despite among between through throughout within along across around against toward towards
+while meanwhile furthermore moreover additionally overall finally instead similarly likewise consequently
+question answer text rewrite summary note example facts fact statement true false write list explain
+""".split())
+
+NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "thirty": 30,
+                "forty": 40, "fifty": 50, "hundred": 100, "thousand": 1000}
+
+_ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\bNo)"
+_SENT_END = re.compile(_ABBREV + r"(?<!\b[A-Z])([.!?][\"'”’)]?)\s+(?=[\"'“‘(]?[A-Z0-9])")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?:%|\b)")
+_NAME_TOKEN = r"[A-Z]\w*(?:['’]\w+)*(?:[-–][A-Z]\w*)*"
+_NAME = re.compile(rf"\b{_NAME_TOKEN}(?:\s+(?:of|de|da|van|von|the|del|du|la|le)\s+{_NAME_TOKEN}|\s+{_NAME_TOKEN})*")
+_DATE = re.compile(
+    rf"\b(?:\d{{1,2}}\s+(?:{'|'.join(MONTHS)})(?:\s+\d{{3,4}})?|(?:{'|'.join(MONTHS)})\s+\d{{1,2}}(?:,\s*\d{{3,4}})?"
+    rf"|(?:{'|'.join(MONTHS)})\s+\d{{3,4}}|(?:in|since|by|until|from)\s+\d{{3,4}})\b")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``, split at ., ! or ? followed by a capital or digit (abbreviations kept)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    if not text:
+        return []
+    parts, start = [], 0
+    for m in _SENT_END.finditer(text):
+        parts.append(text[start:m.end(1)].strip())
+        start = m.end()
+    parts.append(text[start:].strip())
+    return [p for p in parts if p]
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+def normalize(text: str) -> str:
+    """Lowercase words joined by single spaces: the form n-gram and overlap checks compare."""
+    return " ".join(w.lower() for w in words(text))
+
+
+def _norm_number(s: str) -> str:
+    s = s.strip("+%").replace(",", "")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s.lstrip("0") or "0"
+
+
+def numbers(text: str) -> set[str]:
+    """Numbers in ``text``, normalized (``1,200`` == ``1200``; ``3.50`` == ``3.5``)."""
+    return {_norm_number(m.group()) for m in _NUMBER.finditer(text)}
+
+
+def number_words(text: str) -> set[str]:
+    """Numbers spelled as words ("twenty"), as digits, so "20" in an output is grounded by "twenty" in a source."""
+    return {str(NUMBER_WORDS[w.lower()]) for w in words(text) if w.lower() in NUMBER_WORDS}
+
+
+def _sentence_starts(text: str) -> set[int]:
+    starts = {0}
+    for m in re.finditer(r"[.!?:;\n\"“]\s*|^\s*[-*•]\s*|\d+[.)]\s+", text, flags=re.M):
+        starts.add(m.end())
+    return starts
+
+
+def names(text: str) -> list[str]:
+    """Capitalized spans that look like names ("Hayden Smith", "Bank of Mars", "Zorgon–Calidus").
+
+    A single capitalized word at a sentence start counts only when it is not a common word
+    ("The", "However"); multi-word spans are trimmed of leading common words.
+    """
+    out, starts = [], _sentence_starts(text)
+    for m in _NAME.finditer(text):
+        toks = m.group().split()
+        at_start = m.start() in starts or text[max(0, m.start() - 2):m.start()].strip() == ""
+        while toks and toks[0].lower() in COMMON_WORDS:
+            toks = toks[1:]
+            at_start = False
+        while toks and toks[-1].lower() in {"of", "de", "the", "and", "da", "van", "von", "del", "du", "la", "le"}:
+            toks = toks[:-1]
+        if not toks:
+            continue
+        span = re.sub(r"['’]s$", "", " ".join(toks)).strip("'’")
+        if len(toks) == 1 and at_start and m.start() in starts and span.lower() in COMMON_WORDS:
+            continue
+        out.append(span)
+    return out
+
+
+def dates(text: str) -> list[str]:
+    return [m.group() for m in _DATE.finditer(text)]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A blankable fact anchor inside a sentence: a name, a number or a date."""
+
+    kind: str  # "name" | "number" | "date"
+    text: str
+    start: int
+    end: int
+
+
+def spans(sentence: str) -> list[Span]:
+    """Non-overlapping names, numbers and dates in one sentence, dates first (they contain numbers)."""
+    found: list[Span] = []
+    taken: list[tuple[int, int]] = []
+
+    def free(a: int, b: int) -> bool:
+        return all(b <= s or a >= e for s, e in taken)
+
+    for m in _DATE.finditer(sentence):
+        text = re.sub(r"^(?:in|since|by|until|from)\s+", "", m.group())
+        a = m.end() - len(text)
+        found.append(Span("date", text, a, m.end()))
+        taken.append((a, m.end()))
+    for m in _NUMBER.finditer(sentence):
+        if free(m.start(), m.end()):
+            found.append(Span("number", m.group(), m.start(), m.end()))
+            taken.append((m.start(), m.end()))
+    for name in names(sentence):
+        for m in re.finditer(re.escape(name), sentence):
+            if free(m.start(), m.end()):
+                found.append(Span("name", name, m.start(), m.end()))
+                taken.append((m.start(), m.end()))
+                break
+    return sorted(found, key=lambda s: s.start)
+
+
+def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}

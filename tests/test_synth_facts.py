@@ -1,0 +1,183 @@
+"""The parts of synthesis that need no model: text spans, facts, grounding, dedup, the leak guard, the store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from synth_workspace import DOCS, read_jsonl, write_corpus
+
+from engrain.config import SynthConfig
+from engrain.corpus.schema import Chunk, Document
+from engrain.synth import facts
+from engrain.synth.base import Unit, document_subject
+from engrain.synth.dedup import NearDuplicateIndex
+from engrain.synth.grounding import SourceIndex, check
+from engrain.synth.leak import LeakGuard
+from engrain.synth.run import run_synth
+from engrain.synth.store import AppendLog, item_id
+from engrain.synth.text import names, numbers, spans, split_sentences
+from engrain.workspace import Workspace
+
+
+def _unit(doc_id: str) -> Unit:
+    title, text = DOCS[doc_id]
+    doc = Document(id=doc_id, path=f"{doc_id}.txt", format="txt", text=text, sha256="d", title=title)
+    chunk = Chunk(id=f"{doc_id}#0", doc_id=doc_id, text=text, start=0, end=len(text), sha256="c")
+    return Unit(chunk, doc, document_subject(doc, chunk))
+
+
+def test_sentences_names_numbers():
+    text = "Dr. Ada Lenn met Mr. Tobias Lenn in Varra. It cost 1,200 crowns! Was it 3.50 each? Yes."
+    assert split_sentences(text) == ["Dr. Ada Lenn met Mr. Tobias Lenn in Varra.", "It cost 1,200 crowns!",
+                                     "Was it 3.50 each?", "Yes."]
+    assert numbers(text) == {"1200", "3.5"}
+    assert names("However, the Bank of Varra and Tobias Lenn's shop opened.") == ["Bank of Varra", "Tobias Lenn"]
+    kinds = {(s.kind, s.text) for s in spans("The Kell Telescope was built on 4 March 1960 for 300 crowns.")}
+    assert kinds == {("name", "Kell Telescope"), ("date", "4 March 1960"), ("number", "300")}
+
+
+def test_facts_make_self_contained_cloze_and_reversed_items():
+    unit = _unit("orvik-observatory")
+    cands = facts.candidates(unit, limit=200)
+    texts = [c.text for c in cands if c.text is not None]
+    pairs = [(c.messages[0]["content"], c.messages[1]["content"]) for c in cands if c.messages]
+    # "It was founded by ..." gets its subject back.
+    assert "Orvik Observatory was founded by Ilse Marren in 1962." in texts
+    # A sentence that does not name the subject is prefixed with it.
+    assert any(t.startswith("Orvik Observatory: In 1988 the observatory discovered") for t in texts)
+    # Fill-in-the-blank over names, numbers and dates, answers taken from the sentence.
+    assert ("Fill in the blank (Orvik Observatory): The observatory houses the Kell Telescope, which has a mirror "
+            "of ____ metres.", "4") in pairs
+    assert any(q.endswith("discovered the comet ____.") and a == "Brannock" for q, a in pairs)
+    # Reversed statements: "A was the first director of B" -> "The first director of B was A".
+    assert "The first director of the Orvik Observatory was Ilse Marren." in texts
+    assert ("Who or what was the first director of the Orvik Observatory?", "Ilse Marren") in pairs
+    # Passive "founded by" reversed to active.
+    kell = facts.candidates(_unit("kell-telescope"), limit=200)
+    assert "The Dunmore Works built the Kell Telescope." in [c.text for c in kell]
+    # Every item is grounded by construction, and variants (hence ids) are unique and stable.
+    source = SourceIndex(unit.chunk.text)
+    for c in cands:
+        assert check(c.check, source, strictness="strict", min_words=1).reason not in {"ungrounded-name",
+                                                                                         "ungrounded-number"}
+    variants = [c.variant for c in cands]
+    assert len(variants) == len(set(variants))
+    assert variants == [c.variant for c in facts.candidates(unit, limit=200)]
+
+
+def test_facts_skip_give_aways_and_cut_sentences():
+    text = "Varra Port is a town. Varra Port trades with Varra Port daily. The town was founded in 1801 and"
+    doc = Document(id="v", path="v.txt", format="txt", text=text, sha256="x", title="Varra Port")
+    unit = Unit(Chunk("v#0", "v", text, 0, len(text), sha256="s"), doc, "Varra Port")
+    cands = facts.candidates(unit)
+    assert all("1801" not in (c.text or "") and "1801" not in json.dumps(c.messages) for c in cands)
+    assert not any(c.messages and c.messages[1]["content"] == "Varra Port" for c in cands)
+
+
+def test_grounding_rejects_invented_names_numbers_and_degenerate_output():
+    src = SourceIndex(DOCS["orvik-observatory"][1])
+    ok = check("Ilse Marren founded the Orvik Observatory on Mount Tessel in 1962.", src)
+    assert ok.ok, ok
+    assert check("Ilse Marren founded the observatory in 1971.", src).reason == "ungrounded-number"
+    assert check("Peter Hamlin founded the Orvik Observatory in 1962.", src).reason == "ungrounded-name"
+    assert check("The observatory", src).reason == "too-short"
+    assert check("The Orvik Observatory was founded by Ilse Marren in", src, finish_reason="length").reason == \
+        "truncated"
+    loop = "The observatory is on the mountain. " * 8
+    assert check(loop, src).reason == "repetitive"
+    assert check("Обсерватория Орвик была основана Ильзе Маррен в 1962 году на горе.", src).reason == "off-language"
+    assert check("The theory of chromodynamics explains the confinement of hadrons through gluon exchange.",
+                 src).reason == "novel-content"
+    # Strictness: lenient lets small counts through; off accepts anything non-empty.
+    assert not check("The observatory has 3 domes and was founded by Ilse Marren.", src, strictness="strict").ok
+    assert check("The observatory has 3 domes and was founded by Ilse Marren.", src, strictness="lenient").ok
+    assert check("Peter Hamlin 1971", src, strictness="off").ok
+    assert check("", src, strictness="off").reason == "empty"
+    # Copying the instructions back is rejected.
+    prompt = "Rewrite this text in simple words. Keep every name, number and date. Text: ..."
+    assert check("Rewrite this text in simple words. Keep every name, number and date.", src,
+                 prompt=prompt).reason == "echoes-prompt"
+
+
+def test_near_duplicates_are_removed_but_distinct_text_kept():
+    idx = NearDuplicateIndex(threshold=0.8)
+    base = ("The Orvik Observatory was founded by Ilse Marren in 1962 on Mount Tessel and houses the Kell "
+            "Telescope, which has a mirror of four metres and is serviced by engineers from Varra.")
+    assert idx.add(base)
+    assert not idx.add(base.upper())  # exact after normalisation
+    assert not idx.add(base.replace("four metres", "four meters"))  # one word changed
+    assert idx.add("Tobias Lenn founded the Dunmore Works, a glass company in Varra, in 1921.")
+    assert idx.add_exact("Fill in the blank: ____ founded the Dunmore Works in 1921.")
+    assert idx.add_exact("Fill in the blank: Tobias Lenn founded the ____ in 1921.")
+    assert not idx.add_exact("fill in the blank: ____ founded the Dunmore Works in 1921.")
+
+
+def test_leak_guard_modes():
+    questions = ["In what year was the comet Brannock discovered by the observatory staff?",
+                 "Who was the first director of the Orvik Observatory?"]
+    source = DOCS["orvik-observatory"][1]
+    guard = LeakGuard(questions, n=6, mode="source")
+    assert guard.source_overlaps(source)  # the document itself says "first director of the Orvik Observatory"
+    # Overlap the source explains is allowed in source mode, text from the questions alone is not.
+    assert not guard.leaked("Ilse Marren was the first director of the Orvik Observatory.", source)
+    assert guard.leaked("The comet Brannock discovered by the observatory staff was bright.", source)
+    strict = LeakGuard(questions, n=6, mode="strict")
+    assert strict.leaked("Ilse Marren was the first director of the Orvik Observatory.", source)
+    assert not strict.leaked("Tobias Lenn founded the Dunmore Works.", source)
+    short = LeakGuard(["Who built it?"], n=8)
+    assert short.leaked("We asked who built it? Nobody knew.", "unrelated source")
+
+
+def test_leak_guard_in_a_run_drops_and_reports(tmp_path):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text(json.dumps({"id": "q1", "question": "Who was the first director of the Orvik Observatory?",
+                                 "answers": ["Ilse Marren"]}) + "\n")
+    summary = run_synth(ws, SynthConfig(strategies=["facts"], leak_mode="strict"), exclude_questions=[qfile],
+                        show_progress=False)
+    rep = summary["strategies"]["facts"]
+    assert rep["chunks_overlapping_questions"] == 1 and rep["chunks_leak_blocked"] == 1
+    items = read_jsonl(ws.synth_dir / "facts.jsonl")
+    assert items and not any("first director" in json.dumps(it) for it in items)
+
+
+def test_append_log_repairs_a_torn_tail(tmp_path):
+    log = AppendLog(tmp_path / "x.jsonl")
+    log.append([{"id": "a"}, {"id": "b"}])
+    with open(tmp_path / "x.jsonl", "a") as f:
+        f.write('{"id": "c", "te')  # a write cut by a kill
+    log = AppendLog(tmp_path / "x.jsonl")
+    assert [r["id"] for r in log.rows()] == ["a", "b"]
+    log.append([{"id": "d"}])
+    assert [r["id"] for r in read_jsonl(tmp_path / "x.jsonl")] == ["a", "b", "d"]
+    assert item_id("qa", "abc", "r0-1") == item_id("qa", "abc", "r0-1") != item_id("qa", "abc", "r0-2")
+
+
+def test_facts_run_writes_the_training_format(tmp_path):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    summary = run_synth(ws, SynthConfig(strategies=["facts"]), show_progress=False)
+    items = read_jsonl(ws.synth_dir / "facts.jsonl")
+    assert len(items) == summary["strategies"]["facts"]["accepted"] > 20
+    for it in items:
+        assert {"id", "strategy", "chunk_ids", "doc_ids", "chunk_sha256", "generator", "seed", "created"} <= set(it)
+        assert ("messages" in it) != ("text" in it)
+        if "messages" in it:
+            assert [m["role"] for m in it["messages"]] == ["user", "assistant"]
+    assert len({it["id"] for it in items}) == len(items)
+    # A second run has nothing to do.
+    again = run_synth(ws, SynthConfig(strategies=["facts"]), show_progress=False)
+    assert again["strategies"]["facts"]["chunks_run"] == 0
+    assert len(read_jsonl(ws.synth_dir / "facts.jsonl")) == len(items)
+
+
+@pytest.mark.parametrize("bad", ["nope", ""])
+def test_cli_rejects_unknown_strategies(tmp_path, bad):
+    from typer.testing import CliRunner
+
+    from engrain.cli import app
+
+    write_corpus(tmp_path / "ws")
+    res = CliRunner().invoke(app, ["synth", "-w", str(tmp_path / "ws"), "--strategies", bad or ","])
+    assert res.exit_code != 0
+    assert "strateg" in str(res.exception) + res.output
