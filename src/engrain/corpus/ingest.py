@@ -33,7 +33,7 @@ from .chunking import chunk_text, sha256, token_starts
 from .parsers import FORMATS, ParseError, assemble, format_of, parse
 from .schema import Chunk, Document
 
-PARSER_VERSION = 1  # bump when parsers change their output, so every file is parsed again
+PARSER_VERSION = 2  # bump when parsers change their output, so every file is parsed again
 MANIFEST_NAME = "manifest.json"
 TOKENIZE_BATCH = 64  # documents per call to the fast tokenizer
 POOL_MIN_FILES = 200  # below this, starting worker processes costs more than it saves

@@ -91,6 +91,18 @@ def _walk(node: Tag, blocks: list[Block], inline: list[str]) -> None:
     # the caller flushes what is left
 
 
+def _join_list_items(blocks: list[Block]) -> list[Block]:
+    """Consecutive list items read as one paragraph with a line per item, as in Markdown."""
+    out: list[Block] = []
+    for block in blocks:
+        if (out and not block.heading and not out[-1].heading and block.text.startswith("- ")
+                and out[-1].text.split("\n")[-1].startswith("- ")):
+            out[-1] = Block(out[-1].text + "\n" + block.text)
+        else:
+            out.append(block)
+    return out
+
+
 def parse_html(data: bytes) -> Parsed:
     text, encoding, warnings = decode(data) if not data.lstrip().startswith(b"<") else (None, "", [])
     if text is None:
@@ -119,6 +131,7 @@ def parse_html(data: bytes) -> Parsed:
     rest = clean("".join(inline), keep_lines=False)
     if rest:
         blocks.append(Block(rest))
+    blocks = _join_list_items(blocks)
     if not blocks:
         raise ParseError("no readable text in this HTML page (only markup, scripts or navigation)")
     if not title:
