@@ -94,11 +94,15 @@ def test_formats_offsets_and_heading_paths(tmp_path, tokenizer):
     (docs / "faq.jsonl").write_text(
         json.dumps({"id": "q1", "body": "Docking fees are 30 credits."}) + "\n"
         + json.dumps({"id": "q2", "body": "The bar opens at 19:00."}) + "\n", encoding="utf-8")
+    (docs / "export.json").write_text(json.dumps([{"id": "x/1", "body": "Export one."}, {"body": "Export two."}]),
+                                      encoding="utf-8")
     ws = Workspace.at(tmp_path / "ws")
     s = run(docs, ws, tokenizer, json_text_field="body", chunk_tokens=64, chunk_overlap=8)
     assert s["exit_code"] == 0 and not s["failed"]
     documents = by_id(ws)
-    assert set(documents) == {"kestrel", "guides/deck", "page", "report", "handbook", "faq/q1", "faq/q2"}
+    assert set(documents) == {"kestrel", "guides/deck", "page", "report", "handbook", "faq/q1", "faq/q2",
+                              "export/x-1", "export/1"}
+    assert documents["faq/q2"].text == "The bar opens at 19:00." and documents["faq/q2"].format == "jsonl"
     html = documents["page"].text
     assert "Commander Ilse Varga" in html and "NavLinkText" not in html and "menu-js" not in html
     assert "Copyright footer" not in html and documents["page"].title == "Crew"

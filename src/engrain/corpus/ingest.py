@@ -323,6 +323,9 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
                 "json_text_field": cfg.json_text_field, "parser_version": PARSER_VERSION,
                 "tokenizer": model or "embedded"}
     rechunk_all = manifest.get("settings") != settings
+    if manifest.get("source") and manifest["source"] != summary.source:
+        summary.warnings.append({"path": ".", "message": f"this workspace was ingested from {manifest['source']}; "
+                                                         f"its documents not found here are marked removed"})
     known_text = {d.sha256: d for d in prev_docs.values() if d.status == "ok"}
     limit = int(cfg.max_file_mb * 1024 * 1024)
 
