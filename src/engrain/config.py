@@ -31,7 +31,8 @@ class IngestConfig(Section):
     max_file_mb: float = Field(50.0, description="files larger than this are reported and skipped")
     json_text_field: str = Field("text", description="field holding the text in .json/.jsonl records")
     skip_hidden: bool = Field(True, description="skip files and folders whose name starts with '.'")
-    workers: int = Field(2, description="processes parsing files when there are many (1: no pool)")
+    workers: int = Field(0, ge=0, description="processes parsing files when there are many; 0: one per spare "
+                                              "core (none on a 2-core machine), 1: no pool")
 
 
 class SynthConfig(Section):

@@ -60,6 +60,7 @@ class IngestSummary:
     chunks: int = 0
     chunks_new: int = 0
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds per phase: read (scan+hash), parse, chunk, write
     written: bool = False
 
     @property
@@ -202,17 +203,18 @@ def _parse_batch(items: list[tuple[str, str, str]], text_field: str) -> list[tup
 
 
 def _parse_all(todo: list[tuple[str, Path, str]], cfg: IngestConfig, advance) -> dict[str, tuple]:
-    """rel -> (docs, reason) for every file in ``todo``; a spawn pool of ``cfg.workers`` when it pays off."""
+    """rel -> (docs, reason) for every file in ``todo``; a spawn pool of workers when there are many files."""
     items = [(rel, str(path), fmt) for rel, path, fmt in todo]
     results: dict[str, tuple] = {}
-    if cfg.workers > 1 and len(items) >= POOL_MIN_FILES:
+    workers = cfg.workers or max(1, min(4, (os.cpu_count() or 1) - 1))
+    if workers > 1 and len(items) >= POOL_MIN_FILES:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         # spawn, not fork: the parent may hold torch/tokenizer threads that fork would copy in a broken state
-        size = max(4, min(32, len(items) // (cfg.workers * 8)))
+        size = max(4, min(32, len(items) // (workers * 8)))
         batches = [items[i:i + size] for i in range(0, len(items), size)]
-        with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_parse_batch, batch, cfg.json_text_field) for batch in batches]
             for future in as_completed(futures):
                 for rel, docs, reason in future.result():
@@ -296,6 +298,13 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
     """Ingest ``source`` into ``workspace``; see the module docstring. Raises EngrainError for unusable input."""
     t0 = time.perf_counter()
     cfg = config or IngestConfig()
+    clock = [t0]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        summary.phases[name] = round(summary.phases.get(name, 0.0) + now - clock[0], 3)
+        clock[0] = now
+
     if cfg.chunk_tokens < 8:
         raise EngrainError(f"chunk_tokens={cfg.chunk_tokens} is too small.", hint="Use at least 8 (default 256).")
     if not 0 <= cfg.chunk_overlap < cfg.chunk_tokens:
@@ -379,7 +388,9 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
         summary.unchanged = sum(1 for rel in entries if not file_state[rel].get("error"))
 
         # 3. parse what is new or changed
+        phase("read")
         parsed = _parse_all(todo, cfg, bar.task("parsing", len(todo))) if todo else {}
+        phase("parse")
     fresh: dict[str, dict] = {}  # sha256 -> a parsed document's fields, for the documents parsed now
     for rel, _, _ in todo:
         docs, reason = parsed[rel]
@@ -460,6 +471,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
 
     chunks: dict[str, list[Chunk]] = {doc_id: prev_chunks[doc_id] for doc_id, d in documents.items()
                                       if d.change == "unchanged"}
+    phase("read")
     if to_chunk:
         if tokenizer is None:
             from .chunking import load_tokenizer
@@ -489,6 +501,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
         if change == "removed":
             summary.removed.append(doc_id)
 
+    phase("chunk")
     ordered = [documents[k] for k in sorted(documents)]
     all_chunks = [c for d in ordered if d.status == "ok" for c in chunks.get(d.id, [])]
     workspace.corpus_dir.mkdir(parents=True, exist_ok=True)
@@ -501,6 +514,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
     summary.chunks = len(all_chunks)
     summary.new = [d.id for d in ok if d.change == "new"]
     summary.changed = [d.id for d in ok if d.change == "changed"]
+    phase("write")
     summary.seconds = time.perf_counter() - t0
     # The manifest is written last: if we crash before it, the next run re-hashes and finds nothing lost.
     write_json(workspace.corpus_dir / MANIFEST_NAME,
