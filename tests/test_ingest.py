@@ -171,6 +171,30 @@ def test_chunk_ids_stable_and_incremental_reingest(tmp_path, tokenizer):
     assert fourth["ingested"] == 0 and fourth["tokens_processed"] == fourth["tokens"]
 
 
+def test_a_crashed_run_resumes_without_parsing_again(tmp_path, tokenizer, monkeypatch):
+    import engrain.corpus.ingest as ingest_module
+
+    docs = good_folder(tmp_path)
+    ws = Workspace.at(tmp_path / "ws")
+    parsed = []
+    real_parse = ingest_module._parse_one
+    monkeypatch.setattr(ingest_module, "_parse_one", lambda *a: parsed.append(a[1]) or real_parse(*a))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "chunk_text", crash)  # dies after parsing, before writing the corpus
+    with pytest.raises(KeyboardInterrupt):
+        run(docs, ws, tokenizer)
+    assert len(parsed) == 3 and not ws.documents_path.exists()
+    monkeypatch.setattr(ingest_module, "chunk_text", chunk_text)
+    (docs / "kestrel.txt").write_text("Changed while we were down.", encoding="utf-8")
+    s = run(docs, ws, tokenizer)
+    assert s["resumed"] == 2 and len(parsed) == 4  # only the changed file was parsed again
+    assert set(by_id(ws)) == {"kestrel", "guides/deck", "page"} and by_id(ws)["kestrel"].text.startswith("Changed")
+    assert not (ws.corpus_dir / "ingest-partial.jsonl").exists()
+
+
 def test_identical_documents_stored_once(tmp_path, tokenizer):
     docs = good_folder(tmp_path)
     (docs / "copies").mkdir()

@@ -49,6 +49,7 @@ class IngestSummary:
     failed: list[dict] = field(default_factory=list)  # [{"path", "reason"}]: supported files that could not be read
     skipped: list[dict] = field(default_factory=list)  # [{"path", "reason"}]: unsupported formats, outside links
     excluded: int = 0  # files left out by include/exclude globs
+    resumed: int = 0  # files whose parse result came from an interrupted earlier run
     warnings: list[dict] = field(default_factory=list)  # [{"path", "message"}]: ingested, but with a caveat
     duplicates: list[dict] = field(default_factory=list)  # [{"path", "same_as"}]
     documents: int = 0  # documents in the corpus after this run (status "ok")
@@ -202,8 +203,43 @@ def _parse_batch(items: list[tuple[str, str, str]], text_field: str) -> list[tup
     return out
 
 
-def _parse_all(todo: list[tuple[str, Path, str]], cfg: IngestConfig, advance) -> dict[str, tuple]:
-    """rel -> (docs, reason) for every file in ``todo``; a spawn pool of workers when there are many files."""
+class _ParseJournal:
+    """Parse results appended as they come (corpus/ingest-partial.jsonl), so a crashed or interrupted run's
+    parsing is not lost: the next run takes a file's result from here when the file's hash still matches.
+    Deleted once the corpus is written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[tuple[str, str], tuple] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.done[(row["path"], row["file_sha256"])] = (row["docs"], row["reason"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # the line a crash cut short
+        self.file = None
+
+    def add(self, rel: str, digest: str, docs: list[dict] | None, reason: str) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("a", encoding="utf-8")
+        self.file.write(json.dumps({"path": rel, "file_sha256": digest, "docs": docs, "reason": reason},
+                                   ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def finish(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _parse_all(todo: list[tuple[str, Path, str]], cfg: IngestConfig, advance, record) -> dict[str, tuple]:
+    """rel -> (docs, reason) for every file in ``todo``; a spawn pool of workers when there are many files.
+    ``record(rel, docs, reason)`` sees each result as soon as it exists."""
     items = [(rel, str(path), fmt) for rel, path, fmt in todo]
     results: dict[str, tuple] = {}
     workers = cfg.workers or max(1, min(4, (os.cpu_count() or 1) - 1))
@@ -219,11 +255,13 @@ def _parse_all(todo: list[tuple[str, Path, str]], cfg: IngestConfig, advance) ->
             for future in as_completed(futures):
                 for rel, docs, reason in future.result():
                     results[rel] = (docs, reason)
+                    record(rel, docs, reason)
                     advance()
         return results
     for item in items:
         for rel, docs, reason in _parse_batch([item], cfg.json_text_field):
             results[rel] = (docs, reason)
+            record(rel, docs, reason)
             advance()
     return results
 
@@ -389,7 +427,22 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
 
         # 3. parse what is new or changed
         phase("read")
-        parsed = _parse_all(todo, cfg, bar.task("parsing", len(todo))) if todo else {}
+        journal = _ParseJournal(workspace.corpus_dir / "ingest-partial.jsonl")
+        parsed = {rel: journal.done[(rel, file_state[rel]["sha256"])] for rel, _, _ in todo
+                  if (rel, file_state[rel]["sha256"]) in journal.done}
+        summary.resumed = len(parsed)
+        remaining = [t for t in todo if t[0] not in parsed]
+        last_flush = [time.perf_counter()]
+
+        def record(rel: str, docs, reason: str) -> None:
+            journal.add(rel, file_state[rel]["sha256"], docs, reason)
+            if time.perf_counter() - last_flush[0] > 2.0:
+                journal.flush()
+                last_flush[0] = time.perf_counter()
+
+        if remaining:
+            parsed.update(_parse_all(remaining, cfg, bar.task("parsing", len(remaining)), record))
+        journal.flush()
         phase("parse")
     fresh: dict[str, dict] = {}  # sha256 -> a parsed document's fields, for the documents parsed now
     for rel, _, _ in todo:
@@ -466,6 +519,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
             to_chunk.append(doc)
         documents[doc_id] = doc
     if not documents:  # every file failed and nothing earlier survives: write nothing, keep what exists
+        journal.finish()
         summary.seconds = time.perf_counter() - t0
         return summary
 
@@ -517,6 +571,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
     phase("write")
     summary.seconds = time.perf_counter() - t0
     # The manifest is written last: if we crash before it, the next run re-hashes and finds nothing lost.
+    journal.finish()
     write_json(workspace.corpus_dir / MANIFEST_NAME,
                {"version": 1, "source": summary.source, "settings": settings, "files": file_state,
                 "last_run": {k: v for k, v in summary.to_dict().items() if k not in ("new", "changed")}})
