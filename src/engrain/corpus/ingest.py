@@ -61,7 +61,7 @@ class IngestSummary:
     chunks: int = 0
     chunks_new: int = 0
     seconds: float = 0.0
-    phases: dict = field(default_factory=dict)  # seconds per phase: read (scan+hash), parse, chunk, write
+    phases: dict = field(default_factory=dict)  # seconds per phase: read (scan+hash), parse, dedup, chunk, write
     written: bool = False
 
     @property
@@ -457,9 +457,9 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
             d["meta"]["file_sha256"] = file_state[rel]["sha256"]
             if d["key"]:
                 d["meta"]["key"] = d["key"]
-            for message in d.pop("warnings"):
+            d["meta"]["warnings"] = d.pop("warnings")
+            for message in d["meta"]["warnings"]:
                 summary.warnings.append({"path": rel + (f" [{d['key']}]" if d["key"] else ""), "message": message})
-            d["meta"].setdefault("warnings", [])
             fresh.setdefault(d["sha256"], d)
             file_docs.append({"key": d["key"], "sha256": d["sha256"]})
         file_state[rel]["docs"] = file_docs
@@ -525,7 +525,7 @@ def ingest(source: Path | str, workspace: Workspace, config: IngestConfig | None
 
     chunks: dict[str, list[Chunk]] = {doc_id: prev_chunks[doc_id] for doc_id, d in documents.items()
                                       if d.change == "unchanged"}
-    phase("read")
+    phase("dedup")
     if to_chunk:
         if tokenizer is None:
             from .chunking import load_tokenizer
