@@ -65,6 +65,27 @@ def ingest(
 
 
 @app.command()
+def index(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    embedding_model: Annotated[Optional[str], typer.Option("--embedding-model", help="sentence-transformers name or folder (default: embedded all-MiniLM-L6-v2)")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="delete the index and embed every chunk again")] = False,
+    eval_dir: Annotated[Optional[Path], typer.Option("--eval", help="benchmark folder: print retrieval recall@k of its gold docs")] = None,
+    k: Annotated[int, typer.Option("--k", help="k for --eval recall@k")] = 5,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="hybrid | vector | bm25")] = None,
+    rewrite_query: Annotated[Optional[bool], typer.Option("--rewrite-query/--no-rewrite-query", help="the model rewrites questions into search queries")] = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed the corpus's chunks into a LanceDB index with full-text search (incremental after a re-ingest)."""
+    from .index_cli import index_command
+
+    code = index_command(workspace, embedding_model=embedding_model, rebuild=rebuild, eval_dir=eval_dir, k=k,
+                         mode=mode, rewrite_query=rewrite_query, model=model, as_json=as_json, emit=emit_json)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     workspace: WorkspaceOpt = DEFAULT_WS,

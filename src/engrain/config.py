@@ -65,8 +65,20 @@ class TrainConfig(Section):
 
 
 class RagConfig(Section):
-    embedding_model: str | None = None
-    top_k: int = 4
+    """Retrieval for `rag` and `X+rag` (chunk size itself is ingest.chunk_tokens)."""
+
+    embedding_model: str | None = Field(None, description="sentence-transformers name or folder; None = the "
+                                                          "embedded all-MiniLM-L6-v2")
+    top_k: int = Field(4, ge=1, description="chunks put in the prompt per question")
+    mode: str = Field("hybrid", pattern="^(hybrid|vector|bm25)$")
+    candidates: int = Field(20, ge=1, description="hits taken from each retriever before fusion")
+    rrf_k: int = Field(60, ge=1, description="reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank)")
+    vector_weight: float = Field(1.0, ge=0.0, description="weight of the vector ranking in the fusion")
+    bm25_weight: float = Field(1.0, ge=0.0, description="weight of the BM25 ranking in the fusion")
+    rewrite_query: bool = Field(False, description="let the model rewrite each question into a search query "
+                                                   "(fused with the original)")
+    ann_min_rows: int = Field(5000, ge=1, description="build an IVF_SQ vector index from this many chunks on")
+    nprobes: int = Field(20, ge=1, description="IVF partitions searched per query")
 
 
 class EngrainConfig(Section):
