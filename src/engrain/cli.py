@@ -155,6 +155,70 @@ def synth(
         raise typer.Exit(code)
 
 
+@app.command()
+def train(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    memory: Annotated[str, typer.Option("--memory", help="lora | prefix | memory | full")] = "lora",
+    model: ModelOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="stop after N optimizer steps")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="passes over the data (when no --max-steps)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="peak learning rate (default: the memory's own)")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="folder under memories/ (default: the memory)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print steps, tokens, time and memory; train nothing")] = False,
+    force: Annotated[bool, typer.Option("--force", help="train again although the config changed")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a parametric memory on the workspace's synthetic data (resumes an interrupted run)."""
+    from .config import load_config
+    from .train import train as run_training
+    from .workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    cfg = load_config(ws.config_path)
+    overrides = {"memory": memory, "max_steps": max_steps, "epochs": epochs, "lr": lr, "name": name}
+    tcfg = cfg.train.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    summary = run_training(ws, tcfg, model or cfg.model.name, force=force, dry_run=dry_run)
+    if as_json:
+        emit_json(summary)
+        return
+    if dry_run:
+        from rich.table import Table
+
+        table = Table(title=f"engrain train --dry-run ({memory})", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        Console().print(table)
+    elif summary.get("already_trained"):
+        console.print(f"{summary['out']} is already trained with this config (pass --force to train again)")
+    else:
+        console.print(f"trained [bold]{summary['memory']}[/bold]: {summary['steps']} steps, "
+                      f"loss {summary['final_train_loss']:.3f}, {summary['tokens_per_s']:.0f} tokens/s, "
+                      f"{summary['train_seconds']:.0f} s -> {summary['out']}")
+
+
+@app.command()
+def export(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    memory: Annotated[str, typer.Option("--memory", help="the trained memory to export (lora or full)")] = "lora",
+    out: Annotated[Path, typer.Option("--out", help="folder to write the merged model to")] = Path("merged-model"),
+    merge: Annotated[bool, typer.Option("--merge", help="merge the adapter into the base weights")] = True,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a trained memory merged into the base model as a Hugging Face model folder (with its tokenizer)."""
+    from .export import export_merged
+    from .workspace import Workspace
+
+    if not merge:
+        raise EngrainError("Only --merge export is supported.",
+                           hint="The adapter folder itself (memories/NAME) is already in PEFT layout.")
+    info = export_merged(Workspace.at(workspace), memory, out, model_spec(workspace, model))
+    if as_json:
+        emit_json(info)
+    else:
+        console.print(f"wrote a merged model to {info['out']}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user-fixable errors into a message and exit status 2."""
     try:

@@ -60,8 +60,46 @@ class SynthConfig(Section):
 
 
 class TrainConfig(Section):
+    """How `engrain train` trains a parametric memory (see engrain/train.py for what each step does)."""
+
     memory: str = "lora"
+    name: str | None = Field(None, description="folder under memories/; default: the memory's name")
     seed: int = 0
+    # length of the run: max_steps wins over epochs
+    max_steps: int | None = None
+    epochs: float = 3.0
+    # optimisation; lr None = the memory's default (lora 1e-3, full 3e-5, ...)
+    lr: float | None = None
+    warmup_steps: int | None = Field(None, description="None: 5% of the steps")
+    min_lr_ratio: float = Field(0.1, description="cosine decays to lr * min_lr_ratio")
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # batches: a row holds seq_len tokens of packed examples; global batch = micro_batch * grad_accum * processes
+    seq_len: int = 1024
+    micro_batch: int = 2
+    grad_accum: int = 1
+    packing: bool = True
+    bf16: str = Field("auto", description="auto (only where bf16 is native) | on | off")
+    # validation, checkpoints, early stopping
+    val_fraction: float = 0.05
+    val_max: int = 64
+    eval_every: int = 50
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    early_stopping_patience: int = Field(0, description="stop after this many evals without improvement; 0 = off")
+    keep_best: bool = Field(False, description="save the weights of the best validation loss instead of the last")
+    # replay against forgetting
+    replay_share: float = Field(0.1, description="share of general data in the training mix (0 = none)")
+    replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
+                                      description="self_distill and/or general_text")
+    replay_max_new_tokens: int = 96
+    # LoRA
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
+    # settings of other memories, by memory name (e.g. options.prefix.tokens)
+    options: dict[str, dict] = Field(default_factory=dict)
 
 
 class RagConfig(Section):

@@ -139,6 +139,16 @@ def trainable_state(module) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def all_linear_names(model) -> list[str]:
+    """Short names of every linear layer except the output head (which shares weights with the embeddings)."""
+    import torch
+
+    out_head = model.get_output_embeddings()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m is not out_head}
+    return sorted(names)
+
+
 class LoraKind:
     """Low-rank adapters via PEFT on every linear layer but the output head (configurable); PEFT layout on disk."""
 
@@ -149,7 +159,11 @@ class LoraKind:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.get("lora_targets") or "all-linear"
-        if isinstance(targets, str) and targets != "all-linear":
+        if targets == "all-linear":
+            # Expanded to short layer names (q_proj, ...) rather than PEFT's per-layer paths, so the saved
+            # adapter_config.json reads like any hand-written one and serving stacks (vLLM) map it as usual.
+            targets = all_linear_names(model)
+        elif isinstance(targets, str):
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         lcfg = LoraConfig(r=int(cfg.get("lora_rank", 16)), lora_alpha=float(cfg.get("lora_alpha", 32)),
                           lora_dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=targets,

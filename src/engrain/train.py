@@ -1,0 +1,813 @@
+"""One training loop for every parametric memory (lora, full, prefix, memory), top to bottom:
+
+1. data      every ``WS/synth/*.jsonl`` line becomes token ids + labels: chat items ({"messages": [...]}) are
+             rendered with ``models.chat_prompt`` (the same template ``answer()`` uses at inference) and take loss
+             on the final assistant answer only; text items ({"text": ...}) take next-token loss on every token.
+             A stable hash of each item's id holds a small slice out for validation.
+2. replay    a share of general data is mixed in against forgetting: the base model's own greedy answers to
+             general prompts (self-distillation, generated once and cached in the workspace) and, when enabled,
+             the general text the project ships.
+3. packing   examples are shuffled per epoch (seeded) and packed into rows of ``seq_len`` tokens with no padding
+             between them; position ids restart at 0 for each example, so transformers builds a block-diagonal
+             causal mask and attention never crosses examples. Logits are computed only where a loss is taken.
+4. loop      AdamW, cosine schedule with warm-up, gradient accumulation, clipping, optional bf16 autocast,
+             ``accelerate`` for DDP (a no-op in one process). The loss of a step is the sum of token losses over
+             the whole global batch divided by its number of loss tokens, so any split of a global batch over
+             micro-batches and processes gives the same gradient.
+5. state     checkpoints every N steps (trainable weights, optimizer, scheduler, RNG states; written to a temporary
+             folder and renamed), resume with the same data order, refuse a resumed run whose config changed
+             (unless ``force``), validation loss each eval interval, optional early stopping, and at the end the
+             memory is saved to ``WS/memories/<name>/`` by its kind (see ``memory/parametric.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import write_json, write_jsonl
+from .config import TrainConfig
+from .errors import EngrainError
+from .models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, end_of_turn
+from .workspace import Workspace
+
+IGNORE = -100
+# Config keys that change how a run is operated but not what it computes: a resume may change them freely.
+OPERATIONAL_KEYS = {"save_every", "keep_checkpoints", "eval_every"}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Data: synthetic JSONL -> token ids and labels
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+    key: str  # stable identity (item id or file:line): decides the validation split
+    kind: str = "synth"  # "synth" or "replay"
+
+    @property
+    def n_loss(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def render_messages(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt text, answer text) for a chat item: the prompt is exactly what ``models.answer`` feeds the model
+    for the same question (same template, same default system message), the answer ends with the end of turn."""
+    prompt_msgs = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if prompt_msgs[0]["role"] != "system":
+        # chat_messages() adds the default system message at inference; training must see the same prompt.
+        prompt_msgs = chat_messages("", system=DEFAULT_SYSTEM)[:1] + prompt_msgs
+    prompt = chat_prompt(tokenizer, prompt_msgs, add_generation_prompt=True)
+    return prompt, messages[-1]["content"].strip() + end_of_turn(tokenizer)
+
+
+def _check_item(item, where: str) -> None:
+    """Raise EngrainError naming file:line when an item is neither a chat item nor a text item."""
+    if not isinstance(item, dict):
+        raise EngrainError(f"{where}: expected a JSON object, got {type(item).__name__}.",
+                           hint='Each line must be {"messages": [...]} or {"text": "..."}.')
+    if "messages" in item:
+        msgs = item["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise EngrainError(f"{where}: 'messages' must be a list of at least a user and an assistant message.")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise EngrainError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'.")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise EngrainError(f"{where}: messages[{j}].role is '{m['role']}'; use system, user or assistant.")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise EngrainError(f"{where}: the last message must be a non-empty assistant answer (the loss is on it).")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise EngrainError(f"{where}: no user message before the assistant answer.")
+    elif "text" in item:
+        if not isinstance(item["text"], str) or not item["text"].strip():
+            raise EngrainError(f"{where}: 'text' must be a non-empty string.")
+    else:
+        raise EngrainError(f"{where}: the item has neither 'messages' nor 'text'.",
+                           hint='Each line must be {"messages": [...]} or {"text": "..."} (plus provenance fields).')
+
+
+def encode_item(tokenizer, item: dict, key: str, kind: str = "synth") -> Example:
+    """Token ids and labels of one (already checked) item."""
+    if "messages" in item:
+        prompt, answer = render_messages(tokenizer, item["messages"])
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return Example(p + a, [IGNORE] * len(p) + a, key, kind)
+    ids = tokenizer(item["text"].strip(), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    labels = list(ids)
+    labels[0] = IGNORE  # nothing precedes the first token, so it is never predicted (also inside a packed row)
+    return Example(ids, labels, key, kind)
+
+
+def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:
+    """(key, item) for every line of every ``WS/synth/*.jsonl``, in file then line order; EngrainError on bad data."""
+    files = sorted(ws.synth_dir.glob("*.jsonl")) if ws.synth_dir.is_dir() else []
+    if not files:
+        raise EngrainError(f"No synthetic data: {ws.synth_dir} holds no *.jsonl files.",
+                           hint=f"Make some first: engrain synth -w {ws.root}")
+    items: list[tuple[str, dict]] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    item = json.loads(line)
+                except ValueError as exc:
+                    raise EngrainError(f"{where}: not valid JSON ({exc}).",
+                                       hint="Fix or delete that line, or regenerate the file with engrain synth.")
+                _check_item(item, where)
+                items.append((str(item.get("id") or f"{path.name}:{lineno}"), item))
+    if not items:
+        raise EngrainError(f"The synthetic data in {ws.synth_dir} is empty ({', '.join(p.name for p in files)}).",
+                           hint=f"Regenerate it: engrain synth -w {ws.root}")
+    return items
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A stable split: the same item is held out whatever the file order or the number of processes."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < fraction
+
+
+def split_examples(examples: list[Example], fraction: float, max_val: int) -> tuple[list[Example], list[Example]]:
+    if fraction <= 0 or len(examples) < 10:
+        return examples, []
+    val = [e for e in examples if is_validation(e.key, fraction)][:max_val]
+    held = {id(e) for e in val}
+    return [e for e in examples if id(e) not in held], val
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Replay: general data mixed in against forgetting
+# --------------------------------------------------------------------------------------------------
+
+
+def _data_file(name: str) -> Path | None:
+    path = Path(__file__).resolve().parent / "data" / name
+    return path if path.is_file() else None
+
+
+def replay_prompts() -> list[str]:
+    """General prompts for self-distillation (shipped with the package; distinct from any evaluation set)."""
+    path = _data_file("replay_prompts.txt")
+    if path is None:
+        return []
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int) -> list[dict]:
+    """The base model's greedy answers to general prompts, generated once per model and cached in the workspace
+    (training on its own outputs keeps the model close to itself on general requests)."""
+    from .models import answer
+
+    prompts = replay_prompts()
+    if not prompts:
+        return []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)
+    cache = ws.root / "train" / "replay" / f"self-distill-{safe}-{max_new_tokens}.jsonl"
+    if cache.is_file():
+        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if len(rows) == len(prompts):
+            return rows
+    _log(f"engrain: generating self-distillation replay data ({len(prompts)} general prompts, once; cached in {cache})")
+    gens = answer(lm, prompts, max_new_tokens=max_new_tokens)
+    rows = [{"id": f"replay-sd-{i}", "strategy": "self-distill", "generator": lm.name,
+             "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g.text}]}
+            for i, (p, g) in enumerate(zip(prompts, gens))]  # an empty answer is the model's behaviour too
+    write_jsonl(cache, rows)
+    return rows
+
+
+def general_text_items() -> list[dict]:
+    """Paragraphs of the general reference text the project ships (absent: none)."""
+    path = _data_file("general_text.txt")
+    if path is None:
+        return []
+    paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 40]
+    return [{"id": f"replay-gt-{i}", "strategy": "general-text", "text": p} for i, p in enumerate(paras)]
+
+
+def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> list[Example]:
+    """``replay_share`` of the final mix, drawn (seeded, cycling) from the enabled replay sources."""
+    if cfg.replay_share <= 0 or n_train == 0:
+        return []
+    pool: list[dict] = []
+    for source in cfg.replay_sources:
+        if source == "self_distill":
+            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens)
+        elif source == "general_text":
+            pool += general_text_items()
+        else:
+            raise EngrainError(f"Unknown replay source '{source}' in train.replay_sources.",
+                               hint="Use self_distill and/or general_text.")
+    if not pool:
+        _log("engrain: no replay data available (no shipped prompts or text); training without replay")
+        return []
+    want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
+    rng = random.Random(cfg.seed)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    picked = [pool[order[i % len(pool)]] for i in range(want)]
+    return [encode_item(lm.tokenizer, item, f"{item['id']}#{i}", kind="replay") for i, item in enumerate(picked)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Packing and batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    ids: list[int]
+    labels: list[int]
+    positions: list[int]
+
+    @property
+    def n_loss(self) -> int:
+        # Loss is taken at position t for label t+1, so the first label of a row is never a target.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
+    """Greedy packing in the given order: append examples to the current row until the next does not fit.
+    Only the tail of a row is padded (labels IGNORE, positions restarting, so it is a separate sequence)."""
+    rows: list[Row] = []
+    cur = Row([], [], [])
+
+    def close() -> None:
+        if cur.ids:
+            pad = seq_len - len(cur.ids)
+            cur.ids.extend([pad_id] * pad)
+            cur.labels.extend([IGNORE] * pad)
+            cur.positions.extend(range(pad))
+            rows.append(Row(cur.ids, cur.labels, cur.positions))
+
+    for ex in examples:
+        ids, labels = ex.ids[:seq_len], ex.labels[:seq_len]
+        if len(cur.ids) + len(ids) > seq_len:
+            close()
+            cur = Row([], [], [])
+        cur.ids.extend(ids)
+        cur.labels.extend(labels)
+        cur.positions.extend(range(len(ids)))
+    close()
+    return rows
+
+
+def unpacked_rows(examples: list[Example], seq_len: int) -> list[Row]:
+    """One example per row (for kinds that cannot take packed rows); padding happens at collation."""
+    return [Row(e.ids[:seq_len], e.labels[:seq_len], list(range(min(len(e.ids), seq_len)))) for e in examples]
+
+
+def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, pad_id: int, packing: bool) -> list[Row]:
+    order = list(range(len(examples)))
+    random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+    shuffled = [examples[i] for i in order]
+    return pack(shuffled, cfg.seq_len, pad_id) if packing else unpacked_rows(shuffled, cfg.seq_len)
+
+
+def global_batches(examples: list[Example], cfg: TrainConfig, rows_per_step: int, pad_id: int, packing: bool):
+    """An endless, deterministic stream of (epoch, global batch of rows): the same for every process and every
+    resume. A last partial batch of an epoch is filled with rows from that epoch's start."""
+    epoch = 0
+    while True:
+        rows = epoch_rows(examples, epoch, cfg, pad_id, packing)
+        for start in range(0, len(rows), rows_per_step):
+            batch = rows[start:start + rows_per_step]
+            if len(batch) < rows_per_step:
+                batch = batch + [rows[i % len(rows)] for i in range(rows_per_step - len(batch))]
+            yield epoch, batch
+        epoch += 1
+
+
+def steps_per_epoch(examples: list[Example], cfg: TrainConfig, rows_per_step: int, pad_id: int, packing: bool) -> int:
+    return max(1, math.ceil(len(epoch_rows(examples, 0, cfg, pad_id, packing)) / rows_per_step))
+
+
+def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
+    """Tensors for one micro-batch. Packed: no attention mask (position ids mark the examples). Unpacked: right
+    padding with an attention mask."""
+    import torch
+
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[i, :n] = torch.tensor(r.ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        pos[i, :n] = torch.tensor(r.positions)
+        mask[i, :n] = 1
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device)}
+    if not packing:
+        batch["attention_mask"] = mask.to(device)
+    return batch
+
+
+def loss_sum(module, batch: dict, packing: bool):
+    """Sum of next-token cross-entropies over the batch's loss tokens (and how many there are)."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE  # logits at t predict token t+1
+    targets = labels[:, 1:][keep[:, :-1]]
+    if packing:
+        out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
+                     use_cache=False, logits_to_keep=keep)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+    else:
+        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[keep]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Schedule
+# --------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def run_dir(ws: Workspace, name: str) -> Path:
+    return ws.root / "train" / name
+
+
+def checkpoints(ws: Workspace, name: str) -> list[Path]:
+    """Complete checkpoints, oldest first (a complete one has state.json; temporary folders start with '.')."""
+    folder = run_dir(ws, name) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def rng_states() -> dict:
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_states(states: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+
+
+def save_checkpoint(ws: Workspace, name: str, step: int, module, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write everything a resume needs into a temporary folder, then rename it: a kill never leaves half a one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .memory.parametric import trainable_state
+
+    folder = run_dir(ws, name) / "checkpoints"
+    final = folder / f"step-{step:07d}"
+    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+               tmp / "trainer.pt")
+    write_json(tmp / "state.json", {**state, "step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoints(ws, name)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, module, optimizer, scheduler) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    trainer = torch.load(folder / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    set_rng_states(trainer["rng"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - OPERATIONAL_KEYS)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a run will do: the data, its size, the number of steps (what --dry-run prints)."""
+
+    train: list[Example]
+    val: list[Example]
+    n_synth: int
+    n_replay: int
+    rows_per_step: int
+    steps: int
+    steps_per_epoch: int
+    train_tokens_per_epoch: int
+    loss_tokens_per_epoch: int
+    truncated: int
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"examples": len(self.train), "synthetic": self.n_synth, "replay": self.n_replay,
+                "validation": len(self.val), "steps": self.steps, "steps_per_epoch": self.steps_per_epoch,
+                "rows_per_step": self.rows_per_step, "tokens_per_epoch": self.train_tokens_per_epoch,
+                "loss_tokens_per_epoch": self.loss_tokens_per_epoch, "truncated_examples": self.truncated,
+                **self.extra}
+
+
+def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool) -> Plan:
+    items = read_synthetic(ws)
+    examples = [encode_item(lm.tokenizer, item, key) for key, item in items]
+    train, val = split_examples(examples, cfg.val_fraction, cfg.val_max)
+    replay = replay_examples(ws, lm, cfg, len(train))
+    train = train + replay
+    rows_per_step = cfg.micro_batch * cfg.grad_accum * world
+    if rows_per_step % world:
+        raise EngrainError("The global batch must split evenly over processes.")
+    pad = lm.tokenizer.pad_token_id
+    spe = steps_per_epoch(train, cfg, rows_per_step, pad, packing)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * spe))
+    return Plan(train=train, val=val, n_synth=len(items) - len(val), n_replay=len(replay), rows_per_step=rows_per_step,
+                steps=steps, steps_per_epoch=spe,
+                train_tokens_per_epoch=sum(min(len(e.ids), cfg.seq_len) for e in train),
+                loss_tokens_per_epoch=sum(e.n_loss for e in train),
+                truncated=sum(1 for e in train if len(e.ids) > cfg.seq_len))
+
+
+def run_config(cfg: TrainConfig, lm: LM) -> dict:
+    """The settings a resume must match: the train section plus the base model."""
+    return {**cfg.model_dump(), "base_model": lm.name}
+
+
+def evaluate_loss(module, val_rows: list[Row], cfg: TrainConfig, pad_id: int, packing: bool, device) -> float | None:
+    import torch
+
+    if not val_rows:
+        return None
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(val_rows), cfg.micro_batch):
+            s, n = loss_sum(module, collate(val_rows[i:i + cfg.micro_batch], pad_id, packing, device), packing)
+            total, count = total + float(s), count + n
+    module.train(was_training)
+    return total / max(1, count)
+
+
+def _autocast(device: str, enabled: bool):
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
+
+
+def use_bf16(setting: str, device: str) -> bool:
+    from .models import bf16_supported
+
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    # auto: only where bf16 is native (CUDA Ampere+, CPUs with AMX/AVX512-BF16); elsewhere it is emulated and slower.
+    return bf16_supported(str(device))
+
+
+def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, name: str | None = None,
+          force: bool = False, dry_run: bool = False, show_progress: bool = True, lm: LM | None = None) -> dict:
+    """Train ``cfg.memory`` on the workspace's synthetic data; returns the run's summary (also in the memory's
+    ``engrain_memory.json``). Resumes from the last checkpoint of an interrupted run with the same config."""
+    import torch
+    from accelerate import Accelerator
+
+    from .memory.parametric import META_FILE, get_kind, model_fingerprint, trainable_state
+    from .models import load_model
+
+    kind = get_kind(cfg.memory)
+    name = name or cfg.name or cfg.memory
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    show = show_progress and is_main
+    packing = bool(getattr(kind, "packing", True)) and cfg.packing
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    lm = lm or load_model(model_spec, device=str(device), dtype="float32")
+    runcfg = run_config(cfg, lm)
+    out_dir = ws.memory_dir(name)
+
+    # A finished memory with the same config is not trained twice; with another config only under --force.
+    if not dry_run and not force and (out_dir / META_FILE).is_file():
+        meta = json.loads((out_dir / META_FILE).read_text())
+        diff = config_diff(meta.get("config", {}), runcfg)
+        if not diff:
+            if show:
+                _log(f"engrain: {out_dir} is already trained with this config; nothing to do (--force to retrain)")
+            return {**meta, "already_trained": True}
+        raise EngrainError(f"{out_dir} was trained with another config:\n  " + "\n  ".join(diff),
+                           hint="Pass --force to train it again with the new config (the old one is replaced).")
+
+    with accelerator.main_process_first():  # replay data is generated and cached once, by the main process
+        plan = make_plan(ws, lm, cfg, world, packing)
+    lr = cfg.lr if cfg.lr is not None else float(getattr(kind, "default_lr", 1e-4))
+    if dry_run:
+        return dry_run_report(ws, lm, kind, cfg, plan, lr, packing, device)
+
+    # Resume, or start over: checkpoints of another config are refused unless forced (then discarded).
+    ckpts = checkpoints(ws, name)
+    resume_from = None
+    if ckpts:
+        state = json.loads((ckpts[-1] / "state.json").read_text())
+        diff = config_diff(state.get("config", {}), runcfg)
+        if diff and not force:
+            raise EngrainError(f"An interrupted run of '{name}' (step {state['step']}) used another config:\n  "
+                               + "\n  ".join(diff),
+                               hint="Run with the same settings to resume it, or pass --force to start over.")
+        if diff:
+            accelerator.wait_for_everyone()
+            if is_main:
+                shutil.rmtree(run_dir(ws, name) / "checkpoints", ignore_errors=True)
+            accelerator.wait_for_everyone()
+        else:
+            resume_from = ckpts[-1]
+
+    module = kind.attach(lm.model, lm.tokenizer, cfg.model_dump(), ws)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    make_opt = getattr(kind, "make_optimizer", None)
+    optimizer = (make_opt(module, lr, cfg.weight_decay) if make_opt else
+                 torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * plan.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, plan.steps, cfg.min_lr_ratio))
+
+    start_step, best_val, best_step, bad_evals, history = 0, None, None, 0, []
+    best_weights = None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, module, optimizer, scheduler)
+        start_step, best_val, best_step = state["step"], state.get("best_val"), state.get("best_step")
+        bad_evals, history = state.get("bad_evals", 0), state.get("history", [])
+        if (resume_from / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(resume_from / "best.safetensors"))
+        if show:
+            _log(f"engrain: resuming '{name}' from step {start_step} ({resume_from})")
+
+    model = accelerator.prepare(module)  # DDP wrapper under `accelerate launch`; the module itself otherwise
+    pad_id = lm.tokenizer.pad_token_id
+    val_rows = (pack(plan.val, cfg.seq_len, pad_id) if packing else unpacked_rows(plan.val, cfg.seq_len))
+    bf16 = use_bf16(cfg.bf16, str(device))
+    stream = global_batches(plan.train, cfg, plan.rows_per_step, pad_id, packing)
+    for _ in range(start_step):  # the same data order as an uninterrupted run
+        next(stream)
+
+    progress = _progress(show, plan.steps, start_step, name)
+    t_start, tokens_seen, last_loss = time.time(), 0, float("nan")
+    log_path = run_dir(ws, name) / "log.jsonl"
+    stopped_early = False
+    step = start_step
+    with progress:
+        while step < plan.steps:
+            epoch, batch = next(stream)
+            n_loss = sum(r.n_loss for r in batch)  # known to every process: the data stream is shared
+            micro = [batch[i:i + cfg.micro_batch] for i in range(0, len(batch), cfg.micro_batch)]
+            mine = micro[rank::world]  # each process takes every world-th micro-batch
+            step_loss = 0.0
+            for j, rows in enumerate(mine):
+                tensors = collate(rows, pad_id, packing, device)
+                sync = j == len(mine) - 1
+                ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+                with ctx, _autocast(str(device), bf16):
+                    s, _ = loss_sum(model, tensors, packing)
+                    # DDP averages gradients over processes; scaling by world turns that into the global sum.
+                    loss = s * world / max(1, n_loss)
+                loss.backward()
+                step_loss += float(s.detach())
+                tokens_seen += sum(len(r.ids) for r in rows)
+            hook = getattr(kind, "sparse_grad_hook", None)
+            if hook is not None:
+                hook(accelerator.unwrap_model(model))
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # Loss of the whole global batch (summed over processes) for logging.
+            step_loss_t = accelerator.reduce(torch.tensor([step_loss], device=device), reduction="sum")
+            last_loss = float(step_loss_t[0]) / max(1, n_loss)
+            elapsed = time.time() - t_start
+            tok_s = tokens_seen * world / max(1e-9, elapsed)
+            record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
+                      "tokens_per_s": round(tok_s, 1)}
+
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == plan.steps) and val_rows:
+                val = evaluate_loss(accelerator.unwrap_model(model), val_rows, cfg, pad_id, packing, device)
+                record["val_loss"] = round(val, 5)
+                if best_val is None or val < best_val - 1e-6:
+                    best_val, best_step, bad_evals = val, step, 0
+                    if cfg.keep_best:
+                        best_weights = {k: v.clone() for k, v in trainable_state(accelerator.unwrap_model(model)).items()}
+                else:
+                    bad_evals += 1
+                if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                    stopped_early = True
+            history.append(record)
+            if is_main:
+                with open(log_path.parent.mkdir(parents=True, exist_ok=True) or log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            progress.update(step, last_loss, tok_s, record.get("val_loss"))
+
+            if cfg.save_every and step % cfg.save_every == 0 and step < plan.steps and not stopped_early:
+                accelerator.wait_for_everyone()
+                if is_main:
+                    state = {"config": runcfg, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
+                             "history": history[-1000:]}
+                    ck = save_checkpoint(ws, name, step, accelerator.unwrap_model(model), optimizer, scheduler,
+                                         state, cfg.keep_checkpoints)
+                    if best_weights is not None:
+                        from safetensors.torch import save_file
+
+                        # Written after the rename; a resume without it keeps the final weights instead.
+                        save_file(best_weights, str(ck / "best.safetensors"))
+                accelerator.wait_for_everyone()
+            if stopped_early:
+                break
+
+    seconds = time.time() - t_start
+    module = accelerator.unwrap_model(model)
+    if cfg.keep_best and best_weights is not None:
+        with torch.no_grad():
+            named = dict(module.named_parameters())
+            for k, v in best_weights.items():
+                named[k].copy_(v)
+    summary = {"memory": name, "kind": kind.name, "base_model": lm.name, "base_model_path": lm.path,
+               "base_fingerprint": model_fingerprint(lm.model),
+               "steps": step, "planned_steps": plan.steps, "stopped_early": stopped_early,
+               "resumed_from_step": start_step if resume_from else None, "learning_rate": lr,
+               "train_seconds": round(seconds, 2), "train_tokens": tokens_seen * world,
+               "tokens_per_s": round(tokens_seen * world / max(1e-9, seconds), 1),
+               "final_train_loss": round(last_loss, 5), "best_val_loss": best_val, "best_val_step": best_step,
+               "trainable_params": n_trainable, "processes": world, "bf16": bf16, "packing": packing,
+               "data": plan.summary(), "config": runcfg, "out": str(out_dir)}
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_memory(ws, name, kind, module, summary)
+        shutil.rmtree(run_dir(ws, name) / "checkpoints", ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def save_memory(ws: Workspace, name: str, kind, module, meta: dict) -> Path:
+    """Save into a temporary folder, write the meta file last, then swap it into place."""
+    final = ws.memory_dir(name)
+    tmp = ws.memories_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kind.save(module, tmp, meta)
+    from .memory.parametric import META_FILE
+
+    write_json(tmp / META_FILE, meta)
+    old = ws.memories_dir / f".{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress and dry run
+# --------------------------------------------------------------------------------------------------
+
+
+class _progress:
+    """A rich progress bar (steps, loss, tokens/s, ETA) on stderr; silent when not shown."""
+
+    def __init__(self, show: bool, total: int, start: int, name: str) -> None:
+        self.show = show
+        if show:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn(f"train {name}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=Console(stderr=True))
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self):
+        if self.show:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *a):
+        if self.show:
+            self.bar.__exit__(*a)
+        return False
+
+    def update(self, step: int, loss: float, tok_s: float, val: float | None) -> None:
+        if self.show:
+            info = f"loss {loss:.3f} · {tok_s:,.0f} tok/s" + (f" · val {val:.3f}" if val is not None else "")
+            self.bar.update(self.task, completed=step, info=info)
+
+
+def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr: float, packing: bool,
+                   device) -> dict:
+    """Steps, tokens, time measured on a few real micro-steps, and predicted peak memory against available RAM."""
+    import resource
+
+    import psutil
+    import torch
+
+    module = kind.attach(lm.model, lm.tokenizer, cfg.model_dump(), ws)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    pad_id = lm.tokenizer.pad_token_id
+    rows = epoch_rows(plan.train, 0, cfg, pad_id, packing)[:cfg.micro_batch * 3]
+    micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
+    times, toks = [], []
+    for j, m in enumerate(micro):
+        batch = collate(m, pad_id, packing, device)
+        t0 = time.perf_counter()
+        s, _ = loss_sum(module, batch, packing)
+        s.backward()
+        if j > 0:  # the first one warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+            toks.append(sum(len(r.ids) for r in m))
+    for p in params:
+        p.grad = None
+    tok_s = sum(toks) / max(1e-9, sum(times)) if times else float("nan")
+    total_tokens = plan.steps * plan.rows_per_step * (cfg.seq_len if packing else
+                                                      plan.train_tokens_per_epoch / max(1, len(plan.train)))
+    optimizer_bytes = n_trainable * 4 * 2  # AdamW: two fp32 moments per trained weight
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    predicted = peak_rss + optimizer_bytes
+    vm = psutil.virtual_memory()
+    budget = vm.available + psutil.Process().memory_info().rss
+    report = {"dry_run": True, "memory": kind.name, "learning_rate": lr, "trainable_params": n_trainable,
+              **plan.summary(), "total_tokens": int(total_tokens), "measured_tokens_per_s": round(tok_s, 1),
+              "estimated_seconds": round(total_tokens / tok_s, 1) if tok_s == tok_s and tok_s > 0 else None,
+              "predicted_peak_memory_mb": round(predicted / 2**20), "available_memory_mb": round(budget / 2**20),
+              "oom_risk": predicted > budget}
+    if report["oom_risk"]:
+        _log(f"engrain: WARNING: predicted peak memory {report['predicted_peak_memory_mb']} MB exceeds the "
+             f"{report['available_memory_mb']} MB available: out-of-memory risk. Lower train.micro_batch or "
+             "train.seq_len, or use lora instead of full.")
+    return report

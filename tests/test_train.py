@@ -1,0 +1,328 @@
+"""The trainer: data rendering and masking, packing, schedule, bad input, LoRA/full memories, dry run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from engrain.config import TrainConfig
+from engrain.errors import EngrainError
+from engrain.workspace import Workspace
+
+FAST = dict(seq_len=128, micro_batch=2, eval_every=3, save_every=0, replay_share=0.0, epochs=1.0)
+
+
+def write_synth(ws: Workspace, n: int = 12, name: str = "facts.jsonl") -> None:
+    """A small synthetic set in the `engrain synth` format: chat items and text items with provenance."""
+    rows = []
+    for i in range(n):
+        rows.append({"id": f"qa-{i}", "strategy": "qa", "chunk_ids": [f"c{i}"], "doc_ids": ["d"], "seed": 0,
+                     "messages": [{"role": "user", "content": f"What is the code of vault {i}?"},
+                                  {"role": "assistant", "content": f"The code of vault {i} is {i * 37 + 11}."}]})
+        rows.append({"id": f"tx-{i}", "strategy": "rephrase", "chunk_ids": [f"c{i}"], "doc_ids": ["d"],
+                     "text": f"Vault {i} of the Orvane archive opens with code {i * 37 + 11}."})
+    ws.synth_dir.mkdir(parents=True, exist_ok=True)
+    (ws.synth_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def ws(tmp_path) -> Workspace:
+    w = Workspace.at(tmp_path / "ws")
+    write_synth(w)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering, masking, packing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_training_prompt_is_the_inference_prompt(tokenizer):
+    from engrain.models import chat_messages, chat_prompt, end_of_turn
+    from engrain.train import encode_item, render_messages
+
+    q, a = "Who designed the Lumen bridge?", "Ada Varga designed it."
+    prompt, answer = render_messages(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    served = chat_prompt(tokenizer, chat_messages(q))  # exactly what models.answer() feeds the model
+    assert prompt == served
+    assert answer == a + end_of_turn(tokenizer)
+    ex = encode_item(tokenizer, {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}, "k")
+    served_ids = tokenizer(served, add_special_tokens=False)["input_ids"]
+    assert ex.ids[:len(served_ids)] == served_ids
+    # loss only on the answer (and its end of turn)
+    assert all(x == -100 for x in ex.labels[:len(served_ids)])
+    assert ex.labels[len(served_ids):] == ex.ids[len(served_ids):]
+    assert tokenizer.decode(ex.ids[len(served_ids):]).startswith(a)
+
+
+def test_text_items_take_loss_on_every_predicted_token(tokenizer):
+    from engrain.train import encode_item
+
+    ex = encode_item(tokenizer, {"text": "The Orvane archive has nine vaults."}, "k")
+    assert ex.labels[0] == -100 and ex.labels[1:] == ex.ids[1:]
+    assert ex.ids[-1] == tokenizer.eos_token_id
+
+
+def test_packing_leaves_no_padding_between_examples():
+    from engrain.train import Example, pack
+
+    exs = [Example(list(range(1, n + 1)), [-100] * 2 + list(range(3, n + 1)), f"e{n}") for n in (5, 7, 3, 9, 4)]
+    rows = pack(exs, seq_len=16, pad_id=0)
+    # greedy in order: 5+7+3 = 15 fits one row, 9+4 = 13 the next; only row tails are padded
+    assert len(rows) == 2 and all(len(r.ids) == 16 for r in rows)
+    assert rows[0].ids == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 0]
+    assert rows[0].positions == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0]  # restart at each example
+    assert rows[1].positions == list(range(9)) + list(range(4)) + list(range(3))
+    assert rows[1].labels[-3:] == [-100] * 3  # padding takes no loss
+    assert sum(r.n_loss for r in rows) == sum(e.n_loss for e in exs)
+
+
+def test_packed_rows_do_not_attend_across_examples(tiny_lm):
+    """A packed row's loss equals the sum of each example's loss computed alone: the block-diagonal mask works
+    and no label leaks across the boundary."""
+    import torch
+
+    from engrain.train import collate, encode_item, loss_sum, pack, unpacked_rows
+
+    tok = tiny_lm.tokenizer
+    items = [{"text": "Vault one opens with code 48."},
+             {"messages": [{"role": "user", "content": "Code of vault two?"},
+                           {"role": "assistant", "content": "It is 85."}]},
+             {"text": "The archive sits under the old harbour of Orvane."}]
+    exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
+    model = tiny_lm.model
+    with torch.no_grad():
+        packed = pack(exs, seq_len=256, pad_id=tok.pad_token_id)
+        assert len(packed) == 1
+        s_packed, n_packed = loss_sum(model, collate(packed, tok.pad_token_id, True, "cpu"), True)
+        s_alone, n_alone = 0.0, 0
+        for row in unpacked_rows(exs, 256):
+            s, n = loss_sum(model, collate([row], tok.pad_token_id, False, "cpu"), False)
+            s_alone, n_alone = s_alone + float(s), n_alone + n
+    assert n_packed == n_alone == sum(e.n_loss for e in exs)
+    assert float(s_packed) == pytest.approx(s_alone, rel=1e-4)
+
+
+def test_cosine_schedule_with_warmup():
+    from engrain.train import lr_factor
+
+    total, warm = 100, 10
+    f = [lr_factor(s, warm, total, 0.1) for s in range(total + 1)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(f[:9], f[1:10]))  # linear warm-up
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then non-increasing
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[total] == pytest.approx(0.1)
+
+
+def test_data_order_is_deterministic_and_seeded(tokenizer):
+    from engrain.train import encode_item, global_batches
+
+    exs = [encode_item(tokenizer, {"text": f"item {i} " * (i % 5 + 1)}, str(i)) for i in range(40)]
+    cfg = TrainConfig(seq_len=64, seed=3)
+    a = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, 0, True))]
+    b = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, 0, True))]
+    c = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, TrainConfig(seq_len=64, seed=4), 2, 0, True))]
+    assert a == b and a != c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, words", [
+    ("{not json", "not valid JSON"),
+    ('{"id": "x"}', "neither 'messages' nor 'text'"),
+    ('{"text": "   "}', "non-empty"),
+    ('{"messages": [{"role": "user", "content": "q"}]}', "at least a user and an assistant"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}', "assistant answer"),
+    ('{"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]}', "robot"),
+    ('[1, 2]', "JSON object"),
+])
+def test_malformed_synthetic_data_names_file_and_line(tmp_path, line, words):
+    from engrain.train import read_synthetic
+
+    ws = Workspace.at(tmp_path / "ws")
+    write_synth(ws, n=2)
+    bad = ws.synth_dir / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n\n" + line + "\n")
+    with pytest.raises(EngrainError) as err:
+        read_synthetic(ws)
+    assert f"{bad}:3" in err.value.message and words in err.value.message
+
+
+def test_missing_or_empty_synthetic_data(tmp_path):
+    from engrain.train import read_synthetic
+
+    ws = Workspace.at(tmp_path / "ws")
+    with pytest.raises(EngrainError, match="No synthetic data"):
+        read_synthetic(ws)
+    ws.synth_dir.mkdir(parents=True)
+    (ws.synth_dir / "qa.jsonl").write_text("\n")
+    with pytest.raises(EngrainError, match="empty"):
+        read_synthetic(ws)
+
+
+def test_unknown_memory_kind():
+    from engrain.memory.parametric import get_kind
+
+    with pytest.raises(EngrainError, match="Unknown parametric memory"):
+        get_kind("nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training, saving, loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_trains_saves_peft_layout_and_loads(ws, tiny_model_dir, tiny_lm):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engrain.memory.registry import open_memory
+    from engrain.train import train
+
+    cfg = TrainConfig(memory="lora", max_steps=6, lora_rank=4, lr=5e-3, **FAST)
+    summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    out = ws.memory_dir("lora")
+    assert summary["steps"] == 6 and summary["final_train_loss"] < 11.5
+    assert summary["best_val_loss"] is not None and summary["data"]["validation"] >= 1
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (out / "adapter_model.safetensors").is_file()
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir) and adapter_cfg["r"] == 4
+    assert set(adapter_cfg["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"}
+    log = [json.loads(x) for x in (ws.root / "train" / "lora" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7)) and "val_loss" in log[2]
+
+    # PEFT itself loads the folder as it is
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(base, str(out))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    mem = open_memory("lora", ws, tiny_lm)
+    with torch.no_grad():
+        a = peft_model(input_ids=ids).logits
+        b = mem.lm.model(input_ids=ids).logits
+        base_logits = tiny_lm.model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, base_logits, atol=1e-4)  # trained, and the caller's base model left untouched
+    answers = mem.answer(["What is the code of vault 3?"], max_new_tokens=4)
+    assert len(answers) == 1 and answers[0].prompt_tokens > 0
+    assert mem.describe()["kind"] == "lora"
+
+
+def test_loading_onto_another_model_is_refused(ws, tiny_model_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engrain.memory.registry import open_memory
+    from engrain.models import load_model
+    from engrain.train import train
+
+    train(ws, TrainConfig(memory="lora", max_steps=1, lora_rank=2, **FAST), str(tiny_model_dir), show_progress=False)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    folder = tmp_path / "other"
+    other.save_pretrained(folder)
+    load_model(str(tiny_model_dir)).tokenizer.save_pretrained(folder)
+    with pytest.raises(EngrainError, match="does not match the loaded model"):
+        open_memory("lora", ws, load_model(str(folder), device="cpu"))
+
+
+def test_changed_config_is_refused_unless_forced(ws, tiny_model_dir):
+    from engrain.train import train
+
+    cfg = TrainConfig(memory="lora", max_steps=2, lora_rank=2, **FAST)
+    train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    assert train(ws, cfg, str(tiny_model_dir), show_progress=False)["already_trained"]
+    changed = cfg.model_copy(update={"lr": 0.01})
+    with pytest.raises(EngrainError) as err:
+        train(ws, changed, str(tiny_model_dir), show_progress=False)
+    assert "lr: None -> 0.01" in err.value.message
+    assert train(ws, changed, str(tiny_model_dir), force=True, show_progress=False)["learning_rate"] == 0.01
+
+
+def test_full_finetune_trains_and_loads(ws, tiny_model_dir, tiny_lm):
+    import torch
+
+    from engrain.memory.registry import open_memory
+    from engrain.train import train
+
+    summary = train(ws, TrainConfig(memory="full", max_steps=3, lr=1e-3, **FAST), str(tiny_model_dir),
+                    show_progress=False)
+    assert summary["trainable_params"] == sum(p.numel() for p in tiny_lm.model.parameters())
+    mem = open_memory("full", ws, tiny_lm)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert not torch.allclose(mem.lm.model(input_ids=ids).logits, tiny_lm.model(input_ids=ids).logits)
+
+
+def test_export_merge_matches_adapter(ws, tiny_model_dir, tiny_lm, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engrain.export import export_merged
+    from engrain.memory.registry import open_memory
+    from engrain.train import train
+
+    train(ws, TrainConfig(memory="lora", max_steps=3, lora_rank=4, lr=5e-3, **FAST), str(tiny_model_dir),
+          show_progress=False)
+    out = tmp_path / "merged"
+    export_merged(ws, "lora", out)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == tiny_lm.tokenizer.chat_template
+    ids = torch.tensor([[9, 8, 7, 6]])
+    with torch.no_grad():
+        want = open_memory("lora", ws, tiny_lm).lm.model(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
+
+
+def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
+    from engrain.train import make_plan, replay_prompts
+
+    cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0)
+    plan = make_plan(ws, tiny_lm, cfg, world=1, packing=True)
+    assert plan.n_synth == 24 and plan.n_replay == 8  # 25% of the mix
+    cache = list((ws.root / "train" / "replay").glob("self-distill-*.jsonl"))
+    assert len(cache) == 1
+    rows = [json.loads(x) for x in cache[0].read_text().splitlines()]
+    assert {r["messages"][0]["content"] for r in rows} <= set(replay_prompts())
+    mtime = cache[0].stat().st_mtime_ns
+    make_plan(ws, tiny_lm, cfg, world=1, packing=True)
+    assert cache[0].stat().st_mtime_ns == mtime  # generated once
+
+
+def test_dry_run_reports_steps_tokens_time_and_memory(ws, tiny_model_dir):
+    from engrain.train import train
+
+    report = train(ws, TrainConfig(memory="lora", **{**FAST, "epochs": 2.0}), str(tiny_model_dir),
+                   dry_run=True, show_progress=False)
+    assert report["dry_run"] and report["steps"] == 2 * report["steps_per_epoch"]
+    assert report["total_tokens"] > 0 and report["estimated_seconds"] > 0
+    assert report["predicted_peak_memory_mb"] > 0 and report["oom_risk"] is False
+    assert not ws.memory_dir("lora").exists()
+
+
+def test_cli_train_json_and_bad_data(ws, tiny_model_dir):
+    import subprocess
+    import sys
+
+    cfg = {"train": {**FAST, "max_steps": 2, "lora_rank": 2}}
+    import yaml
+
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "engrain.cli", "train", "-w", str(ws.root), "--memory", "lora",
+           "--model", str(tiny_model_dir), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["out"].endswith("memories/lora")
+    (ws.synth_dir / "zz.jsonl").write_text('{"oops": 1}\n')
+    proc = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "zz.jsonl:1:" in proc.stderr.replace("\n", "")  # rich may wrap the message
