@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loading (BENCHMARKS.md layout), metrics, forgetting, latency, the report."""

@@ -1,0 +1,182 @@
+"""Run every method on a benchmark's questions and measure them side by side (results.json contract).
+
+For each method: answers for all questions (batched, greedy), contains / EM / F1 with 95% intervals,
+breakdowns by tag and by hops, latency per question at batch 1 on a sample (p50 / p95), prompt tokens,
+peak memory while it answered, build time and disk size of what it built, and forgetting for trained
+memories. Questions never reach anything that builds a memory: they are read here, after building.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..memory.base import Answer, Memory
+from . import metrics
+from .bench import Bench, Question
+
+CLOZE_INSTRUCTION = "Complete the sentence with the missing words: "
+
+
+def question_text(q: Question) -> str:
+    """What a method is asked. Cloze probes are the start of a sentence; an instruct model is asked to complete
+    it (the gold continuation must then occur in its output, which may repeat the start)."""
+    if q.type == "cloze":
+        return f"{CLOZE_INSTRUCTION}\"{q.question.strip()} ...\""
+    return q.question
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; ``peak_mb`` is the maximum seen while active."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def current_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.current_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.peak = max(self.peak, self.current_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+@dataclass
+class MethodRun:
+    """Everything measured for one method."""
+
+    name: str
+    answers: list[Answer]
+    latencies_ms: list[float]
+    peak_rss_mb: float
+    build_seconds: float = 0.0
+    disk_bytes: int = 0
+    describe: dict = field(default_factory=dict)
+    forgetting: dict | None = None
+
+
+def score(questions: list[Question], answers: list[Answer]) -> dict:
+    """Accuracy with intervals and breakdowns by tag and by hops."""
+    rows = [(q, metrics.contains(a.text, q.answers), metrics.exact_match(a.text, q.answers), metrics.f1(a.text, q.answers))
+            for q, a in zip(questions, answers)]
+    n = len(rows)
+    c = [r[1] for r in rows]
+    e = [r[2] for r in rows]
+    f = [r[3] for r in rows]
+    out = {
+        "n": n,
+        "contains": sum(c) / n, "em": sum(e) / n, "f1": sum(f) / n,
+        "contains_ci": list(metrics.wilson_ci(sum(c), n)),
+        "em_ci": list(metrics.wilson_ci(sum(e), n)),
+        "f1_ci": list(metrics.bootstrap_ci(f)),
+    }
+    for key, groups in (("by_tag", lambda q: q.tags or ["untagged"]), ("by_hops", lambda q: [str(q.hops)])):
+        buckets: dict[str, list[tuple]] = defaultdict(list)
+        for r in rows:
+            for g in groups(r[0]):
+                buckets[g].append(r)
+        out[key] = {g: {"contains": sum(x[1] for x in rs) / len(rs), "f1": sum(x[3] for x in rs) / len(rs),
+                        "contains_ci": list(metrics.wilson_ci(sum(x[1] for x in rs), len(rs))), "n": len(rs)}
+                    for g, rs in sorted(buckets.items())}
+    return out
+
+
+def run_method(name: str, memory: Memory, questions: list[Question], *, latency_sample: int = 10,
+               max_new_tokens: int = 48) -> MethodRun:
+    """Answer every question batched (accuracy), then time a sample one at a time (latency as a user sees it)."""
+    texts = [question_text(q) for q in questions]
+    with PeakRSS() as rss:
+        answers = memory.answer(texts, max_new_tokens=max_new_tokens)
+        latencies = []
+        for text in texts[:latency_sample]:
+            t0 = time.perf_counter()
+            memory.answer([text], max_new_tokens=max_new_tokens)
+            latencies.append((time.perf_counter() - t0) * 1000)
+    return MethodRun(name=name, answers=answers, latencies_ms=latencies, peak_rss_mb=rss.peak_mb,
+                     describe=memory.describe())
+
+
+def method_result(run: MethodRun, questions: list[Question]) -> dict:
+    result = score(questions, run.answers)
+    result.update({
+        "latency_ms_p50": metrics.percentile(run.latencies_ms, 50),
+        "latency_ms_p95": metrics.percentile(run.latencies_ms, 95),
+        "latency_ms_batched_mean": sum(a.latency_ms for a in run.answers) / max(1, len(run.answers)),
+        "latency_sample": len(run.latencies_ms),
+        "prompt_tokens_mean": sum(a.prompt_tokens for a in run.answers) / max(1, len(run.answers)),
+        "completion_tokens_mean": sum(a.completion_tokens for a in run.answers) / max(1, len(run.answers)),
+        "build_seconds": run.build_seconds,
+        "disk_bytes": run.disk_bytes,
+        "peak_rss_mb": round(run.peak_rss_mb, 1),
+        "forgetting": run.forgetting,
+        "truncated_answers": sum(1 for a in run.answers if a.meta.get("truncated")),
+        "describe": run.describe,
+    })
+    return result
+
+
+def environment(seed: int, settings: dict) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "lancedb", "sentence-transformers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {"engrain": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "versions": versions, "seed": seed, "settings": settings}
+
+
+def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int, settings: dict,
+                 warnings: list[str] | None = None) -> dict:
+    questions = bench.questions
+    return {
+        "bench": bench.name,
+        "n_questions": len(questions),
+        "model": model_name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "methods": {run.name: method_result(run, questions) for run in runs},
+        "examples": [
+            {"id": q.id, "question": q.question, "answers": q.answers, "hops": q.hops,
+             **{run.name: run.answers[i].text for run in runs}}
+            for i, q in enumerate(questions[:8])
+        ],
+        "answers": {run.name: [{"id": q.id, "answer": a.text, "chunks": a.chunks}
+                               for q, a in zip(questions, run.answers)] for run in runs},
+        "warnings": warnings or [],
+        "environment": environment(seed, settings),
+    }

@@ -1,0 +1,78 @@
+"""Answer metrics (SQuAD normalisation) and confidence intervals.
+
+contains: a normalised gold answer occurs in the normalised output (fair to chatty instruct models);
+em / f1: SQuAD exact match and token F1, best over the gold answers.
+Confidence intervals: Wilson score for proportions (contains, em), percentile bootstrap for means (f1).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import string
+from collections import Counter
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {"\u2018", "\u2019", "\u201c", "\u201d", "\u2013", "\u2014"}
+
+
+def normalize(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def contains(prediction: str, answers: list[str]) -> float:
+    pred = f" {normalize(prediction)} "
+    return float(any(f" {normalize(a)} " in pred for a in answers if normalize(a)))
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    pred = normalize(prediction)
+    return float(any(pred == normalize(a) for a in answers))
+
+
+def f1(prediction: str, answers: list[str]) -> float:
+    pred = normalize(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold = normalize(answer).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if not pred or not gold or common == 0:
+            best = max(best, float(pred == gold))
+            continue
+        precision, recall = common / len(pred), common / len(gold)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def wilson_ci(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval: well-behaved at 0 and 1 and for small n, unlike the normal approximation."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean."""
+    if not values:
+        return (0.0, 0.0)
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    if not values:
+        return 0.0
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)

@@ -1,0 +1,241 @@
+"""The comparison report: report.md and a self-contained report.html (plots embedded as PNG data URIs).
+
+The "what this means" paragraph is generated from the numbers, never written by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from ..atomic import write_text
+
+
+def _fmt_ci(ci: list[float]) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def results_table(results: dict) -> list[dict]:
+    """One row per method with the headline numbers (shared by md, html and the CLI)."""
+    rows = []
+    for name, m in results["methods"].items():
+        forgetting = m.get("forgetting") or {}
+        rows.append({
+            "method": name, "contains": m["contains"], "contains_ci": m["contains_ci"], "em": m["em"], "f1": m["f1"],
+            "p50_ms": m["latency_ms_p50"], "p95_ms": m["latency_ms_p95"], "prompt_tokens": m["prompt_tokens_mean"],
+            "build_s": m["build_seconds"], "disk_mb": m.get("disk_bytes", 0) / 2**20, "peak_rss_mb": m["peak_rss_mb"],
+            "general_qa_delta": forgetting.get("general_qa_delta"), "ppl_ratio": forgetting.get("perplexity_ratio"),
+        })
+    return rows
+
+
+def interpretation(results: dict) -> str:
+    """A short, number-driven reading of the results: who wins where, at what cost."""
+    methods = results["methods"]
+    if not methods:
+        return "No method was run."
+    best = max(methods, key=lambda k: methods[k]["contains"])
+    b = methods[best]
+    parts = [f"On {results['n_questions']} questions of '{results['bench']}', {best} answered best "
+             f"(contains {b['contains']:.2f}, 95% CI {_fmt_ci(b['contains_ci'])}, "
+             f"{b['latency_ms_p50']:.0f} ms median latency, {b['prompt_tokens_mean']:.0f} prompt tokens per question)."]
+    overlapping = [k for k, m in methods.items() if k != best and m["contains_ci"][1] >= b["contains_ci"][0]]
+    if overlapping:
+        parts.append(f"Its interval overlaps {', '.join(overlapping)}: with this many questions the difference "
+                     "to those may be noise.")
+    if "base" in methods and best != "base":
+        parts.append(f"The untrained model closed-book scored {methods['base']['contains']:.2f}, so the gain comes "
+                     "from the documents.")
+    cheap = [k for k, m in methods.items() if k != best and m["prompt_tokens_mean"] < 0.5 * b["prompt_tokens_mean"]
+             and m["contains"] >= 0.8 * b["contains"] and m["contains"] > 0]
+    if cheap:
+        k = min(cheap, key=lambda x: methods[x]["prompt_tokens_mean"])
+        parts.append(f"{k} reaches {methods[k]['contains']:.2f} with {methods[k]['prompt_tokens_mean']:.0f} prompt tokens "
+                     f"per question: most of the accuracy at a fraction of the prompt cost.")
+    by_hops = {k: m["by_hops"].get("2", {}).get("contains") for k, m in methods.items() if "2" in m.get("by_hops", {})}
+    if by_hops:
+        k = max(by_hops, key=lambda x: by_hops[x])
+        parts.append(f"On questions needing two documents, {k} did best ({by_hops[k]:.2f}).")
+    for k, m in methods.items():
+        f = m.get("forgetting")
+        if f and f.get("general_qa_delta") is not None:
+            parts.append(f"{k} changed general-knowledge accuracy by {100 * f['general_qa_delta']:+.1f} points and "
+                         f"general-text perplexity by x{f.get('perplexity_ratio', float('nan')):.2f}.")
+    return " ".join(parts)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(results: dict) -> dict[str, str]:
+    """Named base64 PNGs: accuracy with CI bars, accuracy vs latency, accuracy by hops, forgetting, scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    names = list(methods)
+    out: dict[str, str] = {}
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    vals = [methods[n]["contains"] for n in names]
+    err = [[v - methods[n]["contains_ci"][0] for n, v in zip(names, vals)],
+           [methods[n]["contains_ci"][1] - v for n, v in zip(names, vals)]]
+    ax.bar(names, vals, yerr=err, capsize=4, color="#4C72B0")
+    ax.set_ylabel("contains (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy by method")
+    out["accuracy"] = _png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for n in names:
+        ax.scatter(max(1.0, methods[n]["latency_ms_p50"]), methods[n]["contains"], s=40)
+        ax.annotate(n, (max(1.0, methods[n]["latency_ms_p50"]), methods[n]["contains"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("median latency per question (ms, log)")
+    ax.set_ylabel("contains")
+    ax.set_ylim(0, 1)
+    ax.set_title("Accuracy vs latency")
+    out["accuracy_vs_latency"] = _png(fig)
+
+    hops = sorted({h for n in names for h in methods[n].get("by_hops", {})})
+    if hops:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        width = 0.8 / max(1, len(hops))
+        for i, h in enumerate(hops):
+            ax.bar([j + i * width for j in range(len(names))],
+                   [methods[n]["by_hops"].get(h, {}).get("contains", 0) for n in names], width, label=f"hops={h}")
+        ax.set_xticks([j + width * (len(hops) - 1) / 2 for j in range(len(names))], names)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("contains")
+        ax.legend(fontsize=8)
+        ax.set_title("Accuracy by hops")
+        out["accuracy_by_hops"] = _png(fig)
+
+    forgetting = {n: methods[n]["forgetting"] for n in names if methods[n].get("forgetting")}
+    if forgetting:
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        ks = list(forgetting)
+        ax.bar(ks, [100 * forgetting[k].get("general_qa_delta", 0) for k in ks], color="#C44E52")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("general-knowledge accuracy change (points)")
+        ax.set_title("Forgetting")
+        out["forgetting"] = _png(fig)
+
+    scaling = results.get("scaling")
+    if scaling:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        for method, points in scaling.items():
+            xs = [p["corpus_tokens"] for p in points]
+            axes[0].plot(xs, [p["latency_ms_p50"] for p in points], marker="o", label=method)
+            axes[1].plot(xs, [p["prompt_tokens_mean"] for p in points], marker="o", label=method)
+        axes[0].set_ylabel("median latency (ms)")
+        axes[1].set_ylabel("prompt tokens per question")
+        for ax in axes:
+            ax.set_xlabel("corpus tokens")
+            ax.legend(fontsize=8)
+        fig.suptitle("Cost as the corpus grows")
+        out["scaling"] = _png(fig)
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# engrain comparison: {results['bench']}", "",
+             f"{results['n_questions']} questions · model `{results['model']}` · {results['created']}", "",
+             "## What this means", "", interpretation(results), "", "## Results", "",
+             "| method | contains (95% CI) | EM | F1 | p50 ms | p95 ms | prompt tokens | build s | disk MB | peak RSS MB "
+             "| general QA Δ | ppl ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results_table(results):
+        gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
+        pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
+        lines.append(f"| {r['method']} | {r['contains']:.3f} {_fmt_ci(r['contains_ci'])} | {r['em']:.3f} | {r['f1']:.3f} "
+                     f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['build_s']:.0f} "
+                     f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} |")
+    methods = results["methods"]
+    lines += ["", "## By hops", "", "| method | " + " | ".join(f"hops={h}" for h in _keys(methods, "by_hops")) + " |",
+              "|---|" + "---|" * len(_keys(methods, "by_hops"))]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m["by_hops"].get(h)) for h in _keys(methods, "by_hops")) + " |")
+    tags = _keys(methods, "by_tag")
+    lines += ["", "## By tag", "", "| method | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m["by_tag"].get(t)) for t in tags) + " |")
+    if results.get("examples"):
+        lines += ["", "## Examples", ""]
+        for ex in results["examples"]:
+            lines.append(f"**{ex['question']}** (gold: {' / '.join(ex['answers'])})")
+            lines.append("")
+            for name in methods:
+                lines.append(f"- {name}: {ex.get(name, '')!s}".replace("\n", " "))
+            lines.append("")
+    if results.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in results["warnings"]]
+    env = results.get("environment", {})
+    lines += ["", "## Reproduce", "", f"seed {env.get('seed')}, engrain {env.get('engrain')}, "
+              f"versions {env.get('versions')}, settings `{env.get('settings')}`", ""]
+    return "\n".join(lines)
+
+
+def _keys(methods: dict, field: str) -> list[str]:
+    return sorted({k for m in methods.values() for k in m.get(field, {})})
+
+
+def _cell(entry: dict | None) -> str:
+    return "" if not entry else f"{entry['contains']:.2f} (n={entry['n']})"
+
+
+def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.html and the plots as PNG files; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown(results)
+    images = plots(results)
+    paths = {"md": out_dir / "report.md", "html": out_dir / "report.html"}
+    write_text(paths["md"], md)
+    for name, data in images.items():
+        (out_dir / f"{name}.png").write_bytes(base64.b64decode(data))
+    body = [f"<h1>engrain comparison: {html.escape(results['bench'])}</h1>",
+            f"<p>{results['n_questions']} questions · model <code>{html.escape(str(results['model']))}</code> · "
+            f"{html.escape(results['created'])}</p>",
+            "<h2>What this means</h2>", f"<p>{html.escape(interpretation(results))}</p>", "<h2>Results</h2>",
+            "<table><tr><th>method</th><th>contains (95% CI)</th><th>EM</th><th>F1</th><th>p50 ms</th><th>p95 ms</th>"
+            "<th>prompt tokens</th><th>build s</th><th>disk MB</th><th>peak RSS MB</th><th>general QA Δ</th>"
+            "<th>ppl ratio</th></tr>"]
+    for r in results_table(results):
+        gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
+        pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
+        body.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['contains']:.3f} {_fmt_ci(r['contains_ci'])}</td>"
+                    f"<td>{r['em']:.3f}</td><td>{r['f1']:.3f}</td><td>{r['p50_ms']:.0f}</td><td>{r['p95_ms']:.0f}</td>"
+                    f"<td>{r['prompt_tokens']:.0f}</td><td>{r['build_s']:.0f}</td><td>{r['disk_mb']:.1f}</td>"
+                    f"<td>{r['peak_rss_mb']:.0f}</td><td>{gq}</td><td>{pr}</td></tr>")
+    body.append("</table>")
+    for name, data in images.items():
+        body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
+    if results.get("examples"):
+        names = list(results["methods"])
+        body.append("<h2>Examples</h2><table><tr><th>question</th><th>gold</th>"
+                    + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>")
+        for ex in results["examples"]:
+            body.append(f"<tr><td>{html.escape(ex['question'])}</td><td>{html.escape(' / '.join(ex['answers']))}</td>"
+                        + "".join(f"<td>{html.escape(str(ex.get(n, '')))}</td>" for n in names) + "</tr>")
+        body.append("</table>")
+    if results.get("warnings"):
+        body.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in results["warnings"]) + "</ul>")
+    env = results.get("environment", {})
+    body.append(f"<h2>Reproduce</h2><pre>{html.escape(str(env))}</pre>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;vertical-align:top}img{max-width:100%}")
+    write_text(paths["html"], f"<!doctype html><html><head><meta charset='utf-8'><title>engrain report: "
+               f"{html.escape(results['bench'])}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    return paths

@@ -1,0 +1,78 @@
+"""`engrain compare`: build what each method needs (or reuse it), answer, score, write results and report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from ..atomic import write_json
+from ..errors import EngrainError
+from ..memory.registry import open_memory
+from ..models import LM
+from ..workspace import Workspace
+from . import forgetting
+from .bench import load_bench
+from .compare import MethodRun, results_json, run_method
+from .report import write_report
+
+console = Console(stderr=True)
+TRAINED = ("lora", "prefix", "memory", "full")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise EngrainError("--methods is empty.", hint="Example: --methods base,context,rag,lora")
+    if len(set(methods)) != len(methods):
+        raise EngrainError(f"--methods names a method twice: {text}.")
+    return methods
+
+
+def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_dir: Path, lm: LM, *,
+                limit: int | None = None, latency_sample: int = 10, seed: int = 0, rebuild: bool = False,
+                measure_forgetting: bool = True, max_new_tokens: int = 48) -> dict:
+    """Run the comparison and write results.json + report; returns the results dict."""
+    import torch
+
+    torch.manual_seed(seed)
+    bench = load_bench(bench_dir)
+    if limit:
+        bench.questions = bench.questions[:limit]
+    warnings: list[str] = []
+    runs: list[MethodRun] = []
+    base_cache: dict = {}
+    base_memory = open_memory("base", workspace, lm)
+    from ..pipeline import prepare  # builds corpus / index / synthetic data / trained memories as needed
+
+    for name in methods:
+        console.rule(f"[bold]{name}")
+        build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed)
+        memory = open_memory(name, workspace, lm)
+        run = run_method(name, memory, bench.questions, latency_sample=latency_sample, max_new_tokens=max_new_tokens)
+        run.build_seconds, run.disk_bytes = build.seconds, build.disk_bytes
+        warnings += [f"{name}: {w}" for w in build.details.get("warnings", [])]
+        truncated = sum(1 for a in run.answers if a.meta.get("truncated"))
+        if truncated:
+            warnings.append(f"{name}: the corpus did not fit the window for {truncated} questions and was truncated")
+        base_kind = name.split("+")[0]
+        if measure_forgetting and base_kind in TRAINED and hasattr(memory, "lm"):
+            t0 = time.perf_counter()
+            run.forgetting = forgetting.measure(memory, base_memory, base_cache)
+            console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
+        runs.append(run)
+        console.print(f"{name}: contains {sum(1 for q, a in zip(bench.questions, run.answers) if _hit(q, a)) / len(bench.questions):.3f}")
+    settings = {"methods": methods, "limit": limit, "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
+                "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
+    results = results_json(bench, lm.name, runs, seed, settings, warnings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", results)
+    write_report(results, out_dir)
+    return results
+
+
+def _hit(q, a) -> bool:
+    from .metrics import contains
+
+    return bool(contains(a.text, q.answers))
