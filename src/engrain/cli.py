@@ -115,6 +115,89 @@ def ask(
 
 
 @app.command()
+def compare(
+    bench: Annotated[Path, typer.Argument(help="benchmark folder: docs/ + questions.jsonl (BENCHMARKS.md)")],
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated: base,context,rag,lora,prefix,memory,lora+rag")] = "base",
+    out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default WS/reports/<bench>)")] = None,
+    model: ModelOpt = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="only the first N questions")] = None,
+    latency_sample: Annotated[int, typer.Option("--latency-sample", help="questions timed one at a time")] = 10,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild memories even if the workspace has them")] = False,
+    no_forgetting: Annotated[bool, typer.Option("--no-forgetting", help="skip the forgetting probes")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
+    from .evaluate.run import parse_methods, run_compare
+    from .models import load_model
+    from .workspace import Workspace
+
+    ws = Workspace.at(workspace).ensure()
+    out_dir = out or ws.reports_dir / bench.name
+    lm = load_model(model_spec(workspace, model))
+    results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
+                          seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting)
+    print_results(results, out_dir)
+    if as_json:
+        emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),
+                   "methods": {k: {"contains": v["contains"], "contains_ci": v["contains_ci"], "f1": v["f1"],
+                                   "latency_ms_p50": v["latency_ms_p50"]} for k, v in results["methods"].items()}})
+
+
+def print_results(results: dict, out_dir: Path) -> None:
+    from rich.table import Table
+
+    from .evaluate.report import results_table
+
+    table = Table(title=f"{results['bench']}: {results['n_questions']} questions, model {results['model']}")
+    for col in ("method", "contains (95% CI)", "EM", "F1", "p50 ms", "prompt tok", "build s"):
+        table.add_column(col)
+    for r in results_table(results):
+        table.add_row(r["method"], f"{r['contains']:.3f} [{r['contains_ci'][0]:.2f}, {r['contains_ci'][1]:.2f}]",
+                      f"{r['em']:.3f}", f"{r['f1']:.3f}", f"{r['p50_ms']:.0f}", f"{r['prompt_tokens']:.0f}",
+                      f"{r['build_s']:.0f}")
+    console.print(table)
+    console.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
+def demo(
+    workspace: WorkspaceOpt = Path("engrain-demo"),
+    methods: Annotated[Optional[str], typer.Option("--methods", help="default: every method this version can build")] = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
+    from .evaluate.run import parse_methods, run_compare
+    from .models import load_model
+    from .workspace import Workspace
+
+    bench = example_bench()
+    ws = Workspace.at(workspace).ensure()
+    out_dir = ws.reports_dir / bench.name
+    lm = load_model(model)
+    results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm)
+    print_results(results, out_dir)
+    if as_json:
+        emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})
+
+
+DEMO_METHODS = "base"
+
+
+def example_bench() -> Path:
+    """The example corpus: examples/acme in a source checkout."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], Path.cwd()):
+        candidate = root / "examples" / "acme"
+        if (candidate / "questions.jsonl").is_file():
+            return candidate
+    raise EngrainError("The example corpus (examples/acme) was not found.",
+                       hint="Run `engrain demo` from an engrain source checkout, or use `engrain compare BENCH`.")
+
+
+@app.command()
 def doctor(as_json: JsonOpt = False) -> None:
     """Print versions, threads, cache state, devices and bf16 support: what a bug report needs."""
     from .doctor import collect
