@@ -392,6 +392,10 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     results: list[Generation | None] = [None] * len(prompts)
     stop_ids = _stop_token_ids(tok)
     pad_id = tok.pad_token_id
+    # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU.
+    from . import fastgen
+
+    use_fast = fastgen.supports(lm.model, stop=stop, repetition_penalty=repetition_penalty)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -412,9 +416,14 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tok)
-        with torch.inference_mode():
-            out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
-        new = out[:, width:].tolist()
+        if use_fast:
+            new = fastgen.generate_batch(lm.model, ids.to(lm.device), mask.to(lm.device), max_new_tokens=max_new_tokens,
+                                         stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                         seed=None if seed is None else seed + start).tolist()
+        else:
+            with torch.inference_mode():
+                out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
+            new = out[:, width:].tolist()
         for row, i in enumerate(idx):
             seq = new[row]
             n = len(seq)

@@ -32,6 +32,8 @@ from .store import StrategyStore, item_id
 STRATEGIES = {m.NAME: m for m in (facts, rephrase, qa, entities, implications)}
 # Rough share of model-made candidates that survive the filters with the embedded model, for --dry-run.
 EXPECTED_ACCEPTANCE = {"rephrase": 0.3, "qa": 0.3, "entities": 0.25, "implications": 0.3}
+# A strategy's own quality checks, which grounding "off" switches off with the rest; structural failures stay.
+SOFT_CHECKS = {"misses-entities", "answer-misses-fact", "question-gives-answer"}
 LOCAL_TOKENS_PER_S = 250.0  # embedded model, 2 CPU cores, bench/bench_synth.py
 HTTP_TOKENS_PER_S = 400.0  # a modest server with 8 requests in flight
 
@@ -253,7 +255,7 @@ class Synthesizer:
         item = self._item(name, cand, gen_name)
         if item["id"] in store.ids:
             return item, "present"  # written before a restart: counts toward the quota, not written again
-        if cand.reject:
+        if cand.reject and not (self.cfg.grounding == "off" and cand.reject in SOFT_CHECKS):
             return None, cand.reject
         if model_made:
             src = sources.get(cand.source) or sources.setdefault(cand.source, SourceIndex(cand.source))

@@ -1,0 +1,137 @@
+"""The synthesis runner with a real (tiny) local model: formats, rejection accounting, coverage, re-ingested
+corpora, dry runs, and the fast decode loop's equality with ``generate()``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from synth_workspace import read_jsonl, sha, write_corpus
+
+from engrain.clients.local import LocalGenerator
+from engrain.config import SynthConfig
+from engrain.synth.run import run_synth
+from engrain.synth.store import read_items
+from engrain.workspace import Workspace
+
+MODEL_STRATEGIES = ["rephrase", "qa", "entities", "implications"]
+
+
+def test_model_strategies_with_a_tiny_model_are_filtered_and_reported(tmp_path, tiny_lm):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    gen = LocalGenerator(tiny_lm, batch_size=16)
+    cfg = SynthConfig(strategies=MODEL_STRATEGIES, per_chunk=1, max_rounds=1)
+    summary = run_synth(ws, cfg, generator=gen, show_progress=False)
+    n_chunks = summary["chunks"]
+    for name in MODEL_STRATEGIES:
+        rep = summary["strategies"][name]
+        assert rep["chunks_run"] == n_chunks
+        # A random model writes noise: the filters reject it and say why; chunks are reported under-covered.
+        assert rep["generated"] > 0
+        assert rep["accepted"] + sum(rep["rejected"].values()) == rep["generated"]
+        assert rep["under_covered_count"] == n_chunks - rep["accepted"]
+        progress = read_jsonl(ws.synth_dir / "progress" / f"{name}.jsonl")
+        assert len(progress) == n_chunks
+    assert summary["usage"]["completion_tokens"] > 0
+    assert summary["generator"] == f"local:{tiny_lm.name}"
+
+
+def test_grounding_off_keeps_model_items_with_provenance(tmp_path, tiny_lm):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    gen = LocalGenerator(tiny_lm, batch_size=16)
+    cfg = SynthConfig(strategies=["rephrase", "entities"], per_chunk=2, max_rounds=1, grounding="off", seed=7)
+    summary = run_synth(ws, cfg, generator=gen, show_progress=False)
+    items = read_jsonl(ws.synth_dir / "rephrase.jsonl")
+    assert len(items) == summary["strategies"]["rephrase"]["accepted"] > 0
+    it = items[0]
+    assert it["generator"] == f"local:{tiny_lm.name}" and it["seed"] == 7 and it["strategy"] == "rephrase"
+    assert isinstance(it["text"], str) and it["chunk_sha256"][0] in {json.loads(line)["sha256"] for line in
+                                                                      ws.chunks_path.read_text().splitlines()}
+    # Entity items can span documents: provenance lists every chunk and document involved.
+    ent = read_jsonl(ws.synth_dir / "entities.jsonl")
+    assert ent and any(len(e["doc_ids"]) == 2 for e in ent), "expected a cross-document entity item"
+
+
+def test_only_new_or_changed_chunks_are_synthesised(tmp_path):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    first = run_synth(ws, SynthConfig(strategies=["facts"]), show_progress=False)["strategies"]["facts"]
+    assert first["chunks_run"] == first["chunks"]
+    # Re-ingest with one chunk edited and one added.
+    rows = read_jsonl(ws.chunks_path)
+    rows[0]["text"] = rows[0]["text"].replace("1962", "1963")
+    rows[0]["sha256"] = sha(rows[0]["text"])
+    new = "The Tessel Ferry crosses Lake Orm twice a day since 1999. It was built by the Dunmore Works."
+    rows.append({**rows[-1], "id": "new#0", "doc_id": "new", "text": new, "sha256": sha(new)})
+    ws.chunks_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second = run_synth(ws, SynthConfig(strategies=["facts"]), show_progress=False)["strategies"]["facts"]
+    assert second["chunks_run"] == 2 and second["chunks_done_before"] == len(rows) - 2
+    items = read_jsonl(ws.synth_dir / "facts.jsonl")
+    changed = [it for it in items if it["chunk_sha256"] == [rows[0]["sha256"]]]
+    assert changed and any("1963" in json.dumps(it) for it in changed)
+    # Items of the old version of the edited chunk remain in the append-only file; readers can drop them.
+    current = read_items(ws.synth_dir, current_shas={r["sha256"] for r in rows})
+    assert len(current) < len(items)
+    assert not any("1962" in json.dumps(it) and "Orvik Observatory was founded" in json.dumps(it) for it in current)
+
+
+def test_dry_run_plans_without_generating(tmp_path, tiny_model_dir):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    plan = run_synth(ws, SynthConfig(strategies=["facts", "qa", "rephrase"], generator=str(tiny_model_dir)),
+                     dry_run=True, show_progress=False)
+    assert plan["dry_run"] and plan["completion_tokens"] > 0 and plan["estimated_seconds"] >= 0
+    assert plan["strategies"]["qa"]["chunks_todo"] == plan["chunks"]
+    assert plan["strategies"]["facts"]["items_max"] > 0
+    assert not ws.synth_dir.exists() or not list(ws.synth_dir.glob("*.jsonl"))
+
+
+def test_cli_synth_json_and_exit_codes(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from engrain.cli import app
+
+    write_corpus(tmp_path / "ws")
+    res = CliRunner().invoke(app, ["synth", "-w", str(tmp_path / "ws"), "--strategies", "facts", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["strategies"]["facts"]["accepted"] > 0
+    # A model strategy that yields nothing at all exits 1 (it went on, but the step produced nothing).
+    res = CliRunner().invoke(app, ["synth", "-w", str(tmp_path / "ws"), "--strategies", "qa", "--per-chunk", "1",
+                                   "--generator", str(tiny_model_dir), "--json"])
+    assert res.exit_code == 1, res.output
+    assert "synth" in (tmp_path / "ws" / "engrain.yaml").read_text()
+    missing = CliRunner().invoke(app, ["synth", "-w", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "ingest" in str(missing.exception)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fastgen_greedy_matches_generate(tiny_lm, monkeypatch, batch):
+    from engrain.models import chat_messages, chat_prompt, generate
+
+    questions = ["What is the capital of France?", "Hi", "Tell me about the Orvik Observatory on Mount Tessel.",
+                 "Write three words.", "Why is the sky blue? Answer in one sentence for a child."]
+    prompts = [chat_prompt(tiny_lm.tokenizer, chat_messages(q)) for q in questions]
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
+    plain = generate(tiny_lm, prompts, max_new_tokens=24, batch_size=batch)
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "1")
+    fast = generate(tiny_lm, prompts, max_new_tokens=24, batch_size=batch)
+    assert [(g.text, g.completion_tokens, g.finish_reason) for g in fast] == \
+        [(g.text, g.completion_tokens, g.finish_reason) for g in plain]
+
+
+def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
+    import torch
+
+    from engrain import fastgen
+
+    tok = tiny_lm.tokenizer
+    ids = torch.tensor([tok("hello there", add_special_tokens=False)["input_ids"]] * 3)
+    mask = torch.ones_like(ids)
+    # Every token is a stop token: each row ends after one token and the rest is padding.
+    out = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=5, stop_ids=list(range(len(tok))),
+                                 pad_id=tok.pad_token_id, temperature=0.8, top_p=0.9, seed=1)
+    assert out.shape == (3, 5) and (out[:, 1:] == tok.pad_token_id).all()
+    a = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
+                               pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
+    b = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
+                               pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
+    assert torch.equal(a, b)  # seeded sampling is reproducible
