@@ -63,9 +63,16 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
             console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
         runs.append(run)
         console.print(f"{name}: contains {sum(1 for q, a in zip(bench.questions, run.answers) if _hit(q, a)) / len(bench.questions):.3f}")
+    leak = None
+    if any(m.split("+")[0] in TRAINED for m in methods):
+        from .leakcheck import leak_check
+
+        leak = leak_check(workspace, bench.root / "questions.jsonl")
+        console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
     settings = {"methods": methods, "limit": limit, "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
     results = results_json(bench, lm.name, runs, seed, settings, warnings)
+    results["leak_check"] = leak
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)

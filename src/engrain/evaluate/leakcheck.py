@@ -1,0 +1,48 @@
+"""The comparison's own leak check: no benchmark question or answer text in the data a memory was built from.
+
+Synthesis already drops leaking items as it writes them; this check re-reads everything in WS/synth/ afterwards,
+independently, so a comparison can never silently report a memory trained on its own test questions. Overlap that
+the item's source documents explain is allowed (a cloze probe is the start of a document sentence); anything else
+fails the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..corpus.schema import read_documents
+from ..errors import EngrainError
+from ..synth.leak import LeakGuard, load_question_texts
+from ..workspace import Workspace
+
+
+def _item_text(row: dict) -> str:
+    if "messages" in row:
+        return "\n".join(m.get("content", "") for m in row["messages"])
+    return row.get("text", "")
+
+
+def leak_check(ws: Workspace, questions_path: Path, n: int = 8) -> dict:
+    """Scan every synthetic item; raise EngrainError listing the leaking items, else return the counts."""
+    guard = LeakGuard(load_question_texts([questions_path]), n=n, mode="source")
+    docs = {d.id: d.text for d in read_documents(ws, include_removed=True)}
+    checked, leaks = 0, []
+    for path in sorted(ws.synth_dir.glob("*.jsonl")) if ws.synth_dir.exists() else []:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line from a killed run; the trainer reports it too
+                checked += 1
+                source = "\n".join(docs.get(d, "") for d in row.get("doc_ids", []))
+                if guard.leaked(_item_text(row), source):
+                    leaks.append(f"{path.name}:{lineno}")
+    if leaks:
+        raise EngrainError(f"Leak check failed: {len(leaks)} synthetic items in {ws.synth_dir} contain benchmark "
+                           f"question text their source documents do not explain: {', '.join(leaks[:10])}"
+                           + (" ..." if len(leaks) > 10 else ""),
+                           hint="Delete those items (or the synth folder) and re-run synthesis with "
+                                "--exclude-questions pointing at the benchmark's questions.jsonl.")
+    return {"items_checked": checked, "leaks": 0, "ngram": n}

@@ -1,0 +1,153 @@
+"""engrain compare: metrics, intervals, benchmark validation, the leak check, results.json and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from engrain.errors import EngrainError
+from engrain.evaluate import metrics
+from engrain.evaluate.bench import load_bench
+from engrain.evaluate.compare import question_text, score
+from engrain.evaluate.bench import Question
+from engrain.memory.base import Answer
+
+DOCS = {
+    "veltrix": "# Veltrix Systems\n\nVeltrix Systems was established in 2011 in the town of Tarnholm by Mara Olsen. "
+               "Its first product was the Lumen router.\n",
+    "lumen": "# Lumen router\n\nThe Lumen router weighs 740 grams. It was designed by Ivo Brandt, who later led the "
+             "Quarry lab.\n",
+    "quarry": "# Quarry lab\n\nThe Quarry lab sits in Oskarvik and employs 38 researchers.\n",
+}
+QUESTIONS = [
+    {"id": "q1", "type": "qa", "question": "Which person started Veltrix?", "answers": ["Mara Olsen", "Olsen"],
+     "docs": ["veltrix"], "hops": 1, "tags": ["person"]},
+    {"id": "q2", "type": "qa", "question": "How heavy is the Lumen?", "answers": ["740 grams", "740"],
+     "docs": ["lumen"], "hops": 1, "tags": ["number"]},
+    {"id": "q3", "type": "cloze", "question": "The Quarry lab sits in", "answers": ["Oskarvik"], "docs": ["quarry"],
+     "hops": 1, "tags": ["place"]},
+    {"id": "q4", "type": "qa", "question": "In which town is the lab led by the Lumen's designer?",
+     "answers": ["Oskarvik"], "docs": ["lumen", "quarry"], "hops": 2, "tags": ["bridge"]},
+]
+
+
+@pytest.fixture()
+def bench_dir(tmp_path):
+    root = tmp_path / "mini"
+    (root / "docs").mkdir(parents=True)
+    for name, text in DOCS.items():
+        (root / "docs" / f"{name}.md").write_text(text)
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return root
+
+
+def test_squad_normalisation_and_metrics():
+    assert metrics.normalize("The  Lumen-Router!") == "lumenrouter"
+    assert metrics.contains("It was Mara Olsen, in 2011.", ["mara olsen"]) == 1.0
+    assert metrics.contains("Olsenby", ["Olsen"]) == 0.0  # whole words only
+    assert metrics.exact_match("the Oskarvik.", ["Oskarvik"]) == 1.0
+    assert metrics.f1("in Oskarvik town", ["Oskarvik"]) == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    assert metrics.f1("", ["x"]) == 0.0
+
+
+def test_confidence_intervals_cover_and_shrink():
+    lo, hi = metrics.wilson_ci(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2
+    lo, hi = metrics.wilson_ci(50, 100)
+    assert lo < 0.5 < hi
+    wide = metrics.wilson_ci(5, 10)
+    narrow = metrics.wilson_ci(500, 1000)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    lo, hi = metrics.bootstrap_ci([0.0, 1.0] * 50)
+    assert lo < 0.5 < hi
+    assert metrics.percentile([1, 2, 3, 4], 50) == 2.5
+
+
+def test_score_breaks_down_by_tag_and_hops():
+    qs = [Question(**{k: v for k, v in q.items()}) for q in QUESTIONS]
+    answers = [Answer("Mara Olsen", 1, 1), Answer("no idea", 1, 1), Answer("Oskarvik", 1, 1), Answer("Oslo", 1, 1)]
+    s = score(qs, answers)
+    assert s["contains"] == 0.5 and s["n"] == 4
+    assert s["by_hops"]["1"]["contains"] == pytest.approx(2 / 3) and s["by_hops"]["1"]["n"] == 3
+    assert s["by_hops"]["2"]["contains"] == 0.0
+    assert s["by_tag"]["person"]["contains"] == 1.0
+    assert s["contains_ci"][0] < 0.5 < s["contains_ci"][1]
+
+
+def test_cloze_is_asked_as_a_completion():
+    q = Question(**QUESTIONS[2])
+    assert question_text(q).startswith("Complete the sentence") and "The Quarry lab sits in" in question_text(q)
+
+
+def test_bad_benchmarks_name_file_line_and_field(tmp_path, bench_dir):
+    with pytest.raises(EngrainError, match="does not exist"):
+        load_bench(tmp_path / "nope")
+    path = bench_dir / "questions.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["docs"] = ["missing-doc"]
+    path.write_text("\n".join([lines[0], json.dumps(bad)]) + "\n")
+    with pytest.raises(EngrainError, match=r"questions.jsonl:2: field 'docs'"):
+        load_bench(bench_dir)
+    path.write_text(lines[0] + "\n{not json\n")
+    with pytest.raises(EngrainError, match=r"questions.jsonl:2: not valid JSON"):
+        load_bench(bench_dir)
+    path.write_text(lines[0] + "\n" + lines[0] + "\n")
+    with pytest.raises(EngrainError, match="duplicate id"):
+        load_bench(bench_dir)
+
+
+def test_compare_writes_results_contract_and_report(tmp_path, bench_dir, tiny_lm):
+    from engrain.evaluate.run import run_compare
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws").ensure()
+    out = tmp_path / "out"
+    results = run_compare(bench_dir, ws, ["base", "context", "rag"], out, tiny_lm, latency_sample=2,
+                          max_new_tokens=8)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["n_questions"] == 4 and saved["bench"] == "mini"
+    for name in ("base", "context", "rag"):
+        m = saved["methods"][name]
+        for key in ("contains", "em", "f1", "contains_ci", "latency_ms_p50", "latency_ms_p95", "prompt_tokens_mean",
+                    "build_seconds", "peak_rss_mb", "forgetting", "by_tag", "by_hops"):
+            assert key in m, (name, key)
+        assert m["by_hops"]["2"]["n"] == 1
+    # Documents in the prompt cost tokens; closed-book does not.
+    assert saved["methods"]["context"]["prompt_tokens_mean"] > saved["methods"]["base"]["prompt_tokens_mean"]
+    assert saved["methods"]["rag"]["build_seconds"] > 0
+    assert all(a["chunks"] for a in saved["answers"]["rag"])
+    assert saved["environment"]["seed"] == 0 and saved["environment"]["versions"]["torch"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "What this means" in html
+    assert (out / "report.md").read_text().count("| base |") >= 1
+    assert results["methods"]["base"]["contains"] == saved["methods"]["base"]["contains"]
+
+
+def test_compare_trains_lora_and_measures_forgetting(tmp_path, bench_dir, tiny_model_dir):
+    """The whole parametric path through the CLI: ingest, facts synthesis, a short LoRA run, leak check, forgetting."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "engrain.yaml").write_text(yaml.safe_dump({
+        "synth": {"strategies": ["facts"]},
+        "train": {"max_steps": 2, "seq_len": 128, "micro_batch": 2, "replay_share": 0.0, "eval_every": 1000,
+                  "save_every": 1000}}))
+    out = tmp_path / "out"
+    env = {**os.environ, "ENGRAIN_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "engrain.cli", "compare", str(bench_dir), "-w", str(ws), "--methods",
+                           "base,lora,lora+rag", "--model", str(tiny_model_dir), "--out", str(out),
+                           "--latency-sample", "1", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((out / "results.json").read_text())
+    lora = saved["methods"]["lora"]
+    assert lora["build_seconds"] > 0 and lora["disk_bytes"] > 0
+    f = lora["forgetting"]
+    assert f["n_general_questions"] >= 100 and f["perplexity_before"] > 0 and "general_qa_delta" in f
+    assert saved["leak_check"]["items_checked"] > 0 and saved["leak_check"]["leaks"] == 0
+    assert saved["methods"]["lora+rag"]["prompt_tokens_mean"] > lora["prompt_tokens_mean"]
+    assert (ws / "memories" / "lora" / "adapter_config.json").is_file()
