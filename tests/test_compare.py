@@ -151,3 +151,19 @@ def test_compare_trains_lora_and_measures_forgetting(tmp_path, bench_dir, tiny_m
     assert saved["leak_check"]["items_checked"] > 0 and saved["leak_check"]["leaks"] == 0
     assert saved["methods"]["lora+rag"]["prompt_tokens_mean"] > lora["prompt_tokens_mean"]
     assert (ws / "memories" / "lora" / "adapter_config.json").is_file()
+
+
+def test_scaling_study_grows_context_cost_not_rag(tmp_path, bench_dir, tiny_lm):
+    from engrain.corpus.ingest import ingest
+    from engrain.evaluate.scaling import scaling_study
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws").ensure()
+    ingest(bench_dir / "docs", ws, model=tiny_lm.path)
+    curves = scaling_study(ws, tiny_lm, ["Which person started Veltrix?"], ["context", "rag"], sizes=(100, 400),
+                           max_new_tokens=4)
+    small, large = curves["context"]
+    assert large["corpus_tokens"] > small["corpus_tokens"] and large["repeated"]
+    assert large["prompt_tokens_mean"] > small["prompt_tokens_mean"] + 150
+    # RAG's prompt is bounded by top-k chunks, whatever the corpus size.
+    assert curves["rag"][1]["prompt_tokens_mean"] < large["prompt_tokens_mean"]

@@ -126,6 +126,7 @@ def compare(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild memories even if the workspace has them")] = False,
     no_forgetting: Annotated[bool, typer.Option("--no-forgetting", help="skip the forgetting probes")] = False,
+    scaling: Annotated[bool, typer.Option("--scaling", help="also measure cost as the corpus grows (1k-8k tokens)")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
@@ -137,7 +138,8 @@ def compare(
     out_dir = out or ws.reports_dir / bench.name
     lm = load_model(model_spec(workspace, model))
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
-                          seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting)
+                          seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
+                          scaling=scaling)
     print_results(results, out_dir)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),

@@ -32,7 +32,7 @@ def parse_methods(text: str) -> list[str]:
 
 def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_dir: Path, lm: LM, *,
                 limit: int | None = None, latency_sample: int = 10, seed: int = 0, rebuild: bool = False,
-                measure_forgetting: bool = True, max_new_tokens: int = 48) -> dict:
+                measure_forgetting: bool = True, max_new_tokens: int = 48, scaling: bool = False) -> dict:
     """Run the comparison and write results.json + report; returns the results dict."""
     import torch
 
@@ -73,6 +73,16 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
     results = results_json(bench, lm.name, runs, seed, settings, warnings)
     results["leak_check"] = leak
+    if scaling:
+        from .compare import question_text
+        from .scaling import scaling_study
+
+        trained = [m for m in methods if m in TRAINED][:1]
+        curve_methods = [m for m in ("context", "rag") if m in methods] + trained
+        if curve_methods:
+            console.rule("[bold]scaling study")
+            sample = [question_text(q) for q in bench.questions[:3]]
+            results["scaling"] = scaling_study(workspace, lm, sample, curve_methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
