@@ -175,6 +175,11 @@ def test_corrupt_table_names_the_rebuild_command(indexed):
     assert f"engrain index -w {indexed.root} --rebuild" in err.value.hint
     assert build_index(indexed, rebuild=True).embedded == len(read_chunks(indexed))
     assert Retriever(ChunkIndex(indexed)).retrieve(["lighthouse keeper"], 1)[0][0].doc_id == "lighthouse"
+    (indexed.index_dir / "engrain-index.json").write_text("{truncated")
+    with pytest.raises(EngrainError, match="unreadable") as err:
+        ChunkIndex(indexed)
+    assert "--rebuild" in err.value.hint
+    assert build_index(indexed, rebuild=True).chunks == len(read_chunks(indexed))
 
 
 def test_hybrid_wraps_a_trained_memorys_model(indexed, tiny_lm):

@@ -234,10 +234,10 @@ def build_index(ws: Workspace, config: RagConfig | None = None, *, rebuild: bool
     from .corpus.schema import read_chunks
 
     config = config or RagConfig()
-    meta = read_meta(ws)
-    name = embedding_model_name(config.embedding_model)
-    if meta is not None and not rebuild:
-        _check_model(ws, meta, name)  # refuse before paying for loading a model
+    if not rebuild:  # refuse before paying for loading a model; a rebuild starts from nothing anyway
+        meta = read_meta(ws)
+        if meta is not None:
+            _check_model(ws, meta, embedding_model_name(config.embedding_model))
     chunks = read_chunks(ws)
     return write_index(ws, chunks, load_embedder(config.embedding_model), config, rebuild=rebuild,
                        progress=progress)
