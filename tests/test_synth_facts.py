@@ -181,3 +181,17 @@ def test_cli_rejects_unknown_strategies(tmp_path, bad):
     res = CliRunner().invoke(app, ["synth", "-w", str(tmp_path / "ws"), "--strategies", bad or ","])
     assert res.exit_code != 0
     assert "strateg" in str(res.exception) + res.output
+
+
+def test_leak_guard_stops_a_template_that_carries_question_text(tmp_path, monkeypatch):
+    from engrain.errors import EngrainError
+    from engrain.synth import rephrase
+
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    question = "Which glass company made the mirror for the largest telescope in the world?"
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "q", "question": question, "answers": ["x"]}) + "\n")
+    monkeypatch.setattr(rephrase, "EXAMPLE_TEXT", f"An example that quotes: {question}")
+    with pytest.raises(EngrainError, match="prompt template"):
+        run_synth(ws, SynthConfig(strategies=["rephrase"]), generator=object(), exclude_questions=[qfile],
+                  show_progress=False)

@@ -182,6 +182,9 @@ class Synthesizer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         reports: dict[str, StrategyReport] = {}
+        if self.guard.active:
+            for name in self.cfg.strategies:
+                self.guard.check_instructions(_template_text(STRATEGIES[name]), name)
         self.ws.synth_dir.mkdir(parents=True, exist_ok=True)
         t_start = time.time()
         columns = [TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
@@ -355,12 +358,15 @@ class Synthesizer:
         pending = jobs
         while pending:
             if self.guard.active:
+                # A prompt carrying question text its source cannot explain (e.g. a model-written question
+                # that happens to match a benchmark one) is never sent.
+                clean = []
                 for job in pending:
                     if self.guard.leaked(_prompt_text(job), job.source):
-                        raise EngrainError(f"Leak guard: a {module.NAME} prompt ({job.stage}) carries text of the "
-                                           "excluded questions that its source chunk does not contain.",
-                                           hint="The prompt template or few-shot examples share text with the "
-                                                "benchmark; change them. Benchmark text must never reach synthesis.")
+                        out.append(Candidate(job.unit, job.variant, job.source, text="", reject="leak-prompt"))
+                    else:
+                        clean.append(job)
+                pending = clean
             groups: dict[tuple, list[Job]] = {}
             for job in pending:
                 temp = self.cfg.temperature if job.temperature is None else job.temperature
@@ -379,6 +385,21 @@ class Synthesizer:
                         (nxt if isinstance(res, Job) else out).append(res)
             pending = nxt
         return out
+
+
+def _template_text(module) -> str:
+    """Every fixed string a strategy puts in prompts (instructions, few-shot examples)."""
+    parts: list[str] = []
+    for key, value in vars(module).items():
+        if not key.isupper():
+            continue
+        if isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, dict):
+            parts += [f"{k} {v}" for k, v in value.items() if isinstance(v, str)]
+        elif isinstance(value, (list, tuple)):
+            parts += [" ".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value]
+    return "\n".join(parts)
 
 
 def _prompt_text(job: Job) -> str:
