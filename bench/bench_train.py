@@ -1,0 +1,190 @@
+"""Training speed of each parametric memory, side by side with a plain PEFT + transformers step, and MFU.
+
+    python bench/bench_train.py [--model SPEC] [--steps 4] [--items 48] [--memories lora,full,prefix,memory]
+
+In one run, on the same examples (chat items with answer-only loss and plain text items, like `engrain synth`
+output):
+- the machine's matmul peak: torch.mm on large square matrices, fp32 and bf16;
+- baseline: a plain fp32 PEFT LoRA step as most scripts write it: right-padded batch, model(**batch).loss,
+  backward, AdamW step;
+- engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows: no padding, block-diagonal
+  attention from position ids, logits only where a loss is taken).
+Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
+= 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
+positions where logits are computed; attention FLOPs are left out (small at these lengths).
+Writes bench/out/bench_train.json. Numbers on a shared 2-core machine are noisy: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 3) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def make_items(n: int, seed: int = 0) -> list[dict]:
+    """Items shaped like synthetic data: 2/3 question/answer chats, 1/3 text passages, varied lengths."""
+    rng = random.Random(seed)
+    words = ("archive vault harbour council treaty engine river signal beacon ledger orbit canal charter "
+             "festival quarry mill tower bridge market garden").split()
+    items = []
+    for i in range(n):
+        sent = lambda k: " ".join(rng.choice(words) for _ in range(k)).capitalize() + "."  # noqa: E731
+        if i % 3 == 2:
+            items.append({"id": f"t{i}", "text": " ".join(sent(rng.randint(8, 20)) for _ in range(rng.randint(2, 6)))})
+        else:
+            items.append({"id": f"q{i}", "messages": [
+                {"role": "user", "content": sent(rng.randint(6, 18)).rstrip(".") + "?"},
+                {"role": "assistant", "content": sent(rng.randint(4, 24))}]})
+    return items
+
+
+def flops_per_token(model, trained_body: bool) -> tuple[float, float]:
+    """(body FLOPs per token, output-head FLOPs per logit position) for forward + backward."""
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    body = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) - emb.numel()
+    if head.data_ptr() != emb.data_ptr():
+        body -= head.numel()
+    bwd = 4 if trained_body else 2
+    return (2 + bwd) * body, (2 + 2) * head.numel()
+
+
+def time_steps(step, steps: int) -> float:
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--memories", default="lora,full,prefix,memory")
+    args = ap.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from engrain.config import TrainConfig
+    from engrain.memory.parametric import all_linear_names, get_kind
+    from engrain.models import load_model
+    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack
+
+    peak32 = matmul_peak(torch.float32)
+    peak16 = matmul_peak(torch.bfloat16)
+    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s "
+          f"(torch threads {torch.get_num_threads()})", flush=True)
+
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    tok = lm.tokenizer
+    examples = [encode_item(tok, it, it["id"]) for it in make_items(args.items)]
+    real_tokens = sum(len(e.ids) for e in examples)
+    cfg = TrainConfig(lora_rank=16, lora_alpha=32, seq_len=args.seq_len)
+    rows = []
+
+    # --- baseline: plain PEFT + transformers, right-padded batch, loss from model(**batch) ---------------------
+    torch.manual_seed(0)
+    base_model = load_model(args.model, device="cpu", dtype="float32").model
+    peft_model = get_peft_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules=all_linear_names(base_model),
+                                                       task_type="CAUSAL_LM"))
+    peft_model.train()
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), tok.pad_token_id)
+    labels = torch.full((len(examples), width), IGNORE)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, :len(e.ids)], labels[i, :len(e.ids)], mask[i, :len(e.ids)] = (torch.tensor(e.ids),
+                                                                            torch.tensor(e.labels), 1)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+    def baseline_step():
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    sec = time_steps(baseline_step, args.steps)
+    body, head = flops_per_token(peft_model, trained_body=False)
+    flops = body * ids.numel() + head * ids.numel()  # padded positions are computed too
+    rows.append({"method": "baseline peft fp32 (padded)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
+                 "mfu_fp32": flops / sec / peak32, "mfu_bf16": flops / sec / peak16})
+    print(rows[-1], flush=True)
+    del peft_model, base_model, opt
+
+    # --- engrain's trainer step for each memory ---------------------------------------------------------------
+    packed = pack(examples, args.seq_len, tok.pad_token_id)
+    for name in [m.strip() for m in args.memories.split(",") if m.strip()]:
+        try:
+            kind = get_kind(name)
+        except Exception as exc:  # a memory whose module is not there yet
+            print(f"skip {name}: {exc}", flush=True)
+            continue
+        torch.manual_seed(0)
+        model = load_model(args.model, device="cpu", dtype="float32").model
+        module = kind.attach(model, tok, cfg.model_dump(), None)
+        module.train()
+        packing = bool(getattr(kind, "packing", True))
+        batch = collate(packed if packing else [r for r in packed], tok.pad_token_id, packing, "cpu")
+        params = [p for p in module.parameters() if p.requires_grad]
+        make_opt = getattr(kind, "make_optimizer", None)
+        opt = make_opt(module, 1e-4, 0.0) if make_opt else torch.optim.AdamW(params, lr=1e-4)
+        hook = getattr(kind, "sparse_grad_hook", None)
+        n_loss = sum(e.n_loss for e in examples)
+
+        def step():
+            s, _ = loss_sum(module, batch, packing)
+            (s / n_loss).backward()
+            if hook:
+                hook(module)
+            opt.step()
+            opt.zero_grad()
+
+        sec = time_steps(step, args.steps)
+        body, head = flops_per_token(model, trained_body=(name == "full"))
+        flops = body * batch["input_ids"].numel() + head * n_loss
+        rows.append({"method": f"engrain {name} (packed)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
+                     "mfu_fp32": flops / sec / peak32, "mfu_bf16": flops / sec / peak16,
+                     "trainable_params": sum(p.numel() for p in params)})
+        print(rows[-1], flush=True)
+        del module, model, opt
+
+    base = rows[0]["tokens_per_s"]
+    print(f"\n{real_tokens} real tokens per step ({len(examples)} examples, padded width {width}, "
+          f"{len(packed)} packed rows of {args.seq_len})")
+    print(f"| method | tokens/s | x baseline | MFU vs fp32 peak | MFU vs bf16 peak |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
+              f"{100 * r['mfu_fp32']:.1f}% | {100 * r['mfu_bf16']:.1f}% |")
+    out = ROOT / "bench" / "out" / "bench_train.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"peak_fp32_flops": peak32, "peak_bf16_flops": peak16, "real_tokens": real_tokens,
+                               "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
