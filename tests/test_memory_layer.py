@@ -155,3 +155,25 @@ def test_bad_options(tiny_lm, tmp_path):
                         ({"lyers": "middle"}, "Unknown memory option"), ({"top_t": -1}, "top_t")]:
         with pytest.raises(EngrainError, match=match):
             attach(tiny_lm, tmp_path, **opts)
+
+
+def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model_dir, tiny_lm):
+    """`engrain train --memory memory` uses this kind's optimizer and sparse hook; `ask` loads it back."""
+    from engrain.atomic import write_jsonl
+    from engrain.config import TrainConfig
+    from engrain.memory.registry import open_memory
+    from engrain.train import train
+
+    ws = Workspace.at(tmp_path / "ws")
+    ws.synth_dir.mkdir(parents=True)
+    write_jsonl(ws.synth_dir / "facts.jsonl", [{"id": f"t{i}", "strategy": "facts", "text": TEXT[i % 2]}
+                                               for i in range(6)])
+    cfg = TrainConfig(memory="memory", max_steps=3, seq_len=64, micro_batch=2, eval_every=0, save_every=0,
+                      replay_share=0.0, lr=0.05, options={"memory": {**SMALL, "top_t": 16}})
+    summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    assert summary["steps"] == 3
+    mem = open_memory("memory", ws, tiny_lm)
+    values = memories(mem.lm.model)[0].values
+    # 3 steps of at most top_t=16 rows each: the rest of the 256 slots are still exactly zero.
+    assert 0 < int((values != 0).any(dim=1).sum()) <= 3 * 16
+    assert mem.answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].prompt_tokens > 0

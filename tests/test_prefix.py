@@ -172,3 +172,23 @@ def test_bad_options_and_empty_corpus(tiny_lm, tmp_path):
         attach(tiny_lm, ws)
     module = attach(tiny_lm, ws, length=6, init="random_tokens")
     assert isinstance(module, PrefixLM) and module.prefix_length == 6
+
+
+def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model_dir, tiny_lm):
+    """`engrain train --memory prefix` and `engrain ask --memory prefix` go through the registry to this kind."""
+    from engrain.config import TrainConfig
+    from engrain.memory.registry import open_memory
+    from engrain.train import train
+
+    ws = make_workspace(tmp_path)
+    ws.synth_dir.mkdir(parents=True)
+    items = [{"id": f"t{i}", "strategy": "facts", "text": DOCS[i % 2]} for i in range(6)]
+    write_jsonl(ws.synth_dir / "facts.jsonl", items)
+    cfg = TrainConfig(memory="prefix", max_steps=3, seq_len=64, micro_batch=2, eval_every=0, save_every=0,
+                      replay_share=0.0, options={"prefix": {"length": 8}})
+    summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    assert summary["steps"] == 3 and summary["trainable_params"] == 2 * 2 * 2 * 7 * 16  # K+V, layers, heads, P-1, dim
+    mem = open_memory("prefix", ws, tiny_lm)
+    init = PrefixKind().attach(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, cfg.model_dump(), ws)
+    assert not torch.equal(mem.lm.model.keys, init.keys)  # trained away from the corpus KV it started at
+    assert mem.answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].prompt_tokens > 0

@@ -239,6 +239,10 @@ class PrefixKind:
         if opts["init"] == "corpus":
             from ..corpus.schema import read_documents
 
+            if workspace is None:
+                raise EngrainError("The prefix starts from the corpus, but no workspace was given.",
+                                   hint="Pass the workspace, or set train.options.prefix.init: random_tokens.")
+
             docs = read_documents(workspace)
             ids = corpus_tokens(tokenizer, [d.text for d in docs if d.text.strip()], length)
             if len(ids) < 2:
