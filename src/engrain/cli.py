@@ -287,13 +287,22 @@ def export(
     memory: Annotated[str, typer.Option("--memory", help="the trained memory to export (lora or full)")] = "lora",
     out: Annotated[Path, typer.Option("--out", help="folder to write the merged model to")] = Path("merged-model"),
     merge: Annotated[bool, typer.Option("--merge", help="merge the adapter into the base weights")] = True,
+    vllm: Annotated[bool, typer.Option("--vllm", help="print the vLLM command that serves the LoRA memories as they are")] = False,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a trained memory merged into the base model as a Hugging Face model folder (with its tokenizer)."""
-    from .export import export_merged
+    """Write a trained memory merged into the base model as a Hugging Face model folder (with its tokenizer),
+    or with --vllm print the `vllm serve` command line that serves every LoRA memory without merging."""
+    from .export import export_merged, vllm_command
     from .workspace import Workspace
 
+    if vllm:
+        info = vllm_command(Workspace.at(workspace), model)
+        if as_json:
+            emit_json(info)
+        else:
+            print(info["command"])
+        return
     if not merge:
         raise EngrainError("Only --merge export is supported.",
                            hint="The adapter folder itself (memories/NAME) is already in PEFT layout.")
@@ -302,6 +311,25 @@ def export(
         emit_json(info)
     else:
         console.print(f"wrote a merged model to {info['out']}")
+
+
+@app.command()
+def serve(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    host: Annotated[str, typer.Option("--host", help="address to listen on; beyond loopback an API key is required")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="ENGRAIN_API_KEY",
+                                                   help="bearer key clients must send (or set ENGRAIN_API_KEY)")] = None,
+    model: ModelOpt = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="most requests of one memory in a forward pass")] = 8,
+    max_tokens: Annotated[int, typer.Option("--max-tokens-limit", help="largest max_tokens a request may ask")] = 512,
+) -> None:
+    """Serve every memory of the workspace as an OpenAI-compatible API, with a playground page at /."""
+    from .serve.app import check_bind, serve as run_server
+
+    check_bind(host, api_key)
+    run_server(workspace, model_spec(workspace, model), host=host, port=port, api_key=api_key, max_batch=max_batch,
+               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False))
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from .errors import EngrainError
 from .workspace import Workspace
 
 MERGEABLE = ("lora", "full")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def export_merged(ws: Workspace, memory: str, out: Path, model_spec: str | None = None) -> dict:
@@ -46,3 +47,49 @@ def export_merged(ws: Workspace, memory: str, out: Path, model_spec: str | None 
         out.rmdir()
     os.replace(tmp, out)
     return {"out": str(out), "memory": memory, "kind": kind_name, "base_model": meta.get("base_model")}
+
+
+def vllm_command(ws: Workspace, model_spec: str | None = None, *, port: int = 8000) -> dict:
+    """The ``vllm serve`` command line that serves the workspace's LoRA memories as they are, beside the base model.
+
+    vLLM reads PEFT adapter folders directly (``--enable-lora --lora-modules name=path``), so nothing is converted;
+    the model names match ``engrain serve``'s (``<workspace>:<memory>``), so clients switch servers by URL only.
+    Retrieval (``rag``, ``X+rag``) and the prefix/memory-layer memories stay with ``engrain serve``.
+    """
+    import json
+    import shlex
+
+    from .memory.parametric import META_FILE, read_meta
+    from .serve.engine import workspace_model_prefix
+
+    prefix = workspace_model_prefix(ws)
+    adapters, bases, ranks = [], set(), []
+    folders = sorted(ws.memories_dir.iterdir()) if ws.memories_dir.is_dir() else []
+    for folder in folders:
+        if not (folder / META_FILE).is_file() or not (folder / "adapter_config.json").is_file():
+            continue
+        meta = read_meta(folder)
+        if meta.get("kind", folder.name) != "lora":
+            continue
+        cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        adapters.append({"name": f"{prefix}:{folder.name}", "path": str(folder)})
+        ranks.append(int(cfg.get("r", 16)))
+        bases.add(meta.get("base_model_path") or meta.get("base_model"))
+    if not adapters:
+        raise EngrainError(f"No trained LoRA memory in {ws.memories_dir}.",
+                           hint="Train one first: engrain train -w WORKSPACE --memory lora")
+    if model_spec:
+        from .models import resolve_model
+
+        base = resolve_model(model_spec)[1]
+    elif len(bases) == 1:
+        base = bases.pop()
+    else:
+        raise EngrainError(f"The LoRA memories were trained on different models ({', '.join(map(str, bases))}).",
+                           hint="Name the base model with --model; only adapters trained on it will load.")
+    # vLLM accepts only some values for --max-lora-rank: the smallest that holds every adapter.
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= max(ranks)), max(ranks))
+    cmd = ["vllm", "serve", str(base), "--served-model-name", f"{prefix}:base", "--port", str(port),
+           "--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(len(adapters)),
+           "--lora-modules", *[f"{a['name']}={a['path']}" for a in adapters]]
+    return {"command": shlex.join(cmd), "argv": cmd, "base_model": str(base), "adapters": adapters}

@@ -1,0 +1,304 @@
+"""The request queue and the one worker thread that runs the model.
+
+Requests arrive from many HTTP handlers at once; each becomes a ``Job`` in one queue. The worker takes the
+oldest job and, with it, every queued job that runs on the same weights with the same prompt layout and
+sampling settings (up to ``max_batch``), and generates for all of them in one batched ``generate`` call: one
+forward pass per step for the whole batch, and never two adapters in one pass (a batch is one weights key).
+
+Tokens go back to each request as they are made (a streamer reads every step's tokens for the whole batch),
+so streaming clients see text while the batch runs. A row stops at its own ``max_tokens``, end-of-turn token or
+stop string; the batch ends when every row has stopped. A request whose client went away is stopped too.
+
+Shutdown: ``close()`` refuses new jobs, lets the worker finish every queued and running job, then joins it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import EngrainError
+from ..models import _stop_token_ids
+from .engine import Engine, Served
+
+
+class ShuttingDown(Exception):
+    """Raised by ``submit`` once the scheduler is closing."""
+
+
+@dataclass
+class Job:
+    served: Served
+    emit: Callable[[dict], None]  # thread-safe: hands one event to the waiting request
+    max_tokens: int
+    prompt_ids: list[int] | None = None  # chat layout: the whole prompt; context layout: the question's suffix
+    question: str | None = None  # rag layout: retrieval and the prompt are done by the worker
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    cancelled: bool = False  # set by the request when its client disconnects
+    submitted: float = field(default_factory=time.perf_counter)
+    chunks: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys may share a forward pass."""
+        layout = "context" if self.served.layout == "context" else "plain"
+        return self.served.weights, layout, round(self.temperature, 4), round(self.top_p, 4), self.ignore_eos
+
+
+class _Row:
+    """One job's decoding state inside a batch."""
+
+    def __init__(self, job: Job, tokenizer, stop_ids: set[int]) -> None:
+        self.job = job
+        self.tok = tokenizer
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []
+        self.sent = 0  # characters of the visible text already emitted
+        self.done = False
+        self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
+
+    def push(self, token: int) -> None:
+        if self.done:
+            return
+        if self.job.cancelled:
+            self.done = True
+            return
+        if token in self.stop_ids and not self.job.ignore_eos:
+            self.finish("stop")
+            return
+        self.ids.append(token)
+        text = self.text()
+        for s in self.job.stop:
+            at = text.find(s)
+            if at >= 0:
+                self._emit_upto(text[:at].rstrip(), final=True)
+                self._done("stop")
+                return
+        if len(self.ids) >= self.job.max_tokens:
+            self.finish("length")
+            return
+        safe = len(text) - self.hold
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            safe = min(safe, len(text) - 1)
+        self._emit_upto(text[:max(safe, self.sent)], final=False)
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self._emit_upto(self.text().rstrip(), final=True)
+            self._done(reason)
+
+    def _emit_upto(self, visible: str, final: bool) -> None:
+        if len(visible) > self.sent:
+            self.job.emit({"type": "delta", "text": visible[self.sent:]})
+            self.sent = len(visible)
+
+    def _done(self, reason: str) -> None:
+        self.done = True
+        now = time.perf_counter()
+        self.job.emit({"type": "done", "finish_reason": reason, "completion_tokens": len(self.ids),
+                       "latency_ms": round((now - self.job.submitted) * 1000, 1)})
+
+
+class _BatchStreamer:
+    """``generate``'s streamer: the first ``put`` is the prompt, then one token per row per step."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in zip(self.rows, value.reshape(-1).tolist()):
+            row.push(int(token))
+
+    def end(self) -> None:
+        for row in self.rows:
+            row.finish("length")
+
+
+def _stopping(rows: list[_Row], width: int):
+    """Per-row stop: its own max_tokens reached, or already finished (stop string, cancelled)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowsDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            n = input_ids.shape[1] - width
+            return torch.tensor([r.done or r.job.cancelled or n >= r.job.max_tokens for r in rows],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return RowsDone()
+
+
+class Scheduler:
+    """One queue, one worker thread, batches of same-weights jobs."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 8) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.queue: deque[Job] = deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.paused = False  # tests hold the worker to queue jobs deterministically
+        self.running = 0  # jobs in the batch being generated
+        self.stats = {"batches": 0, "jobs": 0, "max_batch_seen": 0, "errors": 0}
+        self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
+        self.stop_ids = set(_stop_token_ids(engine.tokenizer))
+        self.thread = threading.Thread(target=self._loop, name="engrain-serve-worker", daemon=True)
+        self.thread.start()
+
+    # ---------------------------------------------------------------------------------------------
+    # Queue
+    # ---------------------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.cond:
+            if self.closing:
+                raise ShuttingDown()
+            self.queue.append(job)
+            self.cond.notify()
+
+    def pause(self) -> None:
+        with self.cond:
+            self.paused = True
+
+    def resume(self) -> None:
+        with self.cond:
+            self.paused = False
+            self.cond.notify()
+
+    def pending(self) -> int:
+        with self.cond:
+            return len(self.queue) + self.running
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, finish the queued and running ones, stop the worker."""
+        with self.cond:
+            self.closing = True
+            self.paused = False
+            self.cond.notify_all()
+        self.thread.join(timeout)
+
+    def _take(self) -> list[Job] | None:
+        with self.cond:
+            while not self.queue or self.paused:
+                if self.closing and not self.queue:
+                    return None
+                self.cond.wait()
+            key = self.queue[0].key
+            limit = self.max_batch
+            if self.queue[0].served.layout == "context":
+                limit = min(limit, self.engine.context._cache_rows())
+            batch, rest = [], deque()
+            while self.queue:
+                job = self.queue.popleft()
+                (batch if job.key == key and len(batch) < limit else rest).append(job)
+            self.queue = rest
+            self.running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except Exception as exc:  # a failure is the batch's, never the server's
+                self.stats["errors"] += 1
+                for job in batch:
+                    job.emit({"type": "error", "status": 500, "message": f"generation failed: {exc}",
+                              "code": "generation_failed"})
+            finally:
+                with self.cond:
+                    self.running = 0
+
+    # ---------------------------------------------------------------------------------------------
+    # One batch
+    # ---------------------------------------------------------------------------------------------
+
+    def _run(self, batch: list[Job]) -> None:
+        import torch
+
+        batch = [j for j in batch if not j.cancelled]
+        if not batch:
+            return
+        engine = self.engine
+        weights = batch[0].served.weights
+        started = time.perf_counter()
+        # rag: one batched retrieval for all the batch's questions, then each prompt fitted to the window.
+        rag_jobs = [j for j in batch if j.served.layout == "rag"]
+        if rag_jobs:
+            with engine.weights("base"):  # query rewriting (when on) uses the base model
+                hits = engine.rag.retriever.retrieve([j.question for j in rag_jobs], engine.rag.config.top_k)
+            for job, job_hits in zip(rag_jobs, hits):
+                try:
+                    prompt, kept, _ = engine.rag._fit(job.question, job_hits, job.max_tokens)
+                except EngrainError as exc:
+                    job.emit({"type": "error", "status": 400, "message": exc.message,
+                              "code": "context_length_exceeded"})
+                    job.cancelled = True
+                    continue
+                job.prompt_ids = engine.encode(prompt)
+                job.chunks = [h.chunk_id for h in kept]
+            batch = [j for j in batch if not j.cancelled]
+            if not batch:
+                return
+        for job in batch:
+            job.emit({"type": "start", "prompt_tokens": self._prompt_tokens(job), "chunks": job.chunks,
+                      "queue_ms": round((started - job.submitted) * 1000, 1), "batch_size": len(batch)})
+
+        tok = engine.tokenizer
+        pad = tok.pad_token_id
+        context = batch[0].served.layout == "context"
+        prefix = engine.context.prefix_ids if context else []
+        P = len(prefix)
+        width = max(len(j.prompt_ids) for j in batch)
+        ids = torch.full((len(batch), P + width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        if P:
+            ids[:, :P] = torch.tensor(prefix)
+            mask[:, :P] = 1
+        for r, job in enumerate(batch):
+            # Left padding; for context the pads sit between the shared documents and the question, and
+            # position ids (from the mask) skip them, as ContextMemory does.
+            n = len(job.prompt_ids)
+            ids[r, P + width - n:] = torch.tensor(job.prompt_ids)
+            mask[r, P + width - n:] = 1
+        rows = [_Row(j, tok, self.stop_ids) for j in batch]
+        first = batch[0]
+        kwargs = dict(max_new_tokens=max(j.max_tokens for j in batch), eos_token_id=sorted(self.stop_ids),
+                      pad_token_id=pad, streamer=_BatchStreamer(rows),
+                      stopping_criteria=[_stopping(rows, P + width)])
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if first.ignore_eos:
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]  # end-of-turn tokens masked until the budget
+        if context:
+            kwargs["cache"] = engine.context._batch_cache(len(batch))
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(batch)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        self.batch_log.append((weights, len(batch)))
+        device = engine.lm.device
+        with engine.weights(weights) as module, torch.inference_mode():
+            module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row in rows:  # generate may end a step early for rows the criteria stopped
+            row.finish("length")
+
+    def _prompt_tokens(self, job: Job) -> int:
+        n = len(job.prompt_ids or [])
+        return n + (len(self.engine.context.prefix_ids) if job.served.layout == "context" else 0)

@@ -1,0 +1,398 @@
+"""engrain serve against a real running server on loopback, driven by the official ``openai`` client: the model
+list, chat/completions with and without streaming, the ``engrain`` extra field, errors in OpenAI's shape, the API
+key, concurrent mixed-memory requests batched per memory, shared weights, the report route, the playground in
+headless Chromium, the CLI's refusal to listen openly without a key, and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from serve_workspace import DOCS, ThreadServer, free_port, make_workspace
+
+KEY = "test-key-0123456789abcdef"
+QUESTION = "Who kept the logbook of the Varn lighthouse?"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tiny_model_dir, tokenizer):
+    return make_workspace(tmp_path_factory.mktemp("serve") / "acme", str(tiny_model_dir), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def server(ws, tiny_model_dir):
+    from engrain.serve.app import build, create_app
+
+    engine, scheduler = build(ws.root, str(tiny_model_dir), device="cpu")
+    app = create_app(engine, scheduler, api_key=KEY, max_tokens_limit=64)
+    with ThreadServer(app) as srv:
+        srv.engine, srv.scheduler = engine, scheduler
+        yield srv
+    assert not scheduler.thread.is_alive()  # the lifespan's shutdown drained and stopped the worker
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+MODELS = ["acme:base", "acme:context", "acme:rag", "acme:lora", "acme:lora+rag"]
+
+
+def ask(client, model, question=QUESTION, **kw):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          max_tokens=kw.pop("max_tokens", 12), **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what is served
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_models_lists_every_memory_that_opens(client):
+    models = {m.id: m for m in client.models.list()}
+    assert list(models) == MODELS
+    assert models["acme:lora+rag"].model_extra["engrain"]["layout"] == "rag"
+    assert client.models.retrieve("acme:lora").id == "acme:lora"
+
+
+def test_only_memories_that_can_open_are_listed(tmp_path, tiny_lm, ws):
+    from engrain.memory.parametric import META_FILE
+    from engrain.serve.engine import Engine
+    from engrain.workspace import Workspace
+
+    empty = Engine(Workspace.at(tmp_path / "Empty WS"), tiny_lm)
+    assert list(empty.served) == ["empty-ws:base"] and {"context", "rag"} <= set(empty.skipped)
+    # corpus only: context, but no rag and no hybrid; an unfinished training folder is not a memory
+    partial = Workspace.at(tmp_path / "part")
+    (partial.corpus_dir).mkdir(parents=True)
+    for name in ("documents.jsonl", "chunks.jsonl"):
+        (partial.corpus_dir / name).write_bytes((ws.corpus_dir / name).read_bytes())
+    (partial.memory_dir("lora")).mkdir(parents=True)
+    (partial.memory_dir("lora") / "adapter_config.json").write_text("{}")
+    assert not (partial.memory_dir("lora") / META_FILE).exists()
+    assert list(Engine(partial, tiny_lm).served) == ["part:base", "part:context"]
+
+
+def test_adapters_share_the_base_weights(server):
+    """One base model in memory: the LoRA memory adds only its adapter's tensors."""
+    engine = server.engine
+    base = sum(p.numel() * p.element_size() for n, p in engine.lm.model.named_parameters() if "lora_" not in n)
+    lora = sum(p.numel() * p.element_size() for n, p in engine._peft.named_parameters() if "lora_" in n)
+    assert lora > 0
+    assert engine.weight_bytes() < 1.5 * base  # a second copy of the weights would double it
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["weights_mb"] > 0 and health["rss_mb"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# answering
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_completion_with_each_memory(client, ws, model):
+    r = ask(client, model)
+    assert r.object == "chat.completion" and r.model == model
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    extra = r.model_extra["engrain"]
+    assert extra["memory"] == model.split(":", 1)[1] and extra["latency_ms"] > 0
+    if model.endswith("rag"):
+        known = {json.loads(line)["id"] for line in ws.chunks_path.read_text().splitlines()}
+        assert extra["chunks"] and set(extra["chunks"]) <= known
+        assert any(c.startswith("lighthouse#") for c in extra["chunks"])  # retrieval found the right document
+    else:
+        assert extra["chunks"] == []
+    if model.endswith("context"):
+        assert r.usage.prompt_tokens > sum(len(t) for t in DOCS.values()) // 8  # the documents are in the prompt
+
+
+def test_lora_answers_differ_from_base(client):
+    """The adapter is applied to the lora memory's requests and not to the base model's."""
+    base = ask(client, "acme:base", max_tokens=16).choices[0].message.content
+    lora = ask(client, "acme:lora", max_tokens=16).choices[0].message.content
+    assert base != lora
+
+
+@pytest.mark.parametrize("model", ["acme:lora", "acme:rag"])
+def test_streaming_matches_the_full_answer(client, model):
+    full = ask(client, model, max_tokens=20)
+    stream = ask(client, model, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert finals[0].model_extra["engrain"]["chunks"] == full.model_extra["engrain"]["chunks"]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    body = {"model": "acme:base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_endpoint(client):
+    r = client.completions.create(model="acme:lora", prompt="The Varn lighthouse", max_tokens=6)
+    assert r.object == "text_completion" and r.usage.completion_tokens <= 6 and isinstance(r.choices[0].text, str)
+    s = list(client.completions.create(model="acme:rag", prompt=QUESTION, max_tokens=6, stream=True))
+    assert s[-1].model_extra["engrain"]["chunks"]
+
+
+def test_stop_strings_and_max_tokens(client):
+    r = ask(client, "acme:lora", max_tokens=30)
+    text = r.choices[0].message.content
+    assert r.usage.completion_tokens <= 30
+    if len(text) > 4:  # stop at a piece of the answer: it is cut before it and finishes with "stop"
+        stop = text[3:5]
+        cut = ask(client, "acme:lora", max_tokens=30, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].message.content
+
+
+def test_concurrent_requests_are_batched_per_memory(server, client):
+    """Jobs queued together run in batches of one memory each; each answer equals the one it gets alone."""
+    jobs = [(m, q) for m in ("acme:base", "acme:lora", "acme:lora+rag", "acme:context")
+            for q in (QUESTION, "When was the harbour dredged?")]
+    alone = {(m, q): ask(client, m, q).choices[0].message.content for m, q in jobs}
+    results: dict = {}
+
+    def worker(m, q):
+        results[(m, q)] = ask(client, m, q)
+
+    sched = server.scheduler
+    before = len(sched.batch_log)
+    sched.pause()
+    try:
+        threads = [threading.Thread(target=worker, args=job) for job in jobs * 2]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while sched.pending() < len(threads) and time.time() < deadline:
+            time.sleep(0.05)
+        assert sched.pending() == len(threads)
+    finally:
+        sched.resume()
+    for t in threads:
+        t.join(60)
+    batches = list(sched.batch_log)[before:]
+    # lora and lora+rag share an adapter (and a batch); base and context need different layouts
+    assert sorted(w for w, _ in batches) == ["base", "base", "lora"]
+    assert sorted(n for _, n in batches) == [4, 4, 8]
+    for (m, q), r in results.items():
+        assert r.model_extra["engrain"]["batch_size"] > 1
+        assert r.choices[0].message.content == alone[(m, q)], (m, q)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors, limits, auth
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def post(server, path, content, key=KEY, **headers):
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json", **headers},
+                      timeout=60)
+
+
+def assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+def test_bad_json_and_bad_fields(server):
+    assert_error(post(server, "/v1/chat/completions", b"{not json"), 400, "invalid_json")
+    assert_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400, "invalid_json")
+    err = assert_error(post(server, "/v1/chat/completions", json.dumps({"model": "acme:base"})), 400)
+    assert err["param"] == "messages"
+    bad_role = {"model": "acme:base", "messages": [{"role": "robot", "content": "x"}]}
+    assert_error(post(server, "/v1/chat/completions", json.dumps(bad_role)), 400)
+
+
+def test_unknown_model_is_404_and_never_a_path(client, server):
+    with pytest.raises(openai.NotFoundError) as exc:
+        ask(client, "acme:nope")
+    assert exc.value.body["code"] == "model_not_found"
+    for name in ("../../etc/passwd", "acme:../../engrain.yaml", "acme:lora/../lora", "/etc/passwd", "lora"):
+        with pytest.raises(openai.NotFoundError):
+            ask(client, name)
+    assert_error(httpx.get(server.url + "/v1/models/..%2F..%2Fetc%2Fpasswd",
+                           headers={"Authorization": f"Bearer {KEY}"}), 404)
+
+
+def test_limits(client, server):
+    with pytest.raises(openai.BadRequestError) as exc:
+        ask(client, "acme:base", max_tokens=65)  # this server's limit is 64
+    assert exc.value.body["param"] == "max_tokens"
+    long_question = "lighthouse " * 2100  # over the tiny model's 2048-token window, under the body limit
+    for model in ("acme:base", "acme:context", "acme:rag"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            ask(client, model, long_question)
+        assert exc.value.body["code"] == "context_length_exceeded"
+    big = json.dumps({"model": "acme:base", "messages": [{"role": "user", "content": "x" * 70_000}]})
+    assert_error(post(server, "/v1/chat/completions", big), 413, "request_too_large")
+    # a body without a declared length is counted as it arrives
+    chunked = httpx.post(server.url + "/v1/chat/completions", content=iter([big.encode()[:40_000], big.encode()[40_000:]]),
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert_error(chunked, 413, "request_too_large")
+
+
+def test_api_key(server):
+    body = json.dumps({"model": "acme:base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert_error(post(server, "/v1/chat/completions", body, key=None), 401, "missing_api_key")
+    assert_error(post(server, "/v1/chat/completions", body, key="wrong"), 401, "invalid_api_key")
+    assert_error(httpx.get(server.url + "/v1/models"), 401)
+    assert_error(httpx.get(server.url + "/reports/latest"), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert post(server, "/v1/chat/completions", body).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200  # liveness needs no key
+
+
+def test_latest_report_is_served_read_only(server, ws):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert_error(httpx.get(server.url + "/reports/latest", headers=auth), 404)
+    for i, name in enumerate(("old-bench", "new-bench")):
+        (ws.reports_dir / name).mkdir(parents=True, exist_ok=True)
+        (ws.reports_dir / name / "report.html").write_text(f"<html><body>report {name}</body></html>")
+        os.utime(ws.reports_dir / name / "report.html", (1_700_000_000 + i, 1_700_000_000 + i))
+    r = httpx.get(server.url + "/reports/latest", headers=auth)
+    assert r.status_code == 200 and "report new-bench" in r.text
+    assert httpx.get(server.url + "/engrain/info", headers=auth).json()["report"]["name"] == "new-bench"
+    for path in ("/reports/new-bench/report.html", "/reports/latest/../../engrain.yaml", "/reports/..%2Fcorpus"):
+        assert httpx.get(server.url + path, headers=auth).status_code == 404
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# playground, in headless Chromium
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_playground_in_chromium(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    shot = tmp_path / "playground.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server.url + "/")
+            page.fill("#key", KEY)  # this server asks for a key; the page shows the field
+            page.fill("#question", QUESTION)
+            page.click("#go")
+            page.wait_for_selector("#status[data-state=done]", timeout=90_000)
+            cards = page.query_selector_all(".card")
+            assert [c.get_attribute("data-model") for c in cards] == MODELS
+            assert all(c.get_attribute("data-state") == "done" for c in cards)
+            for c in cards:
+                assert " ms · " in c.inner_text()
+            rag = page.query_selector('.card[data-model="acme:rag"] .chunks').inner_text()
+            assert rag.startswith("chunks: ") and "#" in rag
+            assert page.locator("#report").is_visible() or not (server.engine.ws.reports_dir).exists()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.size[0] == 1280 and img.size[1] >= 400  # the page fits the window: no card overflows
+        assert len(img.convert("L").getcolors(1 << 16) or []) > 20  # text was drawn, not a blank page
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CLI: refusal without a key, graceful shutdown
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def engrain_cmd(*args) -> list[str]:
+    return [sys.executable, "-c", "from engrain.cli import main; main()", *args]
+
+
+def test_open_host_without_key_is_refused(tmp_path):
+    r = subprocess.run(engrain_cmd("serve", "-w", str(tmp_path), "--host", "0.0.0.0"), capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "ENGRAIN_API_KEY": ""})
+    assert r.returncode == 2 and "without an API key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_finishes_the_request_in_flight(ws, tiny_model_dir):
+    port = free_port()
+    proc = subprocess.Popen(engrain_cmd("serve", "-w", str(ws.root), "--model", str(tiny_model_dir), "--port",
+                                        str(port)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.3)
+        body = {"model": "acme:lora", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400,
+                "stream": True, "ignore_eos": True}
+        deltas = 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200  # loopback without a key: no key needed
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: {") and '"content"' in line:
+                    proc.send_signal(signal.SIGTERM)  # mid-answer
+                    break
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        last = json.loads(rest[-2][6:])
+        assert last["choices"][0]["finish_reason"] == "length"  # the whole answer, not cut by the shutdown
+        assert proc.wait(60) == 0  # a clean exit after the drain
+        assert "engrain serve: stopped" in proc.stdout.read()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_vllm_command_serves_the_lora_memories_as_they_are(ws, tiny_model_dir, tmp_path):
+    from engrain.errors import EngrainError
+    from engrain.export import vllm_command
+    from engrain.workspace import Workspace
+
+    argv = vllm_command(ws)["argv"]
+    assert argv[:3] == ["vllm", "serve", str(tiny_model_dir)] and "--enable-lora" in argv
+    assert argv[argv.index("--lora-modules") + 1] == f"acme:lora={ws.memory_dir('lora')}"
+    assert argv[argv.index("--max-lora-rank") + 1] == "8"  # rank 4 rounded up to a value vLLM accepts
+    assert argv[argv.index("--served-model-name") + 1] == "acme:base"  # the same names as engrain serve
+    with pytest.raises(EngrainError, match="No trained LoRA memory"):
+        vllm_command(Workspace.at(tmp_path))
