@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -61,9 +62,10 @@ def make_chunks(n: int, vocab: list[str], seed: int = 0) -> list[Chunk]:
     # Zipf-like word frequencies, as in real text: BM25 postings are then realistically skewed.
     weights = [1.0 / (i + 10) for i in range(len(vocab))]
     rng.shuffle(weights)
+    cum = list(itertools.accumulate(weights))
     out = []
     for i in range(n):
-        text = " ".join(rng.choices(vocab, weights=weights, k=120)) + "."
+        text = " ".join(rng.choices(vocab, cum_weights=cum, k=120)) + "."
         out.append(Chunk(id=f"gen-{i:06d}-0", doc_id=f"gen-{i:06d}", text=text, start=0, end=len(text),
                          sha256=hashlib.sha256(text.encode()).hexdigest()))
     return out
