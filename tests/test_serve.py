@@ -396,3 +396,35 @@ def test_vllm_command_serves_the_lora_memories_as_they_are(ws, tiny_model_dir, t
     assert argv[argv.index("--served-model-name") + 1] == "acme:base"  # the same names as engrain serve
     with pytest.raises(EngrainError, match="No trained LoRA memory"):
         vllm_command(Workspace.at(tmp_path))
+
+
+def test_prefix_memory_is_served_on_the_shared_base_weights(tmp_path, ws, tiny_model_dir, tiny_lm):
+    """A structure-changing memory gets its own module tree over the base model's tensors, not a second copy."""
+    import shutil
+
+    import torch
+
+    from engrain.config import TrainConfig
+    from engrain.serve.engine import Engine
+    from engrain.train import train
+    from engrain.workspace import Workspace
+
+    other = Workspace.at(tmp_path / "pfx")
+    shutil.copytree(ws.corpus_dir, other.corpus_dir)
+    shutil.copytree(ws.synth_dir, other.synth_dir)
+    train(other, TrainConfig(memory="prefix", max_steps=1, seq_len=128, micro_batch=2, replay_share=0.0,
+                             eval_every=50, save_every=0, options={"prefix": {"length": 8}}), str(tiny_model_dir),
+          show_progress=False)
+    engine = Engine(other, tiny_lm)
+    assert "pfx:prefix" in engine.served and "pfx:prefix+rag" not in engine.served  # no index, no hybrid
+    module = engine.modules["prefix"]
+    base_ptrs = {p.data_ptr() for p in tiny_lm.model.parameters()}
+    assert {p.data_ptr() for p in module.model.parameters()} == base_ptrs
+    base_bytes = sum(p.numel() * p.element_size() for p in tiny_lm.model.parameters())
+    assert engine.weight_bytes() < 1.2 * base_bytes
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with engine.weights("prefix") as m, torch.no_grad():
+        with_prefix = m(input_ids=ids).logits
+    with engine.weights("base") as m, torch.no_grad():
+        plain = m(input_ids=ids).logits
+    assert not torch.allclose(with_prefix, plain, atol=1e-4)  # the prefix is read; the base model is untouched
