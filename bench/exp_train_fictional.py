@@ -41,14 +41,15 @@ def contains(output: str, golds: list[str]) -> bool:
     return any(normalize(g) and normalize(g) in out for g in golds)
 
 
-def sentence_items(doc_id: str, text: str) -> list[dict]:
+def sentence_items(doc_id: str, text: str, splits=(1 / 3, 1 / 2, 2 / 3), with_text: bool = True) -> list[dict]:
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.replace("\n", " ")) if len(s.split()) >= 6]
     items = []
     for i, s in enumerate(sentences):
         base = {"doc_ids": [doc_id], "chunk_ids": [f"{doc_id}#s{i}"], "generator": "sentences", "seed": 0}
-        items.append({**base, "id": f"{doc_id}-s{i}-text", "strategy": "sentences", "text": s})
+        if with_text:
+            items.append({**base, "id": f"{doc_id}-s{i}-text", "strategy": "sentences", "text": s})
         words = s.split()
-        for frac in (1 / 3, 1 / 2, 2 / 3):
+        for frac in splits:
             k = max(2, round(len(words) * frac))
             items.append({**base, "id": f"{doc_id}-s{i}-c{k}", "strategy": "sentences", "messages": [
                 {"role": "user", "content": "Complete the sentence: " + " ".join(words[:k])},
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--replay-share", type=float, default=0.1)
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "exp-fictional-ws"))
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--small", action="store_true",
+                    help="fewer items (one split at 2/3 of each sentence, no text items): for a loaded machine")
     args = ap.parse_args()
 
     from engrain.memory.registry import open_memory
@@ -79,7 +82,8 @@ def main() -> None:
                  if set(q["docs"]) <= doc_ids]
     ws = Workspace.at(args.workspace)
     if not ws.synth_dir.is_dir() or not any(ws.synth_dir.glob("*.jsonl")):
-        items = [it for p in docs for it in sentence_items(p.stem, p.read_text(encoding="utf-8"))]
+        kw = dict(splits=(2 / 3,), with_text=False) if args.small else {}
+        items = [it for p in docs for it in sentence_items(p.stem, p.read_text(encoding="utf-8"), **kw)]
         ws.synth_dir.mkdir(parents=True, exist_ok=True)
         (ws.synth_dir / "sentences.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
     n_items = sum(1 for f in ws.synth_dir.glob("*.jsonl") for line in f.read_text().splitlines() if line.strip())
