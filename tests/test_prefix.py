@@ -170,6 +170,8 @@ def test_bad_options_and_empty_corpus(tiny_lm, tmp_path):
     write_jsonl(ws.documents_path, [])
     with pytest.raises(EngrainError, match="no text"):
         attach(tiny_lm, ws)
+    with pytest.raises(EngrainError, match="no workspace"):
+        PrefixKind().attach(tiny_lm.model, tiny_lm.tokenizer, {}, None)
     module = attach(tiny_lm, ws, length=6, init="random_tokens")
     assert isinstance(module, PrefixLM) and module.prefix_length == 6
 
