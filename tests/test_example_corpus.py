@@ -148,3 +148,19 @@ def test_questions_do_not_quote_the_documents(questions, docs):
         assert squash(q["question"]).lower().rstrip("?") not in corpus, f"{q['id']} appears verbatim in the corpus"
         shared = ngrams(words(q["question"]), LEAK_NGRAM) & ngrams(words(" ".join(docs[d] for d in q["docs"])), LEAK_NGRAM)
         assert not shared, f"{q['id']} copies {[' '.join(g) for g in shared]} from its documents"
+
+
+def test_general_knowledge_set_is_well_formed():
+    from importlib.resources import files
+
+    data = files("engrain") / "data"
+    rows = [json.loads(line) for line in (data / "general_qa.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    assert len(rows) == 120
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["question"].lower() for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) == FIELDS and r["type"] == "qa", r["id"]
+        assert r["docs"] == [] and r["hops"] == 0 and r["tags"] == ["general"], r["id"]
+        assert r["answers"] and all(a.strip() for a in r["answers"]), r["id"]
+    n_words = len((data / "general_text.txt").read_text(encoding="utf-8").split())
+    assert 1800 <= n_words <= 2500, n_words
