@@ -177,6 +177,8 @@ def demo(
 
     bench = example_bench()
     ws = Workspace.at(workspace).ensure()
+    if not ws.config_path.exists():
+        write_demo_config(ws.config_path)
     out_dir = ws.reports_dir / bench.name
     lm = load_model(model)
     results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm)
@@ -185,7 +187,19 @@ def demo(
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})
 
 
-DEMO_METHODS = "base"
+DEMO_METHODS = "base,context,rag,lora,lora+rag"
+
+
+def write_demo_config(path: Path) -> None:
+    """The demo's budgets: sized so the whole pipeline fits ~20 minutes on 2 CPU cores with the embedded model.
+    Edit WS/engrain.yaml and rerun to trade time for quality (more strategies, items per chunk, epochs)."""
+    from .config import EngrainConfig, save_config
+
+    config = EngrainConfig()
+    config.synth.strategies = ["facts", "qa", "rephrase"]
+    config.synth.per_chunk = 3
+    config.train.epochs = 2.0
+    save_config(config, path)
 
 
 def example_bench() -> Path:
