@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="a smaller window than the model's (truncates the corpus): a quicker run")
     args = ap.parse_args()
 
     questions = [json.loads(line)["question"] for line in (args.corpus / "questions.jsonl").read_text().splitlines()
@@ -53,9 +55,9 @@ def main() -> None:
         ingest(args.corpus / "docs", ws)
         lm = load_model(args.model, device="cpu")
         ways = {
-            "recompute": ContextMemory(ws, lm, reuse_prefix=False, batch_size=1),
-            "reuse-1": ContextMemory(ws, lm, reuse_prefix=True, batch_size=1),
-            "reuse-batch": ContextMemory(ws, lm, reuse_prefix=True, batch_size=args.batch),
+            "recompute": ContextMemory(ws, lm, reuse_prefix=False, batch_size=1, max_context=args.max_context),
+            "reuse-1": ContextMemory(ws, lm, reuse_prefix=True, batch_size=1, max_context=args.max_context),
+            "reuse-batch": ContextMemory(ws, lm, reuse_prefix=True, batch_size=args.batch, max_context=args.max_context),
         }
         context_tokens = ways["recompute"].truncation["context_tokens"]
         results = {}
