@@ -48,7 +48,7 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 def plain_generate(lm, prompts: list[str], max_new_tokens: int, batch_size: int) -> int:
     """What a user would write with transformers alone; returns generated tokens (up to EOS)."""
     tok = lm.tokenizer
-    stop = set(models._stop_token_ids(tok))
+    stop = set(models.stop_token_ids(tok))
     total = 0
     for i in range(0, len(prompts), batch_size):
         enc = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -54,10 +54,10 @@ def hf_generate(lm, prompts: list[str], batch: int, max_new: int, seed: int) -> 
     """Plain generate() with left padding; returns the number of generated tokens (up to each row's stop)."""
     import torch
 
-    from engrain.models import _stop_token_ids
+    from engrain.models import stop_token_ids
 
     tok = lm.tokenizer
-    stop = set(_stop_token_ids(tok))
+    stop = set(stop_token_ids(tok))
     torch.manual_seed(seed)
     total = 0
     for s in range(0, len(prompts), batch):

@@ -364,7 +364,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
     vocab = tokenizer.get_vocab()
     for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
@@ -390,7 +390,7 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    stop_ids = _stop_token_ids(tok)
+    stop_ids = stop_token_ids(tok)
     pad_id = tok.pad_token_id
     # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU.
     from . import fastgen

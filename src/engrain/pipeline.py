@@ -88,8 +88,19 @@ def ensure_trained(ws: Workspace, kind: str, lm: LM, rebuild: bool) -> float:
     return float(meta.get("train_seconds", 0.0))
 
 
-def prepare(method: str, workspace: Workspace, bench, lm: LM, *, rebuild: bool = False, seed: int = 0) -> BuildInfo:
-    """Build (or reuse) what ``method`` needs; returns its build time and the disk size of what it built."""
+def prepare(method: str, workspace: Workspace, bench, lm: LM, *, rebuild: bool = False, seed: int = 0,
+            stage_times: dict[str, float] | None = None) -> BuildInfo:
+    """Build (or reuse) what ``method`` needs; returns its build time and the disk size of what it built.
+
+    ``stage_times`` carries the stages already brought up to date by earlier methods of the same comparison, so
+    the corpus, index and synthetic data are checked once per comparison, not once per method."""
+    done = {} if stage_times is None else stage_times
+
+    def once(stage: str, run) -> float:
+        if stage not in done:
+            done[stage] = run()
+        return done[stage]
+
     parts = method.split("+")
     head, wants_rag = parts[0], parts[1:] == ["rag"]
     if len(parts) > 2 or (len(parts) == 2 and not wants_rag):
@@ -102,13 +113,13 @@ def prepare(method: str, workspace: Workspace, bench, lm: LM, *, rebuild: bool =
     if not workspace.config_path.exists():  # record the settings this comparison builds with
         save_config(load_config(workspace.config_path), workspace.config_path)
     info = BuildInfo()
-    info.seconds += ensure_corpus(workspace, bench.docs_dir, lm)
+    info.seconds += once("ingest", lambda: ensure_corpus(workspace, bench.docs_dir, lm))
     info.disk_bytes += 0 if head != "context" else _disk(workspace.corpus_dir)
     if head == "rag" or wants_rag:
-        info.seconds += ensure_index(workspace)
+        info.seconds += once("index", lambda: ensure_index(workspace))
         info.disk_bytes += _disk(workspace.index_dir)
     if head in TRAINED:
-        info.seconds += ensure_synth(workspace, lm, [bench.root / "questions.jsonl"])
+        info.seconds += once("synth", lambda: ensure_synth(workspace, lm, [bench.root / "questions.jsonl"]))
         info.seconds += ensure_trained(workspace, head, lm, rebuild)
         info.disk_bytes += _disk(workspace.memory_dir(head))
     return info

@@ -14,7 +14,7 @@ from ..models import LM
 from ..workspace import Workspace
 from . import forgetting
 from .bench import load_bench
-from .compare import MethodRun, results_json, run_method
+from .compare import MethodRun, results_json, run_method, score
 from .report import write_report
 
 console = Console(stderr=True)
@@ -43,12 +43,13 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     warnings: list[str] = []
     runs: list[MethodRun] = []
     base_cache: dict = {}
+    stage_times: dict[str, float] = {}  # stages already brought up to date in this comparison
     base_memory = open_memory("base", workspace, lm)
     from ..pipeline import prepare  # builds corpus / index / synthetic data / trained memories as needed
 
     for name in methods:
         console.rule(f"[bold]{name}")
-        build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed)
+        build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed, stage_times=stage_times)
         memory = open_memory(name, workspace, lm)
         run = run_method(name, memory, bench.questions, latency_sample=latency_sample, max_new_tokens=max_new_tokens)
         run.build_seconds, run.disk_bytes = build.seconds, build.disk_bytes
@@ -62,7 +63,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
             run.forgetting = forgetting.measure(memory, base_memory, base_cache)
             console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
         runs.append(run)
-        console.print(f"{name}: contains {sum(1 for q, a in zip(bench.questions, run.answers) if _hit(q, a)) / len(bench.questions):.3f}")
+        console.print(f"{name}: contains {score(bench.questions, run.answers)['contains']:.3f}")
     leak = None
     if any(m.split("+")[0] in TRAINED for m in methods):
         from .leakcheck import leak_check
@@ -87,9 +88,3 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
-
-
-def _hit(q, a) -> bool:
-    from .metrics import contains
-
-    return bool(contains(a.text, q.answers))

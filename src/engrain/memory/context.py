@@ -27,7 +27,7 @@ import time
 
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
-from ..models import DEFAULT_SYSTEM, LM, _stop_token_ids, chat_messages, chat_prompt
+from ..models import DEFAULT_SYSTEM, LM, stop_token_ids, chat_messages, chat_prompt
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 
@@ -186,7 +186,7 @@ class ContextMemory:
                                    hint=f"Shorten the question to under {self.question_budget} tokens, or lower "
                                         "the answer length.")
         tok = self.lm.tokenizer
-        stop_ids = _stop_token_ids(tok)
+        stop_ids = stop_token_ids(tok)
         rows = self._cache_rows() if self.reuse_prefix else self.batch_size
         order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
         out: list[tuple[str, int] | None] = [None] * len(questions)

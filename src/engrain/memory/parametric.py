@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import EngrainError
-from ..models import LM, answer
+from ..models import LM
 from ..workspace import Workspace
-from .base import Answer, BuildInfo
+from .base import Answer, BuildInfo, ClosedBook
 
 META_FILE = "engrain_memory.json"
 
@@ -265,10 +265,8 @@ class TrainedMemory:
         return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
-        t0 = time.perf_counter()
-        gens = answer(self.lm, questions, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
-        per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
-        return [Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens) for g in gens]
+        # Closed-book, exactly as the base model is asked: only the weights differ.
+        return ClosedBook(self.lm, self.batch_size).answer(questions, max_new_tokens=max_new_tokens)
 
     def describe(self) -> dict:
         keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",

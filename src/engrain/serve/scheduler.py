@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import EngrainError
-from ..models import _stop_token_ids
+from ..models import stop_token_ids
 from .engine import Engine, Served
 
 
@@ -154,7 +154,7 @@ class Scheduler:
         self.running = 0  # jobs in the batch being generated
         self.stats = {"batches": 0, "jobs": 0, "max_batch_seen": 0, "errors": 0}
         self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
-        self.stop_ids = set(_stop_token_ids(engine.tokenizer))
+        self.stop_ids = set(stop_token_ids(engine.tokenizer))
         self.thread = threading.Thread(target=self._loop, name="engrain-serve-worker", daemon=True)
         self.thread.start()
 
