@@ -36,8 +36,9 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
     return hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and hasattr(inner, "embed_tokens")
 
 
-def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask):
-    """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers."""
+def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None):
+    """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
+    ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = layer.self_attn
@@ -50,13 +51,49 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask):
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
-                                         enable_gqa=keys.shape[1] != q.shape[1])
+    if prefix is None:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
+                                             enable_gqa=keys.shape[1] != q.shape[1])
+    else:
+        out = _attend_with_prefix(q, keys, values, prefix, attn_mask, attn.scaling)
     return attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
 
 
-def _forward(model, ids, positions, caches, start: int, key_mask):
-    """Run the decoder on ``ids`` (B, T) at cache offset ``start``; returns last-position logits (B, V)."""
+def _attend_with_prefix(q, keys, values, prefix, attn_mask, scale: float):
+    """Attention over [shared prefix ; each row's own keys] without copying the prefix per row.
+
+    The rows' queries are folded into one long query block per KV head, so the prefix K/V are read once
+    per step for the whole batch (decoding a long shared context is bound by reading that cache). The two
+    score blocks are normalised by one shared max and sum (a split softmax), so the result equals attention
+    over the concatenated keys, without materialising the concatenation."""
+    kp, vp = prefix
+    bsz, heads, t, hd = q.shape
+    kv = kp.shape[1]
+    gt = heads // kv * t  # query rows per KV head: head h uses KV head h // group, as in repeat_kv
+    qg = (q * scale).reshape(bsz, kv, gt, hd)
+    folded = qg.transpose(0, 1).reshape(kv, bsz * gt, hd)
+    s_prefix = torch.bmm(folded, kp[0].transpose(1, 2))  # (kv, B*gt, P)
+    s_own = torch.matmul(qg, keys.transpose(2, 3))  # (B, kv, gt, S)
+    own_mask = attn_mask.expand(bsz, 1, t, keys.shape[2]).repeat(1, 1, gt // t, 1)  # (B, 1, gt, S)
+    s_own = s_own.masked_fill(~own_mask, float("-inf"))
+
+    def unfold(x):  # (kv, B*gt, ...) -> (B, kv, gt, ...)
+        return x.view(kv, bsz, gt, *x.shape[2:]).transpose(0, 1)
+
+    def fold(x):  # (B, kv, gt, ...) -> (kv, B*gt, ...)
+        return x.transpose(0, 1).reshape(kv, bsz * gt, *x.shape[3:])
+
+    top = torch.maximum(unfold(s_prefix.amax(-1)), s_own.amax(-1))  # (B, kv, gt)
+    e_prefix = s_prefix.sub_(fold(top)[..., None]).exp_()
+    e_own = s_own.sub_(top[..., None]).exp_()
+    denom = unfold(e_prefix.sum(-1)) + e_own.sum(-1)
+    out = unfold(torch.bmm(e_prefix, vp[0])) + torch.matmul(e_own, values)
+    return (out / denom[..., None]).reshape(bsz, heads, t, hd)
+
+
+def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None):
+    """Run the decoder on ``ids`` (B, T) at cache offset ``start``; returns last-position logits (B, V).
+    ``prefix``: per layer, a shared (K, V) every row attends before its own keys (or None)."""
     inner = model.model
     x = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(x, positions)
@@ -65,8 +102,9 @@ def _forward(model, ids, positions, caches, start: int, key_mask):
     # Boolean mask (B, 1, T, total): causal within the new tokens, padding keys never attended.
     causal = torch.ones(t, total, dtype=torch.bool, device=ids.device).tril(diagonal=start)
     mask = causal[None, None] & key_mask[:, None, None, :total]
-    for layer, (k_cache, v_cache) in zip(inner.layers, caches):
-        x = x + _attend(layer, layer.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+    for i, (layer, (k_cache, v_cache)) in enumerate(zip(inner.layers, caches)):
+        shared = prefix[i] if prefix is not None else None
+        x = x + _attend(layer, layer.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask, shared)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     x = inner.norm(x[:, -1:])
     return model.lm_head(x)[:, -1].float()
@@ -87,9 +125,13 @@ def _sample(logits, temperature: float, top_p: float, generator):
 
 @torch.inference_mode()
 def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, prefix=None):
     """New tokens for a left-padded batch, as a (B, max_new_tokens) tensor padded with ``pad_id`` after a
-    row's stop token (the shape ``generate()`` returns once the prompt columns are cut off)."""
+    row's stop token (the shape ``generate()`` returns once the prompt columns are cut off).
+
+    ``prefix``: a shared prompt start already run through the model, as per-layer (K, V) tensors of shape
+    (1, kv_heads, P, head_dim) (a ``DynamicCache``'s layers). Every row continues it: ``input_ids`` are
+    then the rows' own tokens, left-padded, and their positions start at P."""
     device = input_ids.device
     bsz, width = input_ids.shape
     config = model.config
@@ -103,6 +145,8 @@ def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, sto
     key_mask[:, :width] = attention_mask.bool()
     key_mask[:, width:] = True
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if prefix is not None:
+        positions = positions + prefix[0][0].shape[2]
     gen = None
     if seed is not None and temperature > 0:
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -110,7 +154,7 @@ def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, sto
 
     out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
     rows = torch.arange(bsz, device=device)  # which original row each live row is
-    logits = _forward(model, input_ids, positions, caches, 0, key_mask)
+    logits = _forward(model, input_ids, positions, caches, 0, key_mask, prefix)
     next_pos = positions[:, -1] + 1
     live_done = torch.zeros(bsz, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -130,6 +174,6 @@ def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, sto
             key_mask = key_mask[keep]
             caches = [(k[keep], v[keep]) for k, v in caches]
             live_done = live_done[keep]
-        logits = _forward(model, tok[:, None], next_pos[:, None], caches, width + step, key_mask)
+        logits = _forward(model, tok[:, None], next_pos[:, None], caches, width + step, key_mask, prefix)
         next_pos = next_pos + 1
     return out

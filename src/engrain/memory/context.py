@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 
+from .. import fastgen
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
 from ..models import DEFAULT_SYSTEM, LM, stop_token_ids, chat_messages, chat_prompt
@@ -47,7 +48,7 @@ class ContextMemory:
     name = "context"
 
     def __init__(self, workspace: Workspace, lm: LM, *, answer_budget: int = 128, question_budget: int = 256,
-                 batch_size: int = 8, reuse_prefix: bool = True, max_context: int | None = None,
+                 batch_size: int = 32, reuse_prefix: bool = True, max_context: int | None = None,
                  cache_budget_mb: float = 2048, system: str | None = DEFAULT_SYSTEM) -> None:
         self.workspace = workspace
         self.lm = lm
@@ -187,36 +188,67 @@ class ContextMemory:
                                         "the answer length.")
         tok = self.lm.tokenizer
         stop_ids = stop_token_ids(tok)
-        rows = self._cache_rows() if self.reuse_prefix else self.batch_size
+        fast = self.reuse_prefix and fastgen.supports(self.lm.model)
+        rows = self.batch_size if fast or not self.reuse_prefix else self._cache_rows()
         order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
         out: list[tuple[str, int] | None] = [None] * len(questions)
         P = len(self.prefix_ids)
         for start in range(0, len(order), rows):
             idx = order[start:start + rows]
-            width = max(len(suffixes[i]) for i in idx)
-            ids = torch.full((len(idx), P + width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            ids[:, :P] = torch.tensor(self.prefix_ids)
-            mask[:, :P] = 1
+            if fast:
+                new = self._generate_shared(idx, suffixes, max_new_tokens, stop_ids)
+            else:
+                new = self._generate_plain(idx, suffixes, max_new_tokens, stop_ids)
             for row, i in enumerate(idx):
-                s = suffixes[i]
-                ids[row, P + width - len(s):] = torch.tensor(s)
-                mask[row, P + width - len(s):] = 1
-            kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
-                          do_sample=False, temperature=None, top_p=None, top_k=None)
-            if self.reuse_prefix:
-                kwargs["cache"] = self._batch_cache(len(idx))
-            with torch.inference_mode():
-                gen = self.lm.model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                                             **kwargs)
-            for row, i in enumerate(idx):
-                seq = gen[row, P + width:].tolist()
+                seq = new[row].tolist()
                 n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
                 out[i] = (tok.decode(seq[:n], skip_special_tokens=True).strip(), n)
         # The prefix is paid once, inside the call that first needs it, and spread over that call's questions.
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
         meta = {**self.truncation, "prefix_reused": self.reuse_prefix}
         return [Answer(text, per_q, P + len(s), n, meta=dict(meta)) for (text, n), s in zip(out, suffixes)]
+
+    def _generate_shared(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
+        """The rows' answers over the shared prefix cache, read once per step for the whole batch."""
+        import torch
+
+        tok = self.lm.tokenizer
+        width = max(len(suffixes[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            s = suffixes[i]
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, width - len(s):] = 1
+        prefix = [(layer.keys, layer.values) for layer in self.prefix_cache().layers]
+        device = self.lm.device
+        return fastgen.generate_batch(self.lm.model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                      stop_ids=stop_ids, pad_id=tok.pad_token_id, prefix=prefix)
+
+    def _generate_plain(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
+        """``generate()`` on [prefix ; pads ; question]: from the prefix cache (expanded per row) when reusing,
+        else recomputing the prefix. The path for architectures the fast loop does not cover."""
+        import torch
+
+        tok = self.lm.tokenizer
+        P = len(self.prefix_ids)
+        width = max(len(suffixes[i]) for i in idx)
+        ids = torch.full((len(idx), P + width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ids[:, :P] = torch.tensor(self.prefix_ids)
+        mask[:, :P] = 1
+        for row, i in enumerate(idx):
+            s = suffixes[i]
+            ids[row, P + width - len(s):] = torch.tensor(s)
+            mask[row, P + width - len(s):] = 1
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+                      do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.reuse_prefix:
+            kwargs["cache"] = self._batch_cache(len(idx))
+        with torch.inference_mode():
+            gen = self.lm.model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
+                                         **kwargs)
+        return gen[:, P + width:]
 
     def describe(self) -> dict:
         return {"memory": "context", "model": self.lm.name, "reuse_prefix": self.reuse_prefix,
