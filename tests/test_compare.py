@@ -167,3 +167,20 @@ def test_scaling_study_grows_context_cost_not_rag(tmp_path, bench_dir, tiny_lm):
     assert large["prompt_tokens_mean"] > small["prompt_tokens_mean"] + 150
     # RAG's prompt is bounded by top-k chunks, whatever the corpus size.
     assert curves["rag"][1]["prompt_tokens_mean"] < large["prompt_tokens_mean"]
+
+
+def test_first_docs_keeps_only_questions_those_documents_answer(tmp_path, bench_dir, tiny_lm):
+    from engrain.corpus.schema import read_documents
+    from engrain.evaluate.run import run_compare
+    from engrain.workspace import Workspace
+
+    sub = load_bench(bench_dir).first_docs(2)  # lumen.md, quarry.md
+    assert sub.doc_files == ["lumen.md", "quarry.md"] and sub.name == "mini-2docs"
+    assert [q.id for q in sub.questions] == ["q2", "q3", "q4"]
+    with pytest.raises(EngrainError, match="--docs is 0"):
+        load_bench(bench_dir).first_docs(0)
+    ws = Workspace.at(tmp_path / "ws").ensure()
+    saved = run_compare(bench_dir, ws, ["context"], tmp_path / "out", tiny_lm, latency_sample=0, max_new_tokens=4,
+                        docs=2)
+    assert saved["n_questions"] == 3 and saved["environment"]["settings"]["doc_files"] == ["lumen.md", "quarry.md"]
+    assert sorted(d.id for d in read_documents(ws)) == ["lumen", "quarry"]

@@ -122,6 +122,8 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default WS/reports/<bench>)")] = None,
     model: ModelOpt = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="only the first N questions")] = None,
+    docs: Annotated[Optional[int], typer.Option("--docs", help="only the first N documents (by path) and the "
+                                                               "questions they answer")] = None,
     latency_sample: Annotated[int, typer.Option("--latency-sample", help="questions timed one at a time")] = 10,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild memories even if the workspace has them")] = False,
@@ -135,11 +137,11 @@ def compare(
     from .workspace import Workspace
 
     ws = Workspace.at(workspace).ensure()
-    out_dir = out or ws.reports_dir / bench.name
+    out_dir = out or ws.reports_dir / (f"{bench.name}-{docs}docs" if docs else bench.name)
     lm = load_model(model_spec(workspace, model))
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
-                          scaling=scaling)
+                          scaling=scaling, docs=docs)
     print_results(results, out_dir)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),

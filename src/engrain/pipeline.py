@@ -47,12 +47,16 @@ def _disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def ensure_corpus(ws: Workspace, docs_dir: Path, lm: LM) -> float:
+def ensure_corpus(ws: Workspace, docs_dir: Path, lm: LM, only: list[str] | None = None) -> float:
+    """Ingest ``docs_dir`` (only the files ``only`` names, relative to it, when given)."""
     from .corpus.ingest import ingest
 
     config = load_config(ws.config_path)
+    settings = config.ingest
+    if only is not None:
+        settings = settings.model_copy(update={"include": list(only)})
     t0 = time.perf_counter()
-    summary = ingest(docs_dir, ws, config.ingest, model=lm.path, progress=True)
+    summary = ingest(docs_dir, ws, settings, model=lm.path, progress=True)
     if summary.exit_code == 2:
         raise EngrainError(f"Nothing could be ingested from {docs_dir}.", hint="Check the folder holds documents.")
     changed = bool(summary.ingested or summary.removed)
@@ -113,7 +117,7 @@ def prepare(method: str, workspace: Workspace, bench, lm: LM, *, rebuild: bool =
     if not workspace.config_path.exists():  # record the settings this comparison builds with
         save_config(load_config(workspace.config_path), workspace.config_path)
     info = BuildInfo()
-    info.seconds += once("ingest", lambda: ensure_corpus(workspace, bench.docs_dir, lm))
+    info.seconds += once("ingest", lambda: ensure_corpus(workspace, bench.docs_dir, lm, bench.doc_files))
     info.disk_bytes += 0 if head != "context" else _disk(workspace.corpus_dir)
     if head == "rag" or wants_rag:
         info.seconds += once("index", lambda: ensure_index(workspace))

@@ -30,10 +30,24 @@ class Bench:
     name: str
     root: Path
     questions: list[Question]
+    doc_files: list[str] | None = None  # a subset of docs/ (relative paths) when not every document is used
 
     @property
     def docs_dir(self) -> Path:
         return self.root / "docs"
+
+    def first_docs(self, n: int) -> "Bench":
+        """The first ``n`` documents by path, and only the questions every document of which is among them."""
+        if n < 1:
+            raise EngrainError(f"--docs is {n}.", hint="Give a number of documents of at least 1.")
+        files = sorted(p.relative_to(self.docs_dir).as_posix() for p in self.docs_dir.rglob("*") if p.is_file())
+        kept = files[:n]
+        ids = {Path(f).with_suffix("").as_posix() for f in kept}
+        questions = [q for q in self.questions if q.docs and set(q.docs) <= ids]
+        if not questions:
+            raise EngrainError(f"No question of {self.root / 'questions.jsonl'} needs only the first {n} documents.",
+                               hint="Use more documents (--docs), or leave --docs out.")
+        return Bench(name=f"{self.name}-{n}docs", root=self.root, questions=questions, doc_files=kept)
 
 
 def read_questions(path: Path, doc_ids: set[str] | None = None) -> list[Question]:

@@ -114,17 +114,33 @@ def score(questions: list[Question], answers: list[Answer]) -> dict:
     return out
 
 
+ANSWER_SLICE = 32  # questions handed to a memory per call: large enough to batch, small enough for progress
+
+
 def run_method(name: str, memory: Memory, questions: list[Question], *, latency_sample: int = 10,
-               max_new_tokens: int = 48) -> MethodRun:
+               max_new_tokens: int = 48, progress: bool = False) -> MethodRun:
     """Answer every question batched (accuracy), then time a sample one at a time (latency as a user sees it)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     texts = [question_text(q) for q in questions]
-    with PeakRSS() as rss:
-        answers = memory.answer(texts, max_new_tokens=max_new_tokens)
+    sample = texts[:latency_sample]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    with PeakRSS() as rss, Progress(*columns, console=Console(stderr=True), disable=not progress,
+                                    transient=True) as bar:
+        task = bar.add_task(f"{name}: answering", total=len(texts))
+        answers: list[Answer] = []
+        for start in range(0, len(texts), ANSWER_SLICE):
+            answers += memory.answer(texts[start:start + ANSWER_SLICE], max_new_tokens=max_new_tokens)
+            bar.update(task, completed=len(answers))
+        task = bar.add_task(f"{name}: timing one at a time", total=len(sample))
         latencies = []
-        for text in texts[:latency_sample]:
+        for text in sample:
             t0 = time.perf_counter()
             memory.answer([text], max_new_tokens=max_new_tokens)
             latencies.append((time.perf_counter() - t0) * 1000)
+            bar.advance(task)
     return MethodRun(name=name, answers=answers, latencies_ms=latencies, peak_rss_mb=rss.peak_mb,
                      describe=memory.describe())
 

@@ -32,12 +32,16 @@ def parse_methods(text: str) -> list[str]:
 
 def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_dir: Path, lm: LM, *,
                 limit: int | None = None, latency_sample: int = 10, seed: int = 0, rebuild: bool = False,
-                measure_forgetting: bool = True, max_new_tokens: int = 48, scaling: bool = False) -> dict:
+                measure_forgetting: bool = True, max_new_tokens: int = 48, scaling: bool = False,
+                docs: int | None = None) -> dict:
     """Run the comparison and write results.json + report; returns the results dict."""
     import torch
 
     torch.manual_seed(seed)
     bench = load_bench(bench_dir)
+    if docs:
+        bench = bench.first_docs(docs)
+        console.print(f"{bench.name}: the first {docs} documents and the {len(bench.questions)} questions they answer")
     if limit:
         bench.questions = bench.questions[:limit]
     warnings: list[str] = []
@@ -51,7 +55,8 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         console.rule(f"[bold]{name}")
         build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed, stage_times=stage_times)
         memory = open_memory(name, workspace, lm)
-        run = run_method(name, memory, bench.questions, latency_sample=latency_sample, max_new_tokens=max_new_tokens)
+        run = run_method(name, memory, bench.questions, latency_sample=latency_sample, max_new_tokens=max_new_tokens,
+                         progress=True)
         run.build_seconds, run.disk_bytes = build.seconds, build.disk_bytes
         warnings += [f"{name}: {w}" for w in build.details.get("warnings", [])]
         truncated = sum(1 for a in run.answers if a.meta.get("truncated"))
@@ -70,7 +75,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
 
         leak = leak_check(workspace, bench.root / "questions.jsonl")
         console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
-    settings = {"methods": methods, "limit": limit, "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
+    settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit, "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
     results = results_json(bench, lm.name, runs, seed, settings, warnings)
     results["leak_check"] = leak
