@@ -184,3 +184,21 @@ def test_first_docs_keeps_only_questions_those_documents_answer(tmp_path, bench_
                         docs=2)
     assert saved["n_questions"] == 3 and saved["environment"]["settings"]["doc_files"] == ["lumen.md", "quarry.md"]
     assert sorted(d.id for d in read_documents(ws)) == ["lumen", "quarry"]
+
+
+def test_demo_writes_its_budgets_and_reports_on_the_example_corpus(tmp_path, tiny_model_dir):
+    """`engrain demo` end to end on examples/acme with a tiny model (the real run is `make demo`)."""
+    from typer.testing import CliRunner
+
+    from engrain.cli import app
+    from engrain.config import load_config
+
+    ws = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "-w", str(ws), "--methods", "base,rag", "--model", str(tiny_model_dir),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    config = load_config(ws / "engrain.yaml")
+    assert config.synth.strategies == ["facts"] and config.ingest.chunk_tokens == 128
+    saved = json.loads((ws / "reports" / "acme" / "results.json").read_text())
+    assert saved["n_questions"] == 149 and set(saved["methods"]) == {"base", "rag"}
+    assert saved["environment"]["settings"]["latency_sample"] == 4

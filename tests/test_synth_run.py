@@ -135,3 +135,35 @@ def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
     b = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
                                pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
     assert torch.equal(a, b)  # seeded sampling is reproducible
+
+
+def test_fastgen_runs_a_peft_lora_model_like_generate(tiny_model_dir, monkeypatch):
+    """A LoRA adapter (non-zero, so it changes the output) decodes the same greedy tokens through the fast loop as
+    through PEFT's generate(), and disable_adapter() gives the base model's tokens on both paths."""
+    import copy
+    import dataclasses
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from engrain import fastgen
+    from engrain.models import chat_messages, chat_prompt, generate, load_model
+
+    base = load_model(str(tiny_model_dir), device="cpu")
+    prompts = [chat_prompt(base.tokenizer, chat_messages(q)) for q in ("Hi", "What is the capital of France?")]
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
+    before = [g.text for g in generate(base, prompts, max_new_tokens=16)]
+    torch.manual_seed(1)
+    peft_model = get_peft_model(copy.deepcopy(base.model), LoraConfig(r=4, lora_alpha=64, target_modules="all-linear"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.eval()
+    lm = dataclasses.replace(base, model=peft_model)
+    plain = [g.text for g in generate(lm, prompts, max_new_tokens=16)]
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "1")
+    assert fastgen.supports(peft_model)
+    fast = [g.text for g in generate(lm, prompts, max_new_tokens=16)]
+    assert fast == plain and fast != before
+    with peft_model.disable_adapter():
+        assert [g.text for g in generate(lm, prompts, max_new_tokens=16)] == before

@@ -26,9 +26,23 @@ SUPPORTED_TYPES = {"llama"}
 TOP_K = 50
 
 
+def decoder(model):
+    """The Llama model to run: ``model`` itself, or the model inside a PEFT LoRA wrapper. PEFT puts its LoRA
+    layers in place of the wrapped model's linear layers, so running that model's modules applies the active
+    adapter (and honours ``disable_adapter()``), exactly as the wrapper's own forward does."""
+    config = getattr(model, "peft_config", None)
+    if config and hasattr(model, "get_base_model"):
+        active = getattr(model, "active_adapter", None)
+        kind = getattr(config.get(active), "peft_type", None) if isinstance(active, str) else None
+        if str(getattr(kind, "value", kind)) == "LORA":
+            return model.get_base_model()
+    return model
+
+
 def supports(model, *, stop: list[str] | None = None, repetition_penalty: float = 1.0) -> bool:
     if os.environ.get("ENGRAIN_FASTGEN", "1") == "0" or stop or repetition_penalty != 1.0:
         return False
+    model = decoder(model)
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in SUPPORTED_TYPES or type(model).__name__ != "LlamaForCausalLM":
         return False  # a PEFT wrapper or a different architecture: leave it to generate()
@@ -132,6 +146,7 @@ def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, sto
     ``prefix``: a shared prompt start already run through the model, as per-layer (K, V) tensors of shape
     (1, kv_heads, P, head_dim) (a ``DynamicCache``'s layers). Every row continues it: ``input_ids`` are
     then the rows' own tokens, left-padded, and their positions start at P."""
+    model = decoder(model)
     device = input_ids.device
     bsz, width = input_ids.shape
     config = model.config

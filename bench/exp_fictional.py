@@ -1,0 +1,65 @@
+"""Which memory knows the documents? `engrain compare` on the first N documents of fictional-dev.
+
+    python bench/exp_fictional.py [--docs 10] [--methods base,context,rag,lora,prefix,memory,lora+rag]
+                                  [--epochs 2] [--workspace bench/out/fictional-ws] [--bench PATH]
+
+The benchmark (../shared/data/fictional-dev by default, BENCHMARKS.md layout) holds invented facts the base model
+cannot know, asked as cloze probes. The workspace gets the settings below before anything is built (recorded in
+WS/engrain.yaml and in results.json), then the comparison runs exactly as `engrain compare BENCH --docs N` would:
+ingest, index, synthesis with the model-free `facts` strategy (the questions are only the leak guard's exclusion
+list), one training run per memory, answers, forgetting, leak check, report. Everything lands in
+bench/out/fictional-<N>docs/ (results.json, report.md, report.html).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from engrain.config import load_config, save_config  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", default=str(ROOT.parent / "shared" / "data" / "fictional-dev"))
+    ap.add_argument("--docs", type=int, default=10)
+    ap.add_argument("--methods", default="base,context,rag,lora,prefix,memory,lora+rag")
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--facts-per-chunk", type=int, default=12)
+    ap.add_argument("--latency-sample", type=int, default=3)
+    ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
+    args = ap.parse_args()
+
+    from engrain.cli import print_results
+    from engrain.evaluate.run import parse_methods, run_compare
+    from engrain.models import load_model
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(Path(args.workspace)).ensure()
+    config = load_config(ws.config_path)
+    config.ingest.chunk_tokens, config.ingest.chunk_overlap = 128, 16
+    config.synth.strategies = ["facts"]
+    config.synth.facts_per_chunk = args.facts_per_chunk
+    config.train.epochs = args.epochs
+    save_config(config, ws.config_path)
+    out = ROOT / "bench" / "out" / f"fictional-{args.docs}docs"
+    results = run_compare(Path(args.bench), ws, parse_methods(args.methods), out, load_model(None),
+                          docs=args.docs, latency_sample=args.latency_sample)
+    print_results(results, out)
+    print("| method | contains (95% CI) | " + " | ".join(f"tag {t}" for t in ("mem", "gen", "hard_gen"))
+          + " | general QA after | build s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in results["methods"].items():
+        tags = " | ".join(f"{m['by_tag'].get(t, {}).get('contains', float('nan')):.3f}" for t in ("mem", "gen", "hard_gen"))
+        f = m.get("forgetting") or {}
+        general = f"{f['general_qa_after']:.3f} ({f['general_qa_delta']:+.3f})" if f else "-"
+        lo, hi = m["contains_ci"]
+        print(f"| {name} | {m['contains']:.3f} ({lo:.3f}-{hi:.3f}) | {tags} | {general} | {m['build_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
