@@ -190,7 +190,7 @@ def demo(
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})
 
 
-DEMO_METHODS = "base,context,rag,lora,lora+rag"
+DEMO_METHODS = "base,context,rag,lora"  # add lora+rag with --methods (about 4 more minutes)
 DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
 
 
