@@ -30,13 +30,9 @@ def decoder(model):
     """The Llama model to run: ``model`` itself, or the model inside a PEFT LoRA wrapper. PEFT puts its LoRA
     layers in place of the wrapped model's linear layers, so running that model's modules applies the active
     adapter (and honours ``disable_adapter()``), exactly as the wrapper's own forward does."""
-    config = getattr(model, "peft_config", None)
-    if config and hasattr(model, "get_base_model"):
-        active = getattr(model, "active_adapter", None)
-        kind = getattr(config.get(active), "peft_type", None) if isinstance(active, str) else None
-        if str(getattr(kind, "value", kind)) == "LORA":
-            return model.get_base_model()
-    return model
+    active = getattr(model, "active_adapter", None)
+    adapter = (getattr(model, "peft_config", None) or {}).get(active) if isinstance(active, str) else None
+    return model.get_base_model() if getattr(adapter, "peft_type", None) == "LORA" else model  # PeftType is a str
 
 
 def supports(model, *, stop: list[str] | None = None, repetition_penalty: float = 1.0) -> bool:

@@ -25,6 +25,11 @@ class Question:
     tags: list[str] = field(default_factory=list)
 
 
+def subset_name(bench_name: str, docs: int | None) -> str:
+    """How a comparison on the first ``docs`` documents is named (its report folder too)."""
+    return f"{bench_name}-{docs}docs" if docs else bench_name
+
+
 @dataclass
 class Bench:
     name: str
@@ -47,7 +52,7 @@ class Bench:
         if not questions:
             raise EngrainError(f"No question of {self.root / 'questions.jsonl'} needs only the first {n} documents.",
                                hint="Use more documents (--docs), or leave --docs out.")
-        return Bench(name=f"{self.name}-{n}docs", root=self.root, questions=questions, doc_files=kept)
+        return Bench(name=subset_name(self.name, n), root=self.root, questions=questions, doc_files=kept)
 
 
 def read_questions(path: Path, doc_ids: set[str] | None = None) -> list[Question]:

@@ -75,7 +75,8 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
 
         leak = leak_check(workspace, bench.root / "questions.jsonl")
         console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
-    settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit, "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
+    settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
+                "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
     results = results_json(bench, lm.name, runs, seed, settings, warnings)
     results["leak_check"] = leak

@@ -208,47 +208,41 @@ class ContextMemory:
         meta = {**self.truncation, "prefix_reused": self.reuse_prefix}
         return [Answer(text, per_q, P + len(s), n, meta=dict(meta)) for (text, n), s in zip(out, suffixes)]
 
-    def _generate_shared(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
-        """The rows' answers over the shared prefix cache, read once per step for the whole batch."""
+    def _batch_ids(self, idx: list[int], suffixes: list[list[int]], lead: list[int]):
+        """(ids, mask) for the rows ``idx``: ``lead`` tokens, then pads, then each row's question tokens."""
         import torch
 
-        tok = self.lm.tokenizer
         width = max(len(suffixes[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(idx), len(lead) + width), self.lm.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
+        ids[:, :len(lead)] = torch.tensor(lead, dtype=torch.long)
+        mask[:, :len(lead)] = 1
         for row, i in enumerate(idx):
-            s = suffixes[i]
-            ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, width - len(s):] = 1
+            ids[row, ids.shape[1] - len(suffixes[i]):] = torch.tensor(suffixes[i])
+            mask[row, ids.shape[1] - len(suffixes[i]):] = 1
+        return ids.to(self.lm.device), mask.to(self.lm.device)
+
+    def _generate_shared(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
+        """The rows' answers over the shared prefix cache, read once per step for the whole batch."""
+        ids, mask = self._batch_ids(idx, suffixes, [])
         prefix = [(layer.keys, layer.values) for layer in self.prefix_cache().layers]
-        device = self.lm.device
-        return fastgen.generate_batch(self.lm.model, ids.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                      stop_ids=stop_ids, pad_id=tok.pad_token_id, prefix=prefix)
+        return fastgen.generate_batch(self.lm.model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                      pad_id=self.lm.tokenizer.pad_token_id, prefix=prefix)
 
     def _generate_plain(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
         """``generate()`` on [prefix ; pads ; question]: from the prefix cache (expanded per row) when reusing,
         else recomputing the prefix. The path for architectures the fast loop does not cover."""
         import torch
 
-        tok = self.lm.tokenizer
-        P = len(self.prefix_ids)
-        width = max(len(suffixes[i]) for i in idx)
-        ids = torch.full((len(idx), P + width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, :P] = torch.tensor(self.prefix_ids)
-        mask[:, :P] = 1
-        for row, i in enumerate(idx):
-            s = suffixes[i]
-            ids[row, P + width - len(s):] = torch.tensor(s)
-            mask[row, P + width - len(s):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=tok.pad_token_id,
+        ids, mask = self._batch_ids(idx, suffixes, self.prefix_ids)
+        pad = self.lm.tokenizer.pad_token_id
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
                       do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.reuse_prefix:
             kwargs["cache"] = self._batch_cache(len(idx))
         with torch.inference_mode():
-            gen = self.lm.model.generate(input_ids=ids.to(self.lm.device), attention_mask=mask.to(self.lm.device),
-                                         **kwargs)
-        return gen[:, P + width:]
+            gen = self.lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return gen[:, ids.shape[1]:]
 
     def describe(self) -> dict:
         return {"memory": "context", "model": self.lm.name, "reuse_prefix": self.reuse_prefix,
