@@ -1,11 +1,13 @@
 """Model load time and generation speed of the embedded model, side by side with plain transformers.
 
-    python bench/bench_models.py [--max-new-tokens 64] [--skip-cold]
+    python bench/bench_models.py [--max-new-tokens 64] [--skip-cold] [--repeats 4]
 
 Measures, in one run on this machine:
 - load time: cold (fetch-free conversion from the GGUF into a fresh cache) vs cached safetensors;
 - generated tokens/s at batch 1, 8 and 32 for engrain's ``models.generate`` and for plain
-  ``model.generate()`` on the same model, same prompts, greedy;
+  ``model.generate()`` on the same model, same prompts, greedy. Batch 1 answers 16 questions once; batch 8
+  and 32 answer the same 16 four times over, so the batched runs have a queue behind them (engrain refills
+  finished rows from it, ``generate()`` runs fixed batches) and every batch size sees the same mix;
 - each as a fraction of the compute-bound limit: the machine's fp32 matmul FLOP/s measured here,
   divided by the model's FLOPs per generated token (2 x parameters).
 Prints a table and writes bench/out/models.json.
@@ -64,9 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold GGUF conversion")
+    parser.add_argument("--repeats", type=int, default=4, help="times each question is asked at batch 8 and 32")
     args = parser.parse_args()
 
-    result: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    result: dict = {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
     # Load time: cold (GGUF -> safetensors in a fresh ENGRAIN_HOME) vs cached.
     models.ensure_embedded_model()
@@ -98,8 +101,10 @@ def main() -> None:
     result["compute_bound_tokens_per_s"] = limit_tps
 
     rows = []
+    # Every batch size answers the same mix of questions (each of the 16 once at batch 1, four times over at
+    # batch 8 and 32, so a batch has prompts waiting behind it as a serving or evaluation queue does).
     for batch in (1, 8, 32):
-        n_prompts = max(batch, 8) if batch > 1 else 4
+        n_prompts = len(QUESTIONS) * (1 if batch == 1 else args.repeats)
         prompts = [models.chat_prompt(lm.tokenizer, models.chat_messages(QUESTIONS[i % len(QUESTIONS)]))
                    for i in range(n_prompts)]
         t0 = time.perf_counter()

@@ -56,16 +56,17 @@ def test_prefix_reuse_gives_the_same_greedy_answers_as_recomputing(tmp_path, tok
     assert reused[0].meta["prefix_reused"] is True and fresh[0].meta["prefix_reused"] is False
 
 
-def test_shared_prefix_fast_loop_matches_generate_from_the_cache(tmp_path, tokenizer, tiny_lm, monkeypatch):
-    """The fast loop (prefix read once per step for the whole batch) and generate() over a per-row copy of the
-    prefix cache decode the same greedy tokens."""
+@pytest.mark.parametrize("batch", [2, 4])
+def test_shared_prefix_fast_loop_matches_generate_from_the_cache(tmp_path, tokenizer, tiny_lm, monkeypatch, batch):
+    """The fast loop (prefix read once per step for the whole batch; at batch 2, finished rows replaced by waiting
+    questions) and generate() over a per-row copy of the prefix cache decode the same greedy tokens."""
     from engrain import fastgen
 
     ws = make_ws(tmp_path, tokenizer)
     assert fastgen.supports(tiny_lm.model)
-    fast = ContextMemory(ws, tiny_lm, batch_size=4).answer(QUESTIONS, max_new_tokens=12)
+    fast = ContextMemory(ws, tiny_lm, batch_size=batch).answer(QUESTIONS, max_new_tokens=12)
     monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
-    plain = ContextMemory(ws, tiny_lm, batch_size=4).answer(QUESTIONS, max_new_tokens=12)
+    plain = ContextMemory(ws, tiny_lm, batch_size=batch).answer(QUESTIONS, max_new_tokens=12)
     assert [a.text for a in fast] == [a.text for a in plain]
     assert [a.completion_tokens for a in fast] == [a.completion_tokens for a in plain]
 

@@ -103,7 +103,7 @@ def test_cli_synth_json_and_exit_codes(tmp_path, tiny_model_dir):
     assert missing.exit_code != 0 and "ingest" in str(missing.exception)
 
 
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 2, 4])  # 2 and 4: finished rows make room for waiting prompts
 def test_fastgen_greedy_matches_generate(tiny_lm, monkeypatch, batch):
     from engrain.models import chat_messages, chat_prompt, generate
 
@@ -135,6 +135,25 @@ def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
     b = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
                                pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
     assert torch.equal(a, b)  # seeded sampling is reproducible
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_fastgen_continuous_batching_equals_each_prompt_alone(tiny_lm, batch):
+    """Rows that stop early leave the batch and waiting prompts join the running ones (their histories realigned
+    into one cache layout); every prompt still gets exactly the greedy tokens it gets when decoded alone."""
+    from engrain import fastgen
+
+    tok = tiny_lm.tokenizer
+    texts = ["hello there", "a much longer prompt about the lighthouse keeper and his log", "Hi", "What is 2+2?",
+             "Tell me about the mill on the river", "ok"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    kw = dict(max_new_tokens=10, pad_id=tok.pad_token_id)
+    free = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, stop_ids=[-1], **kw)[0] for p in prompts]
+    stops = sorted({free[0][2], free[3][4]})  # some rows stop after 3 or 5 tokens, others run to the limit
+    alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, stop_ids=stops, **kw)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 1  # the rows really finish at different steps
+    together = fastgen.generate_many(tiny_lm.model, prompts, batch_size=batch, stop_ids=stops, **kw)
+    assert together == alone
 
 
 def test_fastgen_runs_a_peft_lora_model_like_generate(tiny_model_dir, monkeypatch):

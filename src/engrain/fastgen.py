@@ -18,6 +18,7 @@ strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -133,58 +134,144 @@ def _sample(logits, temperature: float, top_p: float, generator):
     return idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
-@torch.inference_mode()
-def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, prefix=None):
-    """New tokens for a left-padded batch, as a (B, max_new_tokens) tensor padded with ``pad_id`` after a
-    row's stop token (the shape ``generate()`` returns once the prompt columns are cut off).
+@dataclass
+class _Rows:
+    """The live rows of a decode: their caches share one column layout, written at ``col`` each step."""
 
-    ``prefix``: a shared prompt start already run through the model, as per-layer (K, V) tensors of shape
-    (1, kv_heads, P, head_dim) (a ``DynamicCache``'s layers). Every row continues it: ``input_ids`` are
-    then the rows' own tokens, left-padded, and their positions start at P."""
-    model = decoder(model)
-    device = input_ids.device
-    bsz, width = input_ids.shape
+    caches: list  # per layer (K, V), each (rows, kv_heads, capacity, head_dim)
+    key_mask: torch.Tensor  # (rows, capacity): which columns each row attends
+    col: int  # the next column to write
+    ids: torch.Tensor  # which prompt each row answers
+    next_pos: torch.Tensor  # each row's next position
+    logits: torch.Tensor  # each row's logits for its next token, not yet sampled
+    n_out: torch.Tensor  # tokens produced so far per row
+    done: torch.Tensor  # rows that finished but are still in the batch
+
+    def keep(self, keep: torch.Tensor) -> "_Rows":
+        return _Rows([(k[keep], v[keep]) for k, v in self.caches], self.key_mask[keep], self.col, self.ids[keep],
+                     self.next_pos[keep], self.logits[keep], self.n_out[keep], self.done[keep])
+
+
+def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device) -> _Rows:
+    """Run a left-padded batch of prompts; the rows come back with their first logits pending."""
+    width = max(len(prompts[i]) for i in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for row, i in enumerate(ids):
+        tokens[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
+        mask[row, width - len(prompts[i]):] = True
+    tokens, mask = tokens.to(device), mask.to(device)
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
-    n_kv = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    total = width + max_new_tokens
-    caches = [(torch.empty(bsz, n_kv, total, head_dim, dtype=dtype, device=device),
-               torch.empty(bsz, n_kv, total, head_dim, dtype=dtype, device=device)) for _ in model.model.layers]
-    key_mask = torch.zeros(bsz, total, dtype=torch.bool, device=device)
-    key_mask[:, :width] = attention_mask.bool()
-    key_mask[:, width:] = True
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    shape = (len(ids), config.num_key_value_heads, width, head_dim)
+    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+              for _ in model.model.layers]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     if prefix is not None:
         positions = positions + prefix[0][0].shape[2]
-    gen = None
-    if seed is not None and temperature > 0:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(stop_ids, device=device)
+    logits = _forward(model, tokens, positions, caches, 0, mask, prefix)
+    n = len(ids)
+    return _Rows(caches, mask, width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
+                 torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
-    out = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    rows = torch.arange(bsz, device=device)  # which original row each live row is
-    logits = _forward(model, input_ids, positions, caches, 0, key_mask, prefix)
-    next_pos = positions[:, -1] + 1
-    live_done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tok = _sample(logits, temperature, top_p, gen)
-        tok = torch.where(live_done, torch.full_like(tok, pad_id), tok)
-        out[rows, step] = tok
-        live_done = live_done | torch.isin(tok, stop)
-        if step == max_new_tokens - 1:
+
+def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
+    """One batch from running rows ``a`` and newly prefilled rows ``b``: both histories right-aligned to a
+    common column, then ``room`` free columns for the steps to come. Columns no row of ``a`` still attends
+    are dropped first, so the layout does not grow with every admission."""
+    if a is None or len(a.ids) == 0:
+        ha, first = 0, 0
+    else:
+        first = int(a.key_mask[:, :a.col].any(0).nonzero()[0])
+        ha = a.col - first
+    hb = b.col
+    width = max(ha, hb)
+    na, nb = (0 if a is None else len(a.ids)), len(b.ids)
+    caches = []
+    for i, (kb, vb) in enumerate(b.caches):
+        k = kb.new_zeros((na + nb, kb.shape[1], width + room, kb.shape[3]))
+        v = torch.zeros_like(k)
+        if na:
+            ka, va = a.caches[i]
+            k[:na, :, width - ha:width] = ka[:, :, first:a.col]
+            v[:na, :, width - ha:width] = va[:, :, first:a.col]
+        k[na:, :, width - hb:width] = kb[:, :, :hb]
+        v[na:, :, width - hb:width] = vb[:, :, :hb]
+        caches.append((k, v))
+    mask = torch.zeros((na + nb, width + room), dtype=torch.bool, device=b.key_mask.device)
+    if na:
+        mask[:na, width - ha:width] = a.key_mask[:, first:a.col]
+    mask[na:, width - hb:width] = b.key_mask[:, :hb]
+    mask[:, width:] = True  # every row attends its own new tokens (the causal mask keeps later columns out)
+    if not na:
+        return _Rows(caches, mask, width, b.ids, b.next_pos, b.logits, b.n_out, b.done)
+    cat = torch.cat
+    return _Rows(caches, mask, width, cat([a.ids, b.ids]), cat([a.next_pos, b.next_pos]), cat([a.logits, b.logits]),
+                 cat([a.n_out, b.n_out]), cat([a.done, b.done]))
+
+
+@torch.inference_mode()
+def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, stop_ids: list[int],
+                  pad_id: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, prefix=None,
+                  progress=None) -> list[list[int]]:
+    """New tokens for every prompt (token lists), at most ``batch_size`` decoding at once, with continuous
+    batching: once a quarter of the rows have finished they leave the batch and waiting prompts take their
+    places. Answers differ in length, so a fixed batch would spend most of its steps with few live rows, and
+    a decode step costs nearly as much for 12 rows as for 32 (it is bound by reading the weights).
+
+    Each returned list ends with the stop token when one was produced. Prompts are admitted shortest first.
+    ``prefix``: a shared prompt start already run through the model, as per-layer (K, V) tensors of shape
+    (1, kv_heads, P, head_dim) (a ``DynamicCache``'s layers); every prompt continues it, from position P.
+    ``progress``: optional callable(n) told each time n prompts finish."""
+    model = decoder(model)
+    device = model.model.embed_tokens.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    stop = torch.tensor(stop_ids, device=device)
+    out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    rows: _Rows | None = None
+    while True:
+        live = 0 if rows is None else len(rows.ids)
+        if queue and live * 4 <= batch_size * 3:
+            admit, queue = queue[:batch_size - live], queue[batch_size - live:]
+            rows = _merge(rows, _prefill(model, prompts, admit, pad_id, prefix, device), max_new_tokens)
+        if rows is None or len(rows.ids) == 0:
             break
-        n_done = int(live_done.sum())
-        if n_done == len(rows):
-            break
-        if n_done and n_done * 4 >= len(rows):
-            # Compact: drop finished rows from the batch and from every cache (one copy, then cheaper steps).
-            keep = (~live_done).nonzero().squeeze(-1)
-            rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
-            key_mask = key_mask[keep]
-            caches = [(k[keep], v[keep]) for k, v in caches]
-            live_done = live_done[keep]
-        logits = _forward(model, tok[:, None], next_pos[:, None], caches, width + step, key_mask, prefix)
-        next_pos = next_pos + 1
+        tok = _sample(rows.logits, temperature, top_p, gen)
+        active = ~rows.done
+        out[rows.ids[active], rows.n_out[active]] = tok[active]
+        rows.n_out += active.long()
+        finished = active & (torch.isin(tok, stop) | (rows.n_out >= max_new_tokens))
+        rows.done |= finished
+        if progress is not None and bool(finished.any()):
+            progress(int(finished.sum()))
+        n_done = int(rows.done.sum())
+        if n_done == len(rows.ids) or n_done * 4 >= len(rows.ids):
+            # Compact: drop finished rows from the batch and every cache (one copy, then cheaper steps).
+            tok = tok[~rows.done]
+            rows = rows.keep(~rows.done)
+            if len(rows.ids) == 0:
+                continue
+        tok = torch.where(rows.done, torch.full_like(tok, pad_id), tok)
+        rows.logits = _forward(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
+                               prefix)
+        rows.next_pos = rows.next_pos + 1
+        rows.col += 1
+    result = out.tolist()
+    for i, seq in enumerate(result):
+        result[i] = seq[:next((j + 1 for j, t in enumerate(seq) if t in stop_ids), max_new_tokens)]
+    return result
+
+
+def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, prefix=None):
+    """``generate_many`` for one left-padded batch: a (B, max_new_tokens) tensor padded with ``pad_id`` after a
+    row's stop token (the shape ``generate()`` returns once the prompt columns are cut off)."""
+    prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+    new = generate_many(model, prompts, batch_size=len(prompts), max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                        pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, prefix=prefix)
+    out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    for row, seq in enumerate(new):
+        out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
     return out

@@ -379,7 +379,8 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     """Generate a completion for every prompt (already chat-formatted text).
 
     Prompts are sorted by length and run ``batch_size`` at a time with left padding, so batches waste
-    little on padding; results come back in the input order. ``temperature == 0`` is greedy.
+    little on padding (on the fast path, finished rows are replaced by waiting prompts as they go); results
+    come back in the input order. ``temperature == 0`` is greedy.
     ``progress`` is an optional callable(n_done) for progress bars.
     """
     import torch
@@ -388,60 +389,71 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     if seed is not None:
         torch.manual_seed(seed)
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[Generation | None] = [None] * len(prompts)
+    for seq in encoded:
+        if len(seq) + max_new_tokens > lm.max_context:
+            raise EngrainError(f"A prompt of {len(seq)} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                               f"window of {lm.max_context} tokens.", hint="Shorten the prompt or lower max tokens.")
     stop_ids = stop_token_ids(tok)
     pad_id = tok.pad_token_id
-    # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU.
+    # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU, and
+    # continuous batching (finished rows make room for waiting prompts) across all the prompts at once.
     from . import fastgen
 
-    use_fast = fastgen.supports(lm.model, stop=stop, repetition_penalty=repetition_penalty)
+    if fastgen.supports(lm.model, stop=stop, repetition_penalty=repetition_penalty):
+        new = fastgen.generate_many(lm.model, encoded, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
+                                    seed=seed, progress=progress)
+    else:
+        new = _generate_batched(lm, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop=stop, batch_size=batch_size, repetition_penalty=repetition_penalty,
+                                progress=progress)
+    results = []
+    for seq, prompt in zip(new, encoded):
+        n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
+        finish = "stop" if n < len(seq) else "length"
+        text = tok.decode(seq[:n], skip_special_tokens=True)
+        if stop:
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        results.append(Generation(text=text.strip(), prompt_tokens=len(prompt), completion_tokens=n,
+                                  finish_reason=finish))
+    return results
+
+
+def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
+                      stop: list[str] | None, batch_size: int, repetition_penalty: float, progress) -> list[list[int]]:
+    """New tokens per prompt through ``model.generate()``, in length-sorted batches with left padding: the path
+    for what fastgen does not cover (other architectures, stop strings, repetition penalty)."""
+    import torch
+
+    tok = lm.tokenizer
+    pad_id = tok.pad_token_id
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok), pad_token_id=pad_id,
+                  repetition_penalty=repetition_penalty)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop:
+        kwargs.update(stop_strings=stop, tokenizer=tok)
+    new: list[list[int]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in idx)
-        if width + max_new_tokens > lm.max_context:
-            raise EngrainError(f"A prompt of {width} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                               f"window of {lm.max_context} tokens.", hint="Shorten the prompt or lower max tokens.")
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
-            seq = encoded[i]
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
-                      repetition_penalty=repetition_penalty)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop:
-            kwargs.update(stop_strings=stop, tokenizer=tok)
-        if use_fast:
-            new = fastgen.generate_batch(lm.model, ids.to(lm.device), mask.to(lm.device), max_new_tokens=max_new_tokens,
-                                         stop_ids=stop_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                         seed=None if seed is None else seed + start).tolist()
-        else:
-            with torch.inference_mode():
-                out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
-            new = out[:, width:].tolist()
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
+            mask[row, width - len(encoded[i]):] = 1
+        with torch.inference_mode():
+            out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
         for row, i in enumerate(idx):
-            seq = new[row]
-            n = len(seq)
-            finish = "length"
-            for j, t in enumerate(seq):
-                if t in stop_ids:
-                    n, finish = j, "stop"
-                    break
-            text = tok.decode(seq[:n], skip_special_tokens=True)
-            if stop:
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-            results[i] = Generation(text=text.strip(), prompt_tokens=len(encoded[i]), completion_tokens=n,
-                                    finish_reason=finish)
+            new[i] = out[row, width:].tolist()
         if progress is not None:
             progress(len(idx))
-    return results  # type: ignore[return-value]
+    return new
 
 
 def answer(lm: LM, questions: list[str], contexts: list[str | None] | None = None, *, max_new_tokens: int = 48,

@@ -174,8 +174,6 @@ class ContextMemory:
         return BuildInfo(seconds=self._prefix_seconds, details={"context_tokens": len(self.prefix_ids)})
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
-        import torch
-
         t0 = time.perf_counter()
         suffixes = [self.question_ids(q) for q in questions]
         for q, s in zip(questions, suffixes):
@@ -189,20 +187,21 @@ class ContextMemory:
         tok = self.lm.tokenizer
         stop_ids = stop_token_ids(tok)
         fast = self.reuse_prefix and fastgen.supports(self.lm.model)
-        rows = self.batch_size if fast or not self.reuse_prefix else self._cache_rows()
-        order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
         out: list[tuple[str, int] | None] = [None] * len(questions)
         P = len(self.prefix_ids)
-        for start in range(0, len(order), rows):
-            idx = order[start:start + rows]
-            if fast:
-                new = self._generate_shared(idx, suffixes, max_new_tokens, stop_ids)
-            else:
-                new = self._generate_plain(idx, suffixes, max_new_tokens, stop_ids)
-            for row, i in enumerate(idx):
-                seq = new[row].tolist()
-                n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
-                out[i] = (tok.decode(seq[:n], skip_special_tokens=True).strip(), n)
+        if fast:
+            news = self._generate_shared(suffixes, max_new_tokens, stop_ids)
+        else:
+            rows = self.batch_size if not self.reuse_prefix else self._cache_rows()
+            order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
+            news = [None] * len(questions)
+            for start in range(0, len(order), rows):
+                idx = order[start:start + rows]
+                for i, seq in zip(idx, self._generate_plain(idx, suffixes, max_new_tokens, stop_ids)):
+                    news[i] = seq.tolist()
+        for i, seq in enumerate(news):
+            n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
+            out[i] = (tok.decode(seq[:n], skip_special_tokens=True).strip(), n)
         # The prefix is paid once, inside the call that first needs it, and spread over that call's questions.
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
         meta = {**self.truncation, "prefix_reused": self.reuse_prefix}
@@ -222,12 +221,13 @@ class ContextMemory:
             mask[row, ids.shape[1] - len(suffixes[i]):] = 1
         return ids.to(self.lm.device), mask.to(self.lm.device)
 
-    def _generate_shared(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
-        """The rows' answers over the shared prefix cache, read once per step for the whole batch."""
-        ids, mask = self._batch_ids(idx, suffixes, [])
+    def _generate_shared(self, suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        """Every question's answer over the shared prefix cache, read once per step for the whole batch, with
+        finished rows replaced by waiting questions (continuous batching)."""
         prefix = [(layer.keys, layer.values) for layer in self.prefix_cache().layers]
-        return fastgen.generate_batch(self.lm.model, ids, mask, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                      pad_id=self.lm.tokenizer.pad_token_id, prefix=prefix)
+        return fastgen.generate_many(self.lm.model, suffixes, batch_size=self.batch_size,
+                                     max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                     pad_id=self.lm.tokenizer.pad_token_id, prefix=prefix)
 
     def _generate_plain(self, idx: list[int], suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]):
         """``generate()`` on [prefix ; pads ; question]: from the prefix cache (expanded per row) when reusing,
