@@ -2,6 +2,7 @@
 
     python bench/exp_fictional.py [--docs 10] [--methods base,context,rag,lora,prefix,memory]
                                   [--epochs 2] [--micro-batch 1] [--workspace bench/out/fictional-ws] [--bench PATH]
+                                  [--dtype auto] [--out DIR]
 
 The benchmark (../shared/data/fictional-dev by default, BENCHMARKS.md layout) holds invented facts the base model
 cannot know, asked as cloze probes. The workspace gets the settings below before anything is built (recorded in
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=1, help="rows of 1,024 tokens per step: 1 = more updates "
                                                                    "for the same compute")
     ap.add_argument("--latency-sample", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", help="of the answering model: auto (bf16 on a GPU), float32, ...")
+    ap.add_argument("--out", default=None, help="report folder (default bench/out/fictional-<N>docs)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
     args = ap.parse_args()
 
@@ -49,8 +52,8 @@ def main() -> None:
     config.train.epochs = args.epochs
     config.train.micro_batch = args.micro_batch
     save_config(config, ws.config_path)
-    out = ROOT / "bench" / "out" / f"fictional-{args.docs}docs"
-    results = run_compare(Path(args.bench), ws, parse_methods(args.methods), out, load_model(None),
+    out = Path(args.out) if args.out else ROOT / "bench" / "out" / f"fictional-{args.docs}docs"
+    results = run_compare(Path(args.bench), ws, parse_methods(args.methods), out, load_model(None, dtype=args.dtype),
                           docs=args.docs, latency_sample=args.latency_sample)
     print_results(results, out)
     print("| method | contains (95% CI) | " + " | ".join(f"tag {t}" for t in ("mem", "gen", "hard_gen"))
