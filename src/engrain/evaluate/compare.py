@@ -174,7 +174,17 @@ def environment(seed: int, settings: dict) -> dict:
         except md.PackageNotFoundError:
             versions[dist] = None
     return {"engrain": __version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "versions": versions, "seed": seed, "settings": settings}
+            "cpu_count": os.cpu_count(), "device": _device_name(), "versions": versions, "seed": seed,
+            "settings": settings}
+
+
+def _device_name() -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU and its thread count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int, settings: dict,

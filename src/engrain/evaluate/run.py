@@ -77,6 +77,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
                 "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
+                "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
     results = results_json(bench, lm.name, runs, seed, settings, warnings)
     results["leak_check"] = leak
