@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="times each question is asked at batch 8 and 32")
     args = parser.parse_args()
 
-    result: dict = {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    result: dict = {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
     # Load time: cold (GGUF -> safetensors in a fresh ENGRAIN_HOME) vs cached.
     models.ensure_embedded_model()

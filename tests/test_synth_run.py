@@ -119,22 +119,20 @@ def test_fastgen_greedy_matches_generate(tiny_lm, monkeypatch, batch):
 
 
 def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
-    import torch
-
     from engrain import fastgen
 
     tok = tiny_lm.tokenizer
-    ids = torch.tensor([tok("hello there", add_special_tokens=False)["input_ids"]] * 3)
-    mask = torch.ones_like(ids)
-    # Every token is a stop token: each row ends after one token and the rest is padding.
-    out = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=5, stop_ids=list(range(len(tok))),
-                                 pad_id=tok.pad_token_id, temperature=0.8, top_p=0.9, seed=1)
-    assert out.shape == (3, 5) and (out[:, 1:] == tok.pad_token_id).all()
-    a = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
-                               pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
-    b = fastgen.generate_batch(tiny_lm.model, ids, mask, max_new_tokens=6, stop_ids=[tok.eos_token_id],
-                               pad_id=tok.pad_token_id, temperature=0.9, top_p=0.9, seed=3)
-    assert torch.equal(a, b)  # seeded sampling is reproducible
+    prompts = [tok("hello there", add_special_tokens=False)["input_ids"]] * 3
+    kw = dict(batch_size=3, pad_id=tok.pad_token_id, top_p=0.9)
+    # Every token is a stop token: each row ends after one token, and nothing is produced after it.
+    out = fastgen.generate_many(tiny_lm.model, prompts, max_new_tokens=5, stop_ids=list(range(len(tok))),
+                                temperature=0.8, seed=1, **kw)
+    assert len(out) == 3 and all(len(seq) == 1 for seq in out)
+    a = fastgen.generate_many(tiny_lm.model, prompts, max_new_tokens=6, stop_ids=[tok.eos_token_id],
+                              temperature=0.9, seed=3, **kw)
+    b = fastgen.generate_many(tiny_lm.model, prompts, max_new_tokens=6, stop_ids=[tok.eos_token_id],
+                              temperature=0.9, seed=3, **kw)
+    assert a == b  # seeded sampling is reproducible
 
 
 @pytest.mark.parametrize("batch", [2, 3])

@@ -152,15 +152,22 @@ class _Rows:
                      self.next_pos[keep], self.logits[keep], self.n_out[keep], self.done[keep])
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of token lists right-aligned in one (rows, longest) batch: pads on the left, mask 1 on tokens."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device) -> _Rows:
     """Run a left-padded batch of prompts; the rows come back with their first logits pending."""
-    width = max(len(prompts[i]) for i in ids)
-    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    for row, i in enumerate(ids):
-        tokens[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-        mask[row, width - len(prompts[i]):] = True
-    tokens, mask = tokens.to(device), mask.to(device)
+    tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
+    tokens, mask = tokens.to(device), mask.bool().to(device)
+    width = tokens.shape[1]
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -180,14 +187,10 @@ def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
     """One batch from running rows ``a`` and newly prefilled rows ``b``: both histories right-aligned to a
     common column, then ``room`` free columns for the steps to come. Columns no row of ``a`` still attends
     are dropped first, so the layout does not grow with every admission."""
-    if a is None or len(a.ids) == 0:
-        ha, first = 0, 0
-    else:
-        first = int(a.key_mask[:, :a.col].any(0).nonzero()[0])
-        ha = a.col - first
-    hb = b.col
-    width = max(ha, hb)
     na, nb = (0 if a is None else len(a.ids)), len(b.ids)
+    first = int(a.key_mask[:, :a.col].any(0).nonzero()[0]) if na else 0
+    ha, hb = (a.col - first if na else 0), b.col
+    width = max(ha, hb)
     caches = []
     for i, (kb, vb) in enumerate(b.caches):
         k = kb.new_zeros((na + nb, kb.shape[1], width + room, kb.shape[3]))
@@ -204,11 +207,12 @@ def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
         mask[:na, width - ha:width] = a.key_mask[:, first:a.col]
     mask[na:, width - hb:width] = b.key_mask[:, :hb]
     mask[:, width:] = True  # every row attends its own new tokens (the causal mask keeps later columns out)
-    if not na:
-        return _Rows(caches, mask, width, b.ids, b.next_pos, b.logits, b.n_out, b.done)
-    cat = torch.cat
-    return _Rows(caches, mask, width, cat([a.ids, b.ids]), cat([a.next_pos, b.next_pos]), cat([a.logits, b.logits]),
-                 cat([a.n_out, b.n_out]), cat([a.done, b.done]))
+    parts = [a, b] if na else [b]
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(p, name) for p in parts])
+
+    return _Rows(caches, mask, width, cat("ids"), cat("next_pos"), cat("logits"), cat("n_out"), cat("done"))
 
 
 @torch.inference_mode()
@@ -246,8 +250,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
         rows.done |= finished
         if progress is not None and bool(finished.any()):
             progress(int(finished.sum()))
-        n_done = int(rows.done.sum())
-        if n_done == len(rows.ids) or n_done * 4 >= len(rows.ids):
+        if int(rows.done.sum()) * 4 >= len(rows.ids):
             # Compact: drop finished rows from the batch and every cache (one copy, then cheaper steps).
             tok = tok[~rows.done]
             rows = rows.keep(~rows.done)
@@ -263,15 +266,3 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
         result[i] = seq[:next((j + 1 for j, t in enumerate(seq) if t in stop_ids), max_new_tokens)]
     return result
 
-
-def generate_batch(model, input_ids, attention_mask, *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, prefix=None):
-    """``generate_many`` for one left-padded batch: a (B, max_new_tokens) tensor padded with ``pad_id`` after a
-    row's stop token (the shape ``generate()`` returns once the prompt columns are cut off)."""
-    prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-    new = generate_many(model, prompts, batch_size=len(prompts), max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                        pad_id=pad_id, temperature=temperature, top_p=top_p, seed=seed, prefix=prefix)
-    out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
-    for row, seq in enumerate(new):
-        out[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out

@@ -373,6 +373,11 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def stop_index(seq: list[int], stop_ids: list[int]) -> int:
+    """How many tokens of ``seq`` come before its first stop token (all of them when there is none)."""
+    return next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
+
+
 def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              stop: list[str] | None = None, batch_size: int = 16, seed: int | None = None,
              repetition_penalty: float = 1.0, progress=None) -> list[Generation]:
@@ -409,7 +414,7 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
                                 progress=progress)
     results = []
     for seq, prompt in zip(new, encoded):
-        n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
+        n = stop_index(seq, stop_ids)
         finish = "stop" if n < len(seq) else "length"
         text = tok.decode(seq[:n], skip_special_tokens=True)
         if stop:
@@ -427,6 +432,8 @@ def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, 
     for what fastgen does not cover (other architectures, stop strings, repetition penalty)."""
     import torch
 
+    from .fastgen import left_pad
+
     tok = lm.tokenizer
     pad_id = tok.pad_token_id
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -441,16 +448,11 @@ def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, 
     new: list[list[int]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = left_pad([encoded[i] for i in idx], pad_id)
         with torch.inference_mode():
             out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), **kwargs)
         for row, i in enumerate(idx):
-            new[i] = out[row, width:].tolist()
+            new[i] = out[row, ids.shape[1]:].tolist()
         if progress is not None:
             progress(len(idx))
     return new

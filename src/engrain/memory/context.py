@@ -28,7 +28,7 @@ import time
 from .. import fastgen
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
-from ..models import DEFAULT_SYSTEM, LM, stop_token_ids, chat_messages, chat_prompt
+from ..models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, stop_index, stop_token_ids
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 
@@ -187,39 +187,23 @@ class ContextMemory:
         tok = self.lm.tokenizer
         stop_ids = stop_token_ids(tok)
         fast = self.reuse_prefix and fastgen.supports(self.lm.model)
-        out: list[tuple[str, int] | None] = [None] * len(questions)
-        P = len(self.prefix_ids)
         if fast:
             news = self._generate_shared(suffixes, max_new_tokens, stop_ids)
         else:
             rows = self.batch_size if not self.reuse_prefix else self._cache_rows()
             order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
-            news = [None] * len(questions)
+            news = [[] for _ in questions]
             for start in range(0, len(order), rows):
                 idx = order[start:start + rows]
                 for i, seq in zip(idx, self._generate_plain(idx, suffixes, max_new_tokens, stop_ids)):
                     news[i] = seq.tolist()
-        for i, seq in enumerate(news):
-            n = next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
-            out[i] = (tok.decode(seq[:n], skip_special_tokens=True).strip(), n)
+        lengths = [stop_index(seq, stop_ids) for seq in news]
+        texts = [tok.decode(seq[:n], skip_special_tokens=True).strip() for seq, n in zip(news, lengths)]
         # The prefix is paid once, inside the call that first needs it, and spread over that call's questions.
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
         meta = {**self.truncation, "prefix_reused": self.reuse_prefix}
-        return [Answer(text, per_q, P + len(s), n, meta=dict(meta)) for (text, n), s in zip(out, suffixes)]
-
-    def _batch_ids(self, idx: list[int], suffixes: list[list[int]], lead: list[int]):
-        """(ids, mask) for the rows ``idx``: ``lead`` tokens, then pads, then each row's question tokens."""
-        import torch
-
-        width = max(len(suffixes[i]) for i in idx)
-        ids = torch.full((len(idx), len(lead) + width), self.lm.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, :len(lead)] = torch.tensor(lead, dtype=torch.long)
-        mask[:, :len(lead)] = 1
-        for row, i in enumerate(idx):
-            ids[row, ids.shape[1] - len(suffixes[i]):] = torch.tensor(suffixes[i])
-            mask[row, ids.shape[1] - len(suffixes[i]):] = 1
-        return ids.to(self.lm.device), mask.to(self.lm.device)
+        P = len(self.prefix_ids)
+        return [Answer(text, per_q, P + len(s), n, meta=dict(meta)) for text, n, s in zip(texts, lengths, suffixes)]
 
     def _generate_shared(self, suffixes: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
         """Every question's answer over the shared prefix cache, read once per step for the whole batch, with
@@ -234,8 +218,11 @@ class ContextMemory:
         else recomputing the prefix. The path for architectures the fast loop does not cover."""
         import torch
 
-        ids, mask = self._batch_ids(idx, suffixes, self.prefix_ids)
         pad = self.lm.tokenizer.pad_token_id
+        questions, mask = fastgen.left_pad([suffixes[i] for i in idx], pad)
+        lead = torch.tensor([self.prefix_ids] * len(idx), dtype=torch.long)
+        ids = torch.cat([lead, questions], dim=1).to(self.lm.device)
+        mask = torch.cat([torch.ones_like(lead), mask], dim=1).to(self.lm.device)
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
                       do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.reuse_prefix:
