@@ -184,3 +184,40 @@ def test_fastgen_runs_a_peft_lora_model_like_generate(tiny_model_dir, monkeypatc
     assert fast == plain and fast != before
     with peft_model.disable_adapter():
         assert [g.text for g in generate(lm, prompts, max_new_tokens=16)] == before
+
+
+def test_fastgen_shared_prompt_start_runs_once_and_changes_nothing(tiny_lm, monkeypatch):
+    """Prompts that share a long start (a system prompt) have it run once and copied into each row's cache;
+    across several admissions every prompt still gets the tokens it gets alone, and the cache layout stays
+    bounded by one row's history (columns no running row attends are dropped at each admission)."""
+    from engrain import fastgen
+
+    tok = tiny_lm.tokenizer
+    start = tok("You are a careful assistant for the Orvik archive. Answer in a few words.\n",
+                add_special_tokens=False)["input_ids"]
+    texts = ["hello there", "a much longer question about the lighthouse keeper and his log", "Hi", "2+2?",
+             "Tell me about the mill on the river", "ok", "Where is the archive?", "Name the keeper"]
+    prompts = [start + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert fastgen._common_start(prompts) == len(start) >= fastgen.MIN_SHARED
+    assert fastgen._common_start(prompts[:1]) == 0  # one prompt: nothing to share
+    kw = dict(max_new_tokens=12, pad_id=tok.pad_token_id)
+    free = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, stop_ids=[-1], **kw)[0] for p in prompts]
+    kw["stop_ids"] = sorted({free[0][3], free[2][6]})  # rows finish at different steps
+    alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, **kw)[0] for p in prompts]
+    assert len({len(a) for a in alone}) > 1
+    widths = []
+    forward = fastgen._forward
+
+    def spy(model, ids, positions, caches, *args, **kwargs):
+        widths.append(caches[0][0].shape[2])
+        return forward(model, ids, positions, caches, *args, **kwargs)
+
+    monkeypatch.setattr(fastgen, "_forward", spy)
+    together = fastgen.generate_many(tiny_lm.model, prompts, batch_size=2, **kw)
+    assert together == alone
+    # The first forward is the shared start alone; the first prefill after it holds only the two shortest
+    # prompts' own tokens next to the copied start.
+    assert widths[0] == len(start)
+    assert widths[1] == len(start) + 1  # "Hi" and "ok" are one token each
+    longest = max(len(p) for p in prompts)
+    assert max(widths) <= longest + 2 * kw["max_new_tokens"]

@@ -8,7 +8,10 @@ rotary embeddings are the model's own) with:
 
   - one preallocated K/V buffer per layer, written in place;
   - sampling as top-k (50, like ``generate``'s default) then top-p inside those k;
-  - rows that hit a stop token removed from the batch once a quarter of it has finished.
+  - rows that hit a stop token removed from the batch once a quarter of it has finished, and waiting
+    prompts prefilled into their places (continuous batching);
+  - the prompts' common start (chat template opening and system prompt) run once and copied into
+    every row's cache, not prefilled again for each prompt.
 
 Greedy decoding gives the same tokens as ``generate()`` (tested on a tiny Llama). ``supports()`` says
 when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other architectures, stop
@@ -163,33 +166,54 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device) -> _Rows:
-    """Run a left-padded batch of prompts; the rows come back with their first logits pending."""
-    tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
-    tokens, mask = tokens.to(device), mask.bool().to(device)
-    width = tokens.shape[1]
+def _empty_caches(model, rows: int, width: int, device) -> list:
+    """Per layer an uninitialised (K, V) pair, each (rows, kv_heads, width, head_dim)."""
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    shape = (len(ids), config.num_key_value_heads, width, head_dim)
-    caches = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-              for _ in model.model.layers]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    shape = (rows, config.num_key_value_heads, width, head_dim)
+    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+            for _ in model.model.layers]
+
+
+def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None) -> _Rows:
+    """Run a left-padded batch of prompts; the rows come back with their first logits pending.
+    ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``_common_start``); it is copied
+    into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens]."""
+    tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
+    tokens, mask = tokens.to(device), mask.bool().to(device)
+    n, width = tokens.shape
+    start = 0 if shared is None else shared[0][0].shape[2]
+    caches = _empty_caches(model, n, start + width, device)
+    for (k, v), (sk, sv) in zip(caches, shared or []):
+        k[:, :, :start], v[:, :, :start] = sk, sv
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + start
     if prefix is not None:
         positions = positions + prefix[0][0].shape[2]
-    logits = _forward(model, tokens, positions, caches, 0, mask, prefix)
-    n = len(ids)
-    return _Rows(caches, mask, width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
+    key_mask = torch.cat([torch.ones((n, start), dtype=torch.bool, device=device), mask], dim=1)
+    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix)
+    return _Rows(caches, key_mask, start + width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
+
+
+MIN_SHARED = 8  # tokens; below this, running a shared start once saves less than the extra forward costs
+
+
+def _common_start(prompts: list[list[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own (its last position
+    gives its first logits). Chat prompts share the template's opening and the system prompt."""
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    n = next((j for j in range(shortest - 1) if any(p[j] != first[j] for p in prompts)), shortest - 1)
+    return n if len(prompts) > 1 and n >= MIN_SHARED else 0
 
 
 def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
     """One batch from running rows ``a`` and newly prefilled rows ``b``: both histories right-aligned to a
     common column, then ``room`` free columns for the steps to come. Columns no row of ``a`` still attends
-    are dropped first, so the layout does not grow with every admission."""
+    (finished rows' tokens, padding) are dropped first, so the layout does not grow with every admission."""
     na, nb = (0 if a is None else len(a.ids)), len(b.ids)
-    first = int(a.key_mask[:, :a.col].any(0).nonzero()[0]) if na else 0
-    ha, hb = (a.col - first if na else 0), b.col
+    used = a.key_mask[:, :a.col].any(0).nonzero().squeeze(1) if na else None
+    ha, hb = (len(used) if na else 0), b.col
     width = max(ha, hb)
     caches = []
     for i, (kb, vb) in enumerate(b.caches):
@@ -197,14 +221,14 @@ def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
         v = torch.zeros_like(k)
         if na:
             ka, va = a.caches[i]
-            k[:na, :, width - ha:width] = ka[:, :, first:a.col]
-            v[:na, :, width - ha:width] = va[:, :, first:a.col]
+            k[:na, :, width - ha:width] = ka[:, :, used]
+            v[:na, :, width - ha:width] = va[:, :, used]
         k[na:, :, width - hb:width] = kb[:, :, :hb]
         v[na:, :, width - hb:width] = vb[:, :, :hb]
         caches.append((k, v))
     mask = torch.zeros((na + nb, width + room), dtype=torch.bool, device=b.key_mask.device)
     if na:
-        mask[:na, width - ha:width] = a.key_mask[:, first:a.col]
+        mask[:na, width - ha:width] = a.key_mask[:, used]
     mask[na:, width - hb:width] = b.key_mask[:, :hb]
     mask[:, width:] = True  # every row attends its own new tokens (the causal mask keeps later columns out)
     parts = [a, b] if na else [b]
@@ -235,11 +259,18 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     out = torch.full((len(prompts), max_new_tokens), pad_id, dtype=torch.long, device=device)
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows: _Rows | None = None
+    # The prompts' common start (the chat template's opening and system prompt) is run once, not once per row.
+    shared, common = None, (_common_start(prompts) if prefix is None else 0)
+    if common:
+        shared = _empty_caches(model, 1, common, device)
+        _forward(model, torch.tensor([prompts[0][:common]], device=device), torch.arange(common, device=device)[None],
+                 shared, 0, torch.ones((1, common), dtype=torch.bool, device=device))
+        prompts = [p[common:] for p in prompts]
     while True:
         live = 0 if rows is None else len(rows.ids)
         if queue and live * 4 <= batch_size * 3:
             admit, queue = queue[:batch_size - live], queue[batch_size - live:]
-            rows = _merge(rows, _prefill(model, prompts, admit, pad_id, prefix, device), max_new_tokens)
+            rows = _merge(rows, _prefill(model, prompts, admit, pad_id, prefix, device, shared), max_new_tokens)
         if rows is None or len(rows.ids) == 0:
             break
         tok = _sample(rows.logits, temperature, top_p, gen)
