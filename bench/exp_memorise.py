@@ -1,0 +1,108 @@
+"""How fast does each trainable memory take in facts? A small memorisation probe, minutes on a CPU.
+
+    python bench/exp_memorise.py --memory memory|lora [--lr 1e-2] [--epochs 10] [--items 64]
+                                 [--options '{"layers": "spread"}'] [--workspace bench/out/fictional-ws]
+
+Takes the first N question/answer items of a workspace's synthetic data (WS/synth/*.jsonl, e.g. the cloze items
+`exp_fictional.py` writes), trains the memory on them alone (loss on the answers, batches of 8, AdamW or the
+memory layer's own row-sparse optimizer and TF-IDF hook, no replay, no schedule) and reports the training loss per
+epoch and how many of the N answers greedy decoding then reproduces. It measures capacity and learning speed on the
+training items themselves, not knowledge of the documents (that is `exp_fictional.py`'s job): a memory that cannot
+reproduce what it was trained on will not answer paraphrases of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--memory", choices=["memory", "lora"], default="memory")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--items", type=int, default=64)
+    ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory)")
+    ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from engrain import models
+    from engrain.memory.memory_layer import MemoryLayerKind
+
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    lm = models.load_model(None, device="cpu", dtype="float32")
+    tok, model = lm.tokenizer, lm.model
+    qa = []
+    for path in sorted((Path(args.workspace) / "synth").glob("*.jsonl")):
+        items = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
+        qa += [item["messages"] for item in items if "messages" in item]
+    if len(qa) < args.items:
+        sys.exit(f"{args.workspace}/synth holds {len(qa)} question/answer items, fewer than --items {args.items}; "
+                 "run bench/exp_fictional.py (or engrain synth) first.")
+    qa = qa[:args.items]
+    end = models.end_of_turn(tok)
+    rows = [(tok(models.chat_prompt(tok, models.chat_messages(m[0]["content"])), add_special_tokens=False)["input_ids"],
+             tok(m[1]["content"] + end, add_special_tokens=False)["input_ids"]) for m in qa]
+
+    kind = MemoryLayerKind() if args.memory == "memory" else None
+    if kind:
+        model = kind.attach(model, tok, {"options": {"memory": json.loads(args.options)}}, None)
+        opt = kind.make_optimizer(model, args.lr, 0.0)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of(batch) -> torch.Tensor:
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, :len(p) + len(a)] = 1
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    model.train()
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        losses = []
+        for start in range(0, len(order), 8):
+            loss = loss_of([rows[i] for i in order[start:start + 8]])
+            loss.backward()
+            if kind:
+                kind.sparse_grad_hook(model)  # only the TF-IDF top rows of the slots read move
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        print(f"epoch {epoch + 1}: train loss {sum(losses) / len(losses):.3f} ({time.time() - t0:.0f} s)", flush=True)
+    model.eval()
+    gens = models.generate(dataclasses.replace(lm, model=model), [tok.decode(p) for p, _ in rows], max_new_tokens=16,
+                           batch_size=32)
+    hits = sum(m[1]["content"].lower() in g.text.lower() for m, g in zip(qa, gens))
+    print(f"{args.memory} lr {args.lr} options {args.options}: {args.epochs} epochs, final train loss "
+          f"{sum(losses) / len(losses):.3f}, reproduces {hits}/{len(qa)} trained answers")
+
+
+if __name__ == "__main__":
+    main()
