@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .models import stop_index
+
 SUPPORTED_TYPES = {"llama"}
 TOP_K = 50
 
@@ -196,7 +198,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
 
-MIN_SHARED = 8  # tokens; below this, running a shared start once saves less than the extra forward costs
+MIN_SHARED = 8  # tokens; a shorter common start is not worth a forward of its own (a judgement, not tuned)
 
 
 def _common_start(prompts: list[list[int]]) -> int:
@@ -262,9 +264,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     # The prompts' common start (the chat template's opening and system prompt) is run once, not once per row.
     shared, common = None, (_common_start(prompts) if prefix is None else 0)
     if common:
-        shared = _empty_caches(model, 1, common, device)
-        _forward(model, torch.tensor([prompts[0][:common]], device=device), torch.arange(common, device=device)[None],
-                 shared, 0, torch.ones((1, common), dtype=torch.bool, device=device))
+        shared = _prefill(model, [prompts[0][:common]], [0], pad_id, None, device).caches
         prompts = [p[common:] for p in prompts]
     while True:
         live = 0 if rows is None else len(rows.ids)
@@ -292,8 +292,5 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
                                prefix)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
-    result = out.tolist()
-    for i, seq in enumerate(result):
-        result[i] = seq[:next((j + 1 for j, t in enumerate(seq) if t in stop_ids), max_new_tokens)]
-    return result
+    return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
 
