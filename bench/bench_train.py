@@ -7,11 +7,13 @@ output):
 - the machine's matmul peak: torch.mm on large square matrices, fp32 and bf16;
 - baseline: a plain fp32 PEFT LoRA step as most scripts write it: right-padded batch, model(**batch).loss,
   backward, AdamW step;
-- engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows: no padding, block-diagonal
-  attention from position ids, logits only where a loss is taken).
+- engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows, one row per forward with the
+  gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
+  taken).
 Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
 = 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
-positions where logits are computed; attention FLOPs are left out (small at these lengths).
+positions where logits are computed; attention FLOPs are left out (small at these lengths, and the baseline's
+padded rows and engrain's per-example blocks are about as long).
 Writes bench/out/bench_train.json. Numbers on a shared 2-core machine are noisy: compare ratios within one run.
 """
 
@@ -92,7 +94,7 @@ def main() -> None:
     from engrain.config import TrainConfig
     from engrain.memory.parametric import all_linear_names, get_kind
     from engrain.models import load_model
-    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack
+    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack, unpacked_rows
 
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16, n=1024, reps=2)  # emulated (slow) where the CPU has no native bf16
@@ -136,7 +138,7 @@ def main() -> None:
     del peft_model, base_model, opt
 
     # --- engrain's trainer step for each memory ---------------------------------------------------------------
-    packed = pack(examples, args.seq_len, tok.pad_token_id)
+    packed = pack(examples, args.seq_len)
     for name in [m.strip() for m in args.memories.split(",") if m.strip()]:
         try:
             kind = get_kind(name)
@@ -151,7 +153,10 @@ def main() -> None:
         module = kind.attach(model, tok, kind_cfg, None)
         module.train()
         packing = bool(getattr(kind, "packing", True))
-        batch = collate(packed if packing else [r for r in packed], tok.pad_token_id, packing, "cpu")
+        # One row per forward, gradients accumulated over the rows, one optimizer step: the trainer's loop with
+        # micro_batch 1 (rows are not padded, so nothing but real tokens is computed).
+        rows_in = packed if packing else [r for r in unpacked_rows(examples, args.seq_len)]
+        batches = [collate([r], tok.pad_token_id, packing, "cpu") for r in rows_in]
         params = [p for p in module.parameters() if p.requires_grad]
         make_opt = getattr(kind, "make_optimizer", None)
         opt = make_opt(module, 1e-4, 0.0) if make_opt else torch.optim.AdamW(params, lr=1e-4)
@@ -159,8 +164,9 @@ def main() -> None:
         n_loss = sum(e.n_loss for e in examples)
 
         def step():
-            s, _ = loss_sum(module, batch, packing)
-            (s / n_loss).backward()
+            for batch in batches:
+                s, _ = loss_sum(module, batch, packing)
+                (s / n_loss).backward()
             if hook:
                 hook(module)
             opt.step()
@@ -168,7 +174,7 @@ def main() -> None:
 
         sec = time_steps(step, args.steps)
         body, head = flops_per_token(model, trained_body=(name == "full"))
-        flops = body * batch["input_ids"].numel() + head * n_loss
+        flops = body * sum(b["input_ids"].numel() for b in batches) + head * n_loss
         rows.append({"method": f"engrain {name} (packed)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
                      "mfu_fp32": flops / sec / peak32, "mfu_bf16": flops / sec / peak16,
                      "trainable_params": sum(p.numel() for p in params)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -67,17 +68,20 @@ def test_text_items_take_loss_on_every_predicted_token(tokenizer):
 
 
 def test_packing_leaves_no_padding_between_examples():
-    from engrain.train import Example, pack
+    from engrain.train import Example, collate, pack
 
     exs = [Example(list(range(1, n + 1)), [-100] * 2 + list(range(3, n + 1)), f"e{n}") for n in (5, 7, 3, 9, 4)]
-    rows = pack(exs, seq_len=16, pad_id=0)
-    # greedy in order: 5+7+3 = 15 fits one row, 9+4 = 13 the next; only row tails are padded
-    assert len(rows) == 2 and all(len(r.ids) == 16 for r in rows)
-    assert rows[0].ids == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 0]
-    assert rows[0].positions == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0]  # restart at each example
-    assert rows[1].positions == list(range(9)) + list(range(4)) + list(range(3))
-    assert rows[1].labels[-3:] == [-100] * 3  # padding takes no loss
+    rows = pack(exs, seq_len=16)
+    # greedy in order: 5+7+3 = 15 fits one row, 9+4 = 13 the next; rows are not padded
+    assert [len(r.ids) for r in rows] == [15, 13]
+    assert rows[0].ids == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3]
+    assert rows[0].positions == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2]  # restart at each example
+    assert rows[1].positions == list(range(9)) + list(range(4))
     assert sum(r.n_loss for r in rows) == sum(e.n_loss for e in exs)
+    # collation pads a micro-batch to its longest row: the padding is one more sequence that takes no loss
+    batch = collate(rows, 0, True, "cpu")
+    assert batch["position_ids"][1].tolist() == list(range(9)) + list(range(4)) + [0, 1]
+    assert batch["labels"][1, -2:].tolist() == [-100, -100]
 
 
 def test_packed_rows_do_not_attend_across_examples(tiny_lm):
@@ -95,7 +99,7 @@ def test_packed_rows_do_not_attend_across_examples(tiny_lm):
     exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
     model = tiny_lm.model
     with torch.no_grad():
-        packed = pack(exs, seq_len=256, pad_id=tok.pad_token_id)
+        packed = pack(exs, seq_len=256)
         assert len(packed) == 1
         s_packed, n_packed = loss_sum(model, collate(packed, tok.pad_token_id, True, "cpu"), True)
         s_alone, n_alone = 0.0, 0
@@ -123,9 +127,9 @@ def test_data_order_is_deterministic_and_seeded(tokenizer):
 
     exs = [encode_item(tokenizer, {"text": f"item {i} " * (i % 5 + 1)}, str(i)) for i in range(40)]
     cfg = TrainConfig(seq_len=64, seed=3)
-    a = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, 0, True))]
-    b = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, 0, True))]
-    c = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, TrainConfig(seq_len=64, seed=4), 2, 0, True))]
+    a = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, True))]
+    b = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, cfg, 2, True))]
+    c = [[r.ids for r in b] for _, (_e, b) in zip(range(6), global_batches(exs, TrainConfig(seq_len=64, seed=4), 2, True))]
     assert a == b and a != c
 
 
@@ -326,3 +330,33 @@ def test_cli_train_json_and_bad_data(ws, tiny_model_dir):
     proc = subprocess.run(cmd + ["--force"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "zz.jsonl:1:" in proc.stderr.replace("\n", "")  # rich may wrap the message
+
+
+def test_packed_attention_equals_the_block_diagonal_mask(tiny_lm):
+    """Per-example attention blocks give the logits and gradients of transformers' own block-diagonal mask (the
+    tiny model has grouped KV heads, like the embedded one)."""
+    import torch
+
+    from engrain.packed_attention import packed_rows
+
+    model = tiny_lm.model
+    torch.manual_seed(1)
+    ids = torch.randint(5, 500, (2, 40))
+    pos = torch.tensor([list(range(13)) + list(range(20)) + list(range(7)),
+                        list(range(40))])
+
+    def run(packed: bool):
+        model.zero_grad()
+        with packed_rows(model) if packed else contextlib.nullcontext():
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        (logits.float() ** 2).mean().backward()
+        return logits.detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    ref_logits, ref_grad = run(False)
+    logits, grad = run(True)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-6, rtol=1e-4)
+    # and the blocks really are separate: the second example alone gives the same logits as inside the row
+    alone = model(input_ids=ids[:1, 13:33], use_cache=False).logits
+    assert torch.allclose(alone[0], logits[0, 13:33], atol=1e-5)

@@ -93,6 +93,10 @@ class TrainConfig(Section):
     replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
                                       description="self_distill and/or general_text")
     replay_max_new_tokens: int = 96
+    # distillation: the base model with the item's source chunks in the prompt is the teacher (see distill.py)
+    distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
+                                                             "loss (0 = off, 1 = distillation alone)")
+    distill_top_k: int = Field(32, ge=1, description="teacher tokens kept per position")
     # LoRA
     lora_rank: int = 16
     lora_alpha: float = 32.0

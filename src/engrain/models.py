@@ -330,12 +330,13 @@ DEFAULT_SYSTEM = "You are a helpful assistant. Answer briefly and exactly."
 def chat_messages(question: str, context: str | None = None, system: str | None = DEFAULT_SYSTEM) -> list[dict]:
     """The messages for one question, optionally with documents in view."""
     messages = [{"role": "system", "content": system}] if system else []
-    if context:
-        user = f"Use the documents below to answer.\n\n{context}\n\nQuestion: {question}"
-    else:
-        user = question
-    messages.append({"role": "user", "content": user})
+    messages.append({"role": "user", "content": context_question(question, context) if context else question})
     return messages
+
+
+def context_question(question: str, context: str) -> str:
+    """How a question is asked with documents in view (rag, context, and the distillation teacher)."""
+    return f"Use the documents below to answer.\n\n{context}\n\nQuestion: {question}"
 
 
 def chat_prompt(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -60,6 +60,7 @@ class Example:
     labels: list[int]  # IGNORE where no loss is taken
     key: str  # stable identity (item id or file:line): decides the validation split
     kind: str = "synth"  # "synth" or "replay"
+    teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position (train.distill)
 
     @property
     def n_loss(self) -> int:
@@ -242,6 +243,8 @@ class Row:
     ids: list[int]
     labels: list[int]
     positions: list[int]
+    # the teacher's (top-k ids, log-probs) at each loss position in order, None where an example has no teacher
+    teacher: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
 
     @property
     def n_loss(self) -> int:
@@ -249,19 +252,24 @@ class Row:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
+def _teacher_entries(ex: Example, labels: list[int]) -> list[tuple[list[int], list[float]] | None]:
+    """The teacher's targets for the loss positions left in ``labels`` (the example's, perhaps truncated)."""
+    n = sum(1 for x in labels if x != IGNORE)
+    if ex.teacher is None:
+        return [None] * n
+    return list(zip(ex.teacher.ids[:n], ex.teacher.logprobs[:n]))
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Row]:
     """Greedy packing in the given order: append examples to the current row until the next does not fit.
-    Only the tail of a row is padded (labels IGNORE, positions restarting, so it is a separate sequence)."""
+    Rows are not padded here: a row that is not full stays short, and collation pads a micro-batch only to its
+    longest row (with one micro-batch row, nothing at all)."""
     rows: list[Row] = []
     cur = Row([], [], [])
 
     def close() -> None:
         if cur.ids:
-            pad = seq_len - len(cur.ids)
-            cur.ids.extend([pad_id] * pad)
-            cur.labels.extend([IGNORE] * pad)
-            cur.positions.extend(range(pad))
-            rows.append(Row(cur.ids, cur.labels, cur.positions))
+            rows.append(cur)
 
     for ex in examples:
         ids, labels = ex.ids[:seq_len], ex.labels[:seq_len]
@@ -271,28 +279,30 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> list[Row]:
         cur.ids.extend(ids)
         cur.labels.extend(labels)
         cur.positions.extend(range(len(ids)))
+        cur.teacher.extend(_teacher_entries(ex, labels))
     close()
     return rows
 
 
 def unpacked_rows(examples: list[Example], seq_len: int) -> list[Row]:
     """One example per row (for kinds that cannot take packed rows); padding happens at collation."""
-    return [Row(e.ids[:seq_len], e.labels[:seq_len], list(range(min(len(e.ids), seq_len)))) for e in examples]
+    return [Row(e.ids[:seq_len], e.labels[:seq_len], list(range(min(len(e.ids), seq_len))),
+                _teacher_entries(e, e.labels[:seq_len])) for e in examples]
 
 
-def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, pad_id: int, packing: bool) -> list[Row]:
+def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, packing: bool) -> list[Row]:
     order = list(range(len(examples)))
     random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
     shuffled = [examples[i] for i in order]
-    return pack(shuffled, cfg.seq_len, pad_id) if packing else unpacked_rows(shuffled, cfg.seq_len)
+    return pack(shuffled, cfg.seq_len) if packing else unpacked_rows(shuffled, cfg.seq_len)
 
 
-def global_batches(examples: list[Example], cfg: TrainConfig, rows_per_step: int, pad_id: int, packing: bool):
+def global_batches(examples: list[Example], cfg: TrainConfig, rows_per_step: int, packing: bool):
     """An endless, deterministic stream of (epoch, global batch of rows): the same for every process and every
     resume. A last partial batch of an epoch is filled with rows from that epoch's start."""
     epoch = 0
     while True:
-        rows = epoch_rows(examples, epoch, cfg, pad_id, packing)
+        rows = epoch_rows(examples, epoch, cfg, packing)
         for start in range(0, len(rows), rows_per_step):
             batch = rows[start:start + rows_per_step]
             if len(batch) < rows_per_step:
@@ -301,13 +311,14 @@ def global_batches(examples: list[Example], cfg: TrainConfig, rows_per_step: int
         epoch += 1
 
 
-def steps_per_epoch(examples: list[Example], cfg: TrainConfig, rows_per_step: int, pad_id: int, packing: bool) -> int:
-    return max(1, math.ceil(len(epoch_rows(examples, 0, cfg, pad_id, packing)) / rows_per_step))
+def steps_per_epoch(examples: list[Example], cfg: TrainConfig, rows_per_step: int, packing: bool) -> int:
+    return max(1, math.ceil(len(epoch_rows(examples, 0, cfg, packing)) / rows_per_step))
 
 
 def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
-    """Tensors for one micro-batch. Packed: no attention mask (position ids mark the examples). Unpacked: right
-    padding with an attention mask."""
+    """Tensors for one micro-batch, right-padded to its longest row. Packed: no attention mask (position ids mark
+    the examples; a row's padding counts on from 0 as one more sequence that takes no loss). Unpacked: an attention
+    mask."""
     import torch
 
     width = max(len(r.ids) for r in rows)
@@ -320,15 +331,28 @@ def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
         ids[i, :n] = torch.tensor(r.ids)
         labels[i, :n] = torch.tensor(r.labels)
         pos[i, :n] = torch.tensor(r.positions)
+        pos[i, n:] = torch.arange(width - n)
         mask[i, :n] = 1
     batch = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device)}
     if not packing:
         batch["attention_mask"] = mask.to(device)
+    entries = [t for r in rows for t in r.teacher]  # in the order loss_sum takes the loss positions
+    if any(t is not None for t in entries):
+        k = len(next(t for t in entries if t is not None)[0])
+        t_ids = torch.zeros((len(entries), k), dtype=torch.long)
+        t_lp = torch.full((len(entries), k), -1e9)
+        has = torch.zeros(len(entries), dtype=torch.bool)
+        for i, t in enumerate(entries):
+            if t is not None:
+                t_ids[i], t_lp[i], has[i] = torch.tensor(t[0]), torch.tensor(t[1]), True
+        batch["teacher"] = (t_ids.to(device), t_lp.to(device), has.to(device))
     return batch
 
 
-def loss_sum(module, batch: dict, packing: bool):
-    """Sum of next-token cross-entropies over the batch's loss tokens (and how many there are)."""
+def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
+    """Sum of the token losses over the batch's loss tokens (and how many there are): next-token cross-entropy,
+    and where the batch carries teacher targets and ``distill`` > 0, (1 - distill) x that + distill x the
+    cross-entropy against the teacher's top-k distribution (renormalised over its k tokens)."""
     import torch
     import torch.nn.functional as F
 
@@ -337,13 +361,23 @@ def loss_sum(module, batch: dict, packing: bool):
     keep[:, :-1] = labels[:, 1:] != IGNORE  # logits at t predict token t+1
     targets = labels[:, 1:][keep[:, :-1]]
     if packing:
-        out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
-                     use_cache=False, logits_to_keep=keep)
+        from .packed_attention import packed_rows
+
+        with packed_rows(module):  # each example's attention block alone, not the whole row's
+            out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
+                         use_cache=False, logits_to_keep=keep)
         logits = out.logits.reshape(-1, out.logits.shape[-1])
     else:
         out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[keep]
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+    if distill <= 0 or "teacher" not in batch:
+        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+    t_ids, t_lp, has = batch["teacher"]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    hard = -logp.gather(1, targets[:, None])[:, 0]
+    soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
+    mixed = torch.where(has, (1 - distill) * hard + distill * soft, hard)
+    return mixed.sum(), int(targets.numel())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,23 +499,36 @@ class Plan:
                 **self.extra}
 
 
-def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool) -> Plan:
+def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool, *, teacher: bool = True,
+              show: bool = True) -> Plan:
+    """The run's data and size. With ``cfg.distill`` > 0 and ``teacher``, the training examples get their teacher
+    targets (computed with ``lm`` before any memory is attached, or read from the workspace's cache)."""
     items = read_synthetic(ws)
     examples = [encode_item(lm.tokenizer, item, key) for key, item in items]
     train, val = split_examples(examples, cfg.val_fraction, cfg.val_max)
+    extra = {}
+    if cfg.distill > 0:
+        with_chunks = sum(1 for key, item in items if item.get("chunk_ids"))
+        extra["distill"] = {"weight": cfg.distill, "top_k": cfg.distill_top_k, "items_with_chunks": with_chunks}
+        if teacher:
+            from .distill import teacher_targets
+
+            targets = teacher_targets(ws, lm, train, dict(items), cfg.distill_top_k, IGNORE, show)
+            for ex in train:
+                ex.teacher = targets.get(ex.key)
+            extra["distill"]["examples_with_teacher"] = len(targets)
     replay = replay_examples(ws, lm, cfg, len(train))
     train = train + replay
     rows_per_step = cfg.micro_batch * cfg.grad_accum * world
     if rows_per_step % world:
         raise EngrainError("The global batch must split evenly over processes.")
-    pad = lm.tokenizer.pad_token_id
-    spe = steps_per_epoch(train, cfg, rows_per_step, pad, packing)
+    spe = steps_per_epoch(train, cfg, rows_per_step, packing)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * spe))
     return Plan(train=train, val=val, n_synth=len(items) - len(val), n_replay=len(replay), rows_per_step=rows_per_step,
                 steps=steps, steps_per_epoch=spe,
                 train_tokens_per_epoch=sum(min(len(e.ids), cfg.seq_len) for e in train),
                 loss_tokens_per_epoch=sum(e.n_loss for e in train),
-                truncated=sum(1 for e in train if len(e.ids) > cfg.seq_len))
+                truncated=sum(1 for e in train if len(e.ids) > cfg.seq_len), extra=extra)
 
 
 def run_config(cfg: TrainConfig, lm: LM) -> dict:
@@ -561,7 +608,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                            hint="Pass --force to train it again with the new config (the old one is replaced).")
 
     with accelerator.main_process_first():  # replay data is generated and cached once, by the main process
-        plan = make_plan(ws, lm, cfg, world, packing)
+        plan = make_plan(ws, lm, cfg, world, packing, teacher=not dry_run, show=show)
     lr = cfg.lr if cfg.lr is not None else float(getattr(kind, "default_lr", 1e-4))
     if dry_run:
         return dry_run_report(ws, lm, kind, cfg, plan, lr, packing, device)
@@ -610,9 +657,9 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
 
     model = accelerator.prepare(module)  # DDP wrapper under `accelerate launch`; the module itself otherwise
     pad_id = lm.tokenizer.pad_token_id
-    val_rows = (pack(plan.val, cfg.seq_len, pad_id) if packing else unpacked_rows(plan.val, cfg.seq_len))
+    val_rows = (pack(plan.val, cfg.seq_len) if packing else unpacked_rows(plan.val, cfg.seq_len))
     bf16 = use_bf16(cfg.bf16, str(device))
-    stream = global_batches(plan.train, cfg, plan.rows_per_step, pad_id, packing)
+    stream = global_batches(plan.train, cfg, plan.rows_per_step, packing)
     for _ in range(start_step):  # the same data order as an uninterrupted run
         next(stream)
 
@@ -633,7 +680,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                 sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                 with ctx, _autocast(str(device), bf16):
-                    s, _ = loss_sum(model, tensors, packing)
+                    s, _ = loss_sum(model, tensors, packing, cfg.distill)
                     # DDP averages gradients over processes; scaling by world turns that into the global sum.
                     loss = s * world / max(1, n_loss)
                 loss.backward()
@@ -780,7 +827,7 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
     params = [p for p in module.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     pad_id = lm.tokenizer.pad_token_id
-    rows = epoch_rows(plan.train, 0, cfg, pad_id, packing)[:cfg.micro_batch * 3]
+    rows = epoch_rows(plan.train, 0, cfg, packing)[:cfg.micro_batch * 3]
     micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
     times, toks = [], []
     for j, m in enumerate(micro):

@@ -1,0 +1,221 @@
+"""Teacher targets for the distillation loss (``train.distill`` > 0).
+
+The teacher is the base model reading the item's source chunks in its prompt, exactly as `rag` would show them;
+the student is the model being trained, which sees the item alone. Matching the teacher's whole token distribution
+on the answer carries more than the one correct token (Knowledge Modules, 2025: distilled LoRA 37.2 against 26.1
+for next-token training on QuALITY; Cartridges trains its KV cache the same way).
+
+For every training example the teacher's top-k log-probabilities are kept at each loss position, in the order of
+the example's labels, so the trainer can line them up with its own logits after packing. They are computed once,
+before the memory is attached (the teacher is the unchanged base model), and cached in
+``WS/train/distill/<model>-k<K>.jsonl``, appended group by group, so an interrupted run resumes where it stopped.
+An item without ``chunk_ids``, or whose chunks are no longer in the corpus, keeps the plain next-token loss.
+
+Items of one chunk share the start of their teacher prompts (system message and the chunk itself): that start runs
+once and its KV cache is reused for the items' own tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .index import Hit
+from .memory.rag import render_chunks
+from .models import LM, chat_prompt, context_question
+from .workspace import Workspace
+
+MIN_SHARED = 8  # a shorter common start is not worth a forward of its own
+BATCH = 16  # items per teacher forward
+
+
+@dataclass
+class Teacher:
+    """The teacher's top-k token ids and log-probabilities at each loss position of one example."""
+
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def first_loss_index(labels: list[int], ignore: int) -> int | None:
+    """Where the loss starts; None when the labels are not one contiguous tail (then there is no teacher)."""
+    j = next((i for i, x in enumerate(labels) if x != ignore), None)
+    if j is None or j == 0 or any(x == ignore for x in labels[j:]):
+        return None
+    return j
+
+
+def teacher_prefix(tokenizer, item: dict, ids: list[int], j: int, context: str) -> list[int]:
+    """The teacher's tokens before the loss tail ``ids[j:]``: the item's own prompt with the context added.
+
+    Chat items: the same messages with the last user message asked as `rag` asks it (the documents, then the
+    question). Text items: the context, a blank line, then the tokens before the tail."""
+    from .train import render_messages
+
+    if "messages" in item:
+        msgs = [dict(m) for m in item["messages"][:-1]]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[last]["content"] = context_question(msgs[last]["content"], context)
+        prompt, _ = render_messages(tokenizer, msgs + [item["messages"][-1]])
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return tokenizer(context + "\n\n", add_special_tokens=False)["input_ids"] + ids[:j]
+
+
+def cache_path(ws: Workspace, lm: LM, top_k: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)
+    return ws.root / "train" / "distill" / f"{safe}-k{top_k}.jsonl"
+
+
+def _signature(prefix: list[int], tail: list[int]) -> str:
+    """Identifies what the teacher saw: a changed item, chunk or template gives another signature."""
+    return hashlib.sha1(json.dumps([prefix, tail]).encode()).hexdigest()[:20]
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """key -> record; a line torn by a crash (the last one) is skipped and recomputed."""
+    done: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            done[rec["key"]] = rec
+    return done
+
+
+def _common_start(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, pad_id: int) -> list[Teacher]:
+    """Teacher targets for items that share a prompt start: (key, prefix, tail) each; the logits needed start at
+    the last prefix token."""
+    import torch
+
+    seqs = [p + t for _, p, t in jobs]
+    # The shared start must end before the first logit an item needs (its last prefix token).
+    shared = min(_common_start(seqs), min(len(p) for _, p, _ in jobs) - 1) if len(jobs) > 1 else 0
+    shared = shared if shared >= MIN_SHARED else 0
+    device = next(model.parameters()).device
+    start_cache = None
+    if shared:
+        out = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True)
+        start_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    out: list[Teacher] = []
+    for b in range(0, len(jobs), BATCH):
+        part = list(zip(jobs[b:b + BATCH], seqs[b:b + BATCH]))
+        own = [s[shared:] for _, s in part]
+        width = max(len(o) for o in own)
+        ids = torch.full((len(own), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(own), shared + width), dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, o in enumerate(own):
+            ids[i, :len(o)] = torch.tensor(o)
+            mask[i, shared:shared + len(o)] = 1
+        kwargs = {}
+        if start_cache is not None:
+            cache = copy.deepcopy(start_cache)
+            cache.batch_repeat_interleave(len(own))
+            kwargs["cache"] = cache
+        pos = torch.arange(shared, shared + width).expand(len(own), -1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                       use_cache=start_cache is not None, **kwargs).logits
+        for i, ((_, prefix, tail), _) in enumerate(part):
+            first = len(prefix) - 1 - shared  # the logit at the last prefix token predicts tail[0]
+            lp = torch.log_softmax(logits[i, first:first + len(tail)].float(), dim=-1)
+            top = lp.topk(top_k, dim=-1)
+            out.append(Teacher(top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()]))
+    return out
+
+
+def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict], top_k: int, ignore: int,
+                    show: bool = True) -> dict[str, Teacher]:
+    """key -> Teacher for every example whose item names chunks still in the corpus (computed, or read from the
+    cache). ``items`` maps an example's key to its synthetic item."""
+    import torch
+
+    from .corpus.schema import read_chunks
+
+    chunks = {c.id: c for c in read_chunks(ws)} if ws.chunks_path.is_file() else {}
+    path = cache_path(ws, lm, top_k)
+    done = _read_cache(path)
+    result: dict[str, Teacher] = {}
+    groups: dict[tuple, list[tuple[str, list[int], list[int]]]] = {}
+    skipped = 0
+    for ex in examples:
+        item = items.get(ex.key)
+        j = first_loss_index(ex.labels, ignore)
+        ids_ = (item or {}).get("chunk_ids") or []
+        if item is None or j is None or not ids_ or any(c not in chunks for c in ids_):
+            skipped += 1
+            continue
+        context = render_chunks([Hit(c, chunks[c].doc_id, chunks[c].text, 0.0) for c in ids_])
+        prefix, tail = teacher_prefix(lm.tokenizer, item, ex.ids, j, context), ex.ids[j:]
+        sig = _signature(prefix, tail)
+        rec = done.get(ex.key)
+        if rec is not None and rec.get("sig") == sig:
+            result[ex.key] = Teacher(rec["ids"], rec["logprobs"])
+        else:
+            groups.setdefault((tuple(ids_), "messages" in item), []).append((ex.key, prefix, tail))
+    todo = sum(len(g) for g in groups.values())
+    if skipped and show:
+        _log(f"engrain: distillation: {skipped} examples have no source chunk in the corpus; they keep the "
+             "next-token loss alone")
+    if not todo:
+        return result
+    if show:
+        _log(f"engrain: distillation: computing teacher targets for {todo} examples (once; cached in {path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model, was_training = lm.model, lm.model.training
+    model.eval()
+    with _Progress(show, todo) as bar, open(path, "a", encoding="utf-8") as f, torch.no_grad():
+        for jobs in groups.values():
+            for (key, prefix, tail), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id)):
+                result[key] = t
+                f.write(json.dumps({"key": key, "sig": _signature(prefix, tail), "ids": t.ids,
+                                    "logprobs": t.logprobs}) + "\n")
+            f.flush()  # a group at a time: a crash loses at most the group in flight
+            bar.advance(len(jobs))
+    model.train(was_training)
+    return result
+
+
+class _Progress:
+    """Items done, with an ETA, on stderr; silent when not shown."""
+
+    def __init__(self, show: bool, total: int) -> None:
+        self.show, self.total = show, total
+
+    def __enter__(self):
+        if self.show:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("distill teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=Console(stderr=True))
+            self.bar.__enter__()
+            self.task = self.bar.add_task("teacher", total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self.show:
+            self.bar.update(self.task, advance=n)
+
+    def __exit__(self, *a):
+        if self.show:
+            self.bar.__exit__(*a)
+        return False

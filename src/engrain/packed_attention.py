@@ -1,0 +1,81 @@
+"""Attention for packed training rows that computes each example's block alone.
+
+A packed row holds several examples one after another; position ids restart at 0 where an example starts.
+Transformers turns that into a block-diagonal causal mask and hands it to SDPA, which on a CPU computes the whole
+row x row score matrix and throws most of it away: a 1,024-token row of 70-token examples pays for ~15x the
+attention it uses. Here each example's block runs as its own causal SDPA call, so attention costs the sum of the
+squared example lengths instead of the squared row length, and no mask is built at all.
+
+``packed_rows(model)`` switches a model to this attention for the duration of a training forward (the trainer's
+``loss_sum`` uses it); a call with a mask or a cache (generation, a trained prefix) falls back to SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+NAME = "engrain_packed"
+_registered = False
+
+
+def _segments(positions) -> list[tuple[int, int]]:
+    """[start, end) of each example in a row: a new one starts wherever the position is 0."""
+    starts = (positions == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    return list(zip(starts, starts[1:] + [int(positions.shape[0])]))
+
+
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+    """Attention interface of transformers: query (B, Hq, L, D), key/value (B, Hkv, L, D) -> (B, L, Hq, D)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    positions = kwargs.get("position_ids")
+    if attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if positions.shape[0] != query.shape[0]:
+        positions = positions.expand(query.shape[0], -1)
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for b in range(query.shape[0]):
+        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+                 for s, e in _segments(positions[b])]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(NAME, packed_attention)
+        _registered = True
+
+
+def _config(module):
+    while hasattr(module, "module"):  # DDP wraps the model in .module
+        module = module.module
+    return module.config
+
+
+@contextlib.contextmanager
+def packed_rows(module):
+    """Run ``module``'s attention as ``packed_attention`` inside the block (models whose attention goes through
+    transformers' attention interface; the previous implementation is restored on exit)."""
+    _register()
+    config = _config(module)
+    before = config._attn_implementation
+    if before not in ("sdpa", "eager"):  # flash or flex attention already handle packed rows without waste
+        yield
+        return
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
