@@ -7,9 +7,11 @@
 2. replay    a share of general data is mixed in against forgetting: the base model's own greedy answers to
              general prompts (self-distillation, generated once and cached in the workspace) and, when enabled,
              the general text the project ships.
-3. packing   examples are shuffled per epoch (seeded) and packed into rows of ``seq_len`` tokens with no padding
-             between them; position ids restart at 0 for each example, so transformers builds a block-diagonal
-             causal mask and attention never crosses examples. Logits are computed only where a loss is taken.
+3. packing   examples are shuffled per epoch (seeded) and packed into rows of up to ``seq_len`` tokens with no
+             padding; position ids restart at 0 for each example, and ``packed_attention`` computes each
+             example's causal attention block alone, so attention never crosses examples and costs only the
+             blocks. Logits are computed only where a loss is taken. With ``distill`` > 0 the loss also matches
+             the base model's distribution with the item's source chunks in view (``distill.py``).
 4. loop      AdamW, cosine schedule with warm-up, gradient accumulation, clipping, optional bf16 autocast,
              ``accelerate`` for DDP (a no-op in one process). The loss of a step is the sum of token losses over
              the whole global batch divided by its number of loss tokens, so any split of a global batch over
@@ -827,7 +829,8 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
     params = [p for p in module.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     pad_id = lm.tokenizer.pad_token_id
-    rows = epoch_rows(plan.train, 0, cfg, packing)[:cfg.micro_batch * 3]
+    epoch0 = epoch_rows(plan.train, 0, cfg, packing)
+    rows = epoch0[:cfg.micro_batch * 3]
     micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
     times, toks = [], []
     for j, m in enumerate(micro):
@@ -841,8 +844,7 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
     for p in params:
         p.grad = None
     tok_s = sum(toks) / max(1e-9, sum(times)) if times else float("nan")
-    total_tokens = plan.steps * plan.rows_per_step * (cfg.seq_len if packing else
-                                                      plan.train_tokens_per_epoch / max(1, len(plan.train)))
+    total_tokens = plan.steps * plan.rows_per_step * sum(len(r.ids) for r in epoch0) / max(1, len(epoch0))
     optimizer_bytes = n_trainable * 4 * 2  # AdamW: two fp32 moments per trained weight
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     predicted = peak_rss + optimizer_bytes
