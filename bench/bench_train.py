@@ -155,7 +155,7 @@ def main() -> None:
         packing = bool(getattr(kind, "packing", True))
         # One row per forward, gradients accumulated over the rows, one optimizer step: the trainer's loop with
         # micro_batch 1 (rows are not padded, so nothing but real tokens is computed).
-        rows_in = packed if packing else [r for r in unpacked_rows(examples, args.seq_len)]
+        rows_in = packed if packing else unpacked_rows(examples, args.seq_len)
         batches = [collate([r], tok.pad_token_id, packing, "cpu") for r in rows_in]
         params = [p for p in module.parameters() if p.requires_grad]
         make_opt = getattr(kind, "make_optimizer", None)

@@ -24,12 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fastgen import common_start
 from .index import Hit
 from .memory.rag import render_chunks
-from .models import LM, chat_prompt, context_question
+from .models import LM, context_question
+from .train import Progress, file_safe, render_messages
 from .workspace import Workspace
 
-MIN_SHARED = 8  # a shorter common start is not worth a forward of its own
 BATCH = 16  # items per teacher forward
 
 
@@ -58,8 +59,6 @@ def teacher_prefix(tokenizer, item: dict, ids: list[int], j: int, context: str) 
 
     Chat items: the same messages with the last user message asked as `rag` asks it (the documents, then the
     question). Text items: the context, a blank line, then the tokens before the tail."""
-    from .train import render_messages
-
     if "messages" in item:
         msgs = [dict(m) for m in item["messages"][:-1]]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
@@ -70,8 +69,7 @@ def teacher_prefix(tokenizer, item: dict, ids: list[int], j: int, context: str) 
 
 
 def cache_path(ws: Workspace, lm: LM, top_k: int) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)
-    return ws.root / "train" / "distill" / f"{safe}-k{top_k}.jsonl"
+    return ws.root / "train" / "distill" / f"{file_safe(lm.name)}-k{top_k}.jsonl"
 
 
 def _signature(prefix: list[int], tail: list[int]) -> str:
@@ -92,29 +90,18 @@ def _read_cache(path: Path) -> dict[str, dict]:
     return done
 
 
-def _common_start(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs[1:]):
-            return i
-    return n
-
-
 def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, pad_id: int) -> list[Teacher]:
     """Teacher targets for items that share a prompt start: (key, prefix, tail) each; the logits needed start at
-    the last prefix token."""
+    the last prefix token, so the shared start ends before it (``common_start`` of the prefixes)."""
     import torch
 
     seqs = [p + t for _, p, t in jobs]
-    # The shared start must end before the first logit an item needs (its last prefix token).
-    shared = min(_common_start(seqs), min(len(p) for _, p, _ in jobs) - 1) if len(jobs) > 1 else 0
-    shared = shared if shared >= MIN_SHARED else 0
+    shared = common_start([p for _, p, _ in jobs])
     device = next(model.parameters()).device
     start_cache = None
     if shared:
-        out = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True)
-        start_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        first = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True)
+        start_cache = first.cache if getattr(first, "cache", None) is not None else first.past_key_values
     out: list[Teacher] = []
     for b in range(0, len(jobs), BATCH):
         part = list(zip(jobs[b:b + BATCH], seqs[b:b + BATCH]))
@@ -155,6 +142,7 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     done = _read_cache(path)
     result: dict[str, Teacher] = {}
     groups: dict[tuple, list[tuple[str, list[int], list[int]]]] = {}
+    sigs: dict[str, str] = {}
     skipped = 0
     for ex in examples:
         item = items.get(ex.key)
@@ -165,9 +153,9 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
             continue
         context = render_chunks([Hit(c, chunks[c].doc_id, chunks[c].text, 0.0) for c in ids_])
         prefix, tail = teacher_prefix(lm.tokenizer, item, ex.ids, j, context), ex.ids[j:]
-        sig = _signature(prefix, tail)
+        sigs[ex.key] = _signature(prefix, tail)
         rec = done.get(ex.key)
-        if rec is not None and rec.get("sig") == sig:
+        if rec is not None and rec.get("sig") == sigs[ex.key]:
             result[ex.key] = Teacher(rec["ids"], rec["logprobs"])
         else:
             groups.setdefault((tuple(ids_), "messages" in item), []).append((ex.key, prefix, tail))
@@ -182,40 +170,14 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     path.parent.mkdir(parents=True, exist_ok=True)
     model, was_training = lm.model, lm.model.training
     model.eval()
-    with _Progress(show, todo) as bar, open(path, "a", encoding="utf-8") as f, torch.no_grad():
+    finished = 0
+    with Progress(show, todo, 0, "distill teacher") as bar, open(path, "a", encoding="utf-8") as f, torch.no_grad():
         for jobs in groups.values():
-            for (key, prefix, tail), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id)):
+            for (key, _, _), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id)):
                 result[key] = t
-                f.write(json.dumps({"key": key, "sig": _signature(prefix, tail), "ids": t.ids,
-                                    "logprobs": t.logprobs}) + "\n")
+                f.write(json.dumps({"key": key, "sig": sigs[key], "ids": t.ids, "logprobs": t.logprobs}) + "\n")
             f.flush()  # a group at a time: a crash loses at most the group in flight
-            bar.advance(len(jobs))
+            finished += len(jobs)
+            bar.update(finished)
     model.train(was_training)
     return result
-
-
-class _Progress:
-    """Items done, with an ETA, on stderr; silent when not shown."""
-
-    def __init__(self, show: bool, total: int) -> None:
-        self.show, self.total = show, total
-
-    def __enter__(self):
-        if self.show:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("distill teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), console=Console(stderr=True))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("teacher", total=self.total)
-        return self
-
-    def advance(self, n: int) -> None:
-        if self.show:
-            self.bar.update(self.task, advance=n)
-
-    def __exit__(self, *a):
-        if self.show:
-            self.bar.__exit__(*a)
-        return False

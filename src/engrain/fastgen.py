@@ -180,7 +180,7 @@ def _empty_caches(model, rows: int, width: int, device) -> list:
 
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None) -> _Rows:
     """Run a left-padded batch of prompts; the rows come back with their first logits pending.
-    ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``_common_start``); it is copied
+    ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``common_start``); it is copied
     into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens]."""
     tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
     tokens, mask = tokens.to(device), mask.bool().to(device)
@@ -201,7 +201,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
 MIN_SHARED = 8  # tokens; a shorter common start is not worth a forward of its own (a judgement, not tuned)
 
 
-def _common_start(prompts: list[list[int]]) -> int:
+def common_start(prompts: list[list[int]]) -> int:
     """How many leading tokens all prompts share, leaving each at least one token of its own (its last position
     gives its first logits). Chat prompts share the template's opening and the system prompt."""
     first, shortest = prompts[0], min(len(p) for p in prompts)
@@ -262,7 +262,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     rows: _Rows | None = None
     # The prompts' common start (the chat template's opening and system prompt) is run once, not once per row.
-    shared, common = None, (_common_start(prompts) if prefix is None else 0)
+    shared, common = None, (common_start(prompts) if prefix is None else 0)
     if common:
         shared = _prefill(model, [prompts[0][:common]], [0], pad_id, None, device).caches
         prompts = [p[common:] for p in prompts]

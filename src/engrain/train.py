@@ -179,6 +179,11 @@ def replay_prompts() -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
+def file_safe(name: str) -> str:
+    """A model name as part of a cache file's name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int) -> list[dict]:
     """The base model's greedy answers to general prompts, generated once per model and cached in the workspace
     (training on its own outputs keeps the model close to itself on general requests)."""
@@ -187,8 +192,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int) -> list[dict]
     prompts = replay_prompts()
     if not prompts:
         return []
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in lm.name)
-    cache = ws.root / "train" / "replay" / f"self-distill-{safe}-{max_new_tokens}.jsonl"
+    cache = ws.root / "train" / "replay" / f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
     if cache.is_file():
         rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(rows) == len(prompts):
@@ -665,7 +669,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
     for _ in range(start_step):  # the same data order as an uninterrupted run
         next(stream)
 
-    progress = _progress(show, plan.steps, start_step, name)
+    progress = Progress(show, plan.steps, start_step, f"train {name}")
     t_start, tokens_seen, last_loss = time.time(), 0, float("nan")
     log_path = run_dir(ws, name) / "log.jsonl"
     stopped_early = False
@@ -720,7 +724,9 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
             if is_main:
                 with open(log_path.parent.mkdir(parents=True, exist_ok=True) or log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-            progress.update(step, last_loss, tok_s, record.get("val_loss"))
+            shown_val = record.get("val_loss")
+            progress.update(step, f"loss {last_loss:.3f} · {tok_s:,.0f} tok/s"
+                            + (f" · val {shown_val:.3f}" if shown_val is not None else ""))
 
             if cfg.save_every and step % cfg.save_every == 0 and step < plan.steps and not stopped_early:
                 accelerator.wait_for_everyone()
@@ -785,20 +791,20 @@ def save_memory(ws: Workspace, name: str, kind, module, meta: dict) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-class _progress:
-    """A rich progress bar (steps, loss, tokens/s, ETA) on stderr; silent when not shown."""
+class Progress:
+    """A rich progress bar (done of total, a line of info, elapsed, ETA) on stderr; silent when not shown."""
 
-    def __init__(self, show: bool, total: int, start: int, name: str) -> None:
+    def __init__(self, show: bool, total: int, start: int, label: str) -> None:
         self.show = show
         if show:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn(f"train {name}"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.task = self.bar.add_task(label, total=total, completed=start, info="")
 
     def __enter__(self):
         if self.show:
@@ -810,10 +816,9 @@ class _progress:
             self.bar.__exit__(*a)
         return False
 
-    def update(self, step: int, loss: float, tok_s: float, val: float | None) -> None:
+    def update(self, completed: int, info: str = "") -> None:
         if self.show:
-            info = f"loss {loss:.3f} · {tok_s:,.0f} tok/s" + (f" · val {val:.3f}" if val is not None else "")
-            self.bar.update(self.task, completed=step, info=info)
+            self.bar.update(self.task, completed=completed, info=info)
 
 
 def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr: float, packing: bool,

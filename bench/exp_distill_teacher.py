@@ -1,0 +1,60 @@
+"""How sure is the distillation teacher of the training labels? Reads (or computes) a workspace's teacher targets.
+
+    python bench/exp_distill_teacher.py --workspace W [--top-k 32]
+
+For every training example of W's synthetic data with source chunks, the teacher (the base model with the chunks in
+the rag prompt, engrain/distill.py) gives its top-k at each answer token. Printed per item kind (chat answers, text):
+how often the label is the teacher's first choice, the mean probability it gives the label (0 outside its top k),
+and how often the label is outside its top k. With train.distill = d, a share d of the loss pulls towards the
+teacher's distribution instead of the label: a teacher unsure of the labels dilutes the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workspace", required=True)
+    ap.add_argument("--top-k", type=int, default=32)
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args()
+
+    from engrain.distill import teacher_targets
+    from engrain.models import load_model
+    from engrain.train import IGNORE, encode_item, read_synthetic
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(Path(args.workspace))
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    items = read_synthetic(ws)
+    examples = [encode_item(lm.tokenizer, item, key) for key, item in items]
+    targets = teacher_targets(ws, lm, examples, dict(items), args.top_k, IGNORE)
+    kinds = {key: ("chat" if "messages" in item else "text") for key, item in items}
+    stats: dict[str, list[float]] = {}
+    for ex in examples:
+        t = targets.get(ex.key)
+        if t is None:
+            continue
+        s = stats.setdefault(kinds[ex.key], [0, 0, 0.0, 0])
+        for label, ids, lps in zip([x for x in ex.labels if x != IGNORE], t.ids, t.logprobs):
+            probs = dict(zip(ids, lps))
+            s[0] += 1
+            s[1] += ids[0] == label
+            s[2] += math.exp(probs[label]) if label in probs else 0.0
+            s[3] += label not in probs
+    print(f"teacher targets for {len(targets)} of {len(examples)} examples (top {args.top_k})")
+    print("| items | label tokens | label is first choice | mean p(label) | label outside top k |\n|---|---|---|---|---|")
+    for kind, (n, top1, p, miss) in sorted(stats.items()):
+        print(f"| {kind} | {n} | {top1 / n:.3f} | {p / n:.3f} | {miss / n:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
