@@ -3,6 +3,7 @@ saved and loaded, refusing a model it does not fit, and usable through models.ge
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ from engrain.atomic import write_json, write_jsonl
 from engrain.corpus.schema import Document
 from engrain.errors import EngrainError
 from engrain.memory.parametric import META_FILE, model_fingerprint
-from engrain.memory.prefix import PrefixKind, PrefixLM, corpus_tokens, kv_of_tokens
+from engrain.memory.prefix import PrefixKind, PrefixLM, corpus_tokens, document_openings, kv_of_tokens
 from engrain.models import LM, generate
 from engrain.workspace import Workspace
 
@@ -58,6 +59,18 @@ def test_prefix_starts_as_the_models_kv_of_the_corpus(tiny_lm, tmp_path):
     assert [n for n, p in module.named_parameters() if p.requires_grad] == ["keys", "values"]
 
 
+def test_documents_init_reads_every_documents_opening(tiny_lm, tmp_path):
+    tok = tiny_lm.tokenizer
+    ids = document_openings(tok, DOCS, 12)
+    first = tok(DOCS[0], add_special_tokens=False)["input_ids"]
+    second = tok("\n\n" + DOCS[1], add_special_tokens=False)["input_ids"]
+    assert ids == first[:8] + second[:4]  # at least 8 tokens of each document, cut to the prefix length
+    assert document_openings(tok, DOCS, 40) == first[:20] + second[:20]
+    module = attach(tiny_lm, make_workspace(tmp_path), length=12, init="documents")
+    keys, _ = module.prefix_kv()
+    torch.testing.assert_close(keys, kv_of_tokens(tiny_lm.model, ids)[0])
+
+
 def test_corpus_prefix_is_the_same_as_reading_those_tokens(tiny_lm, tmp_path):
     """Logits with the prefix equal the model's logits on prefix tokens + input: positions and masks are right,
     for a plain row, for left-padded rows and for packed rows."""
@@ -82,6 +95,30 @@ def test_corpus_prefix_is_the_same_as_reading_those_tokens(tiny_lm, tmp_path):
                         position_ids=torch.tensor([list(range(len(a))) + list(range(len(b)))])).logits[0]
         torch.testing.assert_close(packed[:len(a)], ref_a, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(packed[len(a):], ref_b, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path):
+    """The trainer's packed attention (no mask; each example attends to the prefix and its own tokens) gives the
+    logits and prefix gradients of the 4-D mask the prefix builds otherwise."""
+    from engrain.packed_attention import packed_rows
+
+    module = attach(tiny_lm, make_workspace(tmp_path), length=10)
+    torch.manual_seed(3)
+    ids = torch.randint(5, 500, (2, 30))
+    pos = torch.tensor([list(range(9)) + list(range(14)) + list(range(7)), list(range(30))])
+
+    def run(packed: bool):
+        module.zero_grad()
+        with packed_rows(module) if packed else contextlib.nullcontext():
+            logits = module(input_ids=ids, attention_mask=None, position_ids=pos).logits
+        (logits.float() ** 2).mean().backward()
+        return logits.detach(), module.keys.grad.clone(), module.values.grad.clone()
+
+    ref = run(False)
+    got = run(True)
+    assert tiny_lm.model.config._attn_implementation == "sdpa"  # restored
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_generation_with_prefix_matches_reading_the_prefix_tokens(tiny_lm, tmp_path):

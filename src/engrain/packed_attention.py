@@ -7,7 +7,8 @@ attention it uses. Here each example's block runs as its own causal SDPA call, s
 squared example lengths instead of the squared row length, and no mask is built at all.
 
 ``packed_rows(model)`` switches a model to this attention for the duration of a training forward (the trainer's
-``loss_sum`` uses it); a call with a mask or a cache (generation, a trained prefix) falls back to SDPA unchanged.
+``loss_sum`` uses it). Keys cached in front of the row (a trained KV prefix) are seen by every example: each block
+then attends to them and to its own earlier tokens. A call with a mask (generation's padding) falls back to SDPA.
 """
 
 from __future__ import annotations
@@ -33,17 +34,30 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     positions = kwargs.get("position_ids")
-    if attention_mask is not None or positions is None or query.shape[2] != key.shape[2]:
+    shared = key.shape[2] - query.shape[2]  # cached keys in front of the row (a trained prefix): every token sees them
+    if attention_mask is not None or positions is None or shared < 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if positions.shape[0] != query.shape[0]:
         positions = positions.expand(query.shape[0], -1)
     gqa = query.shape[1] != key.shape[1]
+
+    def block(b: int, s: int, e: int):
+        q = query[b:b + 1, :, s:e]
+        if not shared:
+            return F.scaled_dot_product_attention(q, key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], dropout_p=dropout,
+                                                  is_causal=True, scale=scaling, enable_gqa=gqa)
+        k = torch.cat([key[b:b + 1, :, :shared], key[b:b + 1, :, shared + s:shared + e]], dim=2)
+        v = torch.cat([value[b:b + 1, :, :shared], value[b:b + 1, :, shared + s:shared + e]], dim=2)
+        allowed = torch.ones(e - s, shared + e - s, dtype=torch.bool, device=q.device)
+        allowed[:, shared:] = allowed[:, shared:].tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling,
+                                              enable_gqa=gqa)
+
     rows = []
     for b in range(query.shape[0]):
-        parts = [F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-                 for s, e in _segments(positions[b])]
+        # Positions of the row's own tokens count on from the shared keys; an example starts where they restart.
+        parts = [block(b, s, e) for s, e in _segments(positions[b] - shared)]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None

@@ -4,6 +4,7 @@ Every attention layer of the frozen model sees P extra key/value vectors before 
 had been read earlier and kept in the KV cache. Those vectors are the only trained parameters. They start as the
 real KV cache of the first P tokens of the corpus (Cartridges found this much better than random vectors), so the
 untrained prefix already "has read" the start of the documents, and training then packs more of the corpus in.
+``init: documents`` starts it instead from every document's opening tokens, an equal share each.
 
 How it plugs into transformers 5 without touching the model:
 
@@ -32,12 +33,13 @@ from torch import nn
 
 from ..atomic import write_json
 from ..errors import EngrainError
+from ..packed_attention import NAME as PACKED
 from .parametric import check_base, register
 
 WEIGHTS_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
 DEFAULTS = {"length": 256, "init": "corpus", "freeze_first_token": True, "seed": 0}
-INIT_SOURCES = ("corpus", "random_tokens")
+INIT_SOURCES = ("corpus", "documents", "random_tokens")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +80,22 @@ def corpus_tokens(tokenizer, texts: list[str], length: int) -> list[int]:
             break
         piece = text if not ids else "\n\n" + text
         ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return ids[:length]
+
+
+def document_openings(tokenizer, texts: list[str], length: int) -> list[int]:
+    """The opening tokens of every document, an equal share of ``length`` each (a blank line between them).
+
+    With more documents than a prefix can hold from the first one onward, this starts the prefix having read how
+    each document begins (its subject, its first facts) rather than all of the first few documents.
+    """
+    share = max(length // max(len(texts), 1), 8)
+    ids: list[int] = []
+    for text in texts:
+        if len(ids) >= length:
+            break
+        piece = text if not ids else "\n\n" + text
+        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"][:share])
     return ids[:length]
 
 
@@ -172,8 +190,10 @@ class PrefixLM(nn.Module):
         batch, length = input_ids.shape
         p = self.prefix_length
         if attention_mask is None and position_ids is not None:
-            # Packed rows: position ids restart per example; each example sits right after the prefix.
-            mask = self._packed_mask(position_ids, self._dtype())
+            # Packed rows: position ids restart per example; each example sits right after the prefix. The trainer's
+            # packed attention needs no mask (it finds the examples from the positions and sees the prefix whole).
+            packed_attention = self.model.config._attn_implementation == PACKED
+            mask = None if packed_attention else self._packed_mask(position_ids, self._dtype())
             positions = position_ids + p
         else:
             if attention_mask is None:
@@ -222,7 +242,8 @@ def prefix_options(cfg: dict | None) -> dict:
                            hint="A few hundred tokens is typical (default 256).")
     if opts["init"] not in INIT_SOURCES:
         raise EngrainError(f"train.options.prefix.init must be one of {', '.join(INIT_SOURCES)}, "
-                           f"not {opts['init']!r}.", hint="'corpus' starts from the KV of the documents' first tokens.")
+                           f"not {opts['init']!r}.", hint="'corpus' starts from the KV of the corpus's first tokens, 'documents' from "
+                                "every document's opening tokens.")
     opts["freeze_first_token"] = bool(opts["freeze_first_token"])
     return opts
 
@@ -236,7 +257,7 @@ class PrefixKind:
     def attach(self, model, tokenizer, cfg: dict, workspace) -> PrefixLM:
         opts = prefix_options(cfg)
         length = opts["length"]
-        if opts["init"] == "corpus":
+        if opts["init"] in ("corpus", "documents"):
             from ..corpus.schema import read_documents
 
             if workspace is None:
@@ -244,7 +265,8 @@ class PrefixKind:
                                    hint="Pass the workspace, or set train.options.prefix.init: random_tokens.")
 
             docs = read_documents(workspace)
-            ids = corpus_tokens(tokenizer, [d.text for d in docs if d.text.strip()], length)
+            read = corpus_tokens if opts["init"] == "corpus" else document_openings
+            ids = read(tokenizer, [d.text for d in docs if d.text.strip()], length)
             if len(ids) < 2:
                 raise EngrainError(f"The corpus in {workspace.documents_path} has no text to start the prefix from.",
                                    hint="Ingest some documents first, or set train.options.prefix.init: random_tokens.")
