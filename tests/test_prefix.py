@@ -44,7 +44,7 @@ def save(module, folder, model):
 
 def test_prefix_starts_as_the_models_kv_of_the_corpus(tiny_lm, tmp_path):
     ws = make_workspace(tmp_path)
-    module = attach(tiny_lm, ws, length=12)
+    module = attach(tiny_lm, ws, length=12, init="corpus")
     ids = corpus_tokens(tiny_lm.tokenizer, DOCS, 12)
     assert len(ids) == 12 and ids == tiny_lm.tokenizer(DOCS[0], add_special_tokens=False)["input_ids"][:12]
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_corpus_prefix_is_the_same_as_reading_those_tokens(tiny_lm, tmp_path):
     """Logits with the prefix equal the model's logits on prefix tokens + input: positions and masks are right,
     for a plain row, for left-padded rows and for packed rows."""
     ws = make_workspace(tmp_path)
-    module = attach(tiny_lm, ws, length=10)
+    module = attach(tiny_lm, ws, length=10, init="corpus")
     prefix_ids = corpus_tokens(tiny_lm.tokenizer, DOCS, 10)
     a = tiny_lm.tokenizer("Who founded Veltrix Systems?", add_special_tokens=False)["input_ids"]
     b = tiny_lm.tokenizer("Tide gauges", add_special_tokens=False)["input_ids"]
@@ -123,7 +123,7 @@ def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path
 
 def test_generation_with_prefix_matches_reading_the_prefix_tokens(tiny_lm, tmp_path):
     ws = make_workspace(tmp_path)
-    module = attach(tiny_lm, ws, length=10)
+    module = attach(tiny_lm, ws, length=10, init="corpus")
     prefix_ids = corpus_tokens(tiny_lm.tokenizer, DOCS, 10)
     tok = tiny_lm.tokenizer
     a = tok("Who founded Veltrix Systems? Answer:", add_special_tokens=False)["input_ids"]

@@ -102,7 +102,7 @@ class TrainConfig(Section):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
-    # settings of other memories, by memory name (e.g. options.prefix.tokens)
+    # settings of other memories, by memory name (e.g. options.prefix.length)
     options: dict[str, dict] = Field(default_factory=dict)
 
 

@@ -1,10 +1,12 @@
 """A trained KV prefix (Cartridges, Eyuboglu et al. 2025): the corpus compressed into per-layer keys and values.
 
 Every attention layer of the frozen model sees P extra key/value vectors before the prompt, exactly as if P tokens
-had been read earlier and kept in the KV cache. Those vectors are the only trained parameters. They start as the
-real KV cache of the first P tokens of the corpus (Cartridges found this much better than random vectors), so the
-untrained prefix already "has read" the start of the documents, and training then packs more of the corpus in.
-``init: documents`` starts it instead from every document's opening tokens, an equal share each.
+had been read earlier and kept in the KV cache. Those vectors are the only trained parameters. They start as a
+real KV cache of corpus tokens (Cartridges found this much better than random vectors): by default every document's
+opening tokens, an equal share each (``init: documents``), or the first P tokens of the corpus (``init: corpus``,
+Cartridges' choice). The untrained prefix thus already "has read" how the documents begin, and training packs more
+of the corpus in. Defaults (1,024 tokens, documents) were measured on 10 fictional-dev documents, 5 epochs on a
+CPU: 0.207 of the closed-book probes against 0.040 for 256 tokens of the corpus's start (README).
 
 How it plugs into transformers 5 without touching the model:
 
@@ -38,7 +40,7 @@ from .parametric import check_base, register
 
 WEIGHTS_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
-DEFAULTS = {"length": 256, "init": "corpus", "freeze_first_token": True, "seed": 0}
+DEFAULTS = {"length": 1024, "init": "documents", "freeze_first_token": True, "seed": 0}
 INIT_SOURCES = ("corpus", "documents", "random_tokens")
 
 
@@ -239,7 +241,7 @@ def prefix_options(cfg: dict | None) -> dict:
         opts["length"] = -1
     if opts["length"] < 2:
         raise EngrainError(f"train.options.prefix.length must be an integer >= 2, not {opts['length']!r}.",
-                           hint="A few hundred tokens is typical (default 256).")
+                           hint="Hundreds to a few thousand tokens (default 1024).")
     if opts["init"] not in INIT_SOURCES:
         raise EngrainError(f"train.options.prefix.init must be one of {', '.join(INIT_SOURCES)}, "
                            f"not {opts['init']!r}.", hint="'corpus' starts from the KV of the corpus's first tokens, 'documents' from "
