@@ -74,24 +74,9 @@ def kv_of_tokens(model, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tenso
     return keys.float(), values.float()
 
 
-def corpus_tokens(tokenizer, texts: list[str], length: int) -> list[int]:
-    """The first ``length`` tokens of the documents read one after another (a blank line between them)."""
-    ids: list[int] = []
-    for text in texts:
-        if len(ids) >= length:
-            break
-        piece = text if not ids else "\n\n" + text
-        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-    return ids[:length]
-
-
-def document_openings(tokenizer, texts: list[str], length: int) -> list[int]:
-    """The opening tokens of every document, an equal share of ``length`` each (a blank line between them).
-
-    With more documents than a prefix can hold from the first one onward, this starts the prefix having read how
-    each document begins (its subject, its first facts) rather than all of the first few documents.
-    """
-    share = max(length // max(len(texts), 1), 8)
+def corpus_tokens(tokenizer, texts: list[str], length: int, share: int | None = None) -> list[int]:
+    """The first ``length`` tokens of the documents read one after another (a blank line between them), taking
+    at most ``share`` tokens of each document when given."""
     ids: list[int] = []
     for text in texts:
         if len(ids) >= length:
@@ -99,6 +84,15 @@ def document_openings(tokenizer, texts: list[str], length: int) -> list[int]:
         piece = text if not ids else "\n\n" + text
         ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"][:share])
     return ids[:length]
+
+
+def document_openings(tokenizer, texts: list[str], length: int) -> list[int]:
+    """The opening tokens of every document, an equal share of ``length`` each (at least 8).
+
+    With more documents than a prefix can hold from the first one onward, this starts the prefix having read how
+    each document begins (its subject, its first facts) rather than all of the first few documents.
+    """
+    return corpus_tokens(tokenizer, texts, length, share=max(length // max(len(texts), 1), 8))
 
 
 def random_tokens(tokenizer, length: int, seed: int) -> list[int]:
@@ -244,8 +238,9 @@ def prefix_options(cfg: dict | None) -> dict:
                            hint="Hundreds to a few thousand tokens (default 1024).")
     if opts["init"] not in INIT_SOURCES:
         raise EngrainError(f"train.options.prefix.init must be one of {', '.join(INIT_SOURCES)}, "
-                           f"not {opts['init']!r}.", hint="'corpus' starts from the KV of the corpus's first tokens, 'documents' from "
-                                "every document's opening tokens.")
+                           f"not {opts['init']!r}.",
+                           hint="'documents' starts from the KV of every document's opening tokens, 'corpus' from "
+                                "the corpus's first tokens.")
     opts["freeze_first_token"] = bool(opts["freeze_first_token"])
     return opts
 
@@ -279,7 +274,6 @@ class PrefixKind:
                                hint="Lower train.options.prefix.length.")
         keys, values = kv_of_tokens(model, ids)
         module = PrefixLM(model, keys, values, freeze_first_token=opts["freeze_first_token"])
-        module.init_token_ids = ids  # kept for save(): which text the prefix started from
         module.options = opts
         return module
 
