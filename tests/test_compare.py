@@ -68,6 +68,47 @@ def test_confidence_intervals_cover_and_shrink():
     assert metrics.percentile([1, 2, 3, 4], 50) == 2.5
 
 
+def test_paired_difference_separates_what_overlapping_intervals_cannot():
+    # 150 questions: b right on 5, a right on the same 5 plus 10 more. The unpaired intervals overlap, but every
+    # disagreement goes one way, which McNemar's test and the paired interval both see.
+    b = [1.0] * 5 + [0.0] * 145
+    a = [1.0] * 15 + [0.0] * 135
+    assert metrics.wilson_ci(15, 150)[0] < metrics.wilson_ci(5, 150)[1]
+    d = metrics.paired_difference(a, b)
+    assert d["diff"] == pytest.approx(10 / 150) and (d["wins"], d["losses"], d["n"]) == (10, 0, 150)
+    assert d["p_value"] == pytest.approx(2 / 2**10) and 0 < d["diff_ci"][0] < d["diff"] < d["diff_ci"][1]
+    # Disagreements split evenly: no evidence either way.
+    even = metrics.paired_difference([1.0, 0.0] * 10, [0.0, 1.0] * 10)
+    assert even["diff"] == 0 and even["p_value"] == 1.0 and even["diff_ci"][0] < 0 < even["diff_ci"][1]
+    assert metrics.mcnemar_p(0, 0) == 1.0 and metrics.mcnemar_p(3, 1) == pytest.approx(0.625)
+    with pytest.raises(ValueError, match="same questions"):
+        metrics.paired_difference([1.0], [1.0, 0.0])
+
+
+def test_interpretation_reads_the_paired_tests():
+    from engrain.evaluate.report import interpretation
+
+    def method(scores, base=None):
+        m = {"contains": sum(scores) / len(scores), "contains_ci": list(metrics.wilson_ci(sum(scores), len(scores))),
+             "latency_ms_p50": 1.0, "prompt_tokens_mean": 10.0, "by_hops": {}}
+        if base is not None:
+            m["vs_base"] = metrics.paired_difference(scores, base)
+        return m
+
+    base = [1.0] * 5 + [0.0] * 145
+    lora = [1.0] * 15 + [0.0] * 135            # base's 5 and 10 more: significantly above base
+    # 10 right where base is wrong but 5 wrong where base is right, and 10 against 5 the other way against lora.
+    memory = [0.0] * 5 + [1.0] * 5 + [0.0] * 135 + [1.0] * 5
+    results = {"n_questions": 150, "bench": "b",
+               "methods": {"base": method(base), "lora": method(lora, base), "memory": method(memory, base)},
+               "answers": {k: [{"contains": x} for x in v] for k, v in
+                           (("base", base), ("lora", lora), ("memory", memory))}}
+    text = interpretation(results)
+    assert "lora answered best" in text and "significantly more" in text
+    assert "Its lead over memory is within noise" in text
+    assert "memory did not separate from the untrained model" in text
+
+
 def test_score_breaks_down_by_tag_and_hops():
     qs = [Question(**{k: v for k, v in q.items()}) for q in QUESTIONS]
     answers = [Answer("Mara Olsen", 1, 1), Answer("no idea", 1, 1), Answer("Oskarvik", 1, 1), Answer("Oslo", 1, 1)]
@@ -122,6 +163,15 @@ def test_compare_writes_results_contract_and_report(tmp_path, bench_dir, tiny_lm
     assert saved["methods"]["context"]["prompt_tokens_mean"] > saved["methods"]["base"]["prompt_tokens_mean"]
     assert saved["methods"]["rag"]["build_seconds"] > 0
     assert all(a["chunks"] for a in saved["answers"]["rag"])
+    # Every method but base is tested against base on the same questions, from per-question scores kept in the file.
+    assert "vs_base" not in saved["methods"]["base"]
+    for name in ("context", "rag"):
+        paired = saved["methods"][name]["vs_base"]
+        own = [a["contains"] for a in saved["answers"][name]]
+        base = [a["contains"] for a in saved["answers"]["base"]]
+        assert paired["diff"] == pytest.approx(sum(own) / 4 - sum(base) / 4) and paired["n"] == 4
+        assert paired["wins"] == sum(x > y for x, y in zip(own, base)) and 0 <= paired["p_value"] <= 1
+    assert "vs base (paired)" in (out / "report.md").read_text()
     assert saved["environment"]["seed"] == 0 and saved["environment"]["versions"]["torch"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "What this means" in html

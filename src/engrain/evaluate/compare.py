@@ -187,22 +187,41 @@ def _device_name() -> str:
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def contains_scores(questions: list[Question], answers: list[Answer]) -> list[float]:
+    """1.0 per question whose answer contains a gold answer, else 0.0 (the per-question data paired tests use)."""
+    return [metrics.contains(a.text, q.answers) for q, a in zip(questions, answers)]
+
+
+def against_base(questions: list[Question], runs: list[MethodRun]) -> dict[str, dict]:
+    """Each method against ``base`` on the same questions (paired difference in contains, McNemar's p), when base
+    ran: whether a memory learned anything is this test, not two intervals that may overlap."""
+    base = next((run for run in runs if run.name == "base"), None)
+    if base is None:
+        return {}
+    base_scores = contains_scores(questions, base.answers)
+    return {run.name: metrics.paired_difference(contains_scores(questions, run.answers), base_scores)
+            for run in runs if run.name != "base"}
+
+
 def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int, settings: dict,
                  warnings: list[str] | None = None) -> dict:
     questions = bench.questions
+    methods = {run.name: method_result(run, questions) for run in runs}
+    for name, paired in against_base(questions, runs).items():
+        methods[name]["vs_base"] = paired
     return {
         "bench": bench.name,
         "n_questions": len(questions),
         "model": model_name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "methods": {run.name: method_result(run, questions) for run in runs},
+        "methods": methods,
         "examples": [
             {"id": q.id, "question": q.question, "answers": q.answers, "hops": q.hops,
              **{run.name: run.answers[i].text for run in runs}}
             for i, q in enumerate(questions[:8])
         ],
-        "answers": {run.name: [{"id": q.id, "answer": a.text, "chunks": a.chunks}
-                               for q, a in zip(questions, run.answers)] for run in runs},
+        "answers": {run.name: [{"id": q.id, "answer": a.text, "contains": metrics.contains(a.text, q.answers),
+                                "chunks": a.chunks} for q, a in zip(questions, run.answers)] for run in runs},
         "warnings": warnings or [],
         "environment": environment(seed, settings),
     }

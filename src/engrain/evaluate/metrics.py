@@ -3,6 +3,8 @@
 contains: a normalised gold answer occurs in the normalised output (fair to chatty instruct models);
 em / f1: SQuAD exact match and token F1, best over the gold answers.
 Confidence intervals: Wilson score for proportions (contains, em), percentile bootstrap for means (f1).
+Two methods answered the same questions: ``paired_difference`` (a paired bootstrap interval of the difference and
+McNemar's exact test), which separates methods that two overlapping unpaired intervals cannot.
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> t
     n = len(values)
     means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
     return (means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1])
+
+
+def mcnemar_p(wins: int, losses: int) -> float:
+    """Exact two-sided McNemar test: the chance of a split at least this uneven of the questions where two methods
+    disagree (``wins`` right only for the first, ``losses`` right only for the second) if neither were better."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """``a`` minus ``b``, scored on the same questions in the same order: the mean difference, its 95% paired
+    bootstrap interval (questions resampled, both methods kept together), the questions each got right alone
+    (0/1 scores) and McNemar's exact p-value on those."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same questions ({len(a)} against {len(b)})")
+    diffs = [x - y for x, y in zip(a, b)]
+    wins = sum(1 for d in diffs if d > 0)
+    losses = sum(1 for d in diffs if d < 0)
+    return {"diff": sum(diffs) / len(diffs) if diffs else 0.0, "diff_ci": list(bootstrap_ci(diffs, resamples, seed)),
+            "wins": wins, "losses": losses, "p_value": mcnemar_p(wins, losses), "n": len(diffs)}
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,10 +11,29 @@ import io
 from pathlib import Path
 
 from ..atomic import write_text
+from . import metrics
 
 
 def _fmt_ci(ci: list[float]) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def fmt_paired(paired: dict | None) -> str:
+    """``+0.067 [+0.02, +0.11] p=0.004``: a paired difference in contains, or '' where there is none."""
+    if not paired:
+        return ""
+    lo, hi = paired["diff_ci"]
+    return f"{paired['diff']:+.3f} [{lo:+.2f}, {hi:+.2f}] p={paired['p_value']:.2g}"
+
+
+def paired(results: dict, a: str, b: str) -> dict | None:
+    """``a`` against ``b`` question by question from results.json's per-question scores (None when a file
+    written before those were recorded lacks them)."""
+    answers = results.get("answers") or {}
+    xs, ys = answers.get(a), answers.get(b)
+    if not xs or not ys or len(xs) != len(ys) or any("contains" not in r for r in xs + ys):
+        return None
+    return metrics.paired_difference([r["contains"] for r in xs], [r["contains"] for r in ys])
 
 
 def results_table(results: dict) -> list[dict]:
@@ -27,6 +46,7 @@ def results_table(results: dict) -> list[dict]:
             "p50_ms": m["latency_ms_p50"], "p95_ms": m["latency_ms_p95"], "prompt_tokens": m["prompt_tokens_mean"],
             "build_s": m["build_seconds"], "disk_mb": m.get("disk_bytes", 0) / 2**20, "peak_rss_mb": m["peak_rss_mb"],
             "general_qa_delta": forgetting.get("general_qa_delta"), "ppl_ratio": forgetting.get("perplexity_ratio"),
+            "vs_base": m.get("vs_base"),
         })
     return rows
 
@@ -41,13 +61,27 @@ def interpretation(results: dict) -> str:
     parts = [f"On {results['n_questions']} questions of '{results['bench']}', {best} answered best "
              f"(contains {b['contains']:.2f}, 95% CI {_fmt_ci(b['contains_ci'])}, "
              f"{b['latency_ms_p50']:.0f} ms median latency, {b['prompt_tokens_mean']:.0f} prompt tokens per question)."]
-    overlapping = [k for k, m in methods.items() if k != best and m["contains_ci"][1] >= b["contains_ci"][0]]
-    if overlapping:
-        parts.append(f"Its interval overlaps {', '.join(overlapping)}: with this many questions the difference "
-                     "to those may be noise.")
-    if "base" in methods and best != "base":
-        parts.append(f"The untrained model closed-book scored {methods['base']['contains']:.2f}, so the gain comes "
-                     "from the documents.")
+    # Same questions for every method: a paired test separates methods that overlapping intervals cannot. Files
+    # without per-question scores fall back to the (more cautious) interval overlap.
+    ties = []
+    for k, m in methods.items():
+        if k != best:
+            pair = paired(results, best, k)
+            tied = pair["diff_ci"][0] <= 0 if pair else m["contains_ci"][1] >= b["contains_ci"][0]
+            if tied:
+                ties.append(k)
+    if ties:
+        parts.append(f"Its lead over {', '.join(ties)} is within noise at this many questions (the 95% interval of "
+                     "the paired difference, or of the scores, includes no difference).")
+    if "base" in methods:
+        above = [k for k, m in methods.items() if (m.get("vs_base") or {}).get("diff_ci", [0])[0] > 0]
+        level = [k for k, m in methods.items() if k != "base" and m.get("vs_base") and k not in above]
+        if above:
+            parts.append(f"Against the untrained model closed-book ({methods['base']['contains']:.2f}), "
+                         f"{', '.join(above)} answered significantly more (paired 95% interval above zero): that "
+                         "gain comes from the documents.")
+        if level:
+            parts.append(f"{', '.join(level)} did not separate from the untrained model.")
     cheap = [k for k, m in methods.items() if k != best and m["prompt_tokens_mean"] < 0.5 * b["prompt_tokens_mean"]
              and m["contains"] >= 0.8 * b["contains"] and m["contains"] > 0]
     if cheap:
@@ -154,14 +188,17 @@ def markdown(results: dict) -> str:
              f"{results['n_questions']} questions · model `{results['model']}` · {results['created']}", "",
              "## What this means", "", interpretation(results), "", "## Results", "",
              "| method | contains (95% CI) | EM | F1 | p50 ms | p95 ms | prompt tokens | build s | disk MB | peak RSS MB "
-             "| general QA Δ | ppl ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| general QA Δ | ppl ratio | vs base (paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results_table(results):
         gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
         pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         lines.append(f"| {r['method']} | {r['contains']:.3f} {_fmt_ci(r['contains_ci'])} | {r['em']:.3f} | {r['f1']:.3f} "
                      f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['build_s']:.0f} "
-                     f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} |")
+                     f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} | {fmt_paired(r['vs_base'])} |")
+    if any(r["vs_base"] for r in results_table(results)):
+        lines += ["", "vs base: the difference in contains against the untrained model on the same questions, its "
+                  "95% paired bootstrap interval, and McNemar's exact p-value."]
     methods = results["methods"]
     lines += ["", "## By hops", "", "| method | " + " | ".join(f"hops={h}" for h in _keys(methods, "by_hops")) + " |",
               "|---|" + "---|" * len(_keys(methods, "by_hops"))]
@@ -210,14 +247,14 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
             "<h2>What this means</h2>", f"<p>{html.escape(interpretation(results))}</p>", "<h2>Results</h2>",
             "<table><tr><th>method</th><th>contains (95% CI)</th><th>EM</th><th>F1</th><th>p50 ms</th><th>p95 ms</th>"
             "<th>prompt tokens</th><th>build s</th><th>disk MB</th><th>peak RSS MB</th><th>general QA Δ</th>"
-            "<th>ppl ratio</th></tr>"]
+            "<th>ppl ratio</th><th>vs base (paired)</th></tr>"]
     for r in results_table(results):
         gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
         pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         body.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['contains']:.3f} {_fmt_ci(r['contains_ci'])}</td>"
                     f"<td>{r['em']:.3f}</td><td>{r['f1']:.3f}</td><td>{r['p50_ms']:.0f}</td><td>{r['p95_ms']:.0f}</td>"
                     f"<td>{r['prompt_tokens']:.0f}</td><td>{r['build_s']:.0f}</td><td>{r['disk_mb']:.1f}</td>"
-                    f"<td>{r['peak_rss_mb']:.0f}</td><td>{gq}</td><td>{pr}</td></tr>")
+                    f"<td>{r['peak_rss_mb']:.0f}</td><td>{gq}</td><td>{pr}</td><td>{fmt_paired(r['vs_base'])}</td></tr>")
     body.append("</table>")
     for name, data in images.items():
         body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
