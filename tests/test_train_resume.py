@@ -60,8 +60,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
                  lora_rank=4, lora_dropout=0.1, lr=3e-3)  # dropout: the RNG state must be restored too
     ws_a, ws_b = make_ws(tmp_path / "a", train), make_ws(tmp_path / "b", train)
 
-    done = subprocess.run(cli(ws_a, tiny_model_dir), env=env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cli(ws_a, tiny_model_dir, "--json"), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
+    uninterrupted = json.loads(done.stdout.strip().splitlines()[-1])
 
     proc = subprocess.Popen(cli(ws_b, tiny_model_dir), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = ws_b.root / "train" / "lora" / "checkpoints"
@@ -81,6 +82,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
     assert "resuming 'lora' from step" in resumed.stderr
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 14 and summary["resumed_from_step"] >= 3
+    # Tokens and time count the run before the kill too (up to its checkpoint), not only the resumed stretch.
+    assert summary["train_tokens"] == uninterrupted["train_tokens"]
+    log = [json.loads(line) for line in (ws_b.root / "train" / "lora" / "log.jsonl").read_text().splitlines()]
+    before_kill = next(r["seconds"] for r in log if r["step"] == summary["resumed_from_step"])
+    assert summary["train_seconds"] > before_kill > 0
     assert_same_weights(adapter(ws_a), adapter(ws_b), atol=1e-6)
     assert not ckpt_dir.exists()  # checkpoints go once the memory is saved
 

@@ -650,10 +650,14 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
 
     start_step, best_val, best_step, bad_evals, history = 0, None, None, 0, []
     best_weights = None
+    # Training time and tokens of the runs before a resume (up to their last checkpoint), so the summary's
+    # train_seconds is the build time of the whole memory, not of its last stretch.
+    seconds_before, tokens_before = 0.0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, module, optimizer, scheduler)
         start_step, best_val, best_step = state["step"], state.get("best_val"), state.get("best_step")
         bad_evals, history = state.get("bad_evals", 0), state.get("history", [])
+        seconds_before, tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
         if (resume_from / "best.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -707,7 +711,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
             elapsed = time.time() - t_start
             tok_s = tokens_seen * world / max(1e-9, elapsed)
             record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": round(tok_s, 1)}
+                      "tokens_per_s": round(tok_s, 1), "seconds": round(seconds_before + elapsed, 1)}
 
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == plan.steps) and val_rows:
                 val = evaluate_loss(accelerator.unwrap_model(model), val_rows, cfg, pad_id, packing, device)
@@ -732,7 +736,8 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                 accelerator.wait_for_everyone()
                 if is_main:
                     state = {"config": runcfg, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
-                             "history": history[-1000:]}
+                             "history": history[-1000:], "train_seconds": seconds_before + time.time() - t_start,
+                             "train_tokens": tokens_before + tokens_seen * world}
                     ck = save_checkpoint(ws, name, step, accelerator.unwrap_model(model), optimizer, scheduler,
                                          state, cfg.keep_checkpoints)
                     if best_weights is not None:
@@ -755,7 +760,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                "base_fingerprint": model_fingerprint(lm.model),
                "steps": step, "planned_steps": plan.steps, "stopped_early": stopped_early,
                "resumed_from_step": start_step if resume_from else None, "learning_rate": lr,
-               "train_seconds": round(seconds, 2), "train_tokens": tokens_seen * world,
+               "train_seconds": round(seconds_before + seconds, 2), "train_tokens": tokens_before + tokens_seen * world,
                "tokens_per_s": round(tokens_seen * world / max(1e-9, seconds), 1),
                "final_train_loss": round(last_loss, 5), "best_val_loss": best_val, "best_val_step": best_step,
                "trainable_params": n_trainable, "processes": world, "bf16": bf16, "packing": packing,
