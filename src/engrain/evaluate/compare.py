@@ -192,22 +192,20 @@ def contains_scores(questions: list[Question], answers: list[Answer]) -> list[fl
     return [metrics.contains(a.text, q.answers) for q, a in zip(questions, answers)]
 
 
-def against_base(questions: list[Question], runs: list[MethodRun]) -> dict[str, dict]:
+def against_base(scores: dict[str, list[float]]) -> dict[str, dict]:
     """Each method against ``base`` on the same questions (paired difference in contains, McNemar's p), when base
     ran: whether a memory learned anything is this test, not two intervals that may overlap."""
-    base = next((run for run in runs if run.name == "base"), None)
-    if base is None:
+    if "base" not in scores:
         return {}
-    base_scores = contains_scores(questions, base.answers)
-    return {run.name: metrics.paired_difference(contains_scores(questions, run.answers), base_scores)
-            for run in runs if run.name != "base"}
+    return {name: metrics.paired_difference(own, scores["base"]) for name, own in scores.items() if name != "base"}
 
 
 def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int, settings: dict,
                  warnings: list[str] | None = None) -> dict:
     questions = bench.questions
     methods = {run.name: method_result(run, questions) for run in runs}
-    for name, paired in against_base(questions, runs).items():
+    scores = {run.name: contains_scores(questions, run.answers) for run in runs}
+    for name, paired in against_base(scores).items():
         methods[name]["vs_base"] = paired
     return {
         "bench": bench.name,
@@ -220,8 +218,8 @@ def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int
              **{run.name: run.answers[i].text for run in runs}}
             for i, q in enumerate(questions[:8])
         ],
-        "answers": {run.name: [{"id": q.id, "answer": a.text, "contains": metrics.contains(a.text, q.answers),
-                                "chunks": a.chunks} for q, a in zip(questions, run.answers)] for run in runs},
+        "answers": {run.name: [{"id": q.id, "answer": a.text, "contains": c, "chunks": a.chunks}
+                               for q, a, c in zip(questions, run.answers, scores[run.name])] for run in runs},
         "warnings": warnings or [],
         "environment": environment(seed, settings),
     }

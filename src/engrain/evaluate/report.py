@@ -190,13 +190,14 @@ def markdown(results: dict) -> str:
              "| method | contains (95% CI) | EM | F1 | p50 ms | p95 ms | prompt tokens | build s | disk MB | peak RSS MB "
              "| general QA Δ | ppl ratio | vs base (paired) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results_table(results):
+    rows = results_table(results)
+    for r in rows:
         gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
         pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
         lines.append(f"| {r['method']} | {r['contains']:.3f} {_fmt_ci(r['contains_ci'])} | {r['em']:.3f} | {r['f1']:.3f} "
                      f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['build_s']:.0f} "
                      f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} | {fmt_paired(r['vs_base'])} |")
-    if any(r["vs_base"] for r in results_table(results)):
+    if any(r["vs_base"] for r in rows):
         lines += ["", "vs base: the difference in contains against the untrained model on the same questions, its "
                   "95% paired bootstrap interval, and McNemar's exact p-value."]
     methods = results["methods"]
