@@ -97,11 +97,16 @@ def test_corpus_prefix_is_the_same_as_reading_those_tokens(tiny_lm, tmp_path):
         torch.testing.assert_close(packed[len(a):], ref_b, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path):
+@pytest.mark.parametrize("one_call", [False, True], ids=["per-example", "one-masked-call"])
+def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path, monkeypatch, one_call):
     """The trainer's packed attention (no mask; each example attends to the prefix and its own tokens) gives the
-    logits and prefix gradients of the 4-D mask the prefix builds otherwise."""
+    logits and prefix gradients of the 4-D mask the prefix builds otherwise, on both of its paths: per example
+    (CPU) and one masked call per row (GPU)."""
+    from engrain import packed_attention
     from engrain.packed_attention import packed_rows
 
+    if one_call:
+        monkeypatch.setattr(packed_attention, "LOOP_DEVICES", ())
     module = attach(tiny_lm, make_workspace(tmp_path), length=10)
     torch.manual_seed(3)
     ids = torch.randint(5, 500, (2, 30))

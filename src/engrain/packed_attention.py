@@ -6,6 +6,10 @@ row x row score matrix and throws most of it away: a 1,024-token row of 70-token
 attention it uses. Here each example's block runs as its own causal SDPA call, so attention costs the sum of the
 squared example lengths instead of the squared row length, and no mask is built at all.
 
+On a GPU the trade turns over: the full score matrix of a 1,024-token row is cheap there, while one small SDPA call
+per example (tens per row, in every layer, forward and backward) leaves it waiting on kernel launches. There the
+row runs as one SDPA call with its block-diagonal causal mask (``_row_mask``), the same attention in one launch.
+
 ``packed_rows(model)`` switches a model to this attention for the duration of a training forward (the trainer's
 ``loss_sum`` uses it). Keys cached in front of the row (a trained KV prefix) are seen by every example: each block
 then attends to them and to its own earlier tokens. A call with a mask (generation's padding) falls back to SDPA.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 NAME = "engrain_packed"
+LOOP_DEVICES = ("cpu",)  # where one SDPA call per example beats one masked call per row (measured: bench_train.py)
 _registered = False
 
 
@@ -41,6 +46,11 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if positions.shape[0] != query.shape[0]:
         positions = positions.expand(query.shape[0], -1)
     gqa = query.shape[1] != key.shape[1]
+    if query.device.type not in LOOP_DEVICES:
+        mask = _row_mask(positions, shared)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                             enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
 
     def block(b: int, s: int, e: int):
         q = query[b:b + 1, :, s:e]
@@ -61,6 +71,21 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _row_mask(positions, shared: int):
+    """(B, 1, L, shared + L) bool: a token sees the shared keys, and the earlier tokens of its own example."""
+    import torch
+
+    own = positions - shared
+    starts = own == 0
+    starts[:, 0] = True
+    example = starts.cumsum(dim=1)  # which example of the row each token belongs to
+    length = own.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=own.device).tril()
+    within = (example[:, :, None] == example[:, None, :]) & causal
+    seen = torch.ones(own.shape[0], length, shared, dtype=torch.bool, device=own.device)
+    return torch.cat([seen, within], dim=2).unsqueeze(1)
 
 
 def _register() -> None:
