@@ -84,11 +84,16 @@ def test_packing_leaves_no_padding_between_examples():
     assert batch["labels"][1, -2:].tolist() == [-100, -100]
 
 
-def test_packed_rows_do_not_attend_across_examples(tiny_lm):
+@pytest.mark.parametrize("one_call", [False, True], ids=["per-example", "one-masked-call"])
+def test_packed_rows_do_not_attend_across_examples(tiny_lm, monkeypatch, one_call):
     """A packed row's loss equals the sum of each example's loss computed alone: the block-diagonal mask works
-    and no label leaks across the boundary."""
+    and no label leaks across the boundary. Both attention paths: per example (CPU) and one masked call (GPU)."""
     import torch
 
+    from engrain import packed_attention
+
+    if one_call:
+        monkeypatch.setattr(packed_attention, "LOOP_DEVICES", ())
     from engrain.train import collate, encode_item, loss_sum, pack, unpacked_rows
 
     tok = tiny_lm.tokenizer
@@ -120,6 +125,20 @@ def test_cosine_schedule_with_warmup():
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then non-increasing
     assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert f[total] == pytest.approx(0.1)
+
+
+def test_progress_writes_plain_lines_where_stderr_is_a_log(monkeypatch, capsys):
+    """Under nohup or in a CI log rich draws nothing until the bar closes: a plain line with the step, the total
+    and the ETA is written instead, every LOG_EVERY_S."""
+    from engrain import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    with progress.Progress(True, 10, 2, "train lora") as bar:
+        bar.update(6, "loss 1.50")
+    err = capsys.readouterr().err
+    assert "train lora 6/10 (60%) loss 1.50 · elapsed 0:00:00 · ETA 0:00:00" in err
+    # the ETA is this sitting's pace (steps since a resume) times the steps left
+    assert progress.plain_progress("train x", 30, 100, 10, 40.0).endswith("elapsed 0:00:40 · ETA 0:02:20")
 
 
 def test_data_order_is_deterministic_and_seeded(tokenizer):

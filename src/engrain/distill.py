@@ -28,7 +28,8 @@ from .fastgen import common_start
 from .index import Hit
 from .memory.rag import render_chunks
 from .models import LM, context_question
-from .train import Progress, file_safe, render_messages
+from .progress import Progress
+from .train import file_safe, render_messages
 from .workspace import Workspace
 
 BATCH = 16  # items per teacher forward

@@ -40,6 +40,7 @@ from .atomic import write_json, write_jsonl
 from .config import TrainConfig
 from .errors import EngrainError
 from .models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, end_of_turn
+from .progress import Progress
 from .workspace import Workspace
 
 IGNORE = -100
@@ -792,38 +793,8 @@ def save_memory(ws: Workspace, name: str, kind, module, meta: dict) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# Progress and dry run
+# Dry run
 # --------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar (done of total, a line of info, elapsed, ETA) on stderr; silent when not shown."""
-
-    def __init__(self, show: bool, total: int, start: int, label: str) -> None:
-        self.show = show
-        if show:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), console=Console(stderr=True))
-            self.task = self.bar.add_task(label, total=total, completed=start, info="")
-
-    def __enter__(self):
-        if self.show:
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *a):
-        if self.show:
-            self.bar.__exit__(*a)
-        return False
-
-    def update(self, completed: int, info: str = "") -> None:
-        if self.show:
-            self.bar.update(self.task, completed=completed, info=info)
 
 
 def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr: float, packing: bool,

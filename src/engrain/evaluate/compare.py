@@ -120,27 +120,23 @@ ANSWER_SLICE = 32  # questions handed to a memory per call: large enough to batc
 def run_method(name: str, memory: Memory, questions: list[Question], *, latency_sample: int = 10,
                max_new_tokens: int = 48, progress: bool = False) -> MethodRun:
     """Answer every question batched (accuracy), then time a sample one at a time (latency as a user sees it)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import Progress
 
     texts = [question_text(q) for q in questions]
     sample = texts[:latency_sample]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    with PeakRSS() as rss, Progress(*columns, console=Console(stderr=True), disable=not progress,
-                                    transient=True) as bar:
-        task = bar.add_task(f"{name}: answering", total=len(texts))
+    with PeakRSS() as rss:
         answers: list[Answer] = []
-        for start in range(0, len(texts), ANSWER_SLICE):
-            answers += memory.answer(texts[start:start + ANSWER_SLICE], max_new_tokens=max_new_tokens)
-            bar.update(task, completed=len(answers))
-        task = bar.add_task(f"{name}: timing one at a time", total=len(sample))
+        with Progress(progress, len(texts), 0, f"{name}: answering") as bar:
+            for start in range(0, len(texts), ANSWER_SLICE):
+                answers += memory.answer(texts[start:start + ANSWER_SLICE], max_new_tokens=max_new_tokens)
+                bar.update(len(answers))
         latencies = []
-        for text in sample:
-            t0 = time.perf_counter()
-            memory.answer([text], max_new_tokens=max_new_tokens)
-            latencies.append((time.perf_counter() - t0) * 1000)
-            bar.advance(task)
+        with Progress(progress, len(sample), 0, f"{name}: timing one at a time") as bar:
+            for text in sample:
+                t0 = time.perf_counter()
+                memory.answer([text], max_new_tokens=max_new_tokens)
+                latencies.append((time.perf_counter() - t0) * 1000)
+                bar.update(len(latencies))
     return MethodRun(name=name, answers=answers, latencies_ms=latencies, peak_rss_mb=rss.peak_mb,
                      describe=memory.describe())
 
