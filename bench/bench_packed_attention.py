@@ -1,15 +1,16 @@
 """The trainer's two ways to attend within packed rows, side by side on this machine's device.
 
-    python bench/bench_packed_attention.py [--steps 5] [--rows 2] [--memories lora,prefix] [--device auto]
+    python bench/bench_packed_attention.py [--steps 5] [--rows 2] [--memories lora,prefix] [--prefix-length 1024]
+                                           [--device auto]
 
 A packed training row holds many short synthetic examples; each may attend only to its own earlier tokens (and to a
 trained prefix). `engrain.packed_attention` does that either as one SDPA call per example (no wasted scores; many
 small calls) or as one SDPA call per row with a block-diagonal causal mask (one call; the whole row x row score
-matrix). Which is faster depends on the device, and the trainer picks by `LOOP_DEVICES`. This benchmark times a
-training step (forward, backward, optimizer step, bf16 autocast where the device has it) both ways, on the
-architecture of the embedded model (SmolLM2-135M: 30 layers, width 576) built with random weights: speed does not
-depend on the weights, so it needs no download and runs the same on a machine with no model cache.
-Examples are 30-120 tokens long with the loss on their second half, like `engrain synth` output.
+matrix). Which is faster depends on the device and the prefix's length; the trainer picks by `use_one_call`.
+This benchmark times a training step (forward, backward, optimizer step, bf16 autocast where the device has it)
+both ways, on the architecture of the embedded model (SmolLM2-135M: 30 layers, width 576) built with random
+weights: speed does not depend on the weights, so it needs no download and runs the same on a machine with no
+model cache. Examples are 30-120 tokens long with the loss on their second half, like `engrain synth` output.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def random_examples(n_tokens: int, seed: int = 0) -> list:
     return examples
 
 
-def build(memory: str, device: str):
+def build(memory: str, device: str, prefix_length: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,8 +55,8 @@ def build(memory: str, device: str):
     config = LlamaConfig(**EMBEDDED_SHAPE)
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(device)
-    if memory == "prefix":  # a 1,024-token prefix (the default length), from random token ids
-        keys, values = kv_of_tokens(model, torch.randint(100, 49000, (1024,)).tolist())
+    if memory == "prefix":  # a prefix from random token ids (its init does not change its speed)
+        keys, values = kv_of_tokens(model, torch.randint(100, 49000, (prefix_length,)).tolist())
         module = PrefixLM(model, keys, values)
     else:
         module = get_kind(memory).attach(model, None, TrainConfig().model_dump(), None)
@@ -72,8 +73,8 @@ def time_path(module, batches, n_loss: int, device: str, steps: int, one_call: b
 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    before = packed_attention.LOOP_DEVICES
-    packed_attention.LOOP_DEVICES = () if one_call else (torch.device(device).type,)
+    chosen = packed_attention.use_one_call
+    packed_attention.use_one_call = lambda *args: one_call
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                               enabled=bf16_supported(device))
 
@@ -98,7 +99,7 @@ def time_path(module, batches, n_loss: int, device: str, steps: int, one_call: b
         sync()
         return (time.perf_counter() - t0) / steps
     finally:
-        packed_attention.LOOP_DEVICES = before
+        packed_attention.use_one_call = chosen
 
 
 def main() -> None:
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=2, help="packed rows of 1,024 tokens per step")
     ap.add_argument("--memories", default="lora,prefix")
+    ap.add_argument("--prefix-length", type=int, default=1024, help="KV positions of the prefix (default 1,024)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -126,7 +128,7 @@ def main() -> None:
     print("| memory | per example: s/step | one masked call: s/step | tokens/s (per example -> one call) | "
           "one call x faster |\n|---|---|---|---|---|")
     for memory in [m.strip() for m in args.memories.split(",") if m.strip()]:
-        module = build(memory, device)
+        module = build(memory, device, args.prefix_length)
         loop = time_path(module, batches, n_loss, device, args.steps, one_call=False)
         one = time_path(module, batches, n_loss, device, args.steps, one_call=True)
         print(f"| {memory} | {loop:.3f} | {one:.3f} | {tokens / loop:,.0f} -> {tokens / one:,.0f} | {loop / one:.2f} |",

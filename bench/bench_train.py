@@ -9,7 +9,7 @@ output):
   backward, AdamW step;
 - engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows, one row per forward with the
   gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
-  taken).
+  taken), in fp32 and, where the CPU has native bf16, under bf16 autocast as the trainer runs by default.
 Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
 = 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
 positions where logits are computed; attention FLOPs are left out (small at these lengths, and the baseline's
@@ -94,7 +94,7 @@ def main() -> None:
     from engrain.config import TrainConfig
     from engrain.memory.parametric import all_linear_names, get_kind
     from engrain.models import load_model
-    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack, unpacked_rows
+    from engrain.train import IGNORE, bf16_autocast, collate, encode_item, loss_sum, pack, unpacked_rows, use_bf16
 
     peak32 = matmul_peak(torch.float32)
     peak16 = matmul_peak(torch.bfloat16, n=1024, reps=2)  # emulated (slow) where the CPU has no native bf16
@@ -163,22 +163,25 @@ def main() -> None:
         hook = getattr(kind, "sparse_grad_hook", None)
         n_loss = sum(e.n_loss for e in examples)
 
-        def step():
+        def step(bf16: bool):
             for batch in batches:
-                s, _ = loss_sum(module, batch, packing)
+                with bf16_autocast("cpu", bf16):
+                    s, _ = loss_sum(module, batch, packing)
                 (s / n_loss).backward()
             if hook:
                 hook(module)
             opt.step()
             opt.zero_grad()
 
-        sec = time_steps(step, args.steps)
         body, head = flops_per_token(model, trained_body=(name == "full"))
         flops = body * sum(b["input_ids"].numel() for b in batches) + head * n_loss
-        rows.append({"method": f"engrain {name} (packed)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
-                     "mfu_fp32": flops / sec / peak32, "mfu_bf16": flops / sec / peak16,
-                     "trainable_params": sum(p.numel() for p in params)})
-        print(rows[-1], flush=True)
+        # fp32, and bf16 autocast as the trainer runs where the CPU has native bf16 (train.bf16: auto)
+        for bf16 in (False, True) if use_bf16("auto", "cpu") else (False,):
+            sec = time_steps(lambda: step(bf16), args.steps)
+            rows.append({"method": f"engrain {name} (packed{', bf16 autocast' if bf16 else ''})",
+                         "tokens_per_s": real_tokens / sec, "seconds_per_step": sec, "mfu_fp32": flops / sec / peak32,
+                         "mfu_bf16": flops / sec / peak16, "trainable_params": sum(p.numel() for p in params)})
+            print(rows[-1], flush=True)
         del module, model, opt
 
     base = rows[0]["tokens_per_s"]

@@ -105,8 +105,7 @@ def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path
     from engrain import packed_attention
     from engrain.packed_attention import packed_rows
 
-    if one_call:
-        monkeypatch.setattr(packed_attention, "LOOP_DEVICES", ())
+    monkeypatch.setattr(packed_attention, "use_one_call", lambda *args: one_call)
     module = attach(tiny_lm, make_workspace(tmp_path), length=10)
     torch.manual_seed(3)
     ids = torch.randint(5, 500, (2, 30))

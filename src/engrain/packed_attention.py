@@ -8,7 +8,8 @@ squared example lengths instead of the squared row length, and no mask is built 
 
 On a GPU the trade turns over: the full score matrix of a 1,024-token row is cheap there, while one small SDPA call
 per example (tens per row, in every layer, forward and backward) leaves it waiting on kernel launches. There the
-row runs as one SDPA call with its block-diagonal causal mask (``_row_mask``), the same attention in one launch.
+row runs as one SDPA call with its block-diagonal causal mask (``_row_mask``), the same attention in one launch,
+and so it does on a CPU when a long trained prefix makes the per-example calls re-read it (``use_one_call``).
 
 ``packed_rows(model)`` switches a model to this attention for the duration of a training forward (the trainer's
 ``loss_sum`` uses it). Keys cached in front of the row (a trained KV prefix) are seen by every example: each block
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 
 NAME = "engrain_packed"
-LOOP_DEVICES = ("cpu",)  # where one SDPA call per example beats one masked call per row (measured: bench_train.py)
 _registered = False
 
 
@@ -46,7 +46,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if positions.shape[0] != query.shape[0]:
         positions = positions.expand(query.shape[0], -1)
     gqa = query.shape[1] != key.shape[1]
-    if query.device.type not in LOOP_DEVICES:
+    if use_one_call(query.device.type, query.shape[2], shared):
         mask = _row_mask(positions, shared)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                              enable_gqa=gqa)
@@ -71,6 +71,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def use_one_call(device_type: str, row_tokens: int, shared: int) -> bool:
+    """One masked SDPA call for the row, or one call per example? Measured with bench/bench_packed_attention.py: on a
+    GPU one call (the per-example calls wait on launches); on a CPU one call per example, unless the shared keys
+    outnumber the row's tokens (a 1,024-token prefix: every example would copy and read all of them again)."""
+    return device_type != "cpu" or shared >= row_tokens
 
 
 def _row_mask(positions, shared: int):

@@ -559,7 +559,7 @@ def evaluate_loss(module, val_rows: list[Row], cfg: TrainConfig, pad_id: int, pa
     return total / max(1, count)
 
 
-def _autocast(device: str, enabled: bool):
+def bf16_autocast(device: str, enabled: bool):
     import torch
 
     if not enabled:
@@ -690,7 +690,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                 tensors = collate(rows, pad_id, packing, device)
                 sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-                with ctx, _autocast(str(device), bf16):
+                with ctx, bf16_autocast(str(device), bf16):
                     s, _ = loss_sum(model, tensors, packing, cfg.distill)
                     # DDP averages gradients over processes; scaling by world turns that into the global sum.
                     loss = s * world / max(1, n_loss)
