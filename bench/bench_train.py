@@ -9,7 +9,8 @@ output):
   backward, AdamW step;
 - engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows, one row per forward with the
   gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
-  taken), in fp32 and, where the CPU has native bf16, under bf16 autocast as the trainer runs by default.
+  taken, the head fused with the loss a slice of positions at a time), in fp32 and, where the CPU has native
+  bf16, under bf16 autocast as the trainer runs by default.
 Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
 = 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
 positions where logits are computed; attention FLOPs are left out (small at these lengths, and the baseline's

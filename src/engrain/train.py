@@ -39,6 +39,7 @@ from pathlib import Path
 from .atomic import write_json, write_jsonl
 from .config import TrainConfig
 from .errors import EngrainError
+from .head_loss import fused_head_loss, head_of, hidden_instead_of_logits
 from .models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, end_of_turn
 from .progress import Progress
 from .workspace import Workspace
@@ -367,19 +368,28 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE  # logits at t predict token t+1
     targets = labels[:, 1:][keep[:, :-1]]
+    teacher = batch.get("teacher") if distill > 0 else None
     if packing:
         from .packed_attention import packed_rows
 
-        with packed_rows(module):  # each example's attention block alone, not the whole row's
+        # The head and the loss run together on slices of the final hidden states (head_loss.py), never holding
+        # the full positions x vocabulary logits, wherever the head is a plain linear layer.
+        head = head_of(module)
+        fused = type(head) is torch.nn.Linear and head.bias is None
+        with packed_rows(module), hidden_instead_of_logits(head) if fused else contextlib.nullcontext():
+            # each example's attention block alone, not the whole row's
             out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
                          use_cache=False, logits_to_keep=keep)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        flat = out.logits.reshape(-1, out.logits.shape[-1])
+        if fused:
+            return fused_head_loss(flat, head.weight, targets, teacher, distill), int(targets.numel())
+        logits = flat
     else:
         out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[keep]
-    if distill <= 0 or "teacher" not in batch:
+    if teacher is None:
         return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
-    t_ids, t_lp, has = batch["teacher"]
+    t_ids, t_lp, has = teacher
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = -logp.gather(1, targets[:, None])[:, 0]
     soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)

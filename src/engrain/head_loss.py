@@ -1,0 +1,129 @@
+"""The output head and the token loss in one pass, a slice of positions at a time.
+
+The plain way (``logits = lm_head(h)``, then cross-entropy) holds the whole (positions x vocabulary) logits tensor
+several times over: the logits, their fp32 copy, the log-softmax and, in the backward pass, its gradient. With
+SmolLM2's 49,152-token vocabulary a 1,024-token row makes each of those ~110-200 MB, and on a CPU the passes over
+them cost as much as a third of a LoRA step. Here the head runs on ``CHUNK`` positions at a time, and each slice's
+gradient is taken at once: softmax minus the target distribution, pushed back through the head. What the
+backward pass keeps is only the gradient of the hidden states (positions x hidden size).
+
+Each position's target is a distribution over a few tokens: the next token with weight ``1 - distill`` and the
+teacher's top-k tokens (renormalised) with weight ``distill`` where the position has teacher targets; the next
+token alone elsewhere. The loss is the cross-entropy against it, the same value as
+``(1 - distill) x CE(next token) + distill x CE(teacher top-k)``. Dtypes follow what autocast would do to the head:
+its matmuls in the autocast dtype, the softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+CHUNK = 256  # positions per slice: (256 x 49,152) fp32 is 50 MB, small enough to stay out of the way
+
+
+def head_of(module):
+    """The output head (an ``nn.Linear``) of a Hugging Face CausalLM, or of a wrapper around one (PEFT, DDP, a
+    prefix wrapper with ``.model``); None if there is none."""
+    seen = set()
+    while module is not None and id(module) not in seen:
+        seen.add(id(module))
+        get = getattr(module, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if head is not None:
+            return head
+        module = getattr(module, "module", None) or getattr(module, "model", None)
+    return None
+
+
+@contextlib.contextmanager
+def hidden_instead_of_logits(head):
+    """Inside the block, ``head`` passes its input through: the model's forward returns the final hidden states
+    where it would return logits, so ``fused_head_loss`` can apply the head itself."""
+    head.forward = _identity  # an instance attribute shadows nn.Linear.forward
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _identity(x):
+    return x
+
+
+def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0):
+    """Sum over positions of the cross-entropy of ``hidden @ weight.T`` against each position's target.
+
+    hidden (n, d) final hidden states at the loss positions; weight (vocab, d) the head; targets (n,) next tokens;
+    teacher: None or (ids (n, k), log-probs (n, k), has (n,) bool) as ``collate`` builds them."""
+    import torch
+
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    n = targets.shape[0]
+    # The target distribution: column 0 the next token, columns 1.. the teacher's tokens (weight 0 where none).
+    ids, probs = targets[:, None], torch.ones(n, 1, device=hidden.device)
+    if teacher is not None and distill > 0:
+        t_ids, t_lp, has = teacher
+        probs = torch.where(has, 1.0 - distill, 1.0)[:, None]
+        soft = torch.softmax(t_lp.float(), dim=-1) * (distill * has[:, None])
+        ids, probs = torch.cat([ids, t_ids], dim=1), torch.cat([probs, soft], dim=1)
+    return _FusedHeadLoss.apply(hidden, weight, ids, probs, dtype)
+
+
+def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool):
+    import torch
+
+    w = weight.to(dtype)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+    for s in range(0, hidden.shape[0], CHUNK):
+        h = hidden[s:s + CHUNK].to(dtype)
+        logits = (h @ w.T).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, ids[s:s + CHUNK])
+        loss += (lse - (probs[s:s + CHUNK] * picked).sum(-1)).sum()
+        # d loss / d logits = softmax - target distribution (the targets' weights sum to 1 on every position)
+        grad = logits.sub_(lse[:, None]).exp_()
+        grad.scatter_add_(1, ids[s:s + CHUNK], -probs[s:s + CHUNK])
+        grad = grad.to(dtype)
+        grad_h[s:s + CHUNK] = grad @ w
+        if grad_w is not None:
+            grad_w += (grad.T @ h).float()
+    return loss, grad_h, grad_w
+
+
+class _FusedHeadLoss:
+    """torch.autograd.Function built on first use, so importing this module does not import torch."""
+
+    _fn = None
+
+    @classmethod
+    def apply(cls, hidden, weight, ids, probs, dtype):
+        if cls._fn is None:
+            cls._fn = _make_function()
+        return cls._fn.apply(hidden, weight, ids, probs, dtype)
+
+
+def _make_function():
+    import torch
+
+    class FusedHeadLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, ids, probs, dtype):
+            ctx.weight_dtype = weight.dtype
+            with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen by hand above
+                loss, grad_h, grad_w = _head_loss_and_grads(hidden.detach(), weight.detach(), ids, probs, dtype,
+                                                            weight.requires_grad)
+            ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+            ctx.has_grad_w = grad_w is not None
+            return loss
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has_grad_w else None
+            return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None
+
+    return FusedHeadLoss
