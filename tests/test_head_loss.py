@@ -73,7 +73,7 @@ def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch):
              {"messages": [{"role": "user", "content": "Code of vault two?"},
                            {"role": "assistant", "content": "It is 85."}]}]
     exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
 

@@ -2,8 +2,8 @@
 
 The plain way (``logits = lm_head(h)``, then cross-entropy) holds the whole (positions x vocabulary) logits tensor
 several times over: the logits, their fp32 copy, the log-softmax and, in the backward pass, its gradient. With
-SmolLM2's 49,152-token vocabulary a 1,024-token row makes each of those ~110-200 MB, and on a CPU the passes over
-them cost as much as a third of a LoRA step. Here the head runs on ``CHUNK`` positions at a time, and each slice's
+SmolLM2's 49,152-token vocabulary a 1,024-token row makes each fp32 copy up to 200 MB. Fusing made the bf16 LoRA
+step 1.07x faster on the 2 CPU cores here (``python bench/bench_step_parts.py lora 2``). Here the head runs on ``CHUNK`` positions at a time, and each slice's
 gradient is taken at once: softmax minus the target distribution, pushed back through the head. What the
 backward pass keeps is only the gradient of the hidden states (positions x hidden size).
 
@@ -17,6 +17,7 @@ its matmuls in the autocast dtype, the softmax in fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 CHUNK = 256  # positions per slice: (256 x 49,152) fp32 is 50 MB, small enough to stay out of the way
 
@@ -67,7 +68,7 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
         probs = torch.where(has, 1.0 - distill, 1.0)[:, None]
         soft = torch.softmax(t_lp.float(), dim=-1) * (distill * has[:, None])
         ids, probs = torch.cat([ids, t_ids], dim=1), torch.cat([probs, soft], dim=1)
-    return _FusedHeadLoss.apply(hidden, weight, ids, probs, dtype)
+    return _function().apply(hidden, weight, ids, probs, dtype)
 
 
 def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool):
@@ -93,37 +94,24 @@ def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bo
     return loss, grad_h, grad_w
 
 
-class _FusedHeadLoss:
-    """torch.autograd.Function built on first use, so importing this module does not import torch."""
-
-    _fn = None
-
-    @classmethod
-    def apply(cls, hidden, weight, ids, probs, dtype):
-        if cls._fn is None:
-            cls._fn = _make_function()
-        return cls._fn.apply(hidden, weight, ids, probs, dtype)
-
-
-def _make_function():
+@functools.cache
+def _function():
+    """The autograd Function, built on first use so that importing this module does not import torch."""
     import torch
 
     class FusedHeadLoss(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight, ids, probs, dtype):
-            ctx.weight_dtype = weight.dtype
             with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen by hand above
-                loss, grad_h, grad_w = _head_loss_and_grads(hidden.detach(), weight.detach(), ids, probs, dtype,
-                                                            weight.requires_grad)
-            ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-            ctx.has_grad_w = grad_w is not None
+                loss, ctx.grad_h, ctx.grad_w = _head_loss_and_grads(hidden.detach(), weight.detach(), ids, probs,
+                                                                    dtype, weight.requires_grad)
+            ctx.weight_dtype = weight.dtype
             return loss
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
-            grad_h, grad_w = ctx.saved_tensors
-            gw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has_grad_w else None
-            return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None
+            grad_w = None if ctx.grad_w is None else (ctx.grad_w * grad_out).to(ctx.weight_dtype)
+            return ctx.grad_h * grad_out.to(ctx.grad_h.dtype), grad_w, None, None, None
 
     return FusedHeadLoss

@@ -24,8 +24,9 @@ Details the trainer relies on:
   logits only where a loss is taken, flattened to (n_true, vocab). A module that wraps a Hugging Face CausalLM and
   passes ``**kwargs`` on gets both for free. Where the head (found through ``get_output_embeddings`` on the module,
   its ``.module`` or its ``.model``) is a plain ``nn.Linear``, the trainer makes it pass its input through for that
-  forward and applies the head itself, fused with the loss (``engrain/head_loss.py``). With ``packing = False`` every row holds one example, right-padded,
-  and the trainer calls ``module(input_ids=, attention_mask=)`` and takes the loss from the full ``.logits``.
+  forward and applies the head itself, fused with the loss (``engrain/head_loss.py``). With ``packing = False``
+  every row holds one example, right-padded, and the trainer calls ``module(input_ids=, attention_mask=)`` and
+  takes the loss from the full ``.logits``.
 - ``default_lr`` (optional attribute): the learning rate when the config leaves ``lr`` unset.
 - ``make_optimizer(module, lr, weight_decay)`` (optional): a kind needing a special optimizer (sparse updates must
   not let Adam momentum or weight decay move slots the batch did not read) returns it; AdamW otherwise.
