@@ -74,19 +74,26 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
 def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool):
     import torch
 
-    w = weight.to(dtype)
+    from .lora_linear import frozen_copy
+
+    # A frozen head (tied to the frozen embeddings) is cast once for the whole run, not once per row.
+    w = weight.detach().to(dtype) if want_weight_grad else frozen_copy(weight, dtype)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden)
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
     for s in range(0, hidden.shape[0], CHUNK):
         h = hidden[s:s + CHUNK].to(dtype)
         logits = (h @ w.T).float()
-        lse = torch.logsumexp(logits, dim=-1)
         picked = logits.gather(1, ids[s:s + CHUNK])
+        # log-sum-exp and softmax from one exp, in place: the (positions x vocabulary) slice is the largest
+        # tensor of the step, and every pass over it counts.
+        top = logits.amax(dim=-1, keepdim=True)
+        grad = logits.sub_(top).exp_()
+        total = grad.sum(dim=-1, keepdim=True)
+        lse = (top + total.log())[:, 0]
         loss += (lse - (probs[s:s + CHUNK] * picked).sum(-1)).sum()
         # d loss / d logits = softmax - target distribution (the targets' weights sum to 1 on every position)
-        grad = logits.sub_(lse[:, None]).exp_()
-        grad.scatter_add_(1, ids[s:s + CHUNK], -probs[s:s + CHUNK])
+        grad.div_(total).scatter_add_(1, ids[s:s + CHUNK], -probs[s:s + CHUNK])
         grad = grad.to(dtype)
         grad_h[s:s + CHUNK] = grad @ w
         if grad_w is not None:
@@ -103,7 +110,8 @@ def _function():
         @staticmethod
         def forward(ctx, hidden, weight, ids, probs, dtype):
             with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen by hand above
-                loss, ctx.grad_h, ctx.grad_w = _head_loss_and_grads(hidden.detach(), weight.detach(), ids, probs,
+                # the weight itself (forward runs without grad), so a frozen head's cast copy is found again
+                loss, ctx.grad_h, ctx.grad_w = _head_loss_and_grads(hidden.detach(), weight, ids, probs,
                                                                     dtype, weight.requires_grad)
             ctx.weight_dtype = weight.dtype
             return loss

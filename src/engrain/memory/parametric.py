@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import EngrainError
+from ..lora_linear import fuse_lora_layers
 from ..models import LM
 from ..workspace import Workspace
 from .base import Answer, BuildInfo, ClosedBook
@@ -172,10 +173,13 @@ class LoraKind:
                           lora_dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=targets,
                           bias="none", task_type="CAUSAL_LM")
         try:
-            return get_peft_model(model, lcfg)
+            module = get_peft_model(model, lcfg)
         except ValueError as exc:  # e.g. a target name that matches no layer
             raise EngrainError(f"LoRA could not be attached: {exc}",
                                hint="Check train.lora_targets: 'all-linear' or module names like q_proj,v_proj.") from exc
+        # Training runs each LoRA layer as one fused function (lora_linear.py); saved adapters stay plain PEFT.
+        fuse_lora_layers(module)
+        return module
 
     def save(self, module, folder: Path, meta: dict) -> None:
         module.peft_config["default"].base_model_name_or_path = meta.get("base_model_path") or meta.get("base_model")
