@@ -90,15 +90,3 @@ def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch):
             assert a is None and b is None
             continue
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), (tuple(p.shape), float((a - b).abs().max()))
-
-
-def test_short_examples_take_the_math_kernel_in_bf16():
-    """bf16 on a CPU: examples up to MATH_MAX_TOKENS take SDPA's math kernel (faster there, measured), longer ones
-    and every fp32 block the default kernel."""
-    import contextlib
-
-    from engrain.packed_attention import MATH_MAX_TOKENS, short_block_kernel
-
-    assert not isinstance(short_block_kernel(64, True), contextlib.nullcontext)
-    assert isinstance(short_block_kernel(MATH_MAX_TOKENS + 1, True), contextlib.nullcontext)
-    assert isinstance(short_block_kernel(64, False), contextlib.nullcontext)

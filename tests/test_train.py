@@ -125,6 +125,43 @@ def test_packed_attention_path_follows_the_measurements():
     assert use_one_call("cpu", 700, 1024)
 
 
+@pytest.mark.parametrize("plain", [False, True], ids=["sdpa", "plain"])
+def test_grouped_attention_equals_each_example_alone(plain):
+    """Examples batched by length (zero-padded, causal) give each example's own attention, values and gradients,
+    through SDPA and through the plain matmul form (which bf16 takes for short groups; run here in fp32)."""
+    import torch
+    import torch.nn.functional as F
+
+    from engrain.packed_attention import _grouped_row
+
+    torch.manual_seed(0)
+    lengths = [5, 70, 1, 130, 20, 64]  # groups: up to 64 tokens (four examples), 128 and 256 (one each)
+    segments, start = [], 0
+    for n in lengths:
+        segments.append((start, start + n))
+        start += n
+    q, k, v = (torch.randn(h, start, 16, requires_grad=True) for h in (6, 2, 2))
+    out = _grouped_row(q, k, v, segments, 0.3, 0.0, True, low_precision=plain)
+    ref = torch.cat([F.scaled_dot_product_attention(q[None, :, s:e], k[None, :, s:e], v[None, :, s:e], is_causal=True,
+                                                    scale=0.3, enable_gqa=True)[0] for s, e in segments], dim=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    weights = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_short_groups_take_the_plain_form_in_bf16():
+    """Measured (packed_attention.uses_plain_attention): in bf16 the plain matmul form beat SDPA up to 512 tokens;
+    in fp32 SDPA keeps every length."""
+    from engrain.packed_attention import PLAIN_MAX_TOKENS, uses_plain_attention
+
+    assert uses_plain_attention(64, True) and uses_plain_attention(PLAIN_MAX_TOKENS, True)
+    assert not uses_plain_attention(PLAIN_MAX_TOKENS + 1, True)
+    assert not uses_plain_attention(64, False)
+
+
 def test_cosine_schedule_with_warmup():
     from engrain.train import lr_factor
 
@@ -389,3 +426,9 @@ def test_packed_attention_equals_the_block_diagonal_mask(tiny_lm):
     # and the blocks really are separate: the second example alone gives the same logits as inside the row
     alone = model(input_ids=ids[:1, 13:33], use_cache=False).logits
     assert torch.allclose(alone[0], logits[0, 13:33], atol=1e-5)
+    # In bf16 the short blocks take the plain matmul form: the same attention up to bf16 rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_bf16, _ = run(False)
+        bf16, _ = run(True)
+    assert (bf16 - ref_bf16).abs().max() < 0.05 * ref_logits.abs().max()
+    assert (bf16 - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()

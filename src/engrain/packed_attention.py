@@ -3,8 +3,10 @@
 A packed row holds several examples one after another; position ids restart at 0 where an example starts.
 Transformers turns that into a block-diagonal causal mask and hands it to SDPA, which on a CPU computes the whole
 row x row score matrix and throws most of it away: a 1,024-token row of 70-token examples pays for ~15x the
-attention it uses. Here each example's block runs as its own causal SDPA call, so attention costs the sum of the
-squared example lengths instead of the squared row length, and no mask is built at all.
+attention it uses. Here each example's causal block is computed alone, so attention costs the sum of the squared
+example lengths instead of the squared row length. Examples of similar length are zero-padded into one batch
+(``_grouped_row``): one attention call per group, not one per example; in bf16 short groups take a plain
+matmul-softmax-matmul form that beat SDPA's kernels there (``uses_plain_attention``).
 
 On a GPU the trade turns over: the full score matrix of a 1,024-token row is cheap there, while one small SDPA call
 per example (tens per row, in every layer, forward and backward) leaves it waiting on kernel launches. There the
@@ -19,6 +21,7 @@ then attends to them and to its own earlier tokens. A call with a mask (generati
 from __future__ import annotations
 
 import contextlib
+import functools
 
 NAME = "engrain_packed"
 _registered = False
@@ -54,12 +57,13 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     low_precision = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(query.device.type)
 
+    if not shared:
+        rows = [_grouped_row(query[b], key[b], value[b], _segments(positions[b]), scaling, dropout, gqa, low_precision)
+                for b in range(query.shape[0])]
+        return torch.stack(rows).transpose(1, 2).contiguous(), None
+
     def block(b: int, s: int, e: int):
         q = query[b:b + 1, :, s:e]
-        if not shared:
-            with short_block_kernel(e - s, low_precision):
-                return F.scaled_dot_product_attention(q, key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-                                                      dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         k = torch.cat([key[b:b + 1, :, :shared], key[b:b + 1, :, shared + s:shared + e]], dim=2)
         v = torch.cat([value[b:b + 1, :, :shared], value[b:b + 1, :, shared + s:shared + e]], dim=2)
         allowed = torch.ones(e - s, shared + e - s, dtype=torch.bool, device=q.device)
@@ -76,6 +80,57 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2).contiguous(), None
 
 
+def _grouped_row(query, key, value, segments, scaling, dropout, gqa, low_precision):
+    """One row's causal attention, example by example, with examples of similar length batched into one SDPA call.
+
+    Each group's examples are copied into a zero-padded (examples, heads, longest, dim) batch: right padding needs
+    no mask beyond the causal one, as a real query never sees the keys after it. One call per group instead of
+    one per example: a 1,024-token row of 60-token examples makes ~17 tiny calls per layer otherwise, forward and
+    backward, and their fixed costs outweighed their arithmetic (``python bench/bench_step_parts.py lora 2``)."""
+    import torch
+    import torch.nn.functional as F
+
+    gather, scatter, groups = _layout(tuple(segments), query.device)
+    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], dim=1)  # noqa: E731  index L -> zeros
+    q, k, v = pad(query), pad(key), pad(value)
+    outs = []
+    for idx, (count, longest) in zip(gather, groups):
+        batch = [t.index_select(1, idx).view(t.shape[0], count, longest, t.shape[2]).transpose(0, 1)
+                 for t in (q, k, v)]
+        if uses_plain_attention(longest, low_precision) and not dropout:
+            out = plain_attention(*batch, scaling)
+        else:
+            out = F.scaled_dot_product_attention(*batch, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                 enable_gqa=gqa)
+        outs.append(out.transpose(0, 1).reshape(out.shape[1], count * longest, out.shape[3]))
+    return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]).index_select(1, scatter)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(segments: tuple, device):
+    """Where each group's padded batch takes its tokens from (index L: a zero row), and where each of the row's
+    tokens lands in the groups' outputs laid end to end. Examples are grouped by length: up to 64 tokens, up to
+    128, 256, ... (a group pads to its own longest, so padding at most doubles a group's attention)."""
+    import torch
+
+    length = segments[-1][1]
+    by_size: dict[int, list[tuple[int, int]]] = {}
+    for s, e in segments:
+        by_size.setdefault(max(64, 1 << (e - s - 1).bit_length()), []).append((s, e))
+    gather, groups, scatter, offset = [], [], [0] * length, 0
+    for size in sorted(by_size):
+        members = by_size[size]
+        longest = max(e - s for s, e in members)
+        idx = []
+        for s, e in members:
+            idx += list(range(s, e)) + [length] * (longest - (e - s))
+            scatter[s:e] = range(offset, offset + e - s)
+            offset += longest
+        gather.append(torch.tensor(idx, device=device))
+        groups.append((len(members), longest))
+    return gather, torch.tensor(scatter, device=device), groups
+
+
 def use_one_call(device_type: str, row_tokens: int, shared: int) -> bool:
     """One masked SDPA call for the row, or one call per example? Measured with bench/bench_packed_attention.py: on a
     GPU one call (the per-example calls wait on launches); on a CPU one call per example, unless the shared keys
@@ -83,21 +138,46 @@ def use_one_call(device_type: str, row_tokens: int, shared: int) -> bool:
     return device_type != "cpu" or shared >= row_tokens
 
 
-MATH_MAX_TOKENS = 256
+PLAIN_MAX_TOKENS = 512
 
 
-def short_block_kernel(tokens: int, low_precision: bool):
-    """SDPA's plain math kernel for a short example in bf16 (the per-example path runs on a CPU), its default
-    (flash) kernel otherwise. A rough timing of forward + backward with SmolLM2-135M's 9 query / 3 key heads, one
-    thread beside another job: in bf16 flash took 1.6x the math kernel's time at 32 tokens and 2.7x at 128, and the
-    math kernel 2x flash's at 512; in fp32 flash was as fast or faster at most lengths. In the whole bf16 LoRA step,
-    on top of the fused head, it gives 5.16 -> 4.74 s (``python bench/bench_step_parts.py lora 2``)."""
+def uses_plain_attention(tokens: int, low_precision: bool) -> bool:
+    """Forward + backward of one 1,024-token row's worth of causal attention in bf16, examples padded to ``tokens``,
+    SmolLM2-135M's 9 query / 3 key heads, 2 CPU threads (the timings behind this rule, in ms):
 
-    if not low_precision or tokens > MATH_MAX_TOKENS:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+        tokens          32    128   256   512   1024
+        plain (bf16)    1.2   3.9   7.2   14.8  32.2
+        SDPA flash      9.4   12.5  12.8  21.6  32.0
+        SDPA math       4.1   8.9   15.5  30.6  65.8
 
-    return sdpa_kernel(SDPBackend.MATH)
+    In fp32 SDPA's flash kernel was as fast as the plain form or faster at every length, so it keeps them."""
+    return low_precision and tokens <= PLAIN_MAX_TOKENS
+
+
+def plain_attention(query, key, value, scaling=None):
+    """Causal attention as two batched matmuls around a softmax: query (B, Hq, L, D), key/value (B, Hkv, L, D).
+
+    Query heads ``h * g .. h * g + g - 1`` share key head ``h`` (transformers' ``repeat_kv`` order), so the
+    queries of one key head are laid end to end and meet their keys in one matmul, without copying the keys for
+    each query head. The softmax runs in fp32, the matmuls in the inputs' (or autocast's) dtype."""
+    import torch
+
+    b, hq, length, d = query.shape
+    hkv = key.shape[1]
+    scale = scaling if scaling is not None else d ** -0.5
+    scores = torch.matmul(query.reshape(b, hkv, hq // hkv * length, d), key.transpose(-1, -2)) * scale
+    scores = scores.view(b, hkv, hq // hkv, length, length).masked_fill(_future(length, query.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(probs.view(b, hkv, hq // hkv * length, length), value)
+    return out.view(b, hq, length, d)
+
+
+@functools.lru_cache(maxsize=16)
+def _future(length: int, device):
+    """(L, L) bool, True above the diagonal: the keys a causal query must not see."""
+    import torch
+
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
 
 
 def _row_mask(positions, shared: int):
