@@ -4,18 +4,21 @@
 
 In one run, on the same examples (chat items with answer-only loss and plain text items, like `engrain synth`
 output):
-- the machine's matmul peak: torch.mm on large square matrices, fp32 and bf16;
+- the machine's matmul peak: torch.mm on 2,048 x 2,048 matrices into a preallocated output, fp32 and bf16;
 - baseline: a plain fp32 PEFT LoRA step as most scripts write it: right-padded batch, model(**batch).loss,
   backward, AdamW step;
 - engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows, one row per forward with the
   gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
-  taken, the head fused with the loss a slice of positions at a time), in fp32 and, where the CPU has native
-  bf16, under bf16 autocast as the trainer runs by default.
+  taken, the head fused with the loss a slice of positions at a time, each LoRA layer one fused function, and
+  malloc keeping freed memory as `engrain train` sets it), in fp32 and, where the CPU has native bf16, under bf16
+  autocast as the trainer runs by default.
 Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
 = 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
 positions where logits are computed; attention FLOPs are left out (small at these lengths, and the baseline's
 padded rows and engrain's per-example blocks are about as long).
-Writes bench/out/bench_train.json. Numbers on a shared 2-core machine are noisy: compare ratios within one run.
+Each row is measured in its own fresh process (one warm-up step, then the mean of --steps steps), so none inherits
+another's heap. Writes bench/out/bench_train.json. Numbers on a shared 2-core machine are noisy: compare ratios
+within one run.
 """
 
 from __future__ import annotations
@@ -35,11 +38,12 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 3) -> float:
     import torch
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
+    c = torch.empty(n, n, dtype=dtype)  # written in place: the time of the multiply, not of fresh memory
+    torch.mm(a, b, out=c)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=c)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -80,40 +84,26 @@ def time_steps(step, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--items", type=int, default=24)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--memories", default="lora,full,prefix,memory")
-    args = ap.parse_args()
+def examples_for(args, tok):
+    from engrain.train import encode_item
 
+    return [encode_item(tok, it, it["id"]) for it in make_items(args.items)]
+
+
+def measure_baseline(args, peaks: tuple[float, float]) -> dict:
+    """A plain PEFT + transformers step: right-padded batch, loss from model(**batch), fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engrain.config import TrainConfig
-    from engrain.memory.parametric import all_linear_names, get_kind
+    from engrain.memory.parametric import all_linear_names
     from engrain.models import load_model
-    from engrain.train import IGNORE, bf16_autocast, collate, encode_item, loss_sum, pack, unpacked_rows, use_bf16
+    from engrain.train import IGNORE
 
-    peak32 = matmul_peak(torch.float32)
-    peak16 = matmul_peak(torch.bfloat16, n=1024, reps=2)  # emulated (slow) where the CPU has no native bf16
-    print(f"matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s "
-          f"(torch threads {torch.get_num_threads()})", flush=True)
-
-    lm = load_model(args.model, device="cpu", dtype="float32")
-    tok = lm.tokenizer
-    examples = [encode_item(tok, it, it["id"]) for it in make_items(args.items)]
-    real_tokens = sum(len(e.ids) for e in examples)
-    cfg = TrainConfig(lora_rank=16, lora_alpha=32, seq_len=args.seq_len)
-    rows = []
-
-    # --- baseline: plain PEFT + transformers, right-padded batch, loss from model(**batch) ---------------------
     torch.manual_seed(0)
-    base_model = load_model(args.model, device="cpu", dtype="float32").model
-    peft_model = get_peft_model(base_model, LoraConfig(r=16, lora_alpha=32, target_modules=all_linear_names(base_model),
-                                                       task_type="CAUSAL_LM"))
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    tok, examples = lm.tokenizer, examples_for(args, lm.tokenizer)
+    peft_model = get_peft_model(lm.model, LoraConfig(r=16, lora_alpha=32, target_modules=all_linear_names(lm.model),
+                                                     task_type="CAUSAL_LM"))
     peft_model.train()
     width = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), width), tok.pad_token_id)
@@ -133,69 +123,111 @@ def main() -> None:
     sec = time_steps(baseline_step, args.steps)
     body, head = flops_per_token(peft_model, trained_body=False)
     flops = body * ids.numel() + head * ids.numel()  # padded positions are computed too
-    rows.append({"method": "baseline peft fp32 (padded)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
-                 "mfu_fp32": flops / sec / peak32, "mfu_bf16": flops / sec / peak16})
-    print(rows[-1], flush=True)
-    del peft_model, base_model, opt
+    return {"method": "baseline peft fp32 (padded)", "tokens_per_s": sum(len(e.ids) for e in examples) / sec,
+            "seconds_per_step": sec, "mfu_fp32": flops / sec / peaks[0], "mfu_bf16": flops / sec / peaks[1],
+            "padded_width": width}
 
-    # --- engrain's trainer step for each memory ---------------------------------------------------------------
-    packed = pack(examples, args.seq_len)
+
+def measure_memory(args, peaks: tuple[float, float], name: str, bf16: bool) -> dict:
+    """engrain's trainer step for one memory, set up as `engrain train` sets it up."""
+    import torch
+
+    from engrain.config import TrainConfig
+    from engrain.memory.parametric import get_kind
+    from engrain.models import load_model
+    from engrain.train import bf16_autocast, collate, keep_freed_memory, loss_sum, pack, unpacked_rows
+
+    keep_freed_memory()  # what `engrain train` does first
+    torch.manual_seed(0)
+    lm = load_model(args.model, device="cpu", dtype="float32")
+    tok, model, examples = lm.tokenizer, lm.model, examples_for(args, lm.tokenizer)
+    kind = get_kind(name)
+    kind_cfg = TrainConfig(lora_rank=16, lora_alpha=32, seq_len=args.seq_len).model_dump()
+    if name == "prefix":  # no corpus in this benchmark; the prefix's init does not change its speed
+        kind_cfg["options"] = {"prefix": {"init": "random_tokens"}}
+    module = kind.attach(model, tok, kind_cfg, None)
+    module.train()
+    packing = bool(getattr(kind, "packing", True))
+    # One row per forward, gradients accumulated over the rows, one optimizer step: the trainer's loop with
+    # micro_batch 1 (rows are not padded, so nothing but real tokens is computed).
+    rows_in = pack(examples, args.seq_len) if packing else unpacked_rows(examples, args.seq_len)
+    batches = [collate([r], tok.pad_token_id, packing, "cpu") for r in rows_in]
+    params = [p for p in module.parameters() if p.requires_grad]
+    make_opt = getattr(kind, "make_optimizer", None)
+    opt = make_opt(module, 1e-4, 0.0) if make_opt else torch.optim.AdamW(params, lr=1e-4)
+    hook = getattr(kind, "sparse_grad_hook", None)
+    n_loss = sum(e.n_loss for e in examples)
+
+    def step():
+        for batch in batches:
+            with bf16_autocast("cpu", bf16):
+                s, _ = loss_sum(module, batch, packing)
+            (s / n_loss).backward()
+        if hook:
+            hook(module)
+        opt.step()
+        opt.zero_grad()
+
+    sec = time_steps(step, args.steps)
+    body, head = flops_per_token(model, trained_body=(name == "full"))
+    flops = body * sum(b["input_ids"].numel() for b in batches) + head * n_loss
+    return {"method": f"engrain {name} (packed{', bf16 autocast' if bf16 else ''})",
+            "tokens_per_s": sum(len(e.ids) for e in examples) / sec, "seconds_per_step": sec,
+            "mfu_fp32": flops / sec / peaks[0], "mfu_bf16": flops / sec / peaks[1],
+            "trainable_params": sum(p.numel() for p in params), "packed_rows": len(batches)}
+
+
+def in_fresh_process(fn, *fn_args):
+    """Run one measurement in a new interpreter: what one ran before (the baseline's gigabyte of padded logits,
+    the allocator setting engrain's rows make) must not change the next one's time."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, fn_args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--items", type=int, default=24)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--memories", default="lora,full,prefix,memory")
+    args = ap.parse_args()
+
+    import torch
+
+    from engrain.memory.parametric import get_kind
+    from engrain.train import use_bf16
+
+    peaks = (matmul_peak(torch.float32), matmul_peak(torch.bfloat16))  # bf16 is emulated (slow) without native
+    print(f"matmul peak: fp32 {peaks[0] / 1e9:.1f} GFLOP/s, bf16 {peaks[1] / 1e9:.1f} GFLOP/s "
+          f"(torch threads {torch.get_num_threads()})", flush=True)
+    rows = [in_fresh_process(measure_baseline, args, peaks)]
+    print(rows[-1], flush=True)
     for name in [m.strip() for m in args.memories.split(",") if m.strip()]:
         try:
-            kind = get_kind(name)
+            get_kind(name)
         except Exception as exc:  # a memory whose module is not there yet
             print(f"skip {name}: {exc}", flush=True)
             continue
-        torch.manual_seed(0)
-        model = load_model(args.model, device="cpu", dtype="float32").model
-        kind_cfg = cfg.model_dump()
-        if name == "prefix":  # no corpus in this benchmark; the prefix's init does not change its speed
-            kind_cfg["options"] = {"prefix": {"init": "random_tokens"}}
-        module = kind.attach(model, tok, kind_cfg, None)
-        module.train()
-        packing = bool(getattr(kind, "packing", True))
-        # One row per forward, gradients accumulated over the rows, one optimizer step: the trainer's loop with
-        # micro_batch 1 (rows are not padded, so nothing but real tokens is computed).
-        rows_in = packed if packing else unpacked_rows(examples, args.seq_len)
-        batches = [collate([r], tok.pad_token_id, packing, "cpu") for r in rows_in]
-        params = [p for p in module.parameters() if p.requires_grad]
-        make_opt = getattr(kind, "make_optimizer", None)
-        opt = make_opt(module, 1e-4, 0.0) if make_opt else torch.optim.AdamW(params, lr=1e-4)
-        hook = getattr(kind, "sparse_grad_hook", None)
-        n_loss = sum(e.n_loss for e in examples)
-
-        def step(bf16: bool):
-            for batch in batches:
-                with bf16_autocast("cpu", bf16):
-                    s, _ = loss_sum(module, batch, packing)
-                (s / n_loss).backward()
-            if hook:
-                hook(module)
-            opt.step()
-            opt.zero_grad()
-
-        body, head = flops_per_token(model, trained_body=(name == "full"))
-        flops = body * sum(b["input_ids"].numel() for b in batches) + head * n_loss
         # fp32, and bf16 autocast as the trainer runs where the CPU has native bf16 (train.bf16: auto)
         for bf16 in (False, True) if use_bf16("auto", "cpu") else (False,):
-            sec = time_steps(lambda: step(bf16), args.steps)
-            rows.append({"method": f"engrain {name} (packed{', bf16 autocast' if bf16 else ''})",
-                         "tokens_per_s": real_tokens / sec, "seconds_per_step": sec, "mfu_fp32": flops / sec / peak32,
-                         "mfu_bf16": flops / sec / peak16, "trainable_params": sum(p.numel() for p in params)})
+            rows.append(in_fresh_process(measure_memory, args, peaks, name, bf16))
             print(rows[-1], flush=True)
-        del module, model, opt
 
     base = rows[0]["tokens_per_s"]
-    print(f"\n{real_tokens} real tokens per step ({len(examples)} examples, padded width {width}, "
-          f"{len(packed)} packed rows of {args.seq_len})")
+    real_tokens = round(base * rows[0]["seconds_per_step"])
+    print(f"\n{real_tokens} real tokens per step ({args.items} examples, padded width {rows[0]['padded_width']}, "
+          f"{rows[-1]['packed_rows']} packed rows of {args.seq_len}); each row measured in its own process")
     print(f"| method | tokens/s | x baseline | MFU vs fp32 peak | MFU vs bf16 peak |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
               f"{100 * r['mfu_fp32']:.1f}% | {100 * r['mfu_bf16']:.1f}% |")
     out = ROOT / "bench" / "out" / "bench_train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"peak_fp32_flops": peak32, "peak_bf16_flops": peak16, "real_tokens": real_tokens,
-                               "rows": rows}, indent=2))
+    out.write_text(json.dumps({"peak_fp32_flops": peaks[0], "peak_bf16_flops": peaks[1], "real_tokens": real_tokens,
+                               "steps": args.steps, "items": args.items, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
