@@ -142,15 +142,17 @@ PLAIN_MAX_TOKENS = 512
 
 
 def uses_plain_attention(tokens: int, low_precision: bool) -> bool:
-    """Forward + backward of one 1,024-token row's worth of causal attention in bf16, examples padded to ``tokens``,
-    SmolLM2-135M's 9 query / 3 key heads, 2 CPU threads (the timings behind this rule, in ms):
+    """Forward + backward of one 1,024-token row's worth of causal attention, examples padded to ``tokens``,
+    SmolLM2-135M's 9 query / 3 key heads, 2 CPU threads, in ms (``python bench/bench_attention_forms.py``):
 
-        tokens          32    128   256   512   1024
-        plain (bf16)    1.2   3.9   7.2   14.8  32.2
-        SDPA flash      9.4   12.5  12.8  21.6  32.0
-        SDPA math       4.1   8.9   15.5  30.6  65.8
+        tokens               32    128   256   512   1024
+        bf16 plain           1.6   4.1   8.4   14.4  28.4
+        bf16 SDPA flash      9.5   13.7  13.2  22.7  30.7
+        bf16 SDPA math       3.0   8.0   14.3  26.6  58.0
+        fp32 plain           2.3   6.7   13.1  26.4  67.1
+        fp32 SDPA flash      2.5   7.9   13.4  26.6  42.3
 
-    In fp32 SDPA's flash kernel was as fast as the plain form or faster at every length, so it keeps them."""
+    In fp32 the plain form gains little up to 512 tokens and loses at 1,024, so fp32 keeps SDPA."""
     return low_precision and tokens <= PLAIN_MAX_TOKENS
 
 

@@ -582,9 +582,8 @@ def keep_freed_memory() -> bool:
 
     By default glibc gives blocks above 32 MB to the system on free (and trims its heap when the top stays free),
     so a training step, which frees and allocates the same 50 MB head slices and activations again and again, pays
-    page faults and the kernel's zeroing for every one: a fresh 256 x 49,152 bf16 -> fp32 copy took 13.6 ms here
-    against 0.7 ms into memory already held. It made the bf16 LoRA step about 1.1x faster
-    (``python bench/bench_step_parts.py lora 2 --glibc-default`` against the same without the flag). The cost:
+    page faults and the kernel's zeroing for every one. It made the bf16 LoRA step 1.09x faster (3.66 -> 3.35 s:
+    ``python bench/bench_step_parts.py lora 3 --glibc-default`` against the same without the flag). The cost:
     up to 1 GB of freed memory stays with the process. Returns whether the setting took (glibc only)."""
     import ctypes
     import ctypes.util
