@@ -81,18 +81,20 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def _grouped_row(query, key, value, segments, scaling, dropout, gqa, low_precision):
-    """One row's causal attention, example by example, with examples of similar length batched into one SDPA call.
+    """One row's causal attention, example by example, with examples of similar length batched into one call.
 
     Each group's examples are copied into a zero-padded (examples, heads, longest, dim) batch: right padding needs
     no mask beyond the causal one, as a real query never sees the keys after it. One call per group instead of
-    one per example: a 1,024-token row of 60-token examples makes ~17 tiny calls per layer otherwise, forward and
-    backward, and their fixed costs outweighed their arithmetic (``python bench/bench_step_parts.py lora 2``)."""
+    one per example (a 1,024-token row of 60-token examples would make ~17 tiny calls per layer, forward and
+    backward), and batches the plain form can take in one matmul."""
     import torch
     import torch.nn.functional as F
 
+    def with_zero_row(t):  # (heads, L, dim) -> (heads, L + 1, dim): index L reads zeros
+        return torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], dim=1)
+
     gather, scatter, groups = _layout(tuple(segments), query.device)
-    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], 1, t.shape[2])], dim=1)  # noqa: E731  index L -> zeros
-    q, k, v = pad(query), pad(key), pad(value)
+    q, k, v = with_zero_row(query), with_zero_row(key), with_zero_row(value)
     outs = []
     for idx, (count, longest) in zip(gather, groups):
         batch = [t.index_select(1, idx).view(t.shape[0], count, longest, t.shape[2]).transpose(0, 1)
