@@ -37,6 +37,7 @@ def fuse_lora_layers(model) -> int:
 
 
 def _plain(layer) -> bool:
+    """Whether the fused function computes exactly what PEFT's forward would for this layer."""
     import torch
 
     names = list(layer.lora_A.keys())
