@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import make_items
 from engrain.config import TrainConfig
-from engrain.lora_linear import fuse_lora_layers
+from engrain.lora_linear import fuse_lora_layers, unfuse_lora_layers
 from engrain.memory.parametric import get_kind
 from engrain.models import load_model
 from engrain import train as T, packed_attention as PA
@@ -36,7 +36,7 @@ lm = load_model(None, device="cpu", dtype="float32"); tok = lm.tokenizer
 ex = [encode_item(tok, it, it["id"]) for it in make_items(48)]
 packed = pack(ex, 1024)
 module = get_kind(kind).attach(lm.model, tok, TrainConfig(lora_rank=16, lora_alpha=32).model_dump(), None); module.train()
-lora_layers = [m for m in module.modules() if "forward" in m.__dict__ and hasattr(m, "lora_A")]
+has_lora = unfuse_lora_layers(module) > 0  # attach fused them; each variant sets them again
 batches = [collate([r], tok.pad_token_id, True, "cpu") for r in packed]
 opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
 n = sum(e.n_loss for e in ex); tokens = sum(len(e.ids) for e in ex)
@@ -46,8 +46,7 @@ real_head_of = T.head_of
 def step(head, plain, lora):
     T.head_of = real_head_of if head else (lambda m: None)
     PA.PLAIN_MAX_TOKENS = 512 if plain else 0
-    for layer in lora_layers:
-        layer.__dict__.pop("forward", None)
+    unfuse_lora_layers(module)
     if lora:
         fuse_lora_layers(module)
     t0 = time.perf_counter()
@@ -60,9 +59,9 @@ def step(head, plain, lora):
 
 
 variants = [(False, False, False), (True, False, False), (False, True, False)]
-if lora_layers:
+if has_lora:
     variants.append((False, False, True))
-variants.append((True, True, bool(lora_layers)))
+variants.append((True, True, has_lora))
 for v in variants:
     step(*v)
 res = {v: [] for v in variants}

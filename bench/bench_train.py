@@ -123,9 +123,10 @@ def measure_baseline(args, peaks: tuple[float, float]) -> dict:
     sec = time_steps(baseline_step, args.steps)
     body, head = flops_per_token(peft_model, trained_body=False)
     flops = body * ids.numel() + head * ids.numel()  # padded positions are computed too
-    return {"method": "baseline peft fp32 (padded)", "tokens_per_s": sum(len(e.ids) for e in examples) / sec,
-            "seconds_per_step": sec, "mfu_fp32": flops / sec / peaks[0], "mfu_bf16": flops / sec / peaks[1],
-            "padded_width": width}
+    real_tokens = sum(len(e.ids) for e in examples)
+    return {"method": "baseline peft fp32 (padded)", "tokens_per_s": real_tokens / sec, "seconds_per_step": sec,
+            "mfu_fp32": flops / sec / peaks[0], "mfu_bf16": flops / sec / peaks[1], "padded_width": width,
+            "real_tokens": real_tokens}
 
 
 def measure_memory(args, peaks: tuple[float, float], name: str, bf16: bool) -> dict:
@@ -217,7 +218,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     base = rows[0]["tokens_per_s"]
-    real_tokens = round(base * rows[0]["seconds_per_step"])
+    real_tokens = rows[0]["real_tokens"]
     print(f"\n{real_tokens} real tokens per step ({args.items} examples, padded width {rows[0]['padded_width']}, "
           f"{rows[-1]['packed_rows']} packed rows of {args.seq_len}); each row measured in its own process")
     print(f"| method | tokens/s | x baseline | MFU vs fp32 peak | MFU vs bf16 peak |\n|---|---|---|---|---|")

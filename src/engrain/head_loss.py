@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
+from .casts import compute_dtype, frozen_copy
+
 CHUNK = 256  # positions per slice: (256 x 49,152) fp32 is 50 MB, small enough to stay out of the way
 
 
@@ -62,8 +64,7 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
     teacher: None or (ids (n, k), log-probs (n, k), has (n,) bool) as ``collate`` builds them."""
     import torch
 
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-        else hidden.dtype
+    dtype = compute_dtype(hidden)
     n = targets.shape[0]
     # The target distribution: column 0 the next token, columns 1.. the teacher's tokens (weight 0 where none).
     ids, probs = targets[:, None], torch.ones(n, 1, device=hidden.device)
@@ -77,8 +78,6 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
 
 def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool):
     import torch
-
-    from .lora_linear import frozen_copy
 
     # A frozen head (tied to the frozen embeddings) is cast once for the whole run, not once per row.
     w = weight.detach().to(dtype) if want_weight_grad else frozen_copy(weight, dtype)

@@ -9,9 +9,9 @@ require grad), the input cast to fp32 for lora_A and back to bf16, and two extra
     dx = g W + (g (s B)) A                backward: likewise
     dA = (g (s B))^T x,  dB = s g^T (x A^T)
 
-with the frozen base weight cast to the compute dtype once and kept while it stays unchanged (its version
-counter). Autocast would hold the same bf16 copy between a forward and its backward anyway, so training holds no
-more memory at its peak. The matmuls run in the autocast dtype where autocast is on, in the weights' dtype
+with the frozen base weight cast to the compute dtype once and kept while it stays unchanged (``casts.frozen_copy``).
+Autocast also keeps each layer's bf16 copy from its forward until its backward, so at the end of a forward pass all
+of them are held either way (reasoned, not measured); the difference is that these copies stay between steps. The matmuls run in the autocast dtype where autocast is on, in the weights' dtype
 otherwise; the gradients of A and B come back in their own dtype (fp32).
 
 Only the training module gets this forward (``LoraKind.attach``); a loaded adapter runs PEFT's own. Layers the
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 
+from .casts import compute_dtype, frozen_copy
+
 
 def fuse_lora_layers(model) -> int:
     """Give every plain LoRA linear layer of ``model`` (a PEFT model) the fused forward; returns how many."""
@@ -32,6 +34,15 @@ def fuse_lora_layers(model) -> int:
     for layer in model.modules():
         if isinstance(layer, Linear) and _plain(layer):
             layer.forward = functools.partial(_forward, layer)  # an instance attribute shadows Linear.forward
+            count += 1
+    return count
+
+
+def unfuse_lora_layers(model) -> int:
+    """Give every fused LoRA layer of ``model`` PEFT's own forward back; returns how many (for A/B timings)."""
+    count = 0
+    for layer in model.modules():
+        if hasattr(layer, "lora_A") and layer.__dict__.pop("forward", None) is not None:
             count += 1
     return count
 
@@ -52,24 +63,9 @@ def _forward(layer, x, *args, **kwargs):
     name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
     if layer.disable_adapters or layer.merged or name not in layer.lora_A or args or kwargs:
         return type(layer).forward(layer, x, *args, **kwargs)
-    import torch
-
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return _function().apply(x, frozen_copy(layer.base_layer.weight, dtype), a, b, float(layer.scaling[name]))
-
-
-def frozen_copy(weight, dtype):
-    """``weight`` in ``dtype``, cast once and reused until the weight changes (or is the right dtype already)."""
-    if weight.dtype == dtype:
-        return weight.detach()
-    key = (weight.data_ptr(), weight._version, dtype)
-    cached = getattr(weight, "_engrain_cast", None)
-    if cached is None or cached[0] != key:
-        cached = (key, weight.detach().to(dtype))
-        weight._engrain_cast = cached
-    return cached[1]
+    w = frozen_copy(layer.base_layer.weight, compute_dtype(x))
+    return _function().apply(x, w, a, b, float(layer.scaling[name]))
 
 
 @functools.cache

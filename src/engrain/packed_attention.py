@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
+from .casts import compute_dtype
+
 NAME = "engrain_packed"
 _registered = False
 
@@ -55,9 +57,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
                                              enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
 
-    low_precision = query.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(query.device.type)
-
     if not shared:
+        low_precision = compute_dtype(query) in (torch.bfloat16, torch.float16)
         rows = [_grouped_row(query[b], key[b], value[b], _segments(positions[b]), scaling, dropout, gqa, low_precision)
                 for b in range(query.shape[0])]
         return torch.stack(rows).transpose(1, 2).contiguous(), None
@@ -112,7 +113,7 @@ def _grouped_row(query, key, value, segments, scaling, dropout, gqa, low_precisi
 def _layout(segments: tuple, device):
     """Where each group's padded batch takes its tokens from (index L: a zero row), and where each of the row's
     tokens lands in the groups' outputs laid end to end. Examples are grouped by length: up to 64 tokens, up to
-    128, 256, ... (a group pads to its own longest, so padding at most doubles a group's attention)."""
+    128, 256, ...; a group pads to its own longest, so above 64 tokens padding at most doubles an example's length."""
     import torch
 
     length = segments[-1][1]

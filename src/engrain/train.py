@@ -380,10 +380,9 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
             # each example's attention block alone, not the whole row's
             out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
                          use_cache=False, logits_to_keep=keep)
-        flat = out.logits.reshape(-1, out.logits.shape[-1])
+        logits = out.logits.reshape(-1, out.logits.shape[-1])  # the final hidden states where the head is fused
         if fused:
-            return fused_head_loss(flat, head.weight, targets, teacher, distill), int(targets.numel())
-        logits = flat
+            return fused_head_loss(logits, head.weight, targets, teacher, distill), int(targets.numel())
     else:
         out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         logits = out.logits[keep]

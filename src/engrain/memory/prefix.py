@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_json
+from ..casts import compute_dtype
 from ..errors import EngrainError
 from ..packed_attention import NAME as PACKED
 from .parametric import check_base, register
@@ -147,10 +148,7 @@ class PrefixLM(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         # Under autocast the layers make keys in the autocast dtype; the cache must match them to be concatenated.
-        dev = self.keys.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return next(self.model.parameters()).dtype
+        return compute_dtype(self.keys, default=next(self.model.parameters()).dtype)
 
     def make_cache(self, batch_size: int):
         """A DynamicCache pre-filled with the prefix for ``batch_size`` rows (a view: no copy per row)."""
