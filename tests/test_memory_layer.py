@@ -10,8 +10,8 @@ import torch
 
 from engrain.atomic import write_json
 from engrain.errors import EngrainError
-from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, memories,
-                                         select_rows)
+from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, background_texts,
+                                         memories, select_rows)
 from engrain.memory.parametric import META_FILE, model_fingerprint
 from engrain.models import LM, generate
 from engrain.workspace import Workspace
@@ -106,7 +106,7 @@ def test_top_t_keeps_only_the_highest_tf_idf_rows(tiny_lm, tmp_path):
 def test_training_lowers_loss_and_round_trips(tiny_lm, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = attach(tiny_lm, tmp_path, top_t=0)
+    model = attach(tiny_lm, tmp_path, top_t=0, standardize=True)  # the round trip carries its input statistics
     model.train()
     opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
     ids, mask = batch(tiny_lm)
@@ -135,6 +135,52 @@ def test_training_lowers_loss_and_round_trips(tiny_lm, tmp_path):
     (folder / META_FILE).write_text('{"kind": "memory"}')  # no fingerprint: the memory's own config catches it
     with pytest.raises(EngrainError, match="hidden size 64 and 2 blocks"):
         MemoryLayerKind().load(other, tiny_lm.tokenizer, folder)
+
+
+def test_the_lookup_reads_standardised_inputs(tiny_lm, tmp_path):
+    """With ``standardize``, each memory measures its input's mean and std on general text at attach, so the query
+    sees each dimension centred and unit-scaled there; without it (the default) the query reads the raw input."""
+    model = attach(tiny_lm, tmp_path, layers=[0, 1], standardize=True)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.layer_idx, []).append(args[0]))
+             for m in memories(model)]
+    ids = []
+    for text in background_texts(tiny_lm.tokenizer):
+        ids += tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for start in range(0, len(ids), 512):
+            model(input_ids=torch.tensor([ids[start:start + 512]]))
+    for h in hooks:
+        h.remove()
+    for mem in memories(model):
+        x = torch.cat([t.reshape(-1, mem.hidden) for t in seen[mem.layer_idx]]).double()
+        assert x.mean(0).abs().max() > 0.05  # the raw input is not centred: the test is not trivial
+        z = (x - mem.in_mean.double()) * mem.in_scale.double()
+        torch.testing.assert_close(z.mean(0), torch.zeros(mem.hidden, dtype=torch.double), atol=1e-3, rtol=0)
+        torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(mem.hidden, dtype=torch.double),
+                                   atol=1e-2, rtol=0)
+    raw = memories(attach(tiny_lm, tmp_path))[0]
+    assert not raw.in_mean.any() and bool((raw.in_scale == 1).all())
+
+
+def test_a_memory_saved_before_standardising_loads_unstandardised(tiny_lm, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = attach(tiny_lm, tmp_path, standardize=False, top_t=0)
+    model.train()
+    train_step(model, MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0), *batch(tiny_lm))
+    model.eval()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    MemoryLayerKind().save(model, folder, {"base_model": "tiny"})
+    write_json(folder / META_FILE, {"kind": "memory", "base_fingerprint": model_fingerprint(tiny_lm.model)})
+    weights = folder / "memory_layer.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if ".in_" not in k}, str(weights))
+    loaded = MemoryLayerKind().load(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, folder)
+    ids, mask = batch(tiny_lm)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
 
 
 def test_optimizer_state_survives_a_checkpoint_round_trip(tiny_lm, tmp_path):
