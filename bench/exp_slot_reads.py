@@ -27,10 +27,12 @@ def main() -> None:
     ap.add_argument("--options", default='{"layers": "spread"}', help="train.options.memory as JSON")
     args = ap.parse_args()
 
+    import copy
+
     import torch
 
     from engrain import models
-    from engrain.memory.memory_layer import MemoryLayerKind, memories
+    from engrain.memory.memory_layer import MemoryLayerKind, memories, read_through
 
     chunks_file = Path(args.workspace) / "corpus" / "chunks.jsonl"
     if not chunks_file.is_file():
@@ -47,15 +49,13 @@ def main() -> None:
     for standardize in (False, True):
         torch.manual_seed(0)  # the same random keys both times: only the standardisation differs
         options = {**json.loads(args.options), "standardize": standardize}
-        model = MemoryLayerKind().attach(models.load_model(None, device="cpu", dtype="float32").model, lm.tokenizer,
-                                         {"options": {"memory": options}}, None)
+        model = MemoryLayerKind().attach(copy.deepcopy(lm.model), lm.tokenizer, {"options": {"memory": options}}, None)
         mems = memories(model)
         for m in mems:
             m.reads.zero_()
             m.count_reads = True
         with torch.no_grad():
-            for start in range(0, len(ids), 512):
-                model.get_decoder()(input_ids=torch.tensor([ids[start:start + 512]]))
+            read_through(model, ids)
         for m in mems:
             reads = m.reads.sort(descending=True).values
             total = float(reads.sum())

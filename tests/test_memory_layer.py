@@ -10,8 +10,8 @@ import torch
 
 from engrain.atomic import write_json
 from engrain.errors import EngrainError
-from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, background_texts,
-                                         memories, select_rows)
+from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, background_ids,
+                                         memories, read_through, select_rows)
 from engrain.memory.parametric import META_FILE, model_fingerprint
 from engrain.models import LM, generate
 from engrain.workspace import Workspace
@@ -144,12 +144,8 @@ def test_the_lookup_reads_standardised_inputs(tiny_lm, tmp_path):
     seen = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.setdefault(mod.layer_idx, []).append(args[0]))
              for m in memories(model)]
-    ids = []
-    for text in background_texts(tiny_lm.tokenizer):
-        ids += tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        for start in range(0, len(ids), 512):
-            model(input_ids=torch.tensor([ids[start:start + 512]]))
+        read_through(model, background_ids(tiny_lm.tokenizer))
     for h in hooks:
         h.remove()
     for mem in memories(model):

@@ -11,8 +11,9 @@ require grad), the input cast to fp32 for lora_A and back to bf16, and two extra
 
 with the frozen base weight cast to the compute dtype once and kept while it stays unchanged (``casts.frozen_copy``).
 Autocast also keeps each layer's bf16 copy from its forward until its backward, so at the end of a forward pass all
-of them are held either way (reasoned, not measured); the difference is that these copies stay between steps. The matmuls run in the autocast dtype where autocast is on, in the weights' dtype
-otherwise; the gradients of A and B come back in their own dtype (fp32).
+of them are held either way (reasoned, not measured); the difference is that these copies stay between steps.
+The matmuls run in the autocast dtype where autocast is on, in the weights' dtype otherwise; the gradients of A and
+B come back in their own dtype (fp32).
 
 Only the training module gets this forward (``LoraKind.attach``); a loaded adapter runs PEFT's own. Layers the
 function does not cover (dropout, DoRA and other variants, several adapters, merged weights, a bias) keep PEFT's

@@ -228,7 +228,15 @@ def background_texts(tokenizer) -> list[str]:
     return texts
 
 
-def _read_through(model, ids: list[int], window: int = 512) -> None:
+def background_ids(tokenizer) -> list[int]:
+    """The background texts as one run of token ids, tokenised once for every measurement at attach."""
+    ids: list[int] = []
+    for text in background_texts(tokenizer):
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def read_through(model, ids: list[int], window: int = 512) -> None:
     """Run token ids back to back in windows through the blocks only (no output head is needed)."""
     device = next(model.parameters()).device
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -236,18 +244,10 @@ def _read_through(model, ids: list[int], window: int = 512) -> None:
         decoder(input_ids=torch.tensor([ids[start:start + window]], device=device))
 
 
-def _token_ids(tokenizer, texts: list[str]) -> list[int]:
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids
-
-
 @torch.no_grad()
-def measure_inputs(model, tokenizer, mems: list[ProductKeyMemory], texts: list[str]) -> int:
-    """Set each memory's ``in_mean`` / ``in_scale`` to the per-dimension mean and 1/std of its input over
-    ``texts``. Returns the number of tokens read (0: nothing to measure; the lookup stays unstandardised)."""
-    ids = _token_ids(tokenizer, texts)
+def measure_inputs(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
+    """Set each memory's ``in_mean`` / ``in_scale`` to the per-dimension mean and 1/std of its input over the
+    token ids. Returns how many were read (0: nothing to measure; the lookup stays unstandardised)."""
     if len(ids) < 2 or not mems:
         return 0
     # Running sums in float64 per memory: the sum of x and of x squared over every token read.
@@ -259,7 +259,7 @@ def measure_inputs(model, tokenizer, mems: list[ProductKeyMemory], texts: list[s
 
     hooks = [m.register_forward_pre_hook(collect) for m in mems]
     try:
-        _read_through(model, ids)
+        read_through(model, ids)
     finally:
         for h in hooks:
             h.remove()
@@ -275,17 +275,16 @@ def measure_inputs(model, tokenizer, mems: list[ProductKeyMemory], texts: list[s
 
 
 @torch.no_grad()
-def measure_idf(model, tokenizer, mems: list[ProductKeyMemory], texts: list[str]) -> int:
-    """Read ``texts`` through the model and set each memory's IDF = log((T + 1) / (reads + 1)) over the T
-    background tokens. Returns T (0: no background text; every slot then scores by TF alone)."""
-    ids = _token_ids(tokenizer, texts)
+def measure_idf(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
+    """Read the T background token ids through the model and set each memory's IDF = log((T + 1) / (reads + 1)).
+    Returns T (0: no background text; every slot then scores by TF alone)."""
     if not ids or not mems:
         return 0
     for m in mems:
         m.reads.zero_()
         m.count_reads = True
     try:
-        _read_through(model, ids)
+        read_through(model, ids)
     finally:
         for m in mems:
             m.count_reads = False
@@ -380,10 +379,10 @@ class MemoryLayerKind:
         mems = add_memories(model, opts, layer_ids)
         was_training = model.training
         model.eval()
-        texts = background_texts(tokenizer)
+        ids = background_ids(tokenizer)
         if opts["standardize"]:
-            measure_inputs(model, tokenizer, mems, texts)  # first: the IDF is measured with the final lookup
-        background_tokens = measure_idf(model, tokenizer, mems, texts)
+            measure_inputs(model, mems, ids)  # first: the IDF is measured with the final lookup
+        background_tokens = measure_idf(model, mems, ids)
         model.train(was_training)
         model.engrain_memory_options = {**opts, "layers": layer_ids, "background_tokens": background_tokens}
         return model
