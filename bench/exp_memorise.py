@@ -2,6 +2,7 @@
 
     python bench/exp_memorise.py --memory memory|lora [--lr 1e-2] [--epochs 10] [--items 64]
                                  [--options '{"layers": "spread"}'] [--workspace bench/out/fictional-ws]
+                                 [--wordings N]
 
 Takes the first N question/answer items of a workspace's synthetic data (WS/synth/*.jsonl, e.g. the cloze items
 `exp_fictional.py` writes), trains the memory on them alone (loss on the answers, batches of 8, AdamW or the
@@ -9,6 +10,11 @@ memory layer's own row-sparse optimizer and TF-IDF hook, no replay, no schedule)
 epoch and how many of the N answers greedy decoding then reproduces. It measures capacity and learning speed on the
 training items themselves, not knowledge of the documents (that is `exp_fictional.py`'s job): a memory that cannot
 reproduce what it was trained on will not answer paraphrases of it.
+
+With --wordings N it takes the first N sentence-completion items ("Complete the sentence about <subject>: <start>")
+instead, trains each under N instruction wordings (the item's own first, then the ones in WORDINGS; none is the
+benchmark's), and also asks each one as `engrain compare` asks a cloze probe ("Complete the sentence with the
+missing words: ..."), a wording it never saw: does the memory reach a fact only through the words it was trained in?
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+KEEP = "Complete the sentence about "  # the facts strategy's sentence-completion items
+WORDINGS = ["Finish this sentence on {subject}: {start}", "{subject}. Continue: {start}",
+            "What comes next? {start}", "{start}"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", choices=["memory", "lora"], default="memory")
@@ -33,6 +44,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
+    ap.add_argument("--wordings", type=int, default=0, help="train sentence completions in N instruction wordings "
+                                                            f"(1-{len(WORDINGS) + 1}) and ask them in the benchmark's")
     args = ap.parse_args()
 
     import torch
@@ -52,7 +65,16 @@ def main() -> None:
     if len(qa) < args.items:
         sys.exit(f"{args.workspace}/synth holds {len(qa)} question/answer items, fewer than --items {args.items}; "
                  "run bench/exp_fictional.py (or engrain synth) first.")
+    if args.wordings:
+        qa = [m for m in qa if m[0]["content"].startswith(KEEP)]
+    if len(qa) < args.items:
+        sys.exit(f"{args.workspace}/synth holds {len(qa)} such items, fewer than --items {args.items}.")
     qa = qa[:args.items]
+    facts = qa
+    if args.wordings:
+        starts = [(m[0]["content"][len(KEEP):].split(": ", 1), m[1]["content"]) for m in qa]
+        qa = [[{"role": "user", "content": w.format(subject=subject, start=start)}, {"role": "assistant", "content": a}]
+              for (subject, start), a in starts for w in [KEEP + "{subject}: {start}"] + WORDINGS[:args.wordings - 1]]
     end = models.end_of_turn(tok)
     rows = [(tok(models.chat_prompt(tok, models.chat_messages(m[0]["content"])), add_special_tokens=False)["input_ids"],
              tok(m[1]["content"] + end, add_special_tokens=False)["input_ids"]) for m in qa]
@@ -100,6 +122,21 @@ def main() -> None:
     gens = models.generate(dataclasses.replace(lm, model=model), [tok.decode(p) for p, _ in rows], max_new_tokens=16,
                            batch_size=32)
     hits = sum(m[1]["content"].lower() in g.text.lower() for m, g in zip(qa, gens))
+    if args.wordings:
+        from engrain.evaluate.compare import CLOZE_INSTRUCTION
+
+        # Counted by the answer's first three words: a cloze probe asks for the missing words, not the whole rest of
+        # the sentence, and 16 new tokens do not always reach a long answer's end.
+        first = [" ".join(a.split()[:3]).lower() for _, a in starts]
+        own = sum(f in g.text.lower() for f, g in zip(first, gens[::args.wordings]))
+        asked = [models.chat_prompt(tok, models.chat_messages(f'{CLOZE_INSTRUCTION}"{start} ..."'))
+                 for (_, start), _ in starts]
+        gens = models.generate(dataclasses.replace(lm, model=model), asked, max_new_tokens=24, batch_size=32)
+        other = sum(f in g.text.lower() for f, g in zip(first, gens))
+        print(f"{args.memory} lr {args.lr} options {args.options}, {args.wordings} wordings: {args.epochs} epochs, "
+              f"final train loss {sum(losses) / len(losses):.3f}; of {len(facts)} facts, answered in the item's own "
+              f"wording {own}, in the benchmark's {other}")
+        return
     print(f"{args.memory} lr {args.lr} options {args.options}: {args.epochs} epochs, final train loss "
           f"{sum(losses) / len(losses):.3f}, reproduces {hits}/{len(qa)} trained answers")
 
