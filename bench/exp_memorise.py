@@ -11,10 +11,11 @@ epoch and how many of the N answers greedy decoding then reproduces. It measures
 training items themselves, not knowledge of the documents (that is `exp_fictional.py`'s job): a memory that cannot
 reproduce what it was trained on will not answer paraphrases of it.
 
-With --wordings N it takes the first N sentence-completion items ("Complete the sentence about <subject>: <start>")
-instead, trains each under N instruction wordings (the item's own first, then the ones in WORDINGS; none is the
-benchmark's), and also asks each one as `engrain compare` asks a cloze probe ("Complete the sentence with the
-missing words: ..."), a wording it never saw: does the memory reach a fact only through the words it was trained in?
+With --wordings N it takes the first --items sentence-completion items ("Complete the sentence about <subject>:
+<start>") instead, trains each in N instruction wordings (its own, then the `facts` strategy's further ones, as
+`synth.facts_wordings: N` writes them; none is the benchmark's), and also asks each as `engrain compare` asks a
+cloze probe ("Complete the sentence with the missing words: ..."), words it never saw: does the memory reach a fact
+only through the words it was trained in?
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-KEEP = "Complete the sentence about "  # the facts strategy's sentence-completion items
-WORDINGS = ["Finish this sentence on {subject}: {start}", "{subject}. Continue: {start}",
-            "What comes next? {start}", "{start}"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--memory", choices=["memory", "lora"], default="memory")
@@ -44,8 +40,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
-    ap.add_argument("--wordings", type=int, default=0, help="train sentence completions in N instruction wordings "
-                                                            f"(1-{len(WORDINGS) + 1}) and ask them in the benchmark's")
+    ap.add_argument("--wordings", type=int, default=0, choices=range(6), help="train sentence completions in N "
+                                                                             "instruction wordings (1-5) and ask them "
+                                                                             "in the benchmark's")
     args = ap.parse_args()
 
     import torch
@@ -53,6 +50,7 @@ def main() -> None:
 
     from engrain import models
     from engrain.memory.memory_layer import MemoryLayerKind
+    from engrain.synth.facts import COMPLETE, WORDINGS
 
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -65,16 +63,17 @@ def main() -> None:
     if len(qa) < args.items:
         sys.exit(f"{args.workspace}/synth holds {len(qa)} question/answer items, fewer than --items {args.items}; "
                  "run bench/exp_fictional.py (or engrain synth) first.")
+    keep = COMPLETE.split("{")[0]  # the facts strategy's sentence completions
     if args.wordings:
-        qa = [m for m in qa if m[0]["content"].startswith(KEEP)]
+        qa = [m for m in qa if m[0]["content"].startswith(keep)]
     if len(qa) < args.items:
         sys.exit(f"{args.workspace}/synth holds {len(qa)} such items, fewer than --items {args.items}.")
     qa = qa[:args.items]
     facts = qa
     if args.wordings:
-        starts = [(m[0]["content"][len(KEEP):].split(": ", 1), m[1]["content"]) for m in qa]
+        starts = [(m[0]["content"][len(keep):].split(": ", 1), m[1]["content"]) for m in qa]
         qa = [[{"role": "user", "content": w.format(subject=subject, start=start)}, {"role": "assistant", "content": a}]
-              for (subject, start), a in starts for w in [KEEP + "{subject}: {start}"] + WORDINGS[:args.wordings - 1]]
+              for (subject, start), a in starts for w in [COMPLETE] + WORDINGS[:args.wordings - 1]]
     end = models.end_of_turn(tok)
     rows = [(tok(models.chat_prompt(tok, models.chat_messages(m[0]["content"])), add_special_tokens=False)["input_ids"],
              tok(m[1]["content"] + end, add_special_tokens=False)["input_ids"]) for m in qa]

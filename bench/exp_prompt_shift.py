@@ -36,6 +36,7 @@ def main() -> None:
     from engrain.evaluate.metrics import contains
     from engrain.memory.registry import open_memory
     from engrain.models import load_model
+    from engrain.synth.facts import COMPLETE
     from engrain.config import load_config
     from engrain.train import is_validation, read_synthetic
     from engrain.workspace import Workspace
@@ -49,7 +50,7 @@ def main() -> None:
     prompts: dict[str, str] = {}
     for key, item in items:
         msgs = item.get("messages")
-        if not is_validation(key, fraction) and msgs and msgs[0]["content"].startswith("Complete the sentence about "):
+        if not is_validation(key, fraction) and msgs and msgs[0]["content"].startswith(COMPLETE.split("{")[0]):
             prompts.setdefault(msgs[0]["content"].split(": ", 1)[1].strip(), msgs[0]["content"])
     bench = load_bench(Path(args.bench))
     pairs = [(q, prompts[q.question.strip()]) for q in bench.questions

@@ -66,6 +66,31 @@ def test_facts_make_self_contained_cloze_and_reversed_items():
     assert variants == [c.variant for c in facts.candidates(unit, limit=200)]
 
 
+def test_sentence_completions_come_in_the_wordings_asked_for():
+    """synth.facts_wordings: each kept sentence completion again in other wordings, same answer, none the wording the
+    benchmark asks in; the cap still counts facts, and one wording (the default) changes nothing."""
+    from engrain.evaluate.compare import CLOZE_INSTRUCTION
+
+    unit = _unit("orvik-observatory")
+    one = facts.candidates(unit, limit=12)
+    three = facts.candidates(unit, limit=12, wordings=3)
+    assert [c.variant for c in facts.candidates(unit, limit=12, wordings=1)] == [c.variant for c in one]
+    assert three[:len(one)] == one
+    completions = [c for c in one if c.variant.startswith("k")]
+    assert completions and len(three) == len(one) + 2 * len(completions)
+    by_variant = {c.variant: c for c in three}
+    for c in completions:
+        prompt, answer = c.messages[0]["content"], c.messages[1]["content"]
+        start = prompt.split(": ", 1)[1]
+        others = [by_variant[f"{c.variant}w{n}"] for n in (1, 2)]
+        assert [o.messages[1]["content"] for o in others] == [answer, answer]
+        asked = [o.messages[0]["content"] for o in others]
+        assert len({prompt, *asked}) == 3 and all(q.endswith(start) for q in asked)
+        assert not any(CLOZE_INSTRUCTION.strip(": ") in q for q in asked)
+    with pytest.raises(ValueError):
+        SynthConfig(facts_wordings=6)
+
+
 def test_facts_skip_give_aways_and_cut_sentences():
     text = "Varra Port is a town. Varra Port trades with Varra Port daily. The town was founded in 1801 and"
     doc = Document(id="v", path="v.txt", format="txt", text=text, sha256="x", title="Varra Port")
@@ -169,6 +194,12 @@ def test_facts_run_writes_the_training_format(tmp_path):
     again = run_synth(ws, SynthConfig(strategies=["facts"]), show_progress=False)
     assert again["strategies"]["facts"]["chunks_run"] == 0
     assert len(read_jsonl(ws.synth_dir / "facts.jsonl")) == len(items)
+    # In three wordings, a fresh run writes each sentence completion three times, all accepted (none a duplicate).
+    ws3 = Workspace.at(write_corpus(tmp_path / "ws3"))
+    run_synth(ws3, SynthConfig(strategies=["facts"], facts_wordings=3), show_progress=False)
+    items3 = read_jsonl(ws3.synth_dir / "facts.jsonl")
+    n_completions = sum(1 for it in items if "messages" in it and it["messages"][0]["content"].startswith("Complete"))
+    assert n_completions and len(items3) == len(items) + 2 * n_completions
 
 
 @pytest.mark.parametrize("bad", ["nope", ""])

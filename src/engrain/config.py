@@ -42,7 +42,9 @@ class SynthConfig(Section):
     generator_model: str | None = Field(None, description="model name sent to an HTTP generator")
     seed: int = 0
     per_chunk: int = Field(4, ge=0, description="accepted items per chunk per model-made strategy")
-    facts_per_chunk: int = Field(64, ge=0, description="cap on deterministic fact items per chunk")
+    facts_per_chunk: int = Field(64, ge=0, description="cap on deterministic fact items per chunk (before wordings)")
+    facts_wordings: int = Field(1, ge=1, le=5, description="instruction wordings of each sentence-completion fact "
+                                                           "item; more help a memory layer answer in other words")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")
     chunks_per_batch: int = Field(8, ge=1, description="chunks synthesised (and written) together")
     batch_size: int = Field(32, ge=1, description="local generator batch size")

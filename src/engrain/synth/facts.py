@@ -4,7 +4,9 @@ Per sentence of a chunk:
   - the sentence made self-contained: a leading "It"/"Its" becomes the document's subject, and a sentence
     that does not name the subject is prefixed with it (a fact lifted out of its document stays findable);
   - fill-in-the-blank pairs over its names, numbers and dates, and a "complete the sentence" pair whose
-    answer continues from the blanked span (the shape of cloze probes);
+    answer continues from the blanked span (the shape of cloze probes), optionally in several instruction
+    wordings (``synth.facts_wordings``): a memory layer trained in one wording reaches the fact mostly
+    through that wording (README, "Why so few answers");
   - reversed statements for relations written one way round ("A was founded by B" -> "B founded A",
     "A is the capital of B" -> "The capital of B is A"), since a model trained on "A is B's X" does not
     learn "B's X is A" (the reversal curse).
@@ -33,6 +35,11 @@ _RELATION_OF = re.compile(rf"^(?P<a>{_N})(?:\s*\([^)]*\))?,?\s+(?P<be>is|was|are
 _PASSIVE_BY = re.compile(rf"^(?P<a>{_N})(?:\s*\([^)]*\))?\b.*?\b(?:was|were|is|are|,)\s*(?:\w+\s+)?"
                          rf"(?P<part>[a-z]+(?:ed|en|lt|ld|wn|ng|on|de|ot))\s+by\s+(?P<b>(?:the\s+)?{_N}(?:\s+and\s+{_N})?)")
 _BLANK = "____"
+COMPLETE = "Complete the sentence about {subject}: {start}"
+# Further wordings of a sentence completion, taken in this order (none is the wording `engrain compare` asks in).
+WORDINGS = ["Finish this sentence on {subject}: {start}", "{subject}. Continue: {start}", "What comes next? {start}",
+            "{start}"]
+MAX_WORDINGS = 1 + len(WORDINGS)
 
 
 def _self_contained(sentence: str, subject: str) -> str:
@@ -70,18 +77,21 @@ def _reversals(sentence: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def candidates(unit: Unit, limit: int = 64) -> list[Candidate]:
-    """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable)."""
+def candidates(unit: Unit, limit: int = 64, wordings: int = 1) -> list[Candidate]:
+    """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable). ``limit`` caps the
+    facts; with ``wordings`` > 1 each kept sentence completion comes again in ``wordings - 1`` other wordings."""
     out: list[Candidate] = []
     subject = unit.subject
     src = unit.chunk.text
 
-    def add(variant: str, *, text: str | None = None, q: str | None = None, a: str | None = None) -> None:
+    def make(variant: str, *, text: str | None = None, q: str | None = None, a: str | None = None) -> Candidate:
         if text is not None:
-            out.append(Candidate(unit, variant, src, text=text, check=text))
-        else:
-            out.append(Candidate(unit, variant, src, messages=[{"role": "user", "content": q},
-                                                                {"role": "assistant", "content": a}], check=a or ""))
+            return Candidate(unit, variant, src, text=text, check=text)
+        return Candidate(unit, variant, src, messages=[{"role": "user", "content": q},
+                                                       {"role": "assistant", "content": a}], check=a or "")
+
+    def add(variant: str, **item: str) -> None:
+        out.append(make(variant, **item))
 
     for i, sent in enumerate(unit.sentences):
         if len(words(sent)) < 4 or not re.search(r"[.!?][\"'”’)]?$", sent):
@@ -94,8 +104,14 @@ def candidates(unit: Unit, limit: int = 64) -> list[Candidate]:
             add(f"c{i}.{j}", q=f"Fill in the blank ({subject}): {blanked}", a=sp.text)
             prefix = sent[:sp.start].rstrip()
             if len(words(prefix)) >= 5:
-                add(f"k{i}.{j}", q=f"Complete the sentence about {subject}: {prefix}", a=sent[sp.start:].strip())
+                add(f"k{i}.{j}", q=COMPLETE.format(subject=subject, start=prefix), a=sent[sp.start:].strip())
         for j, (statement, question, answer) in enumerate(_reversals(sent)):
             add(f"r{i}.{j}", text=statement)
             add(f"q{i}.{j}", q=question, a=answer)
-    return out[:limit]
+    kept = out[:limit]
+    lead = len(COMPLETE.format(subject=subject, start=""))
+    for cand in [c for c in kept if c.variant.startswith("k")]:
+        start, answer = cand.messages[0]["content"][lead:], cand.messages[1]["content"]
+        kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=start), a=answer)
+                 for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]
+    return kept
