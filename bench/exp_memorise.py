@@ -40,9 +40,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
-    ap.add_argument("--wordings", type=int, default=0, choices=range(6), help="train sentence completions in N "
-                                                                             "instruction wordings (1-5) and ask them "
-                                                                             "in the benchmark's")
+    ap.add_argument("--wordings", type=int, default=0, help="train sentence completions in N instruction wordings "
+                                                            "(1-5, as synth.facts_wordings) and ask them in the "
+                                                            "benchmark's")
     args = ap.parse_args()
 
     import torch
@@ -50,7 +50,7 @@ def main() -> None:
 
     from engrain import models
     from engrain.memory.memory_layer import MemoryLayerKind
-    from engrain.synth.facts import COMPLETE, WORDINGS
+    from engrain.synth.facts import COMPLETE, WORDINGS, completion_parts
 
     torch.manual_seed(0)
     rng = random.Random(0)
@@ -60,18 +60,17 @@ def main() -> None:
     for path in sorted((Path(args.workspace) / "synth").glob("*.jsonl")):
         items = [json.loads(line) for line in path.open(encoding="utf-8") if line.strip()]
         qa += [item["messages"] for item in items if "messages" in item]
+    if not 0 <= args.wordings <= 1 + len(WORDINGS):
+        sys.exit(f"--wordings takes 1 to {1 + len(WORDINGS)} (0: plain memorisation).")
+    if args.wordings:
+        qa = [m for m in qa if completion_parts(m[0]["content"])]
     if len(qa) < args.items:
-        sys.exit(f"{args.workspace}/synth holds {len(qa)} question/answer items, fewer than --items {args.items}; "
+        kind = "sentence-completion" if args.wordings else "question/answer"
+        sys.exit(f"{args.workspace}/synth holds {len(qa)} {kind} items, fewer than --items {args.items}; "
                  "run bench/exp_fictional.py (or engrain synth) first.")
-    keep = COMPLETE.split("{")[0]  # the facts strategy's sentence completions
-    if args.wordings:
-        qa = [m for m in qa if m[0]["content"].startswith(keep)]
-    if len(qa) < args.items:
-        sys.exit(f"{args.workspace}/synth holds {len(qa)} such items, fewer than --items {args.items}.")
     qa = qa[:args.items]
-    facts = qa
     if args.wordings:
-        starts = [(m[0]["content"][len(keep):].split(": ", 1), m[1]["content"]) for m in qa]
+        starts = [(completion_parts(m[0]["content"]), m[1]["content"]) for m in qa]
         qa = [[{"role": "user", "content": w.format(subject=subject, start=start)}, {"role": "assistant", "content": a}]
               for (subject, start), a in starts for w in [COMPLETE] + WORDINGS[:args.wordings - 1]]
     end = models.end_of_turn(tok)
@@ -118,24 +117,25 @@ def main() -> None:
             losses.append(loss.item())
         print(f"epoch {epoch + 1}: train loss {sum(losses) / len(losses):.3f} ({time.time() - t0:.0f} s)", flush=True)
     model.eval()
-    gens = models.generate(dataclasses.replace(lm, model=model), [tok.decode(p) for p, _ in rows], max_new_tokens=16,
+    asked = rows[::max(1, args.wordings)]  # with wordings, each fact in its own (first) wording only
+    gens = models.generate(dataclasses.replace(lm, model=model), [tok.decode(p) for p, _ in asked], max_new_tokens=16,
                            batch_size=32)
-    hits = sum(m[1]["content"].lower() in g.text.lower() for m, g in zip(qa, gens))
     if args.wordings:
         from engrain.evaluate.compare import CLOZE_INSTRUCTION
 
         # Counted by the answer's first three words: a cloze probe asks for the missing words, not the whole rest of
         # the sentence, and 16 new tokens do not always reach a long answer's end.
         first = [" ".join(a.split()[:3]).lower() for _, a in starts]
-        own = sum(f in g.text.lower() for f, g in zip(first, gens[::args.wordings]))
+        own = sum(f in g.text.lower() for f, g in zip(first, gens))
         asked = [models.chat_prompt(tok, models.chat_messages(f'{CLOZE_INSTRUCTION}"{start} ..."'))
                  for (_, start), _ in starts]
         gens = models.generate(dataclasses.replace(lm, model=model), asked, max_new_tokens=24, batch_size=32)
         other = sum(f in g.text.lower() for f, g in zip(first, gens))
         print(f"{args.memory} lr {args.lr} options {args.options}, {args.wordings} wordings: {args.epochs} epochs, "
-              f"final train loss {sum(losses) / len(losses):.3f}; of {len(facts)} facts, answered in the item's own "
+              f"final train loss {sum(losses) / len(losses):.3f}; of {len(starts)} facts, answered in the item's own "
               f"wording {own}, in the benchmark's {other}")
         return
+    hits = sum(m[1]["content"].lower() in g.text.lower() for m, g in zip(qa, gens))
     print(f"{args.memory} lr {args.lr} options {args.options}: {args.epochs} epochs, final train loss "
           f"{sum(losses) / len(losses):.3f}, reproduces {hits}/{len(qa)} trained answers")
 

@@ -31,13 +31,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120, help="probes asked (the first N that have a training item)")
     args = ap.parse_args()
 
+    from engrain.config import load_config
     from engrain.evaluate.bench import load_bench
     from engrain.evaluate.compare import question_text
     from engrain.evaluate.metrics import contains
     from engrain.memory.registry import open_memory
     from engrain.models import load_model
-    from engrain.synth.facts import COMPLETE
-    from engrain.config import load_config
+    from engrain.synth.facts import completion_parts
     from engrain.train import is_validation, read_synthetic
     from engrain.workspace import Workspace
 
@@ -49,9 +49,9 @@ def main() -> None:
     # start of sentence -> the training prompt that ends with it
     prompts: dict[str, str] = {}
     for key, item in items:
-        msgs = item.get("messages")
-        if not is_validation(key, fraction) and msgs and msgs[0]["content"].startswith(COMPLETE.split("{")[0]):
-            prompts.setdefault(msgs[0]["content"].split(": ", 1)[1].strip(), msgs[0]["content"])
+        parts = completion_parts(item["messages"][0]["content"]) if "messages" in item else None
+        if parts and not is_validation(key, fraction):
+            prompts.setdefault(parts[1].strip(), item["messages"][0]["content"])
     bench = load_bench(Path(args.bench))
     pairs = [(q, prompts[q.question.strip()]) for q in bench.questions
              if "mem" in q.tags and q.question.strip() in prompts][:args.n]

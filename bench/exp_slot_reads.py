@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from engrain import models
-    from engrain.memory.memory_layer import MemoryLayerKind, memories, read_through
+    from engrain.memory.memory_layer import MemoryLayerKind, count_reads, memories
 
     chunks_file = Path(args.workspace) / "corpus" / "chunks.jsonl"
     if not chunks_file.is_file():
@@ -51,11 +51,7 @@ def main() -> None:
         options = {**json.loads(args.options), "standardize": standardize}
         model = MemoryLayerKind().attach(copy.deepcopy(lm.model), lm.tokenizer, {"options": {"memory": options}}, None)
         mems = memories(model)
-        for m in mems:
-            m.reads.zero_()
-            m.count_reads = True
-        with torch.no_grad():
-            read_through(model, ids)
+        count_reads(model, mems, ids)
         for m in mems:
             reads = m.reads.sort(descending=True).values
             total = float(reads.sum())

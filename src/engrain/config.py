@@ -43,6 +43,7 @@ class SynthConfig(Section):
     seed: int = 0
     per_chunk: int = Field(4, ge=0, description="accepted items per chunk per model-made strategy")
     facts_per_chunk: int = Field(64, ge=0, description="cap on deterministic fact items per chunk (before wordings)")
+    # le: the item's own wording and synth.facts.WORDINGS
     facts_wordings: int = Field(1, ge=1, le=5, description="instruction wordings of each sentence-completion fact "
                                                            "item; more help a memory layer answer in other words")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")

@@ -275,11 +275,8 @@ def measure_inputs(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
 
 
 @torch.no_grad()
-def measure_idf(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
-    """Read the T background token ids through the model and set each memory's IDF = log((T + 1) / (reads + 1)).
-    Returns T (0: no background text; every slot then scores by TF alone)."""
-    if not ids or not mems:
-        return 0
+def count_reads(model, mems: list[ProductKeyMemory], ids: list[int]) -> None:
+    """Read token ids through the model with each memory counting in ``reads`` how often each of its slots is read."""
     for m in mems:
         m.reads.zero_()
         m.count_reads = True
@@ -288,6 +285,15 @@ def measure_idf(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
     finally:
         for m in mems:
             m.count_reads = False
+
+
+@torch.no_grad()
+def measure_idf(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
+    """Read the T background token ids through the model and set each memory's IDF = log((T + 1) / (reads + 1)).
+    Returns T (0: no background text; every slot then scores by TF alone)."""
+    if not ids or not mems:
+        return 0
+    count_reads(model, mems, ids)
     for m in mems:
         # Each token reads heads * topk slots; normalise to "tokens that read the slot" scale.
         per_token = m.reads / (m.heads * m.topk)

@@ -39,7 +39,16 @@ COMPLETE = "Complete the sentence about {subject}: {start}"
 # Further wordings of a sentence completion, taken in this order (none is the wording `engrain compare` asks in).
 WORDINGS = ["Finish this sentence on {subject}: {start}", "{subject}. Continue: {start}", "What comes next? {start}",
             "{start}"]
-MAX_WORDINGS = 1 + len(WORDINGS)
+
+
+def completion_parts(prompt: str) -> tuple[str, str] | None:
+    """(subject, start) of a prompt written with COMPLETE, None for any other prompt. It splits at the first ": "
+    after the lead, so a subject that itself holds ": " would be cut there."""
+    lead = COMPLETE.split("{")[0]
+    if not prompt.startswith(lead) or ": " not in prompt[len(lead):]:
+        return None
+    subject, start = prompt[len(lead):].split(": ", 1)
+    return subject, start
 
 
 def _self_contained(sentence: str, subject: str) -> str:
@@ -81,6 +90,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1) -> list[Candidate
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable). ``limit`` caps the
     facts; with ``wordings`` > 1 each kept sentence completion comes again in ``wordings - 1`` other wordings."""
     out: list[Candidate] = []
+    starts: dict[str, str] = {}  # sentence completion's variant -> the sentence start it asks to complete
     subject = unit.subject
     src = unit.chunk.text
 
@@ -104,14 +114,13 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1) -> list[Candidate
             add(f"c{i}.{j}", q=f"Fill in the blank ({subject}): {blanked}", a=sp.text)
             prefix = sent[:sp.start].rstrip()
             if len(words(prefix)) >= 5:
+                starts[f"k{i}.{j}"] = prefix
                 add(f"k{i}.{j}", q=COMPLETE.format(subject=subject, start=prefix), a=sent[sp.start:].strip())
         for j, (statement, question, answer) in enumerate(_reversals(sent)):
             add(f"r{i}.{j}", text=statement)
             add(f"q{i}.{j}", q=question, a=answer)
     kept = out[:limit]
-    lead = len(COMPLETE.format(subject=subject, start=""))
-    for cand in [c for c in kept if c.variant.startswith("k")]:
-        start, answer = cand.messages[0]["content"][lead:], cand.messages[1]["content"]
-        kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=start), a=answer)
-                 for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]
+    for cand in [c for c in kept if c.variant in starts]:
+        kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=starts[cand.variant]),
+                      a=cand.messages[1]["content"]) for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]
     return kept
