@@ -70,9 +70,9 @@ def main() -> None:
                  "run bench/exp_fictional.py (or engrain synth) first.")
     qa = qa[:args.items]
     if args.wordings:
-        starts = [(completion_parts(m[0]["content"]), m[1]["content"]) for m in qa]
+        completions = [(completion_parts(m[0]["content"]), m[1]["content"]) for m in qa]  # ((subject, start), answer)
         qa = [[{"role": "user", "content": w.format(subject=subject, start=start)}, {"role": "assistant", "content": a}]
-              for (subject, start), a in starts for w in [COMPLETE] + WORDINGS[:args.wordings - 1]]
+              for (subject, start), a in completions for w in [COMPLETE] + WORDINGS[:args.wordings - 1]]
     end = models.end_of_turn(tok)
     rows = [(tok(models.chat_prompt(tok, models.chat_messages(m[0]["content"])), add_special_tokens=False)["input_ids"],
              tok(m[1]["content"] + end, add_special_tokens=False)["input_ids"]) for m in qa]
@@ -121,19 +121,18 @@ def main() -> None:
     gens = models.generate(dataclasses.replace(lm, model=model), [tok.decode(p) for p, _ in asked], max_new_tokens=16,
                            batch_size=32)
     if args.wordings:
-        from engrain.evaluate.compare import CLOZE_INSTRUCTION
+        from engrain.evaluate.compare import cloze_text
 
         # Counted by the answer's first three words: a cloze probe asks for the missing words, not the whole rest of
         # the sentence, and 16 new tokens do not always reach a long answer's end.
-        first = [" ".join(a.split()[:3]).lower() for _, a in starts]
+        first = [" ".join(a.split()[:3]).lower() for _, a in completions]
         own = sum(f in g.text.lower() for f, g in zip(first, gens))
-        asked = [models.chat_prompt(tok, models.chat_messages(f'{CLOZE_INSTRUCTION}"{start} ..."'))
-                 for (_, start), _ in starts]
-        gens = models.generate(dataclasses.replace(lm, model=model), asked, max_new_tokens=24, batch_size=32)
+        cloze = [models.chat_prompt(tok, models.chat_messages(cloze_text(start))) for (_, start), _ in completions]
+        gens = models.generate(dataclasses.replace(lm, model=model), cloze, max_new_tokens=24, batch_size=32)
         other = sum(f in g.text.lower() for f, g in zip(first, gens))
         print(f"{args.memory} lr {args.lr} options {args.options}, {args.wordings} wordings: {args.epochs} epochs, "
-              f"final train loss {sum(losses) / len(losses):.3f}; of {len(starts)} facts, answered in the item's own "
-              f"wording {own}, in the benchmark's {other}")
+              f"final train loss {sum(losses) / len(losses):.3f}; of {len(completions)} facts, answered in the item's "
+              f"own wording {own}, in the benchmark's {other}")
         return
     hits = sum(m[1]["content"].lower() in g.text.lower() for m, g in zip(qa, gens))
     print(f"{args.memory} lr {args.lr} options {args.options}: {args.epochs} epochs, final train loss "

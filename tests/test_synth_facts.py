@@ -81,7 +81,7 @@ def test_sentence_completions_come_in_the_wordings_asked_for():
     by_variant = {c.variant: c for c in three}
     for c in completions:
         prompt, answer = c.messages[0]["content"], c.messages[1]["content"]
-        start = prompt.split(": ", 1)[1]
+        start = facts.completion_parts(prompt)[1]
         others = [by_variant[f"{c.variant}w{n}"] for n in (1, 2)]
         assert [o.messages[1]["content"] for o in others] == [answer, answer]
         asked = [o.messages[0]["content"] for o in others]
@@ -198,7 +198,7 @@ def test_facts_run_writes_the_training_format(tmp_path):
     ws3 = Workspace.at(write_corpus(tmp_path / "ws3"))
     run_synth(ws3, SynthConfig(strategies=["facts"], facts_wordings=3), show_progress=False)
     items3 = read_jsonl(ws3.synth_dir / "facts.jsonl")
-    n_completions = sum(1 for it in items if "messages" in it and it["messages"][0]["content"].startswith("Complete"))
+    n_completions = sum(1 for it in items if "messages" in it and facts.completion_parts(it["messages"][0]["content"]))
     assert n_completions and len(items3) == len(items) + 2 * n_completions
 
 

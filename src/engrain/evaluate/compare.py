@@ -28,9 +28,12 @@ CLOZE_INSTRUCTION = "Complete the sentence with the missing words: "
 def question_text(q: Question) -> str:
     """What a method is asked. Cloze probes are the start of a sentence; an instruct model is asked to complete
     it (the gold continuation must then occur in its output, which may repeat the start)."""
-    if q.type == "cloze":
-        return f"{CLOZE_INSTRUCTION}\"{q.question.strip()} ...\""
-    return q.question
+    return cloze_text(q.question) if q.type == "cloze" else q.question
+
+
+def cloze_text(start: str) -> str:
+    """A cloze probe as the methods are asked it: the instruction and the sentence start, quoted, open-ended."""
+    return f"{CLOZE_INSTRUCTION}\"{start.strip()} ...\""
 
 
 class PeakRSS:
