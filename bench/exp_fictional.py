@@ -2,14 +2,15 @@
 
     python bench/exp_fictional.py [--docs 10] [--methods base,context,rag,lora,prefix,memory]
                                   [--epochs 2] [--micro-batch 1] [--workspace bench/out/fictional-ws] [--bench PATH]
-                                  [--dtype auto] [--out DIR]
+                                  [--dtype auto] [--out DIR] [--probe-form continuation|chat]
 
 The benchmark (../shared/data/fictional-dev by default, BENCHMARKS.md layout) holds invented facts the base model
-cannot know, asked as cloze probes. The workspace gets the settings below before anything is built (recorded in
-WS/engrain.yaml and in results.json), then the comparison runs exactly as `engrain compare BENCH --docs N` would:
-ingest, index, synthesis with the model-free `facts` strategy (the questions are only the leak guard's exclusion
-list), one training run per memory, answers, forgetting, leak check, report. Everything lands in
-bench/out/fictional-<N>docs/ (results.json, report.md, report.html).
+cannot know, asked as cloze probes (by default as raw continuation; see --probe-form). The workspace gets the
+settings below before anything is built (recorded in WS/engrain.yaml and in results.json), then the comparison
+runs exactly as `engrain compare BENCH --docs N` would: ingest, index, synthesis with the model-free `facts`
+strategy (the questions are only the leak guard's exclusion list), one training run per memory, answers,
+forgetting, leak check, report. Everything lands in bench/out/fictional-<N>docs/ (results.json, report.md,
+report.html).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="of the answering model: auto (bf16 on a GPU), float32, ...")
     ap.add_argument("--out", default=None, help="report folder (default bench/out/fictional-<N>docs)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
+    ap.add_argument("--probe-form", default="continuation", choices=["continuation", "chat"],
+                    help="how cloze probes are asked: continuation (the sentence start as plain text, as the data sets "
+                         "intend) or chat (an instruction in the chat template)")
     args = ap.parse_args()
 
     from engrain.cli import print_results
@@ -54,7 +58,7 @@ def main() -> None:
     save_config(config, ws.config_path)
     out = Path(args.out) if args.out else ROOT / "bench" / "out" / f"fictional-{args.docs}docs"
     results = run_compare(Path(args.bench), ws, parse_methods(args.methods), out, load_model(None, dtype=args.dtype),
-                          docs=args.docs, latency_sample=args.latency_sample)
+                          docs=args.docs, latency_sample=args.latency_sample, probe_form=args.probe_form)
     print_results(results, out)
     print("| method | contains (95% CI) | " + " | ".join(f"tag {t}" for t in ("mem", "gen", "hard_gen"))
           + " | general QA after | build s |")

@@ -24,6 +24,9 @@ console = Console(stderr=True)
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace folder")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="base model: embedded default, folder, .gguf or hub id")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object with the step's summary on stdout")]
+ProbeFormOpt = Annotated[str, typer.Option("--probe-form", help="how cloze probes are asked: continuation (the sentence "
+                                           "start as plain text, as the data sets intend) or chat (an instruction in "
+                                           "the chat template)")]
 DEFAULT_WS = Path("engrain-workspace")
 
 
@@ -129,13 +132,16 @@ def compare(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild memories even if the workspace has them")] = False,
     no_forgetting: Annotated[bool, typer.Option("--no-forgetting", help="skip the forgetting probes")] = False,
     scaling: Annotated[bool, typer.Option("--scaling", help="also measure cost as the corpus grows (1k-8k tokens)")] = False,
+    probe_form: ProbeFormOpt = "continuation",
     as_json: JsonOpt = False,
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
+    from .evaluate.compare import check_probe_form
     from .evaluate.run import parse_methods, run_compare
     from .models import load_model
     from .workspace import Workspace
 
+    check_probe_form(probe_form)  # before the model loads
     ws = Workspace.at(workspace).ensure()
     from .evaluate.bench import subset_name
 
@@ -143,7 +149,7 @@ def compare(
     lm = load_model(model_spec(workspace, model))
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
-                          scaling=scaling, docs=docs)
+                          scaling=scaling, docs=docs, probe_form=probe_form)
     print_results(results, out_dir)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),
@@ -172,13 +178,16 @@ def demo(
     workspace: WorkspaceOpt = Path("engrain-demo"),
     methods: Annotated[Optional[str], typer.Option("--methods", help="default: every method this version can build")] = None,
     model: ModelOpt = None,
+    probe_form: ProbeFormOpt = "continuation",
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
+    from .evaluate.compare import check_probe_form
     from .evaluate.run import parse_methods, run_compare
     from .models import load_model
     from .workspace import Workspace
 
+    check_probe_form(probe_form)  # before the model loads
     bench = example_bench()
     ws = Workspace.at(workspace).ensure()
     if not ws.config_path.exists():
@@ -186,7 +195,7 @@ def demo(
     out_dir = ws.reports_dir / bench.name
     lm = load_model(model)
     results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm,
-                          latency_sample=DEMO_LATENCY_SAMPLE)
+                          latency_sample=DEMO_LATENCY_SAMPLE, probe_form=probe_form)
     print_results(results, out_dir)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})

@@ -382,7 +382,7 @@ def stop_index(seq: list[int], stop_ids: list[int]) -> int:
 def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              stop: list[str] | None = None, batch_size: int = 16, seed: int | None = None,
              repetition_penalty: float = 1.0, progress=None) -> list[Generation]:
-    """Generate a completion for every prompt (already chat-formatted text).
+    """Generate a completion for every prompt (text as the model reads it: chat-formatted, or raw for continuation).
 
     Prompts are sorted by length and run ``batch_size`` at a time with left padding, so batches waste
     little on padding (on the fast path, finished rows are replaced by waiting prompts as they go); results
@@ -465,3 +465,47 @@ def answer(lm: LM, questions: list[str], contexts: list[str | None] | None = Non
     contexts = contexts or [None] * len(questions)
     prompts = [chat_prompt(lm.tokenizer, chat_messages(q, c, system)) for q, c in zip(questions, contexts)]
     return generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw continuation: a sentence start continued as plain text (how cloze probes are meant to be asked)
+# --------------------------------------------------------------------------------------------------
+
+
+def continuation_prompt(start: str, context: str | None = None) -> str:
+    """The plain-text prompt that continues ``start``: the context (when given) and a blank line, then the start.
+    No chat template and no system message: the model reads text and writes what comes next."""
+    return f"{context}\n\n{start}" if context else start
+
+
+def first_line(text: str) -> str:
+    """A continuation cut at its first newline and stripped: a continuation is the rest of one sentence, and what
+    follows a newline is a new paragraph the probe did not ask for."""
+    return text.split("\n", 1)[0].strip()
+
+
+def cut_continuation(gen: Generation) -> Generation:
+    """``gen`` with its text cut by ``first_line`` (a cut counts as a stop); token counts are what was generated."""
+    if "\n" not in gen.text:
+        return gen
+    return Generation(text=first_line(gen.text), prompt_tokens=gen.prompt_tokens,
+                      completion_tokens=gen.completion_tokens, finish_reason="stop")
+
+
+def check_starts(starts: list[str]) -> None:
+    """Refuse an empty sentence start: there is nothing to continue (and no prompt at all without a context)."""
+    empty = [i for i, s in enumerate(starts) if not s.strip()]
+    if empty:
+        raise EngrainError(f"Sentence start number {empty[0] + 1} of {len(starts)} is empty, so there is nothing to "
+                           "continue.", hint="Give every cloze probe the start of its sentence in 'question'.")
+
+
+def continue_text(lm: LM, starts: list[str], contexts: list[str | None] | None = None, *, max_new_tokens: int = 32,
+                  batch_size: int = 16) -> list[Generation]:
+    """Continue each start as raw text with greedy decoding, optionally after its own context; each text is the
+    continuation alone, cut at its first newline."""
+    check_starts(starts)
+    contexts = contexts or [None] * len(starts)
+    prompts = [continuation_prompt(s, c) for s, c in zip(starts, contexts)]
+    gens = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [cut_continuation(g) for g in gens]

@@ -1,9 +1,9 @@
 """Run every method on a benchmark's questions and measure them side by side (results.json contract).
 
-For each method: answers for all questions (batched, greedy), contains / EM / F1 with 95% intervals,
-breakdowns by tag and by hops, latency per question at batch 1 on a sample (p50 / p95), prompt tokens,
-peak memory while it answered, build time and disk size of what it built, and forgetting for trained
-memories. Questions never reach anything that builds a memory: they are read here, after building.
+For each method: answers for all questions (batched, greedy; cloze probes asked as ``probe_form`` says),
+contains / EM / F1 with 95% intervals, breakdowns by tag and by hops, latency per question at batch 1 on a sample
+(p50 / p95), prompt tokens, peak memory while it answered, build time and disk size of what it built, and
+forgetting for trained memories. Questions never reach anything that builds a memory: they are read here, after building.
 """
 
 from __future__ import annotations
@@ -18,16 +18,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import EngrainError
 from ..memory.base import Answer, Memory
 from . import metrics
 from .bench import Bench, Question
 
 CLOZE_INSTRUCTION = "Complete the sentence with the missing words: "
+# How cloze probes are asked: "continuation" hands the sentence start to Memory.complete as plain text (what the
+# data sets intend); "chat" wraps it in an instruction (cloze_text) and asks it through Memory.answer.
+PROBE_FORMS = ("continuation", "chat")
+
+
+def check_probe_form(probe_form: str) -> str:
+    """``probe_form`` when it is one of PROBE_FORMS; an EngrainError naming the choices otherwise."""
+    if probe_form not in PROBE_FORMS:
+        raise EngrainError(f"Unknown probe form '{probe_form}'.",
+                           hint="Use --probe-form continuation (the sentence start as plain text, as the data sets "
+                                "intend) or --probe-form chat (an instruction in the chat template).")
+    return probe_form
 
 
 def question_text(q: Question) -> str:
-    """What a method is asked. Cloze probes are the start of a sentence; an instruct model is asked to complete
-    it (the gold continuation must then occur in its output, which may repeat the start)."""
+    """What a method is asked in the chat form. Cloze probes are the start of a sentence; an instruct model is asked
+    to complete it (the gold continuation must then occur in its output, which may repeat the start)."""
     return cloze_text(q.question) if q.type == "cloze" else q.question
 
 
@@ -120,24 +133,39 @@ def score(questions: list[Question], answers: list[Answer]) -> dict:
 ANSWER_SLICE = 32  # questions handed to a memory per call: large enough to batch, small enough for progress
 
 
+def ask(memory: Memory, questions: list[Question], *, probe_form: str = "continuation",
+        max_new_tokens: int = 48) -> list[Answer]:
+    """Every question's answer, in question order: cloze probes through ``memory.complete`` (the sentence start)
+    when ``probe_form`` is "continuation", everything else through ``memory.answer`` (``question_text``)."""
+    check_probe_form(probe_form)
+    raw = [q.type == "cloze" and probe_form == "continuation" for q in questions]
+    starts = [q.question for q, r in zip(questions, raw) if r]
+    asked = [question_text(q) for q, r in zip(questions, raw) if not r]
+    completed = iter(memory.complete(starts, max_new_tokens=max_new_tokens) if starts else [])
+    answered = iter(memory.answer(asked, max_new_tokens=max_new_tokens) if asked else [])
+    return [next(completed) if r else next(answered) for r in raw]
+
+
 def run_method(name: str, memory: Memory, questions: list[Question], *, latency_sample: int = 10,
-               max_new_tokens: int = 48, progress: bool = False) -> MethodRun:
-    """Answer every question batched (accuracy), then time a sample one at a time (latency as a user sees it)."""
+               max_new_tokens: int = 48, progress: bool = False, probe_form: str = "continuation") -> MethodRun:
+    """Answer every question batched (accuracy), then time a sample one at a time (latency as a user sees it).
+    Cloze probes are asked as ``probe_form`` says (see ``ask``); qa questions always through ``memory.answer``."""
     from ..progress import Progress
 
-    texts = [question_text(q) for q in questions]
-    sample = texts[:latency_sample]
+    check_probe_form(probe_form)
+    sample = questions[:latency_sample]
     with PeakRSS() as rss:
         answers: list[Answer] = []
-        with Progress(progress, len(texts), 0, f"{name}: answering") as bar:
-            for start in range(0, len(texts), ANSWER_SLICE):
-                answers += memory.answer(texts[start:start + ANSWER_SLICE], max_new_tokens=max_new_tokens)
+        with Progress(progress, len(questions), 0, f"{name}: answering") as bar:
+            for start in range(0, len(questions), ANSWER_SLICE):
+                answers += ask(memory, questions[start:start + ANSWER_SLICE], probe_form=probe_form,
+                               max_new_tokens=max_new_tokens)
                 bar.update(len(answers))
         latencies = []
         with Progress(progress, len(sample), 0, f"{name}: timing one at a time") as bar:
-            for text in sample:
+            for q in sample:
                 t0 = time.perf_counter()
-                memory.answer([text], max_new_tokens=max_new_tokens)
+                ask(memory, [q], probe_form=probe_form, max_new_tokens=max_new_tokens)
                 latencies.append((time.perf_counter() - t0) * 1000)
                 bar.update(len(latencies))
     return MethodRun(name=name, answers=answers, latencies_ms=latencies, peak_rss_mb=rss.peak_mb,
@@ -200,7 +228,7 @@ def against_base(scores: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int, settings: dict,
-                 warnings: list[str] | None = None) -> dict:
+                 warnings: list[str] | None = None, probe_form: str = "continuation") -> dict:
     questions = bench.questions
     methods = {run.name: method_result(run, questions) for run in runs}
     scores = {run.name: contains_scores(questions, run.answers) for run in runs}
@@ -210,6 +238,7 @@ def results_json(bench: Bench, model_name: str, runs: list[MethodRun], seed: int
         "bench": bench.name,
         "n_questions": len(questions),
         "model": model_name,
+        "probe_form": probe_form,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "methods": methods,
         "examples": [

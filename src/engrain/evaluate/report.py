@@ -183,9 +183,20 @@ def plots(results: dict) -> dict[str, str]:
     return out
 
 
+PROBE_FORM_WORDS = {"continuation": "the sentence start as plain text, continued by the model",
+                    "chat": "an instruction to complete the sentence, in the chat template"}
+
+
+def probe_form_line(results: dict) -> str:
+    """One line saying how cloze probes were asked (results from before the setting existed used the chat form)."""
+    form = results.get("probe_form", "chat")
+    return f"Cloze probes asked as {form}: {PROBE_FORM_WORDS.get(form, form)}."
+
+
 def markdown(results: dict) -> str:
     lines = [f"# engrain comparison: {results['bench']}", "",
              f"{results['n_questions']} questions · model `{results['model']}` · {results['created']}", "",
+             probe_form_line(results), "",
              "## What this means", "", interpretation(results), "", "## Results", "",
              "| method | contains (95% CI) | EM | F1 | p50 ms | p95 ms | prompt tokens | build s | disk MB | peak RSS MB "
              "| general QA Δ | ppl ratio | vs base (paired) |",
@@ -244,7 +255,7 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
         (out_dir / f"{name}.png").write_bytes(base64.b64decode(data))
     body = [f"<h1>engrain comparison: {html.escape(results['bench'])}</h1>",
             f"<p>{results['n_questions']} questions · model <code>{html.escape(str(results['model']))}</code> · "
-            f"{html.escape(results['created'])}</p>",
+            f"{html.escape(results['created'])}</p>", f"<p>{html.escape(probe_form_line(results))}</p>",
             "<h2>What this means</h2>", f"<p>{html.escape(interpretation(results))}</p>", "<h2>Results</h2>",
             "<table><tr><th>method</th><th>contains (95% CI)</th><th>EM</th><th>F1</th><th>p50 ms</th><th>p95 ms</th>"
             "<th>prompt tokens</th><th>build s</th><th>disk MB</th><th>peak RSS MB</th><th>general QA Δ</th>"

@@ -14,7 +14,7 @@ from ..models import LM
 from ..workspace import Workspace
 from . import forgetting
 from .bench import load_bench
-from .compare import MethodRun, results_json, run_method, score
+from .compare import MethodRun, check_probe_form, results_json, run_method, score
 from .report import write_report
 
 console = Console(stderr=True)
@@ -33,10 +33,12 @@ def parse_methods(text: str) -> list[str]:
 def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_dir: Path, lm: LM, *,
                 limit: int | None = None, latency_sample: int = 10, seed: int = 0, rebuild: bool = False,
                 measure_forgetting: bool = True, max_new_tokens: int = 48, scaling: bool = False,
-                docs: int | None = None) -> dict:
-    """Run the comparison and write results.json + report; returns the results dict."""
+                docs: int | None = None, probe_form: str = "continuation") -> dict:
+    """Run the comparison and write results.json + report; returns the results dict. ``probe_form`` says how
+    cloze probes are asked: "continuation" (the sentence start as plain text) or "chat" (an instruction)."""
     import torch
 
+    check_probe_form(probe_form)  # before anything is built
     torch.manual_seed(seed)
     bench = load_bench(bench_dir)
     if docs:
@@ -56,7 +58,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed, stage_times=stage_times)
         memory = open_memory(name, workspace, lm)
         run = run_method(name, memory, bench.questions, latency_sample=latency_sample, max_new_tokens=max_new_tokens,
-                         progress=True)
+                         progress=True, probe_form=probe_form)
         run.build_seconds, run.disk_bytes = build.seconds, build.disk_bytes
         warnings += [f"{name}: {w}" for w in build.details.get("warnings", [])]
         truncated = sum(1 for a in run.answers if a.meta.get("truncated"))
@@ -76,10 +78,10 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         leak = leak_check(workspace, bench.root / "questions.jsonl")
         console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
-                "latency_sample": latency_sample, "max_new_tokens": max_new_tokens,
+                "latency_sample": latency_sample, "max_new_tokens": max_new_tokens, "probe_form": probe_form,
                 "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
-    results = results_json(bench, lm.name, runs, seed, settings, warnings)
+    results = results_json(bench, lm.name, runs, seed, settings, warnings, probe_form=probe_form)
     results["leak_check"] = leak
     if scaling:
         from .compare import question_text

@@ -3,7 +3,8 @@
 The evaluator, the server and the CLI only ever talk to a Memory:
 
     memory.build(workspace)            -> BuildInfo   (train, index, or nothing)
-    memory.answer(questions)           -> [Answer]    (batched)
+    memory.answer(questions)           -> [Answer]    (batched, in the chat template)
+    memory.complete(starts)            -> [Answer]    (batched, raw continuation of sentence starts)
     memory.describe()                  -> dict        (for reports)
 
 ``ClosedBook`` is the simplest memory: the base model and the question alone.
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..models import LM, answer
+from ..models import LM, Generation, answer, continue_text
 from ..workspace import Workspace
 
 
@@ -48,6 +49,13 @@ class Memory(Protocol):
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]: ...
 
+    def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """Continue each sentence start as plain text: no chat template, no system message, whatever the memory
+        puts before it (documents, chunks) as plain text too. This is how cloze probes are meant to be asked: the
+        start is text the model continues, not an instruction. ``Answer.text`` is the continuation alone, cut at
+        its first newline (the rest of one sentence, not the paragraphs after it) and stripped."""
+        ...
+
     def describe(self) -> dict: ...
 
 
@@ -66,9 +74,19 @@ class ClosedBook:
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
         t0 = time.perf_counter()
         gens = answer(self.lm, questions, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
-        # A batch shares one forward pass, so each question's latency is the batch time amortised.
-        per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
-        return [Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens) for g in gens]
+        return _timed(gens, t0)
+
+    def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """The start alone, continued as raw text (see ``Memory.complete``)."""
+        t0 = time.perf_counter()
+        gens = continue_text(self.lm, starts, max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+        return _timed(gens, t0)
 
     def describe(self) -> dict:
         return {"memory": "base", "model": self.lm.name, "closed_book": True}
+
+
+def _timed(gens: list[Generation], t0: float) -> list[Answer]:
+    """Answers from generations; a batch shares one forward pass, so each latency is the batch time amortised."""
+    per_q = (time.perf_counter() - t0) * 1000 / max(1, len(gens))
+    return [Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens) for g in gens]

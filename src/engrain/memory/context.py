@@ -3,6 +3,11 @@
 Order: documents with status "ok", sorted by id, each written as ``[doc-id]`` on a line and then its text,
 separated by blank lines. The prompt is the single chat template (``models.chat_messages``/``chat_prompt``).
 
+Two forms of prompt (``form``): ``"chat"`` (``answer``: the above) and ``"continuation"`` (``complete``: the
+documents' plain texts, without ``[doc-id]`` lines, separated by blank lines, then a blank line and the sentence
+start, no chat template; the continuation is cut at its first newline). Either memory serves both calls: the other
+form is a second ContextMemory made on first use, with its own prefix and cache.
+
 Truncation policy, when the corpus does not fit the window (``max_context`` minus ``question_budget`` and
 ``answer_budget`` tokens, minus the template around the documents):
   1. keep whole documents in id order while they fit;
@@ -28,7 +33,8 @@ import time
 from .. import fastgen
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
-from ..models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, stop_index, stop_token_ids
+from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt, first_line,
+                      stop_index, stop_token_ids)
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 
@@ -36,6 +42,7 @@ MIN_CUT_TOKENS = 32
 PREFILL_SLICE = 1024
 _QUESTION_MARK = "\x00QUESTION\x00"
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s)|\n")
+FORMS = ("chat", "continuation")
 
 
 def render_document(doc_id: str, text: str) -> str:
@@ -49,7 +56,11 @@ class ContextMemory:
 
     def __init__(self, workspace: Workspace, lm: LM, *, answer_budget: int = 128, question_budget: int = 256,
                  batch_size: int = 32, reuse_prefix: bool = True, max_context: int | None = None,
-                 cache_budget_mb: float = 2048, system: str | None = DEFAULT_SYSTEM) -> None:
+                 cache_budget_mb: float = 2048, system: str | None = DEFAULT_SYSTEM, form: str = "chat") -> None:
+        if form not in FORMS:
+            raise EngrainError(f"Unknown prompt form '{form}' for the context memory.",
+                               hint=f"Use one of: {', '.join(FORMS)}.")
+        self.form = form
         self.workspace = workspace
         self.lm = lm
         self.answer_budget = answer_budget
@@ -69,6 +80,7 @@ class ContextMemory:
         self.truncation["context_tokens"] = len(self.prefix_ids)
         self._cache = None
         self._prefix_seconds = 0.0
+        self._other_form: ContextMemory | None = None
 
     # ---------------------------------------------------------------------------------------------
     # The prompt: documents, truncation, prefix/suffix split
@@ -77,8 +89,17 @@ class ContextMemory:
     def _encode(self, text: str) -> list[int]:
         return self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _render(self, context: str, question: str) -> str:
+        """The whole prompt of this memory's form for ``question`` (a sentence start in the continuation form)."""
+        if self.form == "continuation":
+            return continuation_prompt(question, context)
+        return chat_prompt(self.lm.tokenizer, chat_messages(question, context, self.system))
+
+    def _render_document(self, doc_id: str, text: str) -> str:
+        return text.strip() if self.form == "continuation" else render_document(doc_id, text)
+
     def _template_overhead(self) -> int:
-        return len(self._encode(chat_prompt(self.lm.tokenizer, chat_messages(_QUESTION_MARK, "x", self.system))))
+        return len(self._encode(self._render("x", _QUESTION_MARK)))
 
     def _fit(self, docs) -> tuple[str, dict]:
         """The documents that fit the window, by the module's truncation policy, and what was cut."""
@@ -87,7 +108,7 @@ class ContextMemory:
             raise EngrainError(f"The model's window ({self.max_context} tokens) leaves no room for documents after "
                                f"the question ({self.question_budget}) and answer ({self.answer_budget}) budgets.",
                                hint="Use a model with a longer window or lower the budgets.")
-        rendered = [render_document(d.id, d.text) for d in docs]
+        rendered = [self._render_document(d.id, d.text) for d in docs]
         full = "\n\n".join(rendered)
         enc = self.lm.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         if len(enc["input_ids"]) <= budget:
@@ -113,8 +134,10 @@ class ContextMemory:
                                    "documents_dropped": dropped}
 
     def _split_template(self) -> tuple[str, str]:
-        """The rendered prompt split where the documents end: (shared prefix, suffix with a question slot)."""
-        full = chat_prompt(self.lm.tokenizer, chat_messages(_QUESTION_MARK, self.context, self.system))
+        """The rendered prompt split where the documents end: (shared prefix, suffix with a question slot).
+        In the continuation form the suffix is the blank line and the start: split after the blank line, the
+        prefix would end in one blank-line token where the whole text encodes two newline tokens before a word."""
+        full = self._render(self.context, _QUESTION_MARK)
         at = full.find(self.context)
         if at < 0 or full.find(_QUESTION_MARK, at + len(self.context)) < 0:
             raise EngrainError("The chat template does not put the documents before the question, so the "
@@ -174,15 +197,37 @@ class ContextMemory:
         return BuildInfo(seconds=self._prefix_seconds, details={"context_tokens": len(self.prefix_ids)})
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
+        return self._in_form("chat")._respond(questions, max_new_tokens)
+
+    def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """Each start continued as raw text after the documents' plain texts (see ``Memory.complete``), with the
+        same truncation policy, document order and KV-prefix reuse as ``answer``."""
+        check_starts(starts)
+        return self._in_form("continuation")._respond(starts, max_new_tokens)
+
+    def _in_form(self, form: str) -> "ContextMemory":
+        """This memory when it has ``form``, else its sibling of that form (same settings), made on first use."""
+        if form == self.form:
+            return self
+        if self._other_form is None:
+            self._other_form = ContextMemory(
+                self.workspace, self.lm, answer_budget=self.answer_budget, question_budget=self.question_budget,
+                batch_size=self.batch_size, reuse_prefix=self.reuse_prefix, max_context=self.max_context,
+                cache_budget_mb=self.cache_budget_mb, system=self.system, form=form)
+        return self._other_form
+
+    def _respond(self, questions: list[str], max_new_tokens: int) -> list[Answer]:
+        """Answers (chat form) or continuations (continuation form) after the shared prefix."""
         t0 = time.perf_counter()
         suffixes = [self.question_ids(q) for q in questions]
+        what = "sentence start" if self.form == "continuation" else "question"
         for q, s in zip(questions, suffixes):
             total = len(self.prefix_ids) + len(s) + max_new_tokens
             if total > self.max_context:
-                raise EngrainError(f"The question '{q[:60]}...' is {len(s)} tokens; with the documents "
+                raise EngrainError(f"The {what} '{q[:60]}...' is {len(s)} tokens; with the documents "
                                    f"({len(self.prefix_ids)} tokens) and {max_new_tokens} answer tokens that is "
                                    f"{total}, over the model's window of {self.max_context}.",
-                                   hint=f"Shorten the question to under {self.question_budget} tokens, or lower "
+                                   hint=f"Shorten the {what} to under {self.question_budget} tokens, or lower "
                                         "the answer length.")
         tok = self.lm.tokenizer
         stop_ids = stop_token_ids(tok)
@@ -199,6 +244,8 @@ class ContextMemory:
                     news[i] = seq.tolist()
         lengths = [stop_index(seq, stop_ids) for seq in news]
         texts = [tok.decode(seq[:n], skip_special_tokens=True).strip() for seq, n in zip(news, lengths)]
+        if self.form == "continuation":
+            texts = [first_line(t) for t in texts]
         # The prefix is paid once, inside the call that first needs it, and spread over that call's questions.
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
         meta = {**self.truncation, "prefix_reused": self.reuse_prefix}

@@ -275,6 +275,10 @@ class TrainedMemory:
         # Closed-book, exactly as the base model is asked: only the weights differ.
         return ClosedBook(self.lm, self.batch_size).answer(questions, max_new_tokens=max_new_tokens)
 
+    def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        # The start alone, continued by the trained weights (see Memory.complete).
+        return ClosedBook(self.lm, self.batch_size).complete(starts, max_new_tokens=max_new_tokens)
+
     def describe(self) -> dict:
         keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",
                 "trainable_params")

@@ -1,5 +1,8 @@
 """``rag``: the top-k retrieved chunks in the prompt, each labelled with its chunk id, the question after them.
 
+``complete`` (raw continuation, for cloze probes) retrieves with the sentence start as the query and puts the
+chunks' plain texts, unlabelled and outside any chat template, before the start.
+
 Any LM reads them: the base model (``rag``) or a trained memory's model (``lora+rag``, ``prefix+rag``, ...;
 see registry.open_memory). ``Answer.chunks`` lists the chunk ids put in the prompt, in retrieval order, so an
 answer can be traced to its sources; ``meta["cited"]`` lists the ones the answer itself names.
@@ -16,14 +19,21 @@ import time
 from ..config import RagConfig, load_config
 from ..errors import EngrainError
 from ..index import ChunkIndex, Hit, build_index
-from ..models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, generate
+from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt,
+                      cut_continuation, generate)
 from ..retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 
 
 def render_chunks(hits: list[Hit]) -> str:
+    """Chunks as the chat form shows them: each labelled with its id, so an answer can cite it."""
     return "\n\n".join(f"[{h.chunk_id}]\n{h.text.strip()}" for h in hits)
+
+
+def plain_chunks(hits: list[Hit]) -> str:
+    """Chunks as the continuation form shows them: their texts alone, separated by blank lines."""
+    return "\n\n".join(h.text.strip() for h in hits)
 
 
 class RagMemory:
@@ -51,31 +61,48 @@ class RagMemory:
         disk = sum(p.stat().st_size for p in workspace.index_dir.rglob("*") if p.is_file())
         return BuildInfo(seconds=summary.seconds, disk_bytes=disk, details=summary.to_dict())
 
-    def _fit(self, question: str, hits: list[Hit], max_new_tokens: int) -> tuple[str, list[Hit], int]:
-        """The prompt with as many of the best chunks as fit the window."""
+    def _prompt(self, text: str, hits: list[Hit], form: str) -> str:
+        """The prompt for one question (``form="chat"``: labelled chunks and the question in the chat template) or
+        one sentence start (``"continuation"``: the chunks' plain texts, a blank line, then the start)."""
+        if form == "continuation":
+            return continuation_prompt(text, plain_chunks(hits) or None)
+        return chat_prompt(self.lm.tokenizer, chat_messages(text, render_chunks(hits) if hits else None, self.system))
+
+    def _fit(self, text: str, hits: list[Hit], max_new_tokens: int, form: str = "chat") -> tuple[str, list[Hit], int]:
+        """The prompt of ``form`` with as many of the best chunks as fit the window, the chunks kept, its tokens."""
         tok = self.lm.tokenizer
         limit = self.lm.max_context - max_new_tokens
-        bare = chat_prompt(tok, chat_messages(question, None, self.system))
-        bare_len = len(tok(bare, add_special_tokens=False)["input_ids"])
-        if bare_len > limit:
-            raise EngrainError(f"The question '{question[:60]}...' is {bare_len} prompt tokens; with {max_new_tokens} "
-                               f"answer tokens it does not fit the model's window of {self.lm.max_context}.",
-                               hint="Shorten the question or lower the answer length.")
         kept = list(hits)
         while True:
-            prompt = chat_prompt(tok, chat_messages(question, render_chunks(kept) if kept else None, self.system))
+            prompt = self._prompt(text, kept, form)
             n = len(tok(prompt, add_special_tokens=False)["input_ids"])
-            if n <= limit or not kept:
+            if n <= limit:
                 return prompt, kept, n
+            if not kept:
+                what = "sentence start" if form == "continuation" else "question"
+                raise EngrainError(f"The {what} '{text[:60]}...' is {n} prompt tokens; with {max_new_tokens} "
+                                   f"answer tokens it does not fit the model's window of {self.lm.max_context}.",
+                                   hint=f"Shorten the {what} or lower the answer length.")
             kept.pop()  # the lowest-ranked chunk goes first
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
+        return self._respond(questions, max_new_tokens, "chat")
+
+    def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
+        """Retrieve with each start as the query, then continue the start as raw text after the kept chunks' plain
+        texts (no chunk-id labels: in running text they read as noise); see ``Memory.complete``."""
+        check_starts(starts)
+        return self._respond(starts, max_new_tokens, "continuation")
+
+    def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:
         t0 = time.perf_counter()
-        retrieved = self.retriever.retrieve(questions, self.config.top_k)
-        t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
-        fitted = [self._fit(q, hits, max_new_tokens) for q, hits in zip(questions, retrieved)]
+        retrieved = self.retriever.retrieve(texts, self.config.top_k)
+        t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
+        fitted = [self._fit(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
         gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size)
-        per_q = (time.perf_counter() - t0) * 1000 / max(1, len(questions))
+        if form == "continuation":
+            gens = [cut_continuation(g) for g in gens]
+        per_q = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         answers = []
         for g, (_, kept, _), hits in zip(gens, fitted, retrieved):
             ids = [h.chunk_id for h in kept]
