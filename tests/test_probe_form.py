@@ -76,6 +76,8 @@ def test_real_model_continues_the_start_up_to_the_newline(embedded_lm):
     got = ClosedBook(embedded_lm).complete([start], max_new_tokens=12)[0]
     want = generate(embedded_lm, [start], max_new_tokens=12)[0]
     assert got.text == first_line(want.text) and "Paris" in got.text and "\n" not in got.text
+    # decoding stopped at the line break instead of writing the paragraphs the cut throws away
+    assert "\n" in want.text and got.completion_tokens < want.completion_tokens
 
 
 # --------------------------------------------------------------------------------------------------

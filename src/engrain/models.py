@@ -374,6 +374,18 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def line_break_ids(tokenizer) -> list[int]:
+    """Ids of the tokens that are nothing but whitespace holding a line break: a continuation ends at the first
+    one (``first_line`` cuts there anyway), so decoding stops there instead of writing tokens that are cut off."""
+    cached = getattr(tokenizer, "_engrain_line_breaks", None)
+    if cached is None:
+        texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        cached = [i for i, t in enumerate(texts) if t is not None and "\n" in tokenizer.convert_tokens_to_string([t])
+                  and not tokenizer.convert_tokens_to_string([t]).strip()]
+        tokenizer._engrain_line_breaks = cached
+    return cached
+
+
 def stop_index(seq: list[int], stop_ids: list[int]) -> int:
     """How many tokens of ``seq`` come before its first stop token (all of them when there is none)."""
     return next((j for j, t in enumerate(seq) if t in stop_ids), len(seq))
@@ -381,13 +393,14 @@ def stop_index(seq: list[int], stop_ids: list[int]) -> int:
 
 def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              stop: list[str] | None = None, batch_size: int = 16, seed: int | None = None,
-             repetition_penalty: float = 1.0, progress=None) -> list[Generation]:
+             repetition_penalty: float = 1.0, progress=None, one_line: bool = False) -> list[Generation]:
     """Generate a completion for every prompt (text as the model reads it: chat-formatted, or raw for continuation).
 
     Prompts are sorted by length and run ``batch_size`` at a time with left padding, so batches waste
     little on padding (on the fast path, finished rows are replaced by waiting prompts as they go); results
     come back in the input order. ``temperature == 0`` is greedy.
-    ``progress`` is an optional callable(n_done) for progress bars.
+    ``progress`` is an optional callable(n_done) for progress bars. ``one_line``: stop at the first line break
+    (``line_break_ids``), for continuations.
     """
     import torch
 
@@ -399,7 +412,7 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
         if len(seq) + max_new_tokens > lm.max_context:
             raise EngrainError(f"A prompt of {len(seq)} tokens plus {max_new_tokens} new tokens exceeds the model's "
                                f"window of {lm.max_context} tokens.", hint="Shorten the prompt or lower max tokens.")
-    stop_ids = stop_token_ids(tok)
+    stop_ids = stop_token_ids(tok) + (line_break_ids(tok) if one_line else [])
     pad_id = tok.pad_token_id
     # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU, and
     # continuous batching (finished rows make room for waiting prompts) across all the prompts at once.
@@ -412,7 +425,7 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     else:
         new = _generate_batched(lm, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=stop, batch_size=batch_size, repetition_penalty=repetition_penalty,
-                                progress=progress)
+                                progress=progress, stop_ids=stop_ids)
     results = []
     for seq, prompt in zip(new, encoded):
         n = stop_index(seq, stop_ids)
@@ -428,7 +441,8 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
 
 
 def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-                      stop: list[str] | None, batch_size: int, repetition_penalty: float, progress) -> list[list[int]]:
+                      stop: list[str] | None, batch_size: int, repetition_penalty: float, progress,
+                      stop_ids: list[int] | None = None) -> list[list[int]]:
     """New tokens per prompt through ``model.generate()``, in length-sorted batches with left padding: the path
     for what fastgen does not cover (other architectures, stop strings, repetition penalty)."""
     import torch
@@ -438,7 +452,7 @@ def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, 
     tok = lm.tokenizer
     pad_id = tok.pad_token_id
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tok), pad_token_id=pad_id,
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids or stop_token_ids(tok), pad_token_id=pad_id,
                   repetition_penalty=repetition_penalty)
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
@@ -507,5 +521,5 @@ def continue_text(lm: LM, starts: list[str], contexts: list[str | None] | None =
     check_starts(starts)
     contexts = contexts or [None] * len(starts)
     prompts = [continuation_prompt(s, c) for s, c in zip(starts, contexts)]
-    gens = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gens = generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, one_line=True)
     return [cut_continuation(g) for g in gens]

@@ -34,7 +34,7 @@ from .. import fastgen
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
 from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt, first_line,
-                      stop_index, stop_token_ids)
+                      line_break_ids, stop_index, stop_token_ids)
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 
@@ -230,7 +230,7 @@ class ContextMemory:
                                    hint=f"Shorten the {what} to under {self.question_budget} tokens, or lower "
                                         "the answer length.")
         tok = self.lm.tokenizer
-        stop_ids = stop_token_ids(tok)
+        stop_ids = stop_token_ids(tok) + (line_break_ids(tok) if self.form == "continuation" else [])
         fast = self.reuse_prefix and fastgen.supports(self.lm.model)
         if fast:
             news = self._generate_shared(suffixes, max_new_tokens, stop_ids)

@@ -99,7 +99,8 @@ class RagMemory:
         retrieved = self.retriever.retrieve(texts, self.config.top_k)
         t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         fitted = [self._fit(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
-        gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size)
+        gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                        one_line=form == "continuation")
         if form == "continuation":
             gens = [cut_continuation(g) for g in gens]
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
