@@ -200,6 +200,9 @@ def test_compare_trains_lora_and_measures_forgetting(tmp_path, bench_dir, tiny_m
     assert f["n_general_questions"] >= 100 and f["perplexity_before"] > 0 and "general_qa_delta" in f
     assert saved["leak_check"]["items_checked"] > 0 and saved["leak_check"]["leaks"] == 0
     assert saved["methods"]["lora+rag"]["prompt_tokens_mean"] > lora["prompt_tokens_mean"]
+    # the hybrid's forgetting is its weights' (closed-book), not retrieval distracting general questions
+    assert saved["methods"]["lora+rag"]["forgetting"] == f and f["measured_on"].startswith("the trained weights")
+    assert saved["probe_form"] == "continuation" and saved["environment"]["settings"]["config"]["train"]["max_steps"] == 2
     assert (ws / "memories" / "lora" / "adapter_config.json").is_file()
 
 

@@ -133,6 +133,7 @@ def test_teacher_targets_line_up_with_packed_loss_positions(tiny_lm):
     for ex in exs[:2]:  # the third keeps no teacher: plain next-token loss there
         targets = [x for x in ex.labels if x != IGNORE]
         ex.teacher = Teacher([[t, (t + 1) % 100] for t in targets], [[0.0, -1e4] for _ in targets])
+        ex.teacher_weight = 1.0  # train.distill's share, as make_plan sets it
     model = tiny_lm.model
     with torch.no_grad():
         for rows, packing in ((pack(exs, 256), True), (unpacked_rows(exs, 256), False)):

@@ -133,6 +133,9 @@ def compare(
     no_forgetting: Annotated[bool, typer.Option("--no-forgetting", help="skip the forgetting probes")] = False,
     scaling: Annotated[bool, typer.Option("--scaling", help="also measure cost as the corpus grows (1k-8k tokens)")] = False,
     probe_form: ProbeFormOpt = "continuation",
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML settings (engrain.yaml's layout, any "
+                                                                    "subset) merged into the workspace's config "
+                                                                    "first: how a committed experiment is rerun")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
@@ -143,6 +146,10 @@ def compare(
 
     check_probe_form(probe_form)  # before the model loads
     ws = Workspace.at(workspace).ensure()
+    if config is not None:
+        from .config import apply_settings
+
+        apply_settings(ws.config_path, config)
     from .evaluate.bench import subset_name
 
     out_dir = out or ws.reports_dir / subset_name(bench.name, docs)
@@ -207,19 +214,19 @@ DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `
 
 def write_demo_config(path: Path) -> None:
     """The demo's budgets: sized so the whole pipeline fits ~20 minutes on 2 CPU cores with the embedded model,
-    where training runs near the machine's matmul limit (110-125 tokens/s measured on examples/acme).
+    where training runs near the machine's matmul limit (``bench/bench_train.py`` measures it).
 
-    - synthesis: the model-free ``facts`` strategy only (the 135M model accepts few of its own qa/rephrase items,
-      and each generation round costs minutes); at most 12 items per chunk, one pass over them;
-    - chunks of 128 tokens, 4 per RAG prompt: 480 prompt tokens per question on examples/acme.
-    Edit WS/engrain.yaml and rerun to trade time for quality (more strategies, items per chunk, epochs)."""
+    - synthesis: the model-free ``facts`` strategy (the default): every sentence stated in full, the passage once
+      more in one shuffled order, at most 12 questions per chunk; one pass over them;
+    - chunks of 128 tokens, 4 per RAG prompt.
+    Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs)."""
     from .config import EngrainConfig, save_config
 
     config = EngrainConfig()
     config.ingest.chunk_tokens = 128
     config.ingest.chunk_overlap = 16
-    config.synth.strategies = ["facts"]
     config.synth.facts_per_chunk = 12
+    config.synth.facts_orders = 1
     config.train.epochs = 1.0
     save_config(config, path)
 

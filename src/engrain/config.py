@@ -36,13 +36,19 @@ class IngestConfig(Section):
 
 
 class SynthConfig(Section):
-    strategies: list[str] = Field(default_factory=lambda: ["facts", "qa", "rephrase", "implications", "entities"])
+    # The model-free strategy by default: the embedded 135M model keeps few of its own questions and rephrasings
+    # and takes minutes per round (bench/bench_synth.py); add qa, rephrase, implications, entities with a
+    # stronger --generator.
+    strategies: list[str] = Field(default_factory=lambda: ["facts"])
     generator: str | None = Field(None, description="http(s)://... = OpenAI-compatible server; else a model spec; "
                                                     "None = the base model")
     generator_model: str | None = Field(None, description="model name sent to an HTTP generator")
     seed: int = 0
     per_chunk: int = Field(4, ge=0, description="accepted items per chunk per model-made strategy")
-    facts_per_chunk: int = Field(64, ge=0, description="cap on deterministic fact items per chunk (before wordings)")
+    facts_per_chunk: int = Field(16, ge=0, description="cap on the question items per chunk (before wordings), taken one "
+                                                        "sentence at a time; statements are always kept")
+    facts_orders: int = Field(2, ge=0, le=8, description="the chunk again as written and with its self-contained "
+                                                         "sentences in this many shuffled orders (0: neither)")
     # le: the item's own wording and synth.facts.WORDINGS
     facts_wordings: int = Field(1, ge=1, le=5, description="instruction wordings of each sentence-completion fact "
                                                            "item; more help a memory layer answer in other words "
@@ -80,23 +86,26 @@ class TrainConfig(Section):
     max_grad_norm: float = 1.0
     # batches: a row holds seq_len tokens of packed examples; global batch = micro_batch * grad_accum * processes
     seq_len: int = 1024
-    micro_batch: int = 2
+    micro_batch: int = 1  # one row of seq_len tokens: more updates for the same compute
     grad_accum: int = 1
     packing: bool = True
     bf16: str = Field("auto", description="auto (only where bf16 is native) | on | off")
     # validation, checkpoints, early stopping
-    val_fraction: float = 0.05
+    val_fraction: float = Field(0.1, description="share of facts whose questions are held out for validation")
     val_max: int = 64
-    eval_every: int = 50
+    eval_every: int | None = Field(None, description="steps between validations; None: four times per epoch")
     save_every: int = 50
     keep_checkpoints: int = 2
     early_stopping_patience: int = Field(0, description="stop after this many evals without improvement; 0 = off")
-    keep_best: bool = Field(False, description="save the weights of the best validation loss instead of the last")
+    keep_best: bool = Field(True, description="save the weights of the best validation (held-out facts answered, "
+                                              "then loss) instead of the last")
     # replay against forgetting
     replay_share: float = Field(0.1, description="share of general data in the training mix (0 = none)")
     replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
                                       description="self_distill and/or general_text")
     replay_max_new_tokens: int = 96
+    replay_kl: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL to the base model's own distribution "
+                                                              "on replay tokens (0: next-token loss on them only)")
     # distillation: the base model with the item's source chunks in the prompt is the teacher (see distill.py)
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
                                                              "loss (0 = off, 1 = distillation alone)")
@@ -152,3 +161,31 @@ def load_config(path: Path) -> EngrainConfig:
 
 def save_config(config: EngrainConfig, path: Path) -> None:
     write_text(path, yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def apply_settings(path: Path, settings_file: Path) -> EngrainConfig:
+    """Merge the sections and fields ``settings_file`` names into the config at ``path`` and save it: how a
+    committed experiment config (a partial engrain.yaml) sets up a workspace before anything is built. Fields it
+    does not name keep the workspace's values (the defaults in a fresh one)."""
+    if not settings_file.is_file():
+        raise EngrainError(f"{settings_file}: no such settings file.", hint="Pass a YAML file laid out like "
+                                                                            "engrain.yaml (sections and fields).")
+    try:
+        extra = yaml.safe_load(settings_file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise EngrainError(f"{settings_file}: not valid YAML ({exc}).", hint="Fix the file.") from exc
+    if not isinstance(extra, dict):
+        raise EngrainError(f"{settings_file}: expected sections such as 'train:' at the top level.")
+    merged = load_config(path).model_dump()
+    for section, fields in extra.items():
+        if isinstance(fields, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(fields)
+        else:
+            merged[section] = fields
+    try:
+        config = EngrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise EngrainError(f"{settings_file}: invalid settings: {problems}.", hint="Fix those fields.") from exc
+    save_config(config, path)
+    return config

@@ -182,3 +182,25 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
             bar.update(finished)
     model.train(was_training)
     return result
+
+
+def self_targets(lm: LM, examples: list, top_k: int, ignore: int) -> list[Teacher | None]:
+    """The base model's own top-k at every loss position of each example, with nothing added to its prompt: the
+    target that keeps a trained memory's answers to general requests where the base model's were (the KL-to-base
+    term on replay, ``train.replay_kl``). Computed before the memory is attached; examples repeating one item
+    (replay cycles through a small pool) are run once."""
+    import torch
+
+    model, was_training = lm.model, lm.model.training
+    model.eval()
+    by_ids: dict[tuple, Teacher | None] = {}
+    with torch.no_grad():
+        for ex in examples:
+            key = tuple(ex.ids)
+            if key in by_ids:
+                continue
+            j = first_loss_index(ex.labels, ignore)
+            by_ids[key] = None if j is None else _run_group(model, [(ex.key, ex.ids[:j], ex.ids[j:])], top_k,
+                                                            lm.tokenizer.pad_token_id)[0]
+    model.train(was_training)
+    return [by_ids[tuple(ex.ids)] for ex in examples]

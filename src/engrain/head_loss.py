@@ -61,7 +61,7 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
     """Sum over positions of the cross-entropy of ``hidden @ weight.T`` against each position's target.
 
     hidden (n, d) final hidden states at the loss positions; weight (vocab, d) the head; targets (n,) next tokens;
-    teacher: None or (ids (n, k), log-probs (n, k), has (n,) bool) as ``collate`` builds them."""
+    teacher: None or (ids (n, k), log-probs (n, k), weight (n,): 0 where none) as ``collate`` builds them."""
     import torch
 
     dtype = compute_dtype(hidden)
@@ -70,8 +70,9 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
     ids, probs = targets[:, None], torch.ones(n, 1, device=hidden.device)
     if teacher is not None and distill > 0:
         t_ids, t_lp, has = teacher
-        probs = torch.where(has, 1.0 - distill, 1.0)[:, None]
-        soft = torch.softmax(t_lp.float(), dim=-1) * (distill * has[:, None])
+        w = distill * has.float()  # has: bool, or each position's teacher weight
+        probs = (1.0 - w)[:, None]
+        soft = torch.softmax(t_lp.float(), dim=-1) * w[:, None]
         ids, probs = torch.cat([ids, t_ids], dim=1), torch.cat([probs, soft], dim=1)
     return _function().apply(hidden, weight, ids, probs, dtype)
 

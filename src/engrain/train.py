@@ -64,7 +64,8 @@ class Example:
     labels: list[int]  # IGNORE where no loss is taken
     key: str  # stable identity (item id or file:line): decides the validation split
     kind: str = "synth"  # "synth" or "replay"
-    teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position (train.distill)
+    teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position
+    teacher_weight: float = 0.0  # share of the loss matched to the teacher (train.distill, or train.replay_kl)
 
     @property
     def n_loss(self) -> int:
@@ -151,14 +152,51 @@ def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:
 
 def is_validation(key: str, fraction: float) -> bool:
     """A stable split: the same item is held out whatever the file order or the number of processes."""
-    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return h < fraction
+    return _unit_hash(key) < fraction
 
 
-def split_examples(examples: list[Example], fraction: float, max_val: int) -> tuple[list[Example], list[Example]]:
+def _unit_hash(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def fact_group(key: str, item: dict) -> tuple[str, bool]:
+    """(what the validation split holds out together, whether this item asks about its fact).
+
+    A ``facts`` item names the sentence it is about: every question on a held-out sentence, in every wording,
+    stays out of training, while the sentence's statements (the sentence itself, its reversals, the shuffled
+    passages) stay in. Validation then asks what a user asks: facts the memory read but was never quizzed on
+    (Physics of Language Models 3.1 evaluates knowledge extraction the same way). Any other item is its own group
+    and, when held out, leaves training whole (as before)."""
+    from .synth.facts import fact_of, is_question
+
+    variant = str(item.get("variant") or "")
+    if item.get("strategy") == "facts":
+        fact = fact_of(variant)
+        if fact is None:
+            return key, False  # a whole chunk's passage: training only
+        chunk = "+".join(item.get("chunk_sha256") or item.get("chunk_ids") or [key])
+        return f"{chunk}:{fact}", is_question(variant)
+    return key, True
+
+
+def split_examples(examples: list[Example], items: dict[str, dict], fraction: float,
+                   max_val: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): whole facts held out (see ``fact_group``), chosen by a stable hash until ``max_val``
+    questions are held out."""
     if fraction <= 0 or len(examples) < 10:
         return examples, []
-    val = [e for e in examples if is_validation(e.key, fraction)][:max_val]
+    groups = {e.key: fact_group(e.key, items.get(e.key, {})) for e in examples}
+    chosen: set[str] = set()
+    count = 0
+    by_group: dict[str, int] = {}
+    for group, asks in groups.values():
+        by_group[group] = by_group.get(group, 0) + int(asks)
+    for group in sorted((g for g in by_group if _unit_hash(g) < fraction and by_group[g]), key=_unit_hash):
+        if count + by_group[group] > max_val and count:
+            break
+        chosen.add(group)
+        count += by_group[group]
+    val = [e for e in examples if groups[e.key][0] in chosen and groups[e.key][1]]
     held = {id(e) for e in val}
     return [e for e in examples if id(e) not in held], val
 
@@ -260,12 +298,13 @@ class Row:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def _teacher_entries(ex: Example, labels: list[int]) -> list[tuple[list[int], list[float]] | None]:
-    """The teacher's targets for the loss positions left in ``labels`` (the example's, perhaps truncated)."""
+def _teacher_entries(ex: Example, labels: list[int]) -> list[tuple[list[int], list[float], float] | None]:
+    """The teacher's targets (ids, log-probs, weight) for the loss positions left in ``labels`` (the example's,
+    perhaps truncated)."""
     n = sum(1 for x in labels if x != IGNORE)
-    if ex.teacher is None:
+    if ex.teacher is None or ex.teacher_weight <= 0:
         return [None] * n
-    return list(zip(ex.teacher.ids[:n], ex.teacher.logprobs[:n]))
+    return [(i, lp, ex.teacher_weight) for i, lp in zip(ex.teacher.ids[:n], ex.teacher.logprobs[:n])]
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Row]:
@@ -349,18 +388,19 @@ def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
         k = len(next(t for t in entries if t is not None)[0])
         t_ids = torch.zeros((len(entries), k), dtype=torch.long)
         t_lp = torch.full((len(entries), k), -1e9)
-        has = torch.zeros(len(entries), dtype=torch.bool)
+        has = torch.zeros(len(entries))  # the teacher's weight at each position (0: none)
         for i, t in enumerate(entries):
             if t is not None:
-                t_ids[i], t_lp[i], has[i] = torch.tensor(t[0]), torch.tensor(t[1]), True
+                t_ids[i], t_lp[i], has[i] = torch.tensor(t[0]), torch.tensor(t[1]), t[2]
         batch["teacher"] = (t_ids.to(device), t_lp.to(device), has.to(device))
     return batch
 
 
 def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     """Sum of the token losses over the batch's loss tokens (and how many there are): next-token cross-entropy,
-    and where the batch carries teacher targets and ``distill`` > 0, (1 - distill) x that + distill x the
-    cross-entropy against the teacher's top-k distribution (renormalised over its k tokens)."""
+    and where the batch carries teacher targets and ``distill`` > 0, (1 - w) x that + w x the cross-entropy
+    against the teacher's top-k distribution (renormalised over its k tokens), w = ``distill`` x the position's
+    teacher weight (``collate``: train.distill on synthetic items, train.replay_kl on replay)."""
     import torch
     import torch.nn.functional as F
 
@@ -389,10 +429,11 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     if teacher is None:
         return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
     t_ids, t_lp, has = teacher
+    w = distill * has.float()
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = -logp.gather(1, targets[:, None])[:, 0]
     soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
-    mixed = torch.where(has, (1 - distill) * hard + distill * soft, hard)
+    mixed = (1 - w) * hard + w * soft
     return mixed.sum(), int(targets.numel())
 
 
@@ -521,7 +562,7 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
     targets (computed with ``lm`` before any memory is attached, or read from the workspace's cache)."""
     items = read_synthetic(ws)
     examples = [encode_item(lm.tokenizer, item, key) for key, item in items]
-    train, val = split_examples(examples, cfg.val_fraction, cfg.val_max)
+    train, val = split_examples(examples, dict(items), cfg.val_fraction, cfg.val_max)
     extra = {}
     if cfg.distill > 0:
         with_chunks = sum(1 for key, item in items if item.get("chunk_ids"))
@@ -531,9 +572,15 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
 
             targets = teacher_targets(ws, lm, train, dict(items), cfg.distill_top_k, IGNORE, show)
             for ex in train:
-                ex.teacher = targets.get(ex.key)
+                ex.teacher, ex.teacher_weight = targets.get(ex.key), cfg.distill
             extra["distill"]["examples_with_teacher"] = len(targets)
     replay = replay_examples(ws, lm, cfg, len(train))
+    if replay and cfg.replay_kl > 0 and teacher:
+        from .distill import self_targets
+
+        for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE)):
+            ex.teacher, ex.teacher_weight = target, cfg.replay_kl
+        extra["replay_kl"] = cfg.replay_kl
     train = train + replay
     rows_per_step = cfg.micro_batch * cfg.grad_accum * world
     if rows_per_step % world:
@@ -566,6 +613,43 @@ def evaluate_loss(module, val_rows: list[Row], cfg: TrainConfig, pad_id: int, pa
             total, count = total + float(s), count + n
     module.train(was_training)
     return total / max(1, count)
+
+
+ANSWER_HEAD = 8  # answer tokens that must come out right for a held-out question to count as answered
+
+
+def answered_share(module, examples: list[Example], tokenizer, device, batch: int = 8) -> float | None:
+    """Share of the held-out questions whose answer greedy decoding gives, closed-book: the model's most likely
+    token is the answer's at each of its first ``ANSWER_HEAD`` positions, read from one teacher-forced
+    forward per batch, so it costs a validation pass, not a generation. Choosing the checkpoint by it picks the
+    memory that answers facts it was never quizzed on, which item loss does not measure. None without questions."""
+    import torch
+
+    from .distill import first_loss_index
+
+    asks = [e for e in examples if (first_loss_index(e.labels, IGNORE) or 0) > 1]
+    if not asks:
+        return None
+    n_end = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"])
+    was_training = module.training
+    module.eval()
+    right = 0
+    with torch.no_grad():
+        for b in range(0, len(asks), batch):
+            part = asks[b:b + batch]
+            width = max(len(e.ids) for e in part)
+            ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(part), width), dtype=torch.long)
+            for i, e in enumerate(part):
+                ids[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids), 1
+            guess = module(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+            for i, e in enumerate(part):
+                j = first_loss_index(e.labels, IGNORE)
+                # the answer's first ANSWER_HEAD tokens (a long completion's tail is not the fact), no end of turn
+                stop = min(max(j + 1, len(e.ids) - n_end), j + ANSWER_HEAD)
+                right += int(torch.equal(guess[i, j - 1:stop - 1], torch.tensor(e.ids[j:stop])))
+    module.train(was_training)
+    return right / len(asks)
 
 
 def bf16_autocast(device: str, enabled: bool):
@@ -682,6 +766,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
         optimizer, lambda s: lr_factor(s, warmup, plan.steps, cfg.min_lr_ratio))
 
     start_step, best_val, best_step, bad_evals, history = 0, None, None, 0, []
+    best_score = None  # (held-out facts answered, -validation loss) of the best evaluation: higher is better
     best_weights = None
     # Training time and tokens of the runs before a resume (up to their last checkpoint), so the summary's
     # train_seconds is the build time of the whole memory, not of its last stretch.
@@ -690,6 +775,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
         state = load_checkpoint(resume_from, module, optimizer, scheduler)
         start_step, best_val, best_step = state["step"], state.get("best_val"), state.get("best_step")
         bad_evals, history = state.get("bad_evals", 0), state.get("history", [])
+        best_score = tuple(state["best_score"]) if state.get("best_score") else None
         seconds_before, tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
         if (resume_from / "best.safetensors").is_file():
             from safetensors.torch import load_file
@@ -703,6 +789,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
     val_rows = (pack(plan.val, cfg.seq_len) if packing else unpacked_rows(plan.val, cfg.seq_len))
     bf16 = use_bf16(cfg.bf16, str(device))
     stream = global_batches(plan.train, cfg, plan.rows_per_step, packing)
+    eval_every = cfg.eval_every or max(1, plan.steps_per_epoch // 4)
     for _ in range(start_step):  # the same data order as an uninterrupted run
         next(stream)
 
@@ -723,7 +810,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                 sync = j == len(mine) - 1
                 ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
                 with ctx, bf16_autocast(str(device), bf16):
-                    s, _ = loss_sum(model, tensors, packing, cfg.distill)
+                    s, _ = loss_sum(model, tensors, packing, 1.0)  # each position's teacher weight is in the batch
                     # DDP averages gradients over processes; scaling by world turns that into the global sum.
                     loss = s * world / max(1, n_loss)
                 loss.backward()
@@ -746,11 +833,17 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
             record = {"step": step, "epoch": epoch, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": round(tok_s, 1), "seconds": round(seconds_before + elapsed, 1)}
 
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == plan.steps) and val_rows:
-                val = evaluate_loss(accelerator.unwrap_model(model), val_rows, cfg, pad_id, packing, device)
+            if (step % eval_every == 0 or step == plan.steps) and val_rows:
+                inner = accelerator.unwrap_model(model)
+                val = evaluate_loss(inner, val_rows, cfg, pad_id, packing, device)
+                with bf16_autocast(str(device), bf16):
+                    answered = answered_share(inner, plan.val, lm.tokenizer, device)
                 record["val_loss"] = round(val, 5)
-                if best_val is None or val < best_val - 1e-6:
-                    best_val, best_step, bad_evals = val, step, 0
+                if answered is not None:
+                    record["val_answered"] = round(answered, 4)
+                score = (answered or 0.0, -round(val, 6))
+                if best_score is None or score > best_score:
+                    best_val, best_step, best_score, bad_evals = val, step, score, 0
                     if cfg.keep_best:
                         best_weights = {k: v.clone() for k, v in trainable_state(accelerator.unwrap_model(model)).items()}
                 else:
@@ -769,6 +862,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                 accelerator.wait_for_everyone()
                 if is_main:
                     state = {"config": runcfg, "best_val": best_val, "best_step": best_step, "bad_evals": bad_evals,
+                             "best_score": list(best_score) if best_score else None,
                              "history": history[-1000:], "train_seconds": seconds_before + time.time() - t_start,
                              "train_tokens": tokens_before + tokens_seen * world}
                     ck = save_checkpoint(ws, name, step, accelerator.unwrap_model(model), optimizer, scheduler,
@@ -796,6 +890,8 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
                "train_seconds": round(seconds_before + seconds, 2), "train_tokens": tokens_before + tokens_seen * world,
                "tokens_per_s": round(tokens_seen * world / max(1e-9, seconds), 1),
                "final_train_loss": round(last_loss, 5), "best_val_loss": best_val, "best_val_step": best_step,
+               "best_val_answered": best_score[0] if best_score else None, "kept_weights_of_step":
+                   best_step if cfg.keep_best and best_weights is not None else step,
                "trainable_params": n_trainable, "processes": world, "bf16": bf16, "packing": packing,
                "data": plan.summary(), "config": runcfg, "out": str(out_dir)}
     accelerator.wait_for_everyone()

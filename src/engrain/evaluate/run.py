@@ -8,7 +8,9 @@ from pathlib import Path
 from rich.console import Console
 
 from ..atomic import write_json
+from ..config import load_config
 from ..errors import EngrainError
+from ..memory.base import ClosedBook
 from ..memory.registry import open_memory
 from ..models import LM
 from ..workspace import Workspace
@@ -51,6 +53,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     base_cache: dict = {}
     stage_times: dict[str, float] = {}  # stages already brought up to date in this comparison
     base_memory = open_memory("base", workspace, lm)
+    weights_forgot: dict[str, dict] = {}  # trained memory kind -> its forgetting
     from ..pipeline import prepare  # builds corpus / index / synthetic data / trained memories as needed
 
     for name in methods:
@@ -66,9 +69,14 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
             warnings.append(f"{name}: the corpus did not fit the window for {truncated} questions and was truncated")
         base_kind = name.split("+")[0]
         if measure_forgetting and base_kind in TRAINED and hasattr(memory, "lm"):
-            t0 = time.perf_counter()
-            run.forgetting = forgetting.measure(memory, base_memory, base_cache)
-            console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
+            # What the weights forgot, asked closed-book: a hybrid would otherwise answer general questions with the
+            # user's chunks in its prompt and count retrieval's distraction as forgetting. X and X+rag share weights.
+            if base_kind not in weights_forgot:
+                t0 = time.perf_counter()
+                weights_forgot[base_kind] = {**forgetting.measure(ClosedBook(memory.lm), base_memory, base_cache),
+                                             "measured_on": "the trained weights, closed-book"}
+                console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
+            run.forgetting = weights_forgot[base_kind]
         runs.append(run)
         console.print(f"{name}: contains {score(bench.questions, run.answers)['contains']:.3f}")
     leak = None
@@ -80,7 +88,8 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
                 "latency_sample": latency_sample, "max_new_tokens": max_new_tokens, "probe_form": probe_form,
                 "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                "workspace": str(workspace.root), "bench_dir": str(bench_dir)}
+                "workspace": str(workspace.root), "bench_dir": str(bench_dir),
+                "config": load_config(workspace.config_path).model_dump()}  # what every stage was built with
     results = results_json(bench, lm.name, runs, seed, settings, warnings, probe_form=probe_form)
     results["leak_check"] = leak
     if scaling:

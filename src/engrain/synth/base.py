@@ -28,7 +28,8 @@ class Unit:
 
     @property
     def sentences(self) -> list[str]:
-        return split_sentences(self.chunk.text)
+        # Paragraph by paragraph, so a heading line stays apart from the sentence below it.
+        return [s for para in re.split(r"\n\s*\n", self.chunk.text) for s in split_sentences(para)]
 
 
 @dataclass
@@ -64,6 +65,22 @@ class Candidate:
         return "\n".join(m["content"] for m in self.messages or [])
 
 
+def _named_instead(title: str, text: str) -> str:
+    """A section heading such as "Our story" or "Visitor information" names nothing the text goes on to mention;
+    the name of two or more words the document repeats most (twice or more) is then its subject. A title the text repeats
+    stays."""
+    from .text import names
+
+    if len(re.findall(re.escape(title.lower()), text.lower())) >= 2:
+        return title
+    counts: dict[str, int] = {}
+    for name in names(text):
+        if len(name.split()) >= 2:
+            counts[name] = counts.get(name, 0) + 1
+    best = max(counts.items(), key=lambda kv: kv[1], default=(title, 0))
+    return best[0] if best[1] >= 2 else title
+
+
 def document_subject(doc: Document | None, chunk: Chunk) -> str:
     """What the document is about, to make a lifted sentence self-contained.
 
@@ -73,7 +90,7 @@ def document_subject(doc: Document | None, chunk: Chunk) -> str:
     title = (doc.title if doc else "").strip()
     slug_like = bool(re.fullmatch(r"[\w\-./]+", title)) and ("-" in title or "_" in title)
     if title and not slug_like and len(title.split()) <= 12:
-        return title
+        return _named_instead(title, doc.text if doc else chunk.text)
     text = (doc.text if doc else chunk.text).strip()
     first = split_sentences(text[:600])[:1]
     if first:

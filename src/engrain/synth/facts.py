@@ -1,5 +1,8 @@
 """Fact items made without a model: grounded by construction, a floor when the generator is weak.
 
+Per chunk (``synth.facts_orders`` > 0): the passage as written, and its self-contained sentences in several
+shuffled orders (knowledge augmentation: each fact seen in several contexts, named in full).
+
 Per sentence of a chunk:
   - the sentence made self-contained: a leading "It"/"Its" becomes the document's subject, and a sentence
     that does not name the subject is prefixed with it (a fact lifted out of its document stays findable);
@@ -14,10 +17,11 @@ Per sentence of a chunk:
 
 from __future__ import annotations
 
+import random
 import re
 
 from .base import Candidate, Unit
-from .text import _NAME, COMMON_WORDS, spans, words
+from .text import _NAME, COMMON_WORDS, names, spans, words
 
 NAME = "facts"
 KIND = "mixed"
@@ -63,6 +67,36 @@ def _self_contained(sentence: str, subject: str) -> str:
     return sentence
 
 
+_PRONOUN = re.compile(r"^(He|She|His|Her)\s+")
+_FIRST_WORD = re.compile(r"^([A-Z][a-z]+)\b(?!\s+[A-Z])")
+
+
+def named_in_full(sentences: list[str]) -> list[str]:
+    """The sentences with the people they speak of named in full: a leading He/She/His/Her becomes the last name
+    of two or more words that began a sentence before it, and a first name alone at a sentence start becomes the
+    full name it shortens ("Teodora came ..." -> "Teodora Blasko came ..."). A fact lifted out of its paragraph
+    then still says whom it is about; full names in every statement are what Physics of Language Models 3.1
+    found makes facts extractable."""
+    full: dict[str, str] = {}
+    last: str | None = None
+    out = []
+    for sent in sentences:
+        m = _PRONOUN.match(sent)
+        first = _FIRST_WORD.match(sent)
+        if m and last:
+            sent = f"{last}'s {sent[m.end():]}" if m.group(1) in ("His", "Her") else f"{last} {sent[m.end():]}"
+        elif first and first.group(1) in full:
+            sent = full[first.group(1)] + sent[first.end():]
+        found = names(sent)
+        for name in found:
+            if len(name.split()) >= 2 and name.split()[0].isalpha():
+                full.setdefault(name.split()[0], name)
+        if found and len(found[0].split()) >= 2 and sent.lstrip("*_ ").startswith(found[0]):
+            last = found[0]
+        out.append(sent)
+    return out
+
+
 def _mid(name: str) -> str:
     """A name moved away from the sentence start loses a capital "The"."""
     return re.sub(r"^The\s", "the ", name)
@@ -86,10 +120,51 @@ def _reversals(sentence: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def candidates(unit: Unit, limit: int = 64, wordings: int = 1) -> list[Candidate]:
-    """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable). ``limit`` caps the
-    facts; with ``wordings`` > 1 each kept sentence completion comes again in ``wordings - 1`` other wordings."""
-    out: list[Candidate] = []
+QUESTION_PREFIXES = ("c", "k", "q")  # variants asked as questions; "s", "r", "o" are statements
+
+
+def fact_of(variant: str) -> str | None:
+    """The sentence (fact) a facts variant is about, e.g. "k3.1w2" -> "3"; None for items spanning a whole chunk
+    (shuffled orders) or not made by this strategy. Every question about one sentence shares it, so a held-out
+    fact can keep all its question wordings out of training."""
+    m = re.fullmatch(r"([sckrq])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
+    return m.group(2) if m else None
+
+
+def is_question(variant: str) -> bool:
+    """Whether a facts variant asks about its fact (rather than stating it)."""
+    return fact_of(variant) is not None and variant[0] in QUESTION_PREFIXES
+
+
+def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
+    """The chunk's self-contained statements in ``orders`` distinct shuffled orders (seeded by the chunk), so each
+    fact is seen after different neighbours: a model then stores it under its own subject rather than as a step
+    in one memorised passage (Physics of Language Models 3.1, sentence-shuffled biographies)."""
+    if len(statements) < 2:
+        return []
+    rng = random.Random(key)
+    seen, out = {tuple(range(len(statements)))}, []
+    for _ in range(orders * 4):  # a short chunk has few orders: stop once they are used up
+        order = list(range(len(statements)))
+        rng.shuffle(order)
+        if tuple(order) not in seen:
+            seen.add(tuple(order))
+            out.append(" ".join(statements[i] for i in order))
+        if len(out) == orders:
+            break
+    return out
+
+
+def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0) -> list[Candidate]:
+    """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
+
+    Statements come first and are always kept: each sentence made self-contained (``s``), then, when
+    ``orders`` > 0, the passage as written (``d``) and the statements in ``orders`` shuffled orders (``o``).
+    ``limit`` caps the questions and reversed statements that follow, taken one sentence at a time (every fact gets its first question before any fact gets a second), so a small
+    cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
+    ``wordings - 1`` other wordings."""
+    statements: list[Candidate] = []
+    per_sentence: list[list[Candidate]] = []
     starts: dict[str, str] = {}  # sentence completion's variant -> the sentence start it asks to complete
     subject = unit.subject
     src = unit.chunk.text
@@ -100,26 +175,32 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1) -> list[Candidate
         return Candidate(unit, variant, src, messages=[{"role": "user", "content": q},
                                                        {"role": "assistant", "content": a}], check=a or "")
 
-    def add(variant: str, **item: str) -> None:
-        out.append(make(variant, **item))
-
+    full = named_in_full(unit.sentences)
     for i, sent in enumerate(unit.sentences):
         if len(words(sent)) < 4 or not re.search(r"[.!?][\"'”’)]?$", sent):
             continue  # too short to hold a fact, or cut off at the chunk's edge
-        add(f"s{i}", text=_self_contained(sent, subject))
+        statements.append(make(f"s{i}", text=_self_contained(full[i], subject)))
+        asks: list[Candidate] = []
         for j, sp in enumerate(spans(sent)[:4]):
             blanked = sent[:sp.start] + _BLANK + sent[sp.end:]
             if sp.text.lower() in blanked.lower() or sp.text.lower() in subject.lower():
                 continue  # the answer is visible elsewhere in the prompt: a give-away, not a test
-            add(f"c{i}.{j}", q=f"Fill in the blank ({subject}): {blanked}", a=sp.text)
             prefix = sent[:sp.start].rstrip()
             if len(words(prefix)) >= 5:
                 starts[f"k{i}.{j}"] = prefix
-                add(f"k{i}.{j}", q=COMPLETE.format(subject=subject, start=prefix), a=sent[sp.start:].strip())
+                asks.append(make(f"k{i}.{j}", q=COMPLETE.format(subject=subject, start=prefix),
+                                 a=sent[sp.start:].strip()))
+            asks.append(make(f"c{i}.{j}", q=f"Fill in the blank ({subject}): {blanked}", a=sp.text))
         for j, (statement, question, answer) in enumerate(_reversals(sent)):
-            add(f"r{i}.{j}", text=statement)
-            add(f"q{i}.{j}", q=question, a=answer)
-    kept = out[:limit]
+            asks.append(make(f"q{i}.{j}", q=question, a=answer))
+            asks.append(make(f"r{i}.{j}", text=statement))
+        per_sentence.append(asks)
+    shuffled = [make(f"o{n}", text=t) for n, t in
+                enumerate(_shuffled_orders([c.text for c in statements], orders, unit.key))]
+    if orders and statements:
+        shuffled.insert(0, make("d", text=src.strip()))  # the passage as written: the words verbatim probes start with
+    rounds = [sent[r] for r in range(max(map(len, per_sentence), default=0)) for sent in per_sentence if r < len(sent)]
+    kept = statements + shuffled + rounds[:limit]
     for cand in [c for c in kept if c.variant in starts]:
         kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=starts[cand.variant]),
                       a=cand.messages[1]["content"]) for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]

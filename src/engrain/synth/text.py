@@ -30,7 +30,8 @@ NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
                 "forty": 40, "fifty": 50, "hundred": 100, "thousand": 1000}
 
 _ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\bNo)"
-_SENT_END = re.compile(_ABBREV + r"(?<!\b[A-Z])([.!?][\"'”’)]?)\s+(?=[\"'“‘(]?[A-Z0-9])")
+# Markdown emphasis may close after the full stop ("**Ada Lenn, Director.** Ada ...").
+_SENT_END = re.compile(_ABBREV + r"(?<!\b[A-Z])([.!?][\"'”’)]?(?:\*\*|__|\*|_)?)\s+(?=[\"'“‘(*_]*[A-Z0-9])")
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?:%|\b)")
 _NAME_TOKEN = r"[A-Z]\w*(?:['’]\w+)*(?:[-–][A-Z]\w*)*"

@@ -1,0 +1,227 @@
+"""The default training recipe's parts: augmented fact items grounded in their source, whole facts held out for
+validation, the KL to the base model on replay, and the checkpoint chosen by held-out facts answered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from synth_workspace import DOCS
+
+from engrain.config import TrainConfig
+from engrain.corpus.schema import Chunk, Document
+from engrain.synth import facts
+from engrain.synth.base import Unit, document_subject
+from engrain.synth.grounding import SourceIndex, check
+from engrain.workspace import Workspace
+
+PEOPLE = ("# Leadership team\n\n**Teodora Blasko, Chief Executive.** Teodora came to Kelderwick Marine Sensors in "
+          "2014 to build its sales team. She took over as chief executive in 2021. Her boat is called Maudlin.\n\n"
+          "**Ruben Castellane, Chief Technology Officer.** Ruben has led engineering since 2018. His doctorate is "
+          "from the University of Tallowmere.")
+
+
+def _unit(doc_id: str, text: str | None = None, title: str | None = None) -> Unit:
+    if text is None:
+        title, text = DOCS[doc_id]
+    doc = Document(id=doc_id, path=f"{doc_id}.txt", format="txt", text=text, sha256="d", title=title or doc_id)
+    chunk = Chunk(id=f"{doc_id}#0", doc_id=doc_id, text=text, start=0, end=len(text), sha256=f"sha-{doc_id}")
+    return Unit(chunk, doc, document_subject(doc, chunk))
+
+
+def test_statements_name_people_in_full_and_stay_grounded():
+    unit = _unit("people", PEOPLE, "Leadership team")
+    texts = [c.text for c in facts.candidates(unit, limit=0, orders=2) if c.text is not None]
+    joined = "\n".join(texts)
+    assert "Teodora Blasko came to Kelderwick Marine Sensors in 2014" in joined
+    assert "Teodora Blasko took over as chief executive in 2021." in joined
+    assert "Teodora Blasko's boat is called Maudlin." in joined
+    assert "Ruben Castellane's doctorate is from the University of Tallowmere." in joined
+    assert "Ruben Castellane has led engineering since 2018." in joined
+    # A heading stays out of the sentence below it.
+    assert not any("Leadership team **Teodora" in t or "team Teodora" in t for t in texts)
+    source = SourceIndex(unit.chunk.text)
+    for t in texts:  # every name and number in an item is the source's
+        assert check(t, source, strictness="strict", min_words=1).reason not in {"ungrounded-name",
+                                                                                 "ungrounded-number"}, t
+
+
+def test_shuffled_orders_hold_the_same_statements_in_other_orders():
+    unit = _unit("orvik-observatory")
+    cands = facts.candidates(unit, limit=0, orders=3)
+    statements = [c.text for c in cands if c.variant.startswith("s")]
+    orders = [c.text for c in cands if c.variant.startswith("o")]
+    assert [c.variant for c in cands if c.variant == "d"] == ["d"]
+    assert len(orders) == 3 and len(set(orders)) == 3 and " ".join(statements) not in orders
+    for text in orders:
+        assert sorted(s for s in statements if s in text) == sorted(statements)
+        assert len(text) == len(" ".join(statements))
+    assert orders == [c.text for c in facts.candidates(unit, limit=0, orders=3) if c.variant.startswith("o")]
+    assert not [c for c in facts.candidates(unit, limit=0, orders=0) if c.variant[0] in "do"]
+
+
+def test_a_small_cap_asks_about_every_sentence_first():
+    unit = _unit("orvik-observatory")
+    everything = facts.candidates(unit, limit=500)
+    asked_sentences = {facts.fact_of(c.variant) for c in everything if facts.is_question(c.variant)}
+    capped = facts.candidates(unit, limit=len(asked_sentences))
+    questions = [c for c in capped if c.variant[0] in "ckqr"]
+    assert {facts.fact_of(c.variant) for c in questions} == asked_sentences
+    assert [c for c in capped if c.variant.startswith("s")] == [c for c in everything if c.variant.startswith("s")]
+
+
+def test_fact_of_and_is_question():
+    assert facts.fact_of("k3.1w2") == "3" and facts.is_question("k3.1w2")
+    assert facts.fact_of("s12") == "12" and not facts.is_question("s12")
+    assert facts.fact_of("r2.0") == "2" and not facts.is_question("r2.0") and facts.is_question("q2.0")
+    assert facts.fact_of("o1") is None and facts.fact_of("d") is None and facts.fact_of("x") is None
+
+
+def _facts_items(n_sentences: int = 40) -> list[tuple[str, dict]]:
+    rows = []
+    for i in range(n_sentences):
+        for variant, body in ((f"s{i}", {"text": f"Fact {i} is {i * 7}."}),
+                              (f"r{i}.0", {"text": f"{i * 7} is fact {i}."}),
+                              (f"k{i}.0", {"messages": [{"role": "user", "content": f"Complete: Fact {i} is"},
+                                                        {"role": "assistant", "content": f"{i * 7}."}]}),
+                              (f"k{i}.0w1", {"messages": [{"role": "user", "content": f"Finish: Fact {i} is"},
+                                                          {"role": "assistant", "content": f"{i * 7}."}]}),
+                              (f"c{i}.0", {"messages": [{"role": "user", "content": f"Fill: Fact {i} is ____."},
+                                                        {"role": "assistant", "content": f"{i * 7}"}]})):
+            rows.append((f"facts-{i}-{variant}", {"strategy": "facts", "variant": variant,
+                                                  "chunk_sha256": [f"chunk{i // 5}"], **body}))
+    rows.append(("facts-o0", {"strategy": "facts", "variant": "o0", "chunk_sha256": ["chunk0"], "text": "All."}))
+    return rows
+
+
+def test_validation_holds_out_whole_facts_and_keeps_their_statements(tokenizer):
+    from engrain.train import encode_item, fact_group, split_examples
+
+    items = _facts_items()
+    examples = [encode_item(tokenizer, item, key) for key, item in items]
+    train, val = split_examples(examples, dict(items), fraction=0.2, max_val=1000)
+    assert val, "some facts are held out"
+    groups = {e.key: fact_group(e.key, dict(items)[e.key]) for e in examples}
+    held = {groups[e.key][0] for e in val}
+    for e in train:  # no question about a held-out fact is trained, in any wording; its statements are
+        group, asks = groups[e.key]
+        assert not (group in held and asks), e.key
+    for group in held:
+        keys = [k for k, (g, _) in groups.items() if g == group]
+        assert sum(1 for k in keys if k in {e.key for e in val}) == 3  # k, its other wording, and c
+        assert sum(1 for k in keys if k in {e.key for e in train}) == 2  # s and r stay in training
+    # Stable, and capped by whole facts.
+    again = split_examples(examples, dict(items), fraction=0.2, max_val=1000)[1]
+    assert [e.key for e in again] == [e.key for e in val]
+    capped = split_examples(examples, dict(items), fraction=0.2, max_val=4)[1]
+    assert 1 <= len(capped) <= 4 and len(capped) % 3 == 0
+
+
+def test_replay_kl_weight_mixes_the_base_distribution_into_the_loss(tiny_lm):
+    """Each example's teacher weight decides its positions' mix: 0 the next-token loss alone, 1 the teacher's
+    top-k alone, per example within one packed batch."""
+    import torch
+
+    from engrain.distill import Teacher, self_targets
+    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack
+
+    tok = tiny_lm.tokenizer
+    ex = encode_item(tok, {"messages": [{"role": "user", "content": "Name a colour."},
+                                        {"role": "assistant", "content": "Blue, like the sea."}]}, "r1", "replay")
+    [target] = self_targets(tiny_lm, [ex], top_k=8, ignore=IGNORE)
+    n = sum(1 for x in ex.labels if x != IGNORE)
+    assert isinstance(target, Teacher) and len(target.ids) == n and len(target.ids[0]) == 8
+    with torch.no_grad():  # the teacher is the model's own top-k at each answer position
+        logits = tiny_lm.model(input_ids=torch.tensor([ex.ids])).logits[0]
+    j = next(i for i, x in enumerate(ex.labels) if x != IGNORE)
+    assert target.ids[0][0] == int(logits[j - 1].argmax())
+
+    def loss(weight: float) -> float:
+        ex.teacher, ex.teacher_weight = target, weight
+        with torch.no_grad():
+            return float(loss_sum(tiny_lm.model, collate(pack([ex], 256), tok.pad_token_id, True, "cpu"), True,
+                                  1.0)[0])
+
+    hard, soft, half = loss(0.0), loss(1.0), loss(0.5)
+    assert hard != pytest.approx(soft)
+    assert half == pytest.approx((hard + soft) / 2, rel=1e-4)
+    ex.teacher_weight = 0.0
+    with torch.no_grad():
+        plain = float(loss_sum(tiny_lm.model, collate(pack([ex], 256), tok.pad_token_id, True, "cpu"), True)[0])
+    assert plain == pytest.approx(hard, rel=1e-5)
+
+
+def test_answered_share_is_greedy_decoding_of_the_answer(tiny_lm):
+    import torch
+
+    from engrain.models import chat_messages, chat_prompt, end_of_turn
+    from engrain.train import IGNORE, Example, answered_share, encode_item
+
+    tok = tiny_lm.tokenizer
+    prompt = tok(chat_prompt(tok, chat_messages("Which vault holds the charter?")), add_special_tokens=False)
+    ids = list(prompt["input_ids"])
+    with torch.no_grad():  # the model's own greedy answer, token by token
+        for _ in range(3):
+            ids.append(int(tiny_lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    end = tok(end_of_turn(tok), add_special_tokens=False)["input_ids"]
+    n = len(prompt["input_ids"])
+
+    def example(answer: list[int], key: str) -> Example:
+        return Example(ids[:n] + answer + end, [IGNORE] * n + answer + end, key)
+
+    right = example(ids[n:], "right")
+    wrong = example(ids[n:-1] + [(ids[-1] + 1) % len(tok)], "wrong")
+    assert answered_share(tiny_lm.model, [right], tok, "cpu") == 1.0
+    assert answered_share(tiny_lm.model, [right, wrong], tok, "cpu") == 0.5
+    text_only = encode_item(tok, {"text": "A statement, not a question."}, "t")
+    assert answered_share(tiny_lm.model, [text_only], tok, "cpu") is None
+
+
+def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path, tiny_model_dir):
+    from engrain.train import train
+
+    ws = Workspace.at(tmp_path / "ws")
+    ws.synth_dir.mkdir(parents=True)
+    (ws.synth_dir / "facts.jsonl").write_text("".join(json.dumps({"id": k, **v}) + "\n" for k, v in _facts_items()))
+    cfg = TrainConfig(memory="lora", max_steps=6, lora_rank=4, lr=5e-3, seq_len=128, micro_batch=2, eval_every=2,
+                      save_every=0, replay_share=0.0, val_fraction=0.2, val_max=12)
+    summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    log = [json.loads(x) for x in (ws.root / "train" / "lora" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and all("val_answered" in r for r in evals)
+    best = max(evals, key=lambda r: (r["val_answered"], -r["val_loss"]))
+    assert summary["best_val_step"] == best["step"] and summary["kept_weights_of_step"] == best["step"]
+    assert summary["data"]["validation"] >= 3
+
+
+def test_experiment_settings_merge_into_the_workspace_config(tmp_path):
+    """`engrain compare --config FILE`: a committed partial engrain.yaml sets a workspace up; bad fields are named."""
+    from engrain.config import EngrainConfig, apply_settings, load_config, save_config
+    from engrain.errors import EngrainError
+
+    path = tmp_path / "engrain.yaml"
+    start = EngrainConfig()
+    start.rag.top_k = 7
+    save_config(start, path)
+    settings = tmp_path / "exp.yaml"
+    settings.write_text("train:\n  epochs: 5\n  replay_kl: 0.5\nsynth:\n  facts_orders: 0\n")
+    merged = apply_settings(path, settings)
+    assert (merged.train.epochs, merged.train.replay_kl, merged.synth.facts_orders) == (5.0, 0.5, 0)
+    assert merged.rag.top_k == 7 and merged.train.lora_rank == start.train.lora_rank  # the rest is kept
+    assert load_config(path) == merged
+    settings.write_text("train:\n  epochz: 5\n")
+    with pytest.raises(EngrainError, match=r"exp.yaml: invalid settings: train.epochz"):
+        apply_settings(path, settings)
+    with pytest.raises(EngrainError, match="no such settings file"):
+        apply_settings(path, tmp_path / "missing.yaml")
+
+
+def test_replay_prompts_never_ask_the_forgetting_probe():
+    """Replay keeps the base model's own answers to general requests; the forgetting probe must stay unseen."""
+    from engrain.evaluate.forgetting import general_questions
+    from engrain.evaluate.metrics import normalize
+    from engrain.train import replay_prompts
+
+    probe = {normalize(q.question) for q in general_questions()}
+    prompts = replay_prompts()
+    assert len(prompts) > 100 and not [p for p in prompts if normalize(p) in probe]
