@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from engrain.packed_attention import plain_attention
-from engrain.train import keep_freed_memory
+from engrain.train.kernels.packed_attention import plain_attention
+from engrain.train.loop import keep_freed_memory
 
 keep_freed_memory()
 HQ, HKV, D = 9, 3, 64

@@ -4,7 +4,7 @@
                                            [--device auto]
 
 A packed training row holds many short synthetic examples; each may attend only to its own earlier tokens (and to a
-trained prefix). `engrain.packed_attention` does that either as one SDPA call per example (no wasted scores; many
+trained prefix). `engrain.train.kernels.packed_attention` does that either as one SDPA call per example (no wasted scores; many
 small calls) or as one SDPA call per row with a block-diagonal causal mask (one call; the whole row x row score
 matrix). Which is faster depends on the device and the prefix's length; the trainer picks by `use_one_call`.
 This benchmark times a training step (forward, backward, optimizer step, bf16 autocast where the device has it)
@@ -30,7 +30,7 @@ EMBEDDED_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
 
 
 def random_examples(n_tokens: int, seed: int = 0) -> list:
-    from engrain.train import IGNORE, Example
+    from engrain.train.data import IGNORE, Example
 
     rng = random.Random(seed)
     examples, total = [], 0
@@ -67,9 +67,9 @@ def build(memory: str, device: str, prefix_length: int):
 def time_path(module, batches, n_loss: int, device: str, steps: int, one_call: bool) -> float:
     import torch
 
-    from engrain import packed_attention
+    from engrain.train.kernels import packed_attention
     from engrain.models import bf16_supported
-    from engrain.train import loss_sum
+    from engrain.train.packing import loss_sum
 
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -114,7 +114,7 @@ def main() -> None:
     import torch
 
     from engrain.models import default_device
-    from engrain.train import collate, pack
+    from engrain.train.packing import collate, pack
 
     device = default_device() if args.device == "auto" else args.device
     examples = random_examples(args.rows * 1000)

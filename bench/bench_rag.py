@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from engrain.config import RagConfig  # noqa: E402
 from engrain.corpus.schema import Chunk  # noqa: E402
-from engrain.embeddings import load_embedder  # noqa: E402
-from engrain.index import ChunkIndex, write_index  # noqa: E402
-from engrain.retrieval import rrf_fuse  # noqa: E402
+from engrain.rag.embeddings import load_embedder
+from engrain.rag.index import ChunkIndex, write_index
+from engrain.rag.retrieval import rrf_fuse
 from engrain.workspace import Workspace  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "acme"
@@ -116,7 +116,7 @@ def bench_scale(n: int, base_vecs: np.ndarray, vocab: list[str], qtexts: list[st
 
 def e2e(questions: list[str], tmp: Path, batch: int, max_new_tokens: int) -> dict:
     from engrain.corpus.ingest import ingest
-    from engrain.index import build_index
+    from engrain.rag.index import build_index
     from engrain.memory.context import ContextMemory
     from engrain.memory.rag import RagMemory
     from engrain.models import load_model

@@ -40,9 +40,9 @@ KEY = "bench-key-0123456789"
 def build_workspace(root: Path) -> Path:
     from engrain.config import TrainConfig
     from engrain.corpus.ingest import ingest
-    from engrain.index import build_index
+    from engrain.rag.index import build_index
     from engrain.memory.parametric import META_FILE
-    from engrain.train import train
+    from engrain.train.loop import train
     from engrain.workspace import Workspace
 
     ws = Workspace.at(root)

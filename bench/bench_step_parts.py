@@ -21,11 +21,14 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_train import make_items
 from engrain.config import TrainConfig
-from engrain.lora_linear import fuse_lora_layers, unfuse_lora_layers
+from engrain.train.kernels.lora_linear import fuse_lora_layers, unfuse_lora_layers
 from engrain.memory.parametric import get_kind
 from engrain.models import load_model
-from engrain import train as T, packed_attention as PA
-from engrain.train import bf16_autocast, collate, encode_item, keep_freed_memory, loss_sum, pack
+from engrain import train as T
+from engrain.train.kernels import packed_attention as PA
+from engrain.train.loop import bf16_autocast, keep_freed_memory
+from engrain.train.packing import collate, loss_sum, pack
+from engrain.train.data import encode_item
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 kind = args[0] if args else "lora"

@@ -7,7 +7,7 @@ output):
 - the machine's matmul peak: torch.mm on 2,048 x 2,048 matrices into a preallocated output, fp32 and bf16;
 - baseline: a plain fp32 PEFT LoRA step as most scripts write it: right-padded batch, model(**batch).loss,
   backward, AdamW step;
-- engrain's trainer step for each memory (`engrain.train.loss_sum` on packed rows, one row per forward with the
+- engrain's trainer step for each memory (`engrain.train.packing.loss_sum` on packed rows, one row per forward with the
   gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
   taken, the head fused with the loss a slice of positions at a time, each LoRA layer one fused function, and
   malloc keeping freed memory as `engrain train` sets it), in fp32 and, where the CPU has native bf16, under bf16
@@ -85,7 +85,7 @@ def time_steps(step, steps: int) -> float:
 
 
 def examples_for(args, tok):
-    from engrain.train import encode_item
+    from engrain.train.data import encode_item
 
     return [encode_item(tok, it, it["id"]) for it in make_items(args.items)]
 
@@ -97,7 +97,7 @@ def measure_baseline(args, peaks: tuple[float, float]) -> dict:
 
     from engrain.memory.parametric import all_linear_names
     from engrain.models import load_model
-    from engrain.train import IGNORE
+    from engrain.train.data import IGNORE
 
     torch.manual_seed(0)
     lm = load_model(args.model, device="cpu", dtype="float32")
@@ -136,7 +136,8 @@ def measure_memory(args, peaks: tuple[float, float], name: str, bf16: bool) -> d
     from engrain.config import TrainConfig
     from engrain.memory.parametric import get_kind
     from engrain.models import load_model
-    from engrain.train import bf16_autocast, collate, keep_freed_memory, loss_sum, pack, unpacked_rows
+    from engrain.train.loop import bf16_autocast, keep_freed_memory
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
 
     keep_freed_memory()  # what `engrain train` does first
     torch.manual_seed(0)
@@ -199,7 +200,7 @@ def main() -> None:
     import torch
 
     from engrain.memory.parametric import get_kind
-    from engrain.train import use_bf16
+    from engrain.train.loop import use_bf16
 
     peaks = (matmul_peak(torch.float32), matmul_peak(torch.bfloat16))  # bf16 is emulated (slow) without native
     print(f"matmul peak: fp32 {peaks[0] / 1e9:.1f} GFLOP/s, bf16 {peaks[1] / 1e9:.1f} GFLOP/s "

@@ -3,7 +3,7 @@
     python bench/exp_distill_teacher.py --workspace W [--top-k 32]
 
 For every training example of W's synthetic data with source chunks, the teacher (the base model with the chunks in
-the rag prompt, engrain/distill.py) gives its top-k at each answer token. Printed per item kind (chat answers, text):
+the rag prompt, engrain/train/distill.py) gives its top-k at each answer token. Printed per item kind (chat answers, text):
 how often the label is the teacher's first choice, the mean probability it gives the label (0 outside its top k),
 and how often the label is outside its top k; over all answer tokens, and at the answer's first and last tokens
 alone. With train.distill = d, a share d of the loss pulls towards the teacher's distribution instead of the label:
@@ -29,9 +29,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
 
-    from engrain.distill import teacher_targets
+    from engrain.train.distill import teacher_targets
     from engrain.models import load_model
-    from engrain.train import IGNORE, encode_item, read_synthetic
+    from engrain.train.data import IGNORE, encode_item, read_synthetic
     from engrain.workspace import Workspace
 
     ws = Workspace.at(Path(args.workspace))

@@ -38,7 +38,7 @@ def main() -> None:
     from engrain.memory.registry import open_memory
     from engrain.models import load_model
     from engrain.synth.facts import completion_parts
-    from engrain.train import is_validation, read_synthetic
+    from engrain.train.data import is_validation, read_synthetic
     from engrain.workspace import Workspace
 
     ws = Workspace.at(Path(args.workspace))

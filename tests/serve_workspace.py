@@ -34,8 +34,8 @@ def make_workspace(root: Path, model_spec: str, tokenizer=None, *, lora_steps: i
     """``root`` (its name becomes the model-name prefix) with corpus, index and a trained ``lora`` memory."""
     from engrain.config import IngestConfig, TrainConfig
     from engrain.corpus.ingest import ingest
-    from engrain.index import build_index
-    from engrain.train import train
+    from engrain.rag.index import build_index
+    from engrain.train.loop import train
     from engrain.workspace import Workspace
 
     docs = root.parent / f"{root.name}-docs"

@@ -60,7 +60,7 @@ def test_prefix_reuse_gives_the_same_greedy_answers_as_recomputing(tmp_path, tok
 def test_shared_prefix_fast_loop_matches_generate_from_the_cache(tmp_path, tokenizer, tiny_lm, monkeypatch, batch):
     """The fast loop (prefix read once per step for the whole batch; at batch 2, finished rows replaced by waiting
     questions) and generate() over a per-row copy of the prefix cache decode the same greedy tokens."""
-    from engrain import fastgen
+    from engrain.models import fastgen
 
     ws = make_ws(tmp_path, tokenizer)
     assert fastgen.supports(tiny_lm.model)

@@ -38,7 +38,7 @@ def make_ws(tmp_path, chunk_text: str = CHUNK) -> Workspace:
 
 
 def examples_of(ws, tok):
-    from engrain.train import encode_item, read_synthetic
+    from engrain.train.data import encode_item, read_synthetic
 
     items = read_synthetic(ws)
     return [encode_item(tok, it, key) for key, it in items], dict(items)
@@ -49,9 +49,9 @@ def test_teacher_sees_the_chunk_and_sharing_its_start_changes_nothing(tmp_path, 
     teacher prompt is the rag prompt; items without a chunk get no teacher."""
     import torch
 
-    from engrain.distill import first_loss_index, teacher_prefix, teacher_targets
+    from engrain.train.distill import first_loss_index, teacher_prefix, teacher_targets
     from engrain.models import chat_messages, chat_prompt
-    from engrain.train import IGNORE
+    from engrain.train.data import IGNORE
 
     ws = make_ws(tmp_path)
     tok = embedded_lm.tokenizer
@@ -89,8 +89,8 @@ def test_teacher_sees_the_chunk_and_sharing_its_start_changes_nothing(tmp_path, 
 
 
 def test_teacher_targets_are_cached_and_resume(tmp_path, tiny_lm, monkeypatch):
-    from engrain import distill
-    from engrain.train import IGNORE
+    from engrain.train import distill
+    from engrain.train.data import IGNORE
 
     ws = make_ws(tmp_path)
     exs, items = examples_of(ws, tiny_lm.tokenizer)
@@ -122,8 +122,9 @@ def test_teacher_targets_line_up_with_packed_loss_positions(tiny_lm):
     packed or not; any shift of the teacher against the loss positions would break the equality."""
     import torch
 
-    from engrain.distill import Teacher
-    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack, unpacked_rows
+    from engrain.train.distill import Teacher
+    from engrain.train.data import IGNORE, encode_item
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
 
     tok = tiny_lm.tokenizer
     items = [{"text": "Vault one opens with code 48."},
@@ -150,8 +151,8 @@ def test_teacher_targets_line_up_with_packed_loss_positions(tiny_lm):
 
 
 def test_training_with_distillation_records_it(tmp_path, tiny_lm):
-    from engrain import distill
-    from engrain.train import train
+    from engrain.train import distill
+    from engrain.train.loop import train
 
     ws = make_ws(tmp_path)
     cfg = TrainConfig(memory="lora", seq_len=128, micro_batch=2, eval_every=0, save_every=0, replay_share=0.0,

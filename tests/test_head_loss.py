@@ -1,4 +1,4 @@
-"""The fused head + loss (head_loss.py) gives the plain cross-entropy's value and gradients."""
+"""The fused head + loss (train/kernels/head_loss.py) gives the plain cross-entropy's value and gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def test_fused_head_loss_matches_plain_cross_entropy(monkeypatch, distill):
     no teacher targets."""
     import torch
 
-    from engrain import head_loss
+    from engrain.train.kernels import head_loss
 
     monkeypatch.setattr(head_loss, "CHUNK", 7)
     torch.manual_seed(0)
@@ -42,7 +42,7 @@ def test_fused_head_loss_follows_autocast():
     loss as autocast's own lm_head + fp32 cross-entropy, and gradients in the hidden states' dtype."""
     import torch
 
-    from engrain.head_loss import fused_head_loss
+    from engrain.train.kernels.head_loss import fused_head_loss
 
     torch.manual_seed(0)
     h = torch.randn(40, 32, requires_grad=True)
@@ -62,12 +62,13 @@ def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch):
     cross-entropy): same loss and same gradient for every parameter, the tied head/embedding included."""
     import torch
 
-    from engrain import train
-    from engrain.head_loss import fused_head_loss
-    from engrain.train import collate, encode_item, loss_sum, pack, unpacked_rows
+    from engrain.train import packing
+    from engrain.train.data import encode_item
+    from engrain.train.kernels.head_loss import fused_head_loss
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
 
     calls = []
-    monkeypatch.setattr(train, "fused_head_loss", lambda *a, **k: calls.append(1) or fused_head_loss(*a, **k))
+    monkeypatch.setattr(packing, "fused_head_loss", lambda *a, **k: calls.append(1) or fused_head_loss(*a, **k))
     tok, model = tiny_lm.tokenizer, tiny_lm.model
     items = [{"text": "Vault one opens with code 48."},
              {"messages": [{"role": "user", "content": "Code of vault two?"},

@@ -95,7 +95,7 @@ def _facts_items(n_sentences: int = 40) -> list[tuple[str, dict]]:
 
 
 def test_validation_holds_out_whole_facts_and_keeps_their_statements(tokenizer):
-    from engrain.train import encode_item, fact_group, split_examples
+    from engrain.train.data import encode_item, fact_group, split_examples
 
     items = _facts_items()
     examples = [encode_item(tokenizer, item, key) for key, item in items]
@@ -122,8 +122,9 @@ def test_replay_kl_weight_mixes_the_base_distribution_into_the_loss(tiny_lm):
     top-k alone, per example within one packed batch."""
     import torch
 
-    from engrain.distill import Teacher, self_targets
-    from engrain.train import IGNORE, collate, encode_item, loss_sum, pack
+    from engrain.train.distill import Teacher, self_targets
+    from engrain.train.data import IGNORE, encode_item
+    from engrain.train.packing import collate, loss_sum, pack
 
     tok = tiny_lm.tokenizer
     ex = encode_item(tok, {"messages": [{"role": "user", "content": "Name a colour."},
@@ -155,7 +156,8 @@ def test_answered_share_is_greedy_decoding_of_the_answer(tiny_lm):
     import torch
 
     from engrain.models import chat_messages, chat_prompt, end_of_turn
-    from engrain.train import IGNORE, Example, answered_share, encode_item
+    from engrain.train.data import IGNORE, Example, encode_item
+    from engrain.train.validation import answered_share
 
     tok = tiny_lm.tokenizer
     prompt = tok(chat_prompt(tok, chat_messages("Which vault holds the charter?")), add_special_tokens=False)
@@ -178,7 +180,7 @@ def test_answered_share_is_greedy_decoding_of_the_answer(tiny_lm):
 
 
 def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path, tiny_model_dir):
-    from engrain.train import train
+    from engrain.train.loop import train
 
     ws = Workspace.at(tmp_path / "ws")
     ws.synth_dir.mkdir(parents=True)
@@ -220,7 +222,7 @@ def test_replay_prompts_never_ask_the_forgetting_probe():
     """Replay keeps the base model's own answers to general requests; the forgetting probe must stay unseen."""
     from engrain.evaluate.forgetting import general_questions
     from engrain.evaluate.metrics import normalize
-    from engrain.train import replay_prompts
+    from engrain.train.replay import replay_prompts
 
     probe = {normalize(q.question) for q in general_questions()}
     prompts = replay_prompts()

@@ -1,4 +1,4 @@
-"""The fused LoRA layer (engrain/lora_linear.py) computes what PEFT's own forward computes, values and gradients."""
+"""The fused LoRA layer (engrain/train/kernels/lora_linear.py) computes what PEFT's own forward computes, values and gradients."""
 
 import pytest
 
@@ -34,7 +34,7 @@ def _loss_and_grads(module, ids, bf16: bool = False):
 
 def _peft_forward(module):
     """Give every LoRA layer PEFT's own forward back."""
-    from engrain.lora_linear import unfuse_lora_layers
+    from engrain.train.kernels.lora_linear import unfuse_lora_layers
 
     assert unfuse_lora_layers(module) > 0
 
@@ -81,7 +81,7 @@ def test_layers_it_does_not_cover_keep_peft_forward(tiny_model_dir):
 def test_frozen_weight_is_cast_once_and_again_when_it_changes():
     import torch
 
-    from engrain.casts import frozen_copy
+    from engrain.train.kernels.casts import frozen_copy
 
     w = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
     first = frozen_copy(w, torch.bfloat16)

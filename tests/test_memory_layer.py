@@ -204,7 +204,7 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
     from engrain.atomic import write_jsonl
     from engrain.config import TrainConfig
     from engrain.memory.registry import open_memory
-    from engrain.train import train
+    from engrain.train.loop import train
 
     ws = Workspace.at(tmp_path / "ws")
     ws.synth_dir.mkdir(parents=True)

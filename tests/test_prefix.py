@@ -102,8 +102,8 @@ def test_packed_attention_with_a_prefix_equals_the_prefix_mask(tiny_lm, tmp_path
     """The trainer's packed attention (no mask; each example attends to the prefix and its own tokens) gives the
     logits and prefix gradients of the 4-D mask the prefix builds otherwise, on both of its paths: per example
     (CPU) and one masked call per row (GPU)."""
-    from engrain import packed_attention
-    from engrain.packed_attention import packed_rows
+    from engrain.train.kernels import packed_attention
+    from engrain.train.kernels.packed_attention import packed_rows
 
     monkeypatch.setattr(packed_attention, "use_one_call", lambda *args: one_call)
     module = attach(tiny_lm, make_workspace(tmp_path), length=10)
@@ -221,7 +221,7 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
     """`engrain train --memory prefix` and `engrain ask --memory prefix` go through the registry to this kind."""
     from engrain.config import TrainConfig
     from engrain.memory.registry import open_memory
-    from engrain.train import train
+    from engrain.train.loop import train
 
     ws = make_workspace(tmp_path)
     ws.synth_dir.mkdir(parents=True)

@@ -12,7 +12,7 @@ from engrain.config import RagConfig
 from engrain.errors import EngrainError
 from engrain.evaluate.bench import Question
 from engrain.evaluate.compare import ask, cloze_text, run_method
-from engrain.index import build_index
+from engrain.rag.index import build_index
 from engrain.memory.base import Answer, ClosedBook
 from engrain.memory.context import ContextMemory
 from engrain.memory.rag import RagMemory

@@ -12,9 +12,9 @@ from engrain.config import IngestConfig, RagConfig
 from engrain.corpus.ingest import ingest
 from engrain.corpus.schema import read_chunks
 from engrain.errors import EngrainError
-from engrain.index import ChunkIndex, Hit, build_index
+from engrain.rag.index import ChunkIndex, Hit, build_index
 from engrain.memory.rag import RagMemory
-from engrain.retrieval import Retriever, retrieval_recall, rrf_fuse
+from engrain.rag.retrieval import Retriever, retrieval_recall, rrf_fuse
 from engrain.workspace import Workspace
 
 DOCS = {
@@ -145,8 +145,8 @@ def test_no_index_and_empty_index(tmp_path, tokenizer, indexed):
     with pytest.raises(EngrainError, match="empty"):
         ChunkIndex(indexed)
     with pytest.raises(EngrainError, match="nothing to index"):
-        from engrain.embeddings import load_embedder
-        from engrain.index import write_index
+        from engrain.rag.embeddings import load_embedder
+        from engrain.rag.index import write_index
 
         write_index(indexed, [], load_embedder(None))
 

@@ -406,7 +406,7 @@ def test_prefix_memory_is_served_on_the_shared_base_weights(tmp_path, ws, tiny_m
 
     from engrain.config import TrainConfig
     from engrain.serve.engine import Engine
-    from engrain.train import train
+    from engrain.train.loop import train
     from engrain.workspace import Workspace
 
     other = Workspace.at(tmp_path / "pfx")

@@ -119,7 +119,7 @@ def test_fastgen_greedy_matches_generate(tiny_lm, monkeypatch, batch):
 
 
 def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
-    from engrain import fastgen
+    from engrain.models import fastgen
 
     tok = tiny_lm.tokenizer
     prompts = [tok("hello there", add_special_tokens=False)["input_ids"]] * 3
@@ -139,7 +139,7 @@ def test_fastgen_stops_rows_and_samples_within_top_p(tiny_lm):
 def test_fastgen_continuous_batching_equals_each_prompt_alone(tiny_lm, batch):
     """Rows that stop early leave the batch and waiting prompts join the running ones (their histories realigned
     into one cache layout); every prompt still gets exactly the greedy tokens it gets when decoded alone."""
-    from engrain import fastgen
+    from engrain.models import fastgen
 
     tok = tiny_lm.tokenizer
     texts = ["hello there", "a much longer prompt about the lighthouse keeper and his log", "Hi", "What is 2+2?",
@@ -163,7 +163,7 @@ def test_fastgen_runs_a_peft_lora_model_like_generate(tiny_model_dir, monkeypatc
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from engrain import fastgen
+    from engrain.models import fastgen
     from engrain.models import chat_messages, chat_prompt, generate, load_model
 
     base = load_model(str(tiny_model_dir), device="cpu")
@@ -190,7 +190,7 @@ def test_fastgen_shared_prompt_start_runs_once_and_changes_nothing(tiny_lm, monk
     """Prompts that share a long start (a system prompt) have it run once and copied into each row's cache;
     across several admissions every prompt still gets the tokens it gets alone, and the cache layout stays
     bounded by one row's history (columns no running row attends are dropped at each admission)."""
-    from engrain import fastgen
+    from engrain.models import fastgen
 
     tok = tiny_lm.tokenizer
     start = tok("You are a careful assistant for the Orvik archive. Answer in a few words.\n",

@@ -43,7 +43,7 @@ def ws(tmp_path) -> Workspace:
 
 def test_training_prompt_is_the_inference_prompt(tokenizer):
     from engrain.models import chat_messages, chat_prompt, end_of_turn
-    from engrain.train import encode_item, render_messages
+    from engrain.train.data import encode_item, render_messages
 
     q, a = "Who designed the Lumen bridge?", "Ada Varga designed it."
     prompt, answer = render_messages(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
@@ -60,7 +60,7 @@ def test_training_prompt_is_the_inference_prompt(tokenizer):
 
 
 def test_text_items_take_loss_on_every_predicted_token(tokenizer):
-    from engrain.train import encode_item
+    from engrain.train.data import encode_item
 
     ex = encode_item(tokenizer, {"text": "The Orvane archive has nine vaults."}, "k")
     assert ex.labels[0] == -100 and ex.labels[1:] == ex.ids[1:]
@@ -68,7 +68,8 @@ def test_text_items_take_loss_on_every_predicted_token(tokenizer):
 
 
 def test_packing_leaves_no_padding_between_examples():
-    from engrain.train import Example, collate, pack
+    from engrain.train.data import Example
+    from engrain.train.packing import collate, pack
 
     exs = [Example(list(range(1, n + 1)), [-100] * 2 + list(range(3, n + 1)), f"e{n}") for n in (5, 7, 3, 9, 4)]
     rows = pack(exs, seq_len=16)
@@ -90,10 +91,11 @@ def test_packed_rows_do_not_attend_across_examples(tiny_lm, monkeypatch, one_cal
     and no label leaks across the boundary. Both attention paths: per example (CPU) and one masked call (GPU)."""
     import torch
 
-    from engrain import packed_attention
+    from engrain.train.kernels import packed_attention
 
     monkeypatch.setattr(packed_attention, "use_one_call", lambda *args: one_call)
-    from engrain.train import collate, encode_item, loss_sum, pack, unpacked_rows
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
+    from engrain.train.data import encode_item
 
     tok = tiny_lm.tokenizer
     items = [{"text": "Vault one opens with code 48."},
@@ -118,7 +120,7 @@ def test_packed_attention_path_follows_the_measurements():
     """bench/bench_packed_attention.py: on a GPU one masked call per row always wins; on a CPU one call per example,
     unless a trained prefix's keys outnumber the row's tokens (1,024 positions: one call 1.15x; 256: per example
     1.16x)."""
-    from engrain.packed_attention import use_one_call
+    from engrain.train.kernels.packed_attention import use_one_call
 
     assert use_one_call("cuda", 1024, 0) and use_one_call("cuda", 1024, 256)
     assert not use_one_call("cpu", 1024, 0) and not use_one_call("cpu", 700, 256)
@@ -132,7 +134,7 @@ def test_grouped_attention_equals_each_example_alone(plain):
     import torch
     import torch.nn.functional as F
 
-    from engrain.packed_attention import _grouped_row
+    from engrain.train.kernels.packed_attention import _grouped_row
 
     torch.manual_seed(0)
     lengths = [5, 70, 1, 130, 20, 64]  # groups: up to 64 tokens (four examples), 128 and 256 (one each)
@@ -155,7 +157,7 @@ def test_grouped_attention_equals_each_example_alone(plain):
 def test_short_groups_take_the_plain_form_in_bf16():
     """Measured (packed_attention.uses_plain_attention): in bf16 the plain matmul form beat SDPA up to 512 tokens;
     in fp32 SDPA keeps every length."""
-    from engrain.packed_attention import PLAIN_MAX_TOKENS, uses_plain_attention
+    from engrain.train.kernels.packed_attention import PLAIN_MAX_TOKENS, uses_plain_attention
 
     assert uses_plain_attention(64, True) and uses_plain_attention(PLAIN_MAX_TOKENS, True)
     assert not uses_plain_attention(PLAIN_MAX_TOKENS + 1, True)
@@ -163,7 +165,7 @@ def test_short_groups_take_the_plain_form_in_bf16():
 
 
 def test_cosine_schedule_with_warmup():
-    from engrain.train import lr_factor
+    from engrain.train.loop import lr_factor
 
     total, warm = 100, 10
     f = [lr_factor(s, warm, total, 0.1) for s in range(total + 1)]
@@ -189,7 +191,8 @@ def test_progress_writes_plain_lines_where_stderr_is_a_log(monkeypatch, capsys):
 
 
 def test_data_order_is_deterministic_and_seeded(tokenizer):
-    from engrain.train import encode_item, global_batches
+    from engrain.train.data import encode_item
+    from engrain.train.packing import global_batches
 
     exs = [encode_item(tokenizer, {"text": f"item {i} " * (i % 5 + 1)}, str(i)) for i in range(40)]
     cfg = TrainConfig(seq_len=64, seed=3)
@@ -214,7 +217,7 @@ def test_data_order_is_deterministic_and_seeded(tokenizer):
     ('[1, 2]', "JSON object"),
 ])
 def test_malformed_synthetic_data_names_file_and_line(tmp_path, line, words):
-    from engrain.train import read_synthetic
+    from engrain.train.data import read_synthetic
 
     ws = Workspace.at(tmp_path / "ws")
     write_synth(ws, n=2)
@@ -226,7 +229,7 @@ def test_malformed_synthetic_data_names_file_and_line(tmp_path, line, words):
 
 
 def test_missing_or_empty_synthetic_data(tmp_path):
-    from engrain.train import read_synthetic
+    from engrain.train.data import read_synthetic
 
     ws = Workspace.at(tmp_path / "ws")
     with pytest.raises(EngrainError, match="No synthetic data"):
@@ -255,7 +258,7 @@ def test_lora_trains_saves_peft_layout_and_loads(ws, tiny_model_dir, tiny_lm):
     from transformers import AutoModelForCausalLM
 
     from engrain.memory.registry import open_memory
-    from engrain.train import train
+    from engrain.train.loop import train
 
     cfg = TrainConfig(memory="lora", max_steps=6, lora_rank=4, lr=5e-3, **FAST)
     summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
@@ -291,7 +294,7 @@ def test_loading_onto_another_model_is_refused(ws, tiny_model_dir, tmp_path):
 
     from engrain.memory.registry import open_memory
     from engrain.models import load_model
-    from engrain.train import train
+    from engrain.train.loop import train
 
     train(ws, TrainConfig(memory="lora", max_steps=1, lora_rank=2, **FAST), str(tiny_model_dir), show_progress=False)
     other = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -304,7 +307,7 @@ def test_loading_onto_another_model_is_refused(ws, tiny_model_dir, tmp_path):
 
 
 def test_changed_config_is_refused_unless_forced(ws, tiny_model_dir):
-    from engrain.train import train
+    from engrain.train.loop import train
 
     cfg = TrainConfig(memory="lora", max_steps=2, lora_rank=2, **FAST)
     train(ws, cfg, str(tiny_model_dir), show_progress=False)
@@ -320,7 +323,7 @@ def test_full_finetune_trains_and_loads(ws, tiny_model_dir, tiny_lm):
     import torch
 
     from engrain.memory.registry import open_memory
-    from engrain.train import train
+    from engrain.train.loop import train
 
     summary = train(ws, TrainConfig(memory="full", max_steps=3, lr=1e-3, **FAST), str(tiny_model_dir),
                     show_progress=False)
@@ -337,7 +340,7 @@ def test_export_merge_matches_adapter(ws, tiny_model_dir, tiny_lm, tmp_path):
 
     from engrain.export import export_merged
     from engrain.memory.registry import open_memory
-    from engrain.train import train
+    from engrain.train.loop import train
 
     train(ws, TrainConfig(memory="lora", max_steps=3, lora_rank=4, lr=5e-3, **FAST), str(tiny_model_dir),
           show_progress=False)
@@ -353,7 +356,8 @@ def test_export_merge_matches_adapter(ws, tiny_model_dir, tiny_lm, tmp_path):
 
 
 def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
-    from engrain.train import make_plan, replay_prompts
+    from engrain.train.loop import make_plan
+    from engrain.train.replay import replay_prompts
 
     cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0)
     plan = make_plan(ws, tiny_lm, cfg, world=1, packing=True)
@@ -368,7 +372,7 @@ def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
 
 
 def test_dry_run_reports_steps_tokens_time_and_memory(ws, tiny_model_dir):
-    from engrain.train import train
+    from engrain.train.loop import train
 
     report = train(ws, TrainConfig(memory="lora", **{**FAST, "epochs": 2.0}), str(tiny_model_dir),
                    dry_run=True, show_progress=False)
@@ -403,7 +407,7 @@ def test_packed_attention_equals_the_block_diagonal_mask(tiny_lm):
     tiny model has grouped KV heads, like the embedded one)."""
     import torch
 
-    from engrain.packed_attention import packed_rows
+    from engrain.train.kernels.packed_attention import packed_rows
 
     model = tiny_lm.model
     torch.manual_seed(1)

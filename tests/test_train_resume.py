@@ -96,7 +96,8 @@ def test_resume_with_changed_config_is_refused(tmp_path, tiny_model_dir, tiny_lm
 
     from engrain.config import TrainConfig
     from engrain.errors import EngrainError
-    from engrain.train import run_config, save_checkpoint, train
+    from engrain.train.loop import run_config, train
+    from engrain.train.checkpoints import save_checkpoint
 
     ws = make_ws(tmp_path / "ws", {})
     cfg = TrainConfig(max_steps=6, save_every=2, seq_len=96, replay_share=0.0, eval_every=0, lora_rank=2)

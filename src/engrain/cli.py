@@ -80,7 +80,7 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Embed the corpus's chunks into a LanceDB index with full-text search (incremental after a re-ingest)."""
-    from .index_cli import index_command
+    from .rag.cli import index_command
 
     code = index_command(workspace, embedding_model=embedding_model, rebuild=rebuild, eval_dir=eval_dir, k=k,
                          mode=mode, rewrite_query=rewrite_query, model=model, as_json=as_json, emit=emit_json)
@@ -298,7 +298,7 @@ def train(
 ) -> None:
     """Train a parametric memory on the workspace's synthetic data (resumes an interrupted run)."""
     from .config import load_config
-    from .train import train as run_training
+    from .train.loop import train as run_training
     from .workspace import Workspace
 
     ws = Workspace.at(workspace)

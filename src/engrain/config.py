@@ -70,7 +70,7 @@ class SynthConfig(Section):
 
 
 class TrainConfig(Section):
-    """How `engrain train` trains a parametric memory (see engrain/train.py for what each step does)."""
+    """How `engrain train` trains a parametric memory (see the engrain/train package for what each step does)."""
 
     memory: str = "lora"
     name: str | None = Field(None, description="folder under memories/; default: the memory's name")
@@ -106,7 +106,7 @@ class TrainConfig(Section):
     replay_max_new_tokens: int = 96
     replay_kl: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL to the base model's own distribution "
                                                               "on replay tokens (0: next-token loss on them only)")
-    # distillation: the base model with the item's source chunks in the prompt is the teacher (see distill.py)
+    # distillation: the base model with the item's source chunks in the prompt is the teacher (see train/distill.py)
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
                                                              "loss (0 = off, 1 = distillation alone)")
     distill_top_k: int = Field(32, ge=1, description="teacher tokens kept per position")

@@ -64,7 +64,7 @@ def ensure_corpus(ws: Workspace, docs_dir: Path, lm: LM, only: list[str] | None 
 
 
 def ensure_index(ws: Workspace) -> float:
-    from .index import build_index
+    from .rag.index import build_index
 
     config = load_config(ws.config_path)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def ensure_synth(ws: Workspace, lm: LM, exclude_questions: list[Path]) -> float:
 
 
 def ensure_trained(ws: Workspace, kind: str, lm: LM, rebuild: bool) -> float:
-    from .train import train
+    from .train.loop import train
 
     config = load_config(ws.config_path)
     cfg = config.train.model_copy(update={"memory": kind, "name": kind})

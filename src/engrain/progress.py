@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 LOG_EVERY_S = 60.0  # how often progress is written as a plain line where stderr is a file, not a terminal
@@ -17,8 +18,14 @@ class Progress:
         self.show, self.total, self.start, self.label = show, total, start, label
         if show:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.console = Console(stderr=True)
             self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
@@ -60,3 +67,8 @@ def plain_progress(label: str, completed: int, total: int, start: int, elapsed: 
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def note(msg: str) -> None:
+    """A one-line status message on stderr (what a long job is doing and why), apart from the answers on stdout."""
+    print(msg, file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..models import LM, chat_prompt, generate
-from . import Completion, Usage
+from .completion import Completion, Usage
 
 
 class LocalGenerator:

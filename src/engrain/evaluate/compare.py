@@ -15,7 +15,6 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import __version__
 from ..errors import EngrainError

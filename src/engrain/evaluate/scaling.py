@@ -66,7 +66,7 @@ def _time(memory, questions: list[str], max_new_tokens: int) -> dict:
 def scaling_study(ws: Workspace, lm: LM, questions: list[str], methods: list[str], *,
                   sizes: tuple[int, ...] = DEFAULT_SIZES, max_new_tokens: int = 32) -> dict[str, list[dict]]:
     """``{method: [{"corpus_tokens", "latency_ms_p50", "latency_ms_p95", "prompt_tokens_mean", ...}]}``."""
-    from ..index import build_index
+    from ..rag.index import build_index
 
     curves: dict[str, list[dict]] = {m: [] for m in methods}
     for size in sizes:

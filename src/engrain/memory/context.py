@@ -30,7 +30,7 @@ from __future__ import annotations
 import re
 import time
 
-from .. import fastgen
+from ..models import fastgen
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
 from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt, first_line,

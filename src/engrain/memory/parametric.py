@@ -1,6 +1,6 @@
 """Parametric memories: knowledge trained into weights, and the contract every such memory follows.
 
-One trainer (``engrain/train.py``) trains every kind; each kind only says how it changes the model.
+One trainer (``engrain/train/loop.py``) trains every kind; each kind only says how it changes the model.
 
     class ParametricKind(Protocol):            # one per memory: "lora", "full", "prefix", "memory"
         name: str
@@ -24,7 +24,7 @@ Details the trainer relies on:
   logits only where a loss is taken, flattened to (n_true, vocab). A module that wraps a Hugging Face CausalLM and
   passes ``**kwargs`` on gets both for free. Where the head (found through ``get_output_embeddings`` on the module,
   its ``.module`` or its ``.model``) is a plain ``nn.Linear``, the trainer makes it pass its input through for that
-  forward and applies the head itself, fused with the loss (``engrain/head_loss.py``). With ``packing = False``
+  forward and applies the head itself, fused with the loss (``engrain/train/kernels/head_loss.py``). With ``packing = False``
   every row holds one example, right-padded, and the trainer calls ``module(input_ids=, attention_mask=)`` and
   takes the loss from the full ``.logits``.
 - ``default_lr`` (optional attribute): the learning rate when the config leaves ``lr`` unset.
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import EngrainError
-from ..lora_linear import fuse_lora_layers
+from ..train.kernels.lora_linear import fuse_lora_layers
 from ..models import LM
 from ..workspace import Workspace
 from .base import Answer, BuildInfo, ClosedBook
@@ -177,7 +177,7 @@ class LoraKind:
         except ValueError as exc:  # e.g. a target name that matches no layer
             raise EngrainError(f"LoRA could not be attached: {exc}",
                                hint="Check train.lora_targets: 'all-linear' or module names like q_proj,v_proj.") from exc
-        # Training runs each LoRA layer as one fused function (lora_linear.py); saved adapters stay plain PEFT.
+        # Training runs each LoRA layer as one fused function (train/kernels/lora_linear.py); saved adapters stay plain PEFT.
         fuse_lora_layers(module)
         return module
 

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from ..atomic import write_json
-from ..casts import compute_dtype
+from ..train.kernels.casts import compute_dtype
 from ..errors import EngrainError
-from ..packed_attention import NAME as PACKED
+from ..train.kernels.packed_attention import NAME as PACKED
 from .parametric import check_base, register
 
 WEIGHTS_FILE = "prefix.safetensors"

@@ -18,10 +18,10 @@ import time
 
 from ..config import RagConfig, load_config
 from ..errors import EngrainError
-from ..index import ChunkIndex, Hit, build_index
+from ..rag.index import ChunkIndex, Hit, build_index
 from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt,
                       cut_continuation, generate)
-from ..retrieval import Retriever
+from ..rag.retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 

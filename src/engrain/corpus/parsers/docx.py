@@ -6,7 +6,7 @@ import io
 import re
 import zipfile
 
-from . import Block, ParseError, Parsed, clean
+from .blocks import Block, ParseError, Parsed, clean
 
 _HEADING_STYLE = re.compile(r"^heading\s*([1-9])$", re.I)
 

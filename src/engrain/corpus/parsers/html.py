@@ -6,7 +6,7 @@ import re
 
 from bs4 import BeautifulSoup, Comment, NavigableString, Tag
 
-from . import Block, ParseError, Parsed, clean
+from .blocks import Block, ParseError, Parsed, clean
 from .text import decode
 
 # Elements that never hold the page's own text.

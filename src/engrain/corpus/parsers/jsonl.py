@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import ParseError, Parsed, paragraphs
+from .blocks import ParseError, Parsed, paragraphs
 from .text import decode
 
 _SAFE_KEY = re.compile(r"[^\w.-]+")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from . import Block, ParseError, Parsed, clean, paragraphs
+from .blocks import Block, ParseError, Parsed, clean, paragraphs
 
 
 def parse_pdf(data: bytes) -> Parsed:

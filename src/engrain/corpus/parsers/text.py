@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from . import Block, ParseError, Parsed, clean, paragraphs
+from .blocks import Block, ParseError, Parsed, clean, paragraphs
 
 # (mark, codec that strips it, name we report); UTF-32 first because its little-endian mark starts like UTF-16's
 _BOMS = [(b"\xef\xbb\xbf", "utf-8-sig", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32", "utf-32-le"),

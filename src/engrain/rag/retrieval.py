@@ -18,10 +18,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from .config import RagConfig
-from .errors import EngrainError
+from ..config import RagConfig
+from ..errors import EngrainError
+from ..workspace import Workspace
 from .index import ChunkIndex, Hit
-from .workspace import Workspace
 
 REWRITE_SYSTEM = ("Rewrite the user's question as a short search query: keep every name, number and key term, "
                   "drop filler words. Reply with the query only.")
@@ -82,7 +82,7 @@ class Retriever:
 
 def rewrite_queries(lm, questions: list[str], max_new_tokens: int = 32) -> list[str]:
     """The model's search query for each question (greedy; one line each)."""
-    from .models import chat_messages, chat_prompt, generate
+    from ..models import chat_messages, chat_prompt, generate
 
     prompts = [chat_prompt(lm.tokenizer, chat_messages(q, system=REWRITE_SYSTEM)) for q in questions]
     return [g.text.strip().splitlines()[0].strip() if g.text.strip() else ""

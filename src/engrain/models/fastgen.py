@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .models import stop_index
+from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
 TOP_K = 50

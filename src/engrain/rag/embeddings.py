@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EngrainError
+from ..errors import EngrainError
 
 EMBEDDED_EMBEDDER = "all-minilm-l6-v2"
 EMBEDDED_ALIASES = (EMBEDDED_EMBEDDER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "embedded",

@@ -20,17 +20,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fastgen import common_start
-from .index import Hit
-from .memory.rag import render_chunks
-from .models import LM, context_question
-from .progress import Progress
-from .train import file_safe, render_messages
-from .workspace import Workspace
+from ..memory.rag import render_chunks
+from ..models import LM, context_question
+from ..models.fastgen import common_start
+from ..progress import Progress, note
+from ..rag.index import Hit
+from ..workspace import Workspace
+from .data import file_safe, render_messages
 
 BATCH = 16  # items per teacher forward
 
@@ -42,9 +41,6 @@ class Teacher:
     ids: list[list[int]]
     logprobs: list[list[float]]
 
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def first_loss_index(labels: list[int], ignore: int) -> int | None:
@@ -136,7 +132,7 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     cache). ``items`` maps an example's key to its synthetic item."""
     import torch
 
-    from .corpus.schema import read_chunks
+    from ..corpus.schema import read_chunks
 
     chunks = {c.id: c for c in read_chunks(ws)} if ws.chunks_path.is_file() else {}
     path = cache_path(ws, lm, top_k)
@@ -162,12 +158,12 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
             groups.setdefault((tuple(ids_), "messages" in item), []).append((ex.key, prefix, tail))
     todo = sum(len(g) for g in groups.values())
     if skipped and show:
-        _log(f"engrain: distillation: {skipped} examples have no source chunk in the corpus; they keep the "
+        note(f"engrain: distillation: {skipped} examples have no source chunk in the corpus; they keep the "
              "next-token loss alone")
     if not todo:
         return result
     if show:
-        _log(f"engrain: distillation: computing teacher targets for {todo} examples (once; cached in {path})")
+        note(f"engrain: distillation: computing teacher targets for {todo} examples (once; cached in {path})")
     path.parent.mkdir(parents=True, exist_ok=True)
     model, was_training = lm.model, lm.model.training
     model.eval()

@@ -10,11 +10,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from .config import load_config, save_config
-from .errors import EngrainError
+from ..config import load_config, save_config
+from ..errors import EngrainError
+from ..workspace import Workspace
 from .index import build_index, read_meta
 from .retrieval import load_questions, retrieval_recall
-from .workspace import Workspace
 
 
 def index_command(workspace: Path, *, embedding_model: str | None, rebuild: bool, eval_dir: Path | None, k: int,
@@ -36,7 +36,7 @@ def index_command(workspace: Path, *, embedding_model: str | None, rebuild: bool
     if eval_dir is not None:
         lm = None
         if rag.rewrite_query:
-            from .models import load_model
+            from ..models import load_model
 
             lm = load_model(model or config.model.name)
         result["recall"] = retrieval_recall(ws, load_questions(eval_dir), k, rag, lm=lm)

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_json
-from .config import RagConfig
+from ..atomic import write_json
+from ..config import RagConfig
+from ..errors import EngrainError
+from ..workspace import Workspace
 from .embeddings import Embedder, embedding_model_name, load_embedder
-from .errors import EngrainError
-from .workspace import Workspace
 
 TABLE = "chunks"
 META = "engrain-index.json"
@@ -220,7 +220,13 @@ def write_index(ws: Workspace, chunks: list, embedder: Embedder, config: RagConf
 def _embed_with_progress(embedder: Embedder, texts: list[str], progress: bool) -> np.ndarray:
     if not progress:
         return embedder.encode(texts)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as bar:
@@ -231,7 +237,7 @@ def _embed_with_progress(embedder: Embedder, texts: list[str], progress: bool) -
 def build_index(ws: Workspace, config: RagConfig | None = None, *, rebuild: bool = False,
                 progress: bool = False) -> IndexSummary:
     """``engrain index``: embed the workspace's chunks into WS/index/ (incremental; see module docstring)."""
-    from .corpus.schema import read_chunks
+    from ..corpus.schema import read_chunks
 
     config = config or RagConfig()
     if not rebuild:  # refuse before paying for loading a model; a rebuild starts from nothing anyway

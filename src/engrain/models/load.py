@@ -1,0 +1,118 @@
+"""A resolved model loaded for use: the device, the dtype the machine computes fastest, and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EngrainError
+from ..progress import note
+from .fetch import ACCEPTED_SPECS, EMBEDDED_NAME, resolve_model
+from .prompts import CHATML_TEMPLATE
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether this device computes in bfloat16 natively (CUDA: Ampere+; CPU: AVX512-BF16 or AMX)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_dtype(device: str, dtype: str = "auto"):
+    """``auto``: bf16 on a CUDA GPU that supports it; fp32 on CPU, where bf16 generation of small models
+    measured no faster (bench/bench_models.py) and costs accuracy in long greedy decodes."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise EngrainError(f"Unknown dtype '{dtype}'.", hint="Use one of: auto, float32, bfloat16, float16.")
+        return table[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if bf16_supported(device) else torch.float16
+    return torch.float32
+
+
+@dataclass
+class LM:
+    """A loaded causal LM with its tokenizer; what every stage passes around."""
+
+    model: object
+    tokenizer: object
+    name: str
+    path: str
+    device: str
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def prepare_tokenizer(tokenizer) -> object:
+    """Padding on the left (generation continues from the right) with a pad token that is not EOS-in-use."""
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        vocab = tokenizer.get_vocab()
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(spec: str | None = None):
+    from transformers import AutoTokenizer
+
+    _, path = resolve_model(spec)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LM:
+    """Load a model by spec (see module docstring); the embedded default when ``spec`` is None."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    name, path = resolve_model(spec)
+    t0 = time.time()
+    torch_dtype = pick_dtype(device, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a cached load takes a second; a bar per load is noise
+    for attempt in range(2):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            break
+        except OSError as exc:
+            if name == EMBEDDED_NAME and attempt == 0:
+                # The cache passed its size check but does not load: rebuild it once.
+                note(f"engrain: cached model failed to load ({exc}); rebuilding it")
+                shutil.rmtree(path, ignore_errors=True)
+                _, path = resolve_model(None)
+                continue
+            if not Path(path).exists():
+                raise EngrainError(f"Could not load model '{spec}' from the hub: {exc}",
+                                   hint="No model hub may be reachable here. Accepted --model values:\n"
+                                   + ACCEPTED_SPECS) from exc
+            raise EngrainError(f"Could not load the model in {path}: {exc}",
+                               hint="Check the folder holds config.json, weights and a tokenizer.") from exc
+    model.to(device)
+    model.eval()
+    return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
+              load_seconds=time.time() - t0)

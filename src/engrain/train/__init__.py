@@ -1,0 +1,11 @@
+"""Training a parametric memory, in the order the data flows:
+
+- ``data``         synthetic items -> token ids and labels; the fact-level validation split
+- ``replay``       general data mixed in against forgetting
+- ``distill``      teacher targets: the base model reading the source chunks, or the base model itself on replay
+- ``packing``      examples packed into rows, and the loss of a batch
+- ``validation``   validation loss and the share of held-out facts answered
+- ``checkpoints``  checkpoints, resume, and the finished memory saved by its kind
+- ``loop``         ``train()``: the loop that ties them together
+- ``kernels/``     the trainer's fast paths (packed attention, the fused head loss, LoRA layers, casts)
+"""

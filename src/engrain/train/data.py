@@ -1,0 +1,166 @@
+"""Synthetic items as training examples: every ``WS/synth/*.jsonl`` line becomes token ids and labels.
+
+Chat items ({"messages": [...]}) are rendered with ``models.chat_prompt``, the template ``answer()`` uses at inference,
+and take loss on the final assistant answer only; text items ({"text": ...}) take next-token loss on every token.
+Validation holds out whole facts (``fact_group``): every wording of a held-out fact's questions stays out of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ..errors import EngrainError
+from ..models import DEFAULT_SYSTEM, chat_messages, chat_prompt, end_of_turn
+from ..workspace import Workspace
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+    key: str  # stable identity (item id or file:line): decides the validation split
+    kind: str = "synth"  # "synth" or "replay"
+    teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position
+    teacher_weight: float = 0.0  # share of the loss matched to the teacher (train.distill, or train.replay_kl)
+
+    @property
+    def n_loss(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def render_messages(tokenizer, messages: list[dict]) -> tuple[str, str]:
+    """(prompt text, answer text) for a chat item: the prompt is exactly what ``models.answer`` feeds the model
+    for the same question (same template, same default system message), the answer ends with the end of turn."""
+    prompt_msgs = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if prompt_msgs[0]["role"] != "system":
+        # chat_messages() adds the default system message at inference; training must see the same prompt.
+        prompt_msgs = chat_messages("", system=DEFAULT_SYSTEM)[:1] + prompt_msgs
+    prompt = chat_prompt(tokenizer, prompt_msgs, add_generation_prompt=True)
+    return prompt, messages[-1]["content"].strip() + end_of_turn(tokenizer)
+
+
+def _check_item(item, where: str) -> None:
+    """Raise EngrainError naming file:line when an item is neither a chat item nor a text item."""
+    if not isinstance(item, dict):
+        raise EngrainError(f"{where}: expected a JSON object, got {type(item).__name__}.",
+                           hint='Each line must be {"messages": [...]} or {"text": "..."}.')
+    if "messages" in item:
+        msgs = item["messages"]
+        if not isinstance(msgs, list) or len(msgs) < 2:
+            raise EngrainError(f"{where}: 'messages' must be a list of at least a user and an assistant message.")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise EngrainError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'.")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise EngrainError(f"{where}: messages[{j}].role is '{m['role']}'; use system, user or assistant.")
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            raise EngrainError(f"{where}: the last message must be a non-empty assistant answer (the loss is on it).")
+        if not any(m["role"] == "user" for m in msgs[:-1]):
+            raise EngrainError(f"{where}: no user message before the assistant answer.")
+    elif "text" in item:
+        if not isinstance(item["text"], str) or not item["text"].strip():
+            raise EngrainError(f"{where}: 'text' must be a non-empty string.")
+    else:
+        raise EngrainError(f"{where}: the item has neither 'messages' nor 'text'.",
+                           hint='Each line must be {"messages": [...]} or {"text": "..."} (plus provenance fields).')
+
+
+def encode_item(tokenizer, item: dict, key: str, kind: str = "synth") -> Example:
+    """Token ids and labels of one (already checked) item."""
+    if "messages" in item:
+        prompt, answer = render_messages(tokenizer, item["messages"])
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return Example(p + a, [IGNORE] * len(p) + a, key, kind)
+    ids = tokenizer(item["text"].strip(), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    labels = list(ids)
+    labels[0] = IGNORE  # nothing precedes the first token, so it is never predicted (also inside a packed row)
+    return Example(ids, labels, key, kind)
+
+
+def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:
+    """(key, item) for every line of every ``WS/synth/*.jsonl``, in file then line order; EngrainError on bad data."""
+    files = sorted(ws.synth_dir.glob("*.jsonl")) if ws.synth_dir.is_dir() else []
+    if not files:
+        raise EngrainError(f"No synthetic data: {ws.synth_dir} holds no *.jsonl files.",
+                           hint=f"Make some first: engrain synth -w {ws.root}")
+    items: list[tuple[str, dict]] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    item = json.loads(line)
+                except ValueError as exc:
+                    raise EngrainError(f"{where}: not valid JSON ({exc}).",
+                                       hint="Fix or delete that line, or regenerate the file with engrain synth.")
+                _check_item(item, where)
+                items.append((str(item.get("id") or f"{path.name}:{lineno}"), item))
+    if not items:
+        raise EngrainError(f"The synthetic data in {ws.synth_dir} is empty ({', '.join(p.name for p in files)}).",
+                           hint=f"Regenerate it: engrain synth -w {ws.root}")
+    return items
+
+
+def is_validation(key: str, fraction: float) -> bool:
+    """A stable split: the same item is held out whatever the file order or the number of processes."""
+    return _unit_hash(key) < fraction
+
+
+def _unit_hash(key: str) -> float:
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def fact_group(key: str, item: dict) -> tuple[str, bool]:
+    """(what the validation split holds out together, whether this item asks about its fact).
+
+    A ``facts`` item names the sentence it is about: every question on a held-out sentence, in every wording,
+    stays out of training, while the sentence's statements (the sentence itself, its reversals, the shuffled
+    passages) stay in. Validation then asks what a user asks: facts the memory read but was never quizzed on
+    (Physics of Language Models 3.1 evaluates knowledge extraction the same way). Any other item is its own group
+    and, when held out, leaves training whole (as before)."""
+    from ..synth.facts import fact_of, is_question
+
+    variant = str(item.get("variant") or "")
+    if item.get("strategy") == "facts":
+        fact = fact_of(variant)
+        if fact is None:
+            return key, False  # a whole chunk's passage: training only
+        chunk = "+".join(item.get("chunk_sha256") or item.get("chunk_ids") or [key])
+        return f"{chunk}:{fact}", is_question(variant)
+    return key, True
+
+
+def split_examples(examples: list[Example], items: dict[str, dict], fraction: float,
+                   max_val: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): whole facts held out (see ``fact_group``), chosen by a stable hash until ``max_val``
+    questions are held out."""
+    if fraction <= 0 or len(examples) < 10:
+        return examples, []
+    groups = {e.key: fact_group(e.key, items.get(e.key, {})) for e in examples}
+    chosen: set[str] = set()
+    count = 0
+    by_group: dict[str, int] = {}
+    for group, asks in groups.values():
+        by_group[group] = by_group.get(group, 0) + int(asks)
+    for group in sorted((g for g in by_group if _unit_hash(g) < fraction and by_group[g]), key=_unit_hash):
+        if count + by_group[group] > max_val and count:
+            break
+        chosen.add(group)
+        count += by_group[group]
+    val = [e for e in examples if groups[e.key][0] in chosen and groups[e.key][1]]
+    held = {id(e) for e in val}
+    return [e for e in examples if id(e) not in held], val
+
+
+def file_safe(name: str) -> str:
+    """A model name as part of a cache file's name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
