@@ -1,6 +1,6 @@
 """Training speed of each parametric memory, side by side with a plain PEFT + transformers step, and MFU.
 
-    python bench/bench_train.py [--model SPEC] [--steps 4] [--items 48] [--memories lora,full,prefix,memory]
+    python bench/bench_train.py [--model SPEC] [--steps 4] [--items 48] [--memories lora,full,prefix,memory_layer]
 
 In one run, on the same examples (chat items with answer-only loss and plain text items, like `engrain synth`
 output):
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--items", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--memories", default="lora,full,prefix,memory")
+    ap.add_argument("--memories", default="lora,full,prefix,memory_layer")
     args = ap.parse_args()
 
     import torch
@@ -222,7 +222,7 @@ def main() -> None:
     real_tokens = rows[0]["real_tokens"]
     print(f"\n{real_tokens} real tokens per step ({args.items} examples, padded width {rows[0]['padded_width']}, "
           f"{rows[-1]['packed_rows']} packed rows of {args.seq_len}); each row measured in its own process")
-    print(f"| method | tokens/s | x baseline | MFU vs fp32 peak | MFU vs bf16 peak |\n|---|---|---|---|---|")
+    print("| method | tokens/s | x baseline | MFU vs fp32 peak | MFU vs bf16 peak |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
               f"{100 * r['mfu_fp32']:.1f}% | {100 * r['mfu_bf16']:.1f}% |")

@@ -1,6 +1,6 @@
 """Which memory knows the documents? `engrain compare` on the first N documents of fictional-dev.
 
-    python bench/exp_fictional.py [--docs 10] [--methods base,context,rag,lora,prefix,memory]
+    python bench/exp_fictional.py [--docs 10] [--methods base,context,rag,lora,prefix,memory_layer]
                                   [--epochs 2] [--micro-batch 1] [--workspace bench/out/fictional-ws] [--bench PATH]
                                   [--dtype auto] [--out DIR] [--probe-form continuation|chat]
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", default=str(ROOT.parent / "shared" / "data" / "fictional-dev"))
     ap.add_argument("--docs", type=int, default=10)
-    ap.add_argument("--methods", default="base,context,rag,lora,prefix,memory")
+    ap.add_argument("--methods", default="base,context,rag,lora,prefix,memory_layer")
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--facts-per-chunk", type=int, default=12)
     ap.add_argument("--micro-batch", type=int, default=1, help="rows of 1,024 tokens per step: 1 = more updates "

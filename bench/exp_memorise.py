@@ -1,6 +1,6 @@
 """How fast does each trainable memory take in facts? A small memorisation probe, minutes on a CPU.
 
-    python bench/exp_memorise.py --memory memory|lora [--lr 1e-2] [--epochs 10] [--items 64]
+    python bench/exp_memorise.py --memory memory_layer|lora [--lr 1e-2] [--epochs 10] [--items 64]
                                  [--options '{"layers": "spread"}'] [--workspace bench/out/fictional-ws]
                                  [--wordings N]
 
@@ -34,11 +34,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--memory", choices=["memory", "lora"], default="memory")
+    ap.add_argument("--memory", choices=["memory_layer", "lora"], default="memory_layer")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--items", type=int, default=64)
-    ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory)")
+    ap.add_argument("--options", default="{}", help="memory layer options as JSON (train.options.memory_layer)")
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "fictional-ws"))
     ap.add_argument("--wordings", type=int, default=0, help="train sentence completions in N instruction wordings "
                                                             "(1-5, as synth.facts_wordings) and ask them in the "
@@ -77,9 +77,9 @@ def main() -> None:
     rows = [(tok(models.chat_prompt(tok, models.chat_messages(m[0]["content"])), add_special_tokens=False)["input_ids"],
              tok(m[1]["content"] + end, add_special_tokens=False)["input_ids"]) for m in qa]
 
-    kind = MemoryLayerKind() if args.memory == "memory" else None
+    kind = MemoryLayerKind() if args.memory == "memory_layer" else None
     if kind:
-        model = kind.attach(model, tok, {"options": {"memory": json.loads(args.options)}}, None)
+        model = kind.attach(model, tok, {"options": {"memory_layer": json.loads(args.options)}}, None)
         opt = kind.make_optimizer(model, args.lr, 0.0)
     else:
         from peft import LoraConfig, get_peft_model

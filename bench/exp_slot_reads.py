@@ -2,7 +2,7 @@
 
     python bench/exp_slot_reads.py [--workspace bench/out/ws-full-memory] [--tokens 8192] [--options JSON]
 
-Attaches fresh memories (as `engrain train --memory memory` does: query projections and keys random, input
+Attaches fresh memories (as `engrain train --memory memory_layer` does: query projections and keys random, input
 statistics and IDF measured on the package's general text) to the embedded model, reads the first N tokens of a
 workspace's chunks through it, and prints for each memory, with and without input standardisation, how many slots
 the text read and what share of all reads went to the busiest 1% and 10% of slots (even spreading: about 1% and
@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", default=str(ROOT / "bench" / "out" / "ws-full-memory"))
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--options", default='{"layers": "spread"}', help="train.options.memory as JSON")
+    ap.add_argument("--options", default='{"layers": "spread"}', help="train.options.memory_layer as JSON")
     args = ap.parse_args()
 
     import copy
@@ -49,7 +49,8 @@ def main() -> None:
     for standardize in (False, True):
         torch.manual_seed(0)  # the same random keys both times: only the standardisation differs
         options = {**json.loads(args.options), "standardize": standardize}
-        model = MemoryLayerKind().attach(copy.deepcopy(lm.model), lm.tokenizer, {"options": {"memory": options}}, None)
+        model = MemoryLayerKind().attach(copy.deepcopy(lm.model), lm.tokenizer,
+                                         {"options": {"memory_layer": options}}, None)
         mems = memories(model)
         count_reads(model, mems, ids)
         for m in mems:

@@ -100,13 +100,13 @@ def test_interpretation_reads_the_paired_tests():
     # 10 right where base is wrong but 5 wrong where base is right, and 10 against 5 the other way against lora.
     memory = [0.0] * 5 + [1.0] * 5 + [0.0] * 135 + [1.0] * 5
     results = {"n_questions": 150, "bench": "b",
-               "methods": {"base": method(base), "lora": method(lora, base), "memory": method(memory, base)},
+               "methods": {"base": method(base), "lora": method(lora, base), "memory_layer": method(memory, base)},
                "answers": {k: [{"contains": x} for x in v] for k, v in
-                           (("base", base), ("lora", lora), ("memory", memory))}}
+                           (("base", base), ("lora", lora), ("memory_layer", memory))}}
     text = interpretation(results)
     assert "lora answered best" in text and "significantly more" in text
-    assert "Its lead over memory is within noise" in text
-    assert "memory did not separate from the untrained model" in text
+    assert "Its lead over memory_layer is within noise" in text
+    assert "memory_layer did not separate from the untrained model" in text
 
 
 def test_score_breaks_down_by_tag_and_hops():

@@ -79,7 +79,7 @@ def test_reuse_matches_a_plain_forward_pass_logits(tmp_path, tokenizer, tiny_lm)
     suffix = mem.question_ids(QUESTIONS[0])
     with torch.inference_mode():
         whole = tiny_lm.model(input_ids=torch.tensor([mem.prefix_ids + suffix])).logits[0, -1]
-        cached = tiny_lm.model(input_ids=torch.tensor([suffix]), cache=mem._batch_cache(1), use_cache=True).logits[0, -1]
+        cached = tiny_lm.model(input_ids=torch.tensor([suffix]), cache=mem.batch_cache(1), use_cache=True).logits[0, -1]
     assert torch.allclose(whole, cached, atol=1e-4)
     # The shared cache is a view: answering must not have grown it.
     assert mem.prefix_cache().get_seq_length() == len(mem.prefix_ids)

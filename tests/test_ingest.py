@@ -173,12 +173,13 @@ def test_chunk_ids_stable_and_incremental_reingest(tmp_path, tokenizer):
 
 def test_a_crashed_run_resumes_without_parsing_again(tmp_path, tokenizer, monkeypatch):
     import engrain.corpus.ingest as ingest_module
+    import engrain.corpus.parse_pool as parse_module
 
     docs = good_folder(tmp_path)
     ws = Workspace.at(tmp_path / "ws")
     parsed = []
-    real_parse = ingest_module._parse_one
-    monkeypatch.setattr(ingest_module, "_parse_one", lambda *a: parsed.append(a[1]) or real_parse(*a))
+    real_parse = parse_module._parse_one
+    monkeypatch.setattr(parse_module, "_parse_one", lambda *a: parsed.append(a[1]) or real_parse(*a))
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt

@@ -12,7 +12,7 @@ from engrain.atomic import write_json
 from engrain.errors import EngrainError
 from engrain.memory.memory_layer import (MemoryLayerKind, ProductKeyMemory, RowSparseAdamW, background_ids,
                                          memories, read_through, select_rows)
-from engrain.memory.parametric import META_FILE, model_fingerprint
+from engrain.memory.parametric import META_FILE, model_fingerprint, read_meta
 from engrain.models import LM, generate
 from engrain.workspace import Workspace
 
@@ -22,7 +22,7 @@ TEXT = ["Mara Olsen founded Veltrix Systems in Tromsø in 1987.", "The tide gaug
 
 def attach(lm, tmp_path, **opts):
     model = copy.deepcopy(lm.model)
-    cfg = {"options": {"memory": {**SMALL, **opts}}}
+    cfg = {"options": {"memory_layer": {**SMALL, **opts}}}
     return MemoryLayerKind().attach(model, lm.tokenizer, cfg, Workspace.at(tmp_path / "ws"))
 
 
@@ -85,7 +85,7 @@ def test_top_t_keeps_only_the_highest_tf_idf_rows(tiny_lm, tmp_path):
     model = attach(tiny_lm, tmp_path, top_t=5)
     mem = memories(model)[0]
     # Background text (the package's general prompts) was read at attach: common slots got a lower IDF.
-    assert model.engrain_memory_options["background_tokens"] > 0
+    assert model.engrain_background_tokens > 0
     assert mem.idf.min() < mem.idf.max()
     model.train()
     opt = MemoryLayerKind().make_optimizer(model, lr=0.05, weight_decay=0.0)
@@ -114,10 +114,10 @@ def test_training_lowers_loss_and_round_trips(tiny_lm, tmp_path):
     assert losses[-1] < losses[0] - 0.5
     model.eval()
 
-    folder = tmp_path / "ws" / "memories" / "memory"
+    folder = tmp_path / "ws" / "memories" / "memory_layer"
     folder.mkdir(parents=True)
     MemoryLayerKind().save(model, folder, {"base_model": "tiny"})
-    write_json(folder / META_FILE, {"kind": "memory", "base_fingerprint": model_fingerprint(tiny_lm.model)})
+    write_json(folder / META_FILE, {"kind": "memory_layer", "base_fingerprint": model_fingerprint(tiny_lm.model)})
     assert (folder / "memory_layer.safetensors").is_file() and (folder / "memory_config.json").is_file()
     loaded = MemoryLayerKind().load(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, folder)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_training_lowers_loss_and_round_trips(tiny_lm, tmp_path):
     other = LlamaForCausalLM(LlamaConfig(**cfg))
     with pytest.raises(EngrainError, match="does not match"):
         MemoryLayerKind().load(other, tiny_lm.tokenizer, folder)
-    (folder / META_FILE).write_text('{"kind": "memory"}')  # no fingerprint: the memory's own config catches it
+    (folder / META_FILE).write_text('{"kind": "memory_layer"}')  # no fingerprint: the memory's own config catches it
     with pytest.raises(EngrainError, match="hidden size 64 and 2 blocks"):
         MemoryLayerKind().load(other, tiny_lm.tokenizer, folder)
 
@@ -169,7 +169,7 @@ def test_a_memory_saved_before_standardising_loads_unstandardised(tiny_lm, tmp_p
     folder = tmp_path / "old"
     folder.mkdir()
     MemoryLayerKind().save(model, folder, {"base_model": "tiny"})
-    write_json(folder / META_FILE, {"kind": "memory", "base_fingerprint": model_fingerprint(tiny_lm.model)})
+    write_json(folder / META_FILE, {"kind": "memory_layer", "base_fingerprint": model_fingerprint(tiny_lm.model)})
     weights = folder / "memory_layer.safetensors"
     save_file({k: v for k, v in load_file(str(weights)).items() if ".in_" not in k}, str(weights))
     loaded = MemoryLayerKind().load(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, folder)
@@ -194,13 +194,15 @@ def test_optimizer_state_survives_a_checkpoint_round_trip(tiny_lm, tmp_path):
 
 def test_bad_options(tiny_lm, tmp_path):
     for opts, match in [({"slots": 200}, "square"), ({"topk": 99}, "topk"), ({"layers": [7]}, "blocks 0..1"),
-                        ({"lyers": "middle"}, "Unknown memory option"), ({"top_t": -1}, "top_t")]:
+                        ({"lyers": "middle"}, "Unknown memory_layer option"), ({"top_t": -1}, "top_t"),
+                        ({"heads": 0}, "memory_layer.heads"), ({"key_dim": 15}, "memory_layer.key_dim"),
+                        ({"slots": "many"}, "memory_layer.slots must be an integer")]:
         with pytest.raises(EngrainError, match=match):
             attach(tiny_lm, tmp_path, **opts)
 
 
 def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model_dir, tiny_lm):
-    """`engrain train --memory memory` uses this kind's optimizer and sparse hook; `ask` loads it back."""
+    """`engrain train --memory memory_layer` uses this kind's optimizer and sparse hook; `ask` loads it back."""
     from engrain.atomic import write_jsonl
     from engrain.config import TrainConfig
     from engrain.memory.registry import open_memory
@@ -210,12 +212,53 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
     ws.synth_dir.mkdir(parents=True)
     write_jsonl(ws.synth_dir / "facts.jsonl", [{"id": f"t{i}", "strategy": "facts", "text": TEXT[i % 2]}
                                                for i in range(6)])
-    cfg = TrainConfig(memory="memory", max_steps=3, seq_len=64, micro_batch=2, eval_every=0, save_every=0,
-                      replay_share=0.0, lr=0.05, options={"memory": {**SMALL, "top_t": 16}})
+    cfg = TrainConfig(memory="memory_layer", max_steps=3, seq_len=64, micro_batch=2, eval_every=0, save_every=0,
+                      replay_share=0.0, lr=0.05, options={"memory_layer": {**SMALL, "top_t": 16}})
     summary = train(ws, cfg, str(tiny_model_dir), show_progress=False)
     assert summary["steps"] == 3
-    mem = open_memory("memory", ws, tiny_lm)
+    assert read_meta(ws.memory_dir("memory_layer"))["kind"] == "memory_layer"
+    mem = open_memory("memory_layer", ws, tiny_lm)
     values = memories(mem.lm.model)[0].values
     # 3 steps of at most top_t=16 rows each: the rest of the 256 slots are still exactly zero.
     assert 0 < int((values != 0).any(dim=1).sum()) <= 3 * 16
     assert mem.answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].prompt_tokens > 0
+
+
+def test_the_old_kind_name_still_works_with_a_notice(capsys):
+    """`memory` was the memory layer's name: typed anywhere (CLI, --methods, engrain.yaml) it maps to memory_layer
+    and says so once on stderr."""
+    from engrain.config import TrainConfig
+    from engrain.evaluate.run import parse_methods
+    from engrain.memory import kinds
+
+    kinds._noted.clear()
+    assert kinds.canonical("memory") == "memory_layer" and kinds.canonical(" Memory+rag") == "memory_layer+rag"
+    assert kinds.canonical("lora+rag") == "lora+rag"
+    assert capsys.readouterr().err.count("now called 'memory_layer'") == 1  # one notice, not one per lookup
+    cfg = TrainConfig(memory="memory", options={"memory": {"slots": 256}})
+    assert cfg.memory == "memory_layer" and cfg.options == {"memory_layer": {"slots": 256}}
+    assert parse_methods("base,memory,memory+rag") == ["base", "memory_layer", "memory_layer+rag"]
+    kinds._noted.clear()
+    assert kinds.canonical("memory", warn=False) == "memory_layer"  # read back from disk: nothing to retype
+    assert capsys.readouterr().err == ""
+
+
+def test_a_memory_saved_under_the_old_kind_name_loads(tiny_lm, tmp_path):
+    """A workspace trained before the rename holds memories/memory/ with kind "memory" in its metadata: it opens by
+    either name, as the memory layer, and its old options section is still read."""
+    from engrain.memory.memory_layer import memory_options
+    from engrain.memory.parametric import get_kind
+    from engrain.memory.registry import open_memory
+
+    model = attach(tiny_lm, tmp_path)
+    ws = Workspace.at(tmp_path / "ws")
+    folder = ws.memory_dir("memory")
+    folder.mkdir(parents=True)
+    MemoryLayerKind().save(model, folder, {"base_model": "tiny"})
+    write_json(folder / META_FILE, {"kind": "memory", "base_fingerprint": model_fingerprint(tiny_lm.model)})
+    assert isinstance(get_kind(read_meta(folder)["kind"]), MemoryLayerKind)
+    for name in ("memory", "memory_layer"):
+        mem = open_memory(name, ws, tiny_lm)
+        assert mem.folder == folder and isinstance(mem.kind, MemoryLayerKind)
+        assert [m.layer_idx for m in memories(mem.lm.model)] == [m.layer_idx for m in memories(model)]
+    assert memory_options({"options": {"memory": SMALL}}).slots == SMALL["slots"]

@@ -208,6 +208,8 @@ def test_bad_options_and_empty_corpus(tiny_lm, tmp_path):
         attach(tiny_lm, ws, init="zeros")
     with pytest.raises(EngrainError, match="Unknown prefix option"):
         attach(tiny_lm, ws, lenght=3)
+    with pytest.raises(EngrainError, match="prefix.length must be an integer"):
+        attach(tiny_lm, ws, length="long")
     write_jsonl(ws.documents_path, [])
     with pytest.raises(EngrainError, match="no text"):
         attach(tiny_lm, ws)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from engrain import models
+from engrain.models import generation
 from engrain.config import RagConfig
 from engrain.errors import EngrainError
 from engrain.evaluate.bench import Question
@@ -54,7 +55,7 @@ def test_a_continuation_is_cut_at_its_first_newline():
 
 
 def test_closed_book_complete_sends_the_raw_start_and_cuts_the_newline(tiny_lm, monkeypatch):
-    calls = spy_on(monkeypatch, models, text="Oskarvik, by the sea.\n\nChapter two")
+    calls = spy_on(monkeypatch, generation, text="Oskarvik, by the sea.\n\nChapter two")
     ans = ClosedBook(tiny_lm).complete(["The Quarry lab sits in"], max_new_tokens=4)[0]
     assert calls == [["The Quarry lab sits in"]]  # no chat template, no system message
     assert ans.text == "Oskarvik, by the sea." and ans.completion_tokens == 5

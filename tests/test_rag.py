@@ -121,7 +121,7 @@ def test_rag_memory_puts_labelled_chunks_in_the_prompt(indexed, tiny_lm):
     for a in answers:
         assert len(a.chunks) == 2 and set(a.chunks) <= chunk_ids and a.completion_tokens > 0
         assert a.meta["retrieval_ms"] >= 0 and "chunks_dropped" not in a.meta
-    prompt, kept, _ = mem._fit("How long is the pier?", mem.retriever.retrieve(["How long is the pier?"])[0], 6)
+    prompt, kept, _ = mem.fit_prompt("How long is the pier?", mem.retriever.retrieve(["How long is the pier?"])[0], 6)
     assert all(f"[{h.chunk_id}]\n" in prompt for h in kept)
     assert answers[1].meta["docs"][0] == "harbour"
 

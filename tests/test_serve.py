@@ -362,7 +362,6 @@ def test_sigterm_finishes_the_request_in_flight(ws, tiny_model_dir):
             time.sleep(0.3)
         body = {"model": "acme:lora", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400,
                 "stream": True, "ignore_eos": True}
-        deltas = 0
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
             assert r.status_code == 200  # loopback without a key: no key needed
             lines = r.iter_lines()

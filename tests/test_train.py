@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -356,7 +355,7 @@ def test_export_merge_matches_adapter(ws, tiny_model_dir, tiny_lm, tmp_path):
 
 
 def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
-    from engrain.train.loop import make_plan
+    from engrain.train.plan import make_plan
     from engrain.train.replay import replay_prompts
 
     cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from .errors import EngrainError
+from .memory.kinds import NAMES, canonical, methods_help, trained_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="engrain: make a language model know a folder of documents, and measure which way works.")
@@ -92,7 +93,7 @@ def index(
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     workspace: WorkspaceOpt = DEFAULT_WS,
-    memory: Annotated[str, typer.Option("--memory", help="base (closed-book) | context | rag | lora | ...")] = "base",
+    memory: Annotated[str, typer.Option("--memory", help=f"{' | '.join(NAMES)} | X+rag (base: closed-book)")] = "base",
     model: ModelOpt = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 96,
     as_json: JsonOpt = False,
@@ -105,6 +106,7 @@ def ask(
     if not question.strip():
         raise EngrainError("The question is empty.", hint='Usage: engrain ask "your question"')
     ws = Workspace.at(workspace)
+    memory = canonical(memory)  # an old name still works, with a notice
     lm = load_model(model_spec(workspace, model))
     mem = open_memory(memory, ws, lm)
     ans = mem.answer([question], max_new_tokens=max_tokens)[0]
@@ -121,7 +123,7 @@ def ask(
 def compare(
     bench: Annotated[Path, typer.Argument(help="benchmark folder: docs/ + questions.jsonl (BENCHMARKS.md)")],
     workspace: WorkspaceOpt = DEFAULT_WS,
-    methods: Annotated[str, typer.Option("--methods", help="comma-separated: base,context,rag,lora,prefix,memory,lora+rag")] = "base",
+    methods: Annotated[str, typer.Option("--methods", help=f"comma-separated: {methods_help()}")] = "base",
     out: Annotated[Optional[Path], typer.Option("--out", help="output folder (default WS/reports/<bench>)")] = None,
     model: ModelOpt = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="only the first N questions")] = None,
@@ -136,6 +138,9 @@ def compare(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML settings (engrain.yaml's layout, any "
                                                                     "subset) merged into the workspace's config "
                                                                     "first: how a committed experiment is rerun")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="FILE:METHOD from an earlier run: every method "
+                                                                     "here is also tested against it, question by "
+                                                                     "question")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
@@ -145,6 +150,10 @@ def compare(
     from .workspace import Workspace
 
     check_probe_form(probe_form)  # before the model loads
+    if against is not None:
+        from .evaluate.paired import check_reference
+
+        check_reference(against)
     ws = Workspace.at(workspace).ensure()
     if config is not None:
         from .config import apply_settings
@@ -158,6 +167,11 @@ def compare(
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
                           scaling=scaling, docs=docs, probe_form=probe_form)
     print_results(results, out_dir)
+    if against is not None:
+        results["against"] = test_against(results, bench, docs, against)
+        from .atomic import write_json
+
+        write_json(out_dir / "results.json", results)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),
                    "methods": {k: {"contains": v["contains"], "contains_ci": v["contains_ci"], "f1": v["f1"],
@@ -178,6 +192,38 @@ def print_results(results: dict, out_dir: Path) -> None:
                       f"{r['build_s']:.0f}", fmt_paired(r["vs_base"]))
     console.print(table)
     console.print(f"report: {out_dir / 'report.html'}")
+
+
+def test_against(results: dict, bench: Path, docs: int | None, reference: str) -> dict:
+    """The run's methods tested against ``FILE:METHOD``; printed, and returned for results.json's ``against``."""
+    from .evaluate.bench import load_bench
+    from .evaluate.paired import markdown, run_against
+
+    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+    table = run_against(results, questions, reference)
+    console.print(markdown(table))
+    return table
+
+
+@app.command()
+def paired(
+    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered")],
+    runs: Annotated[list[str], typer.Argument(help="FILE:METHOD, e.g. OUT/results.json:lora")],
+    against: Annotated[str, typer.Option("--against", help="FILE:METHOD every run is tested against")],
+    docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Methods from separate runs tested question by question against one reference: paired bootstrap interval of
+    the difference, questions won and lost, McNemar's exact p."""
+    from .evaluate.bench import load_bench
+    from .evaluate.paired import against as test, markdown, read_run
+
+    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+    table = test(against, [read_run(spec, questions) for spec in runs], questions)
+    if as_json:
+        emit_json(table)
+    else:
+        print(markdown(table))
 
 
 @app.command()
@@ -286,7 +332,7 @@ def synth(
 @app.command()
 def train(
     workspace: WorkspaceOpt = DEFAULT_WS,
-    memory: Annotated[str, typer.Option("--memory", help="lora | prefix | memory | full")] = "lora",
+    memory: Annotated[str, typer.Option("--memory", help=trained_help())] = "lora",
     model: ModelOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="stop after N optimizer steps")] = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="passes over the data (when no --max-steps)")] = None,
@@ -303,6 +349,7 @@ def train(
 
     ws = Workspace.at(workspace)
     cfg = load_config(ws.config_path)
+    memory = canonical(memory)  # an old name still works, with a notice
     overrides = {"memory": memory, "max_steps": max_steps, "epochs": epochs, "lr": lr, "name": name}
     tcfg = cfg.train.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     summary = run_training(ws, tcfg, model or cfg.model.name, force=force, dry_run=dry_run)

@@ -6,10 +6,11 @@ Each stage owns one section. CLI flags override what the file says; the file rec
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import write_text
 from .errors import EngrainError
+from .memory.kinds import canonical, trained_help
 
 
 class Section(BaseModel):
@@ -52,7 +53,7 @@ class SynthConfig(Section):
     # le: the item's own wording and synth.facts.WORDINGS
     facts_wordings: int = Field(1, ge=1, le=5, description="instruction wordings of each sentence-completion fact "
                                                            "item; more help a memory layer answer in other words "
-                                                           "(5 doubled its answers on fictional-dev)")
+                                                           "(docs/experiments.md)")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")
     chunks_per_batch: int = Field(8, ge=1, description="chunks synthesised (and written) together")
     batch_size: int = Field(32, ge=1, description="local generator batch size")
@@ -72,7 +73,7 @@ class SynthConfig(Section):
 class TrainConfig(Section):
     """How `engrain train` trains a parametric memory (see the engrain/train package for what each step does)."""
 
-    memory: str = "lora"
+    memory: str = Field("lora", description=f"the kind trained: {trained_help()}")
     name: str | None = Field(None, description="folder under memories/; default: the memory's name")
     seed: int = 0
     # length of the run: max_steps wins over epochs
@@ -117,6 +118,16 @@ class TrainConfig(Section):
     lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
     # settings of other memories, by memory name (e.g. options.prefix.length)
     options: dict[str, dict] = Field(default_factory=dict)
+
+    @field_validator("memory")
+    @classmethod
+    def _current_kind_name(cls, value: str) -> str:
+        return canonical(value)  # a renamed kind still works from an old engrain.yaml, with a notice
+
+    @field_validator("options")
+    @classmethod
+    def _current_option_names(cls, value: dict[str, dict]) -> dict[str, dict]:
+        return {canonical(name): opts for name, opts in value.items()}
 
 
 class RagConfig(Section):

@@ -21,10 +21,9 @@ from .atomic import write_json
 from .config import load_config, save_config
 from .errors import EngrainError
 from .memory.base import BuildInfo
+from .memory.kinds import HYBRID, NAMES, TRAINED, canonical
 from .models import LM
 from .workspace import Workspace
-
-TRAINED = ("lora", "prefix", "memory", "full")
 
 
 def _times_path(ws: Workspace) -> Path:
@@ -105,13 +104,13 @@ def prepare(method: str, workspace: Workspace, bench, lm: LM, *, rebuild: bool =
             done[stage] = run()
         return done[stage]
 
+    method = canonical(method)
     parts = method.split("+")
     head, wants_rag = parts[0], parts[1:] == ["rag"]
     if len(parts) > 2 or (len(parts) == 2 and not wants_rag):
         raise EngrainError(f"Unknown method '{method}'.", hint="Hybrids are written X+rag, e.g. lora+rag.")
-    if head not in ("base", "context", "rag", *TRAINED):
-        raise EngrainError(f"Unknown method '{method}'.",
-                           hint="Methods: base, context, rag, lora, prefix, memory, full, and X+rag hybrids.")
+    if head not in NAMES:
+        raise EngrainError(f"Unknown method '{method}'.", hint=f"Methods: {', '.join(NAMES)}, and X{HYBRID} hybrids.")
     if head == "base" and not wants_rag:
         return BuildInfo()
     if not workspace.config_path.exists():  # record the settings this comparison builds with

@@ -1,4 +1,4 @@
-"""Progress of long work (training, teacher targets, answering): a rich bar on a terminal, plain lines in a log."""
+"""Progress of long work (ingest, synthesis, indexing, training): a rich bar on a terminal, plain lines in a log."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class Progress:
 
     def __init__(self, show: bool, total: int, start: int, label: str) -> None:
         self.show, self.total, self.start, self.label = show, total, start, label
+        self.completed = start
         if show:
             from rich.console import Console
             from rich.progress import (
@@ -45,6 +46,7 @@ class Progress:
         return False
 
     def update(self, completed: int, info: str = "") -> None:
+        self.completed = completed
         if not self.show:
             return
         self.bar.update(self.task, completed=completed, info=info)
@@ -53,6 +55,10 @@ class Progress:
             self.logged = now
             self.console.print(plain_progress(self.label, completed, self.total, self.start, now - self.t0, info),
                                soft_wrap=True, highlight=False)
+
+    def advance(self, k: int = 1, info: str = "") -> None:
+        """``k`` more done: for work counted as it finishes (a file, a batch of embeddings) rather than in total."""
+        self.update(self.completed + k, info)
 
 
 def plain_progress(label: str, completed: int, total: int, start: int, elapsed: float, info: str = "") -> str:

@@ -32,11 +32,11 @@ The incremental contract (what `engrain ingest` promises to later stages):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from ..workspace import Workspace
 
 
@@ -77,28 +77,24 @@ class Chunk:
         return asdict(self)
 
 
-def _read_jsonl(path: Path, cls):
+def _read_records(path: Path, cls):
     if not path.exists():
         raise EngrainError(f"{path} does not exist.", hint="Run `engrain ingest DOCS_DIR -w WORKSPACE` first.")
     rows = []
     names = set(cls.__dataclass_fields__)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                rows.append(cls(**{k: v for k, v in data.items() if k in names}))
-            except (ValueError, TypeError) as exc:
-                raise EngrainError(f"{path}:{lineno}: not a valid {cls.__name__} record ({exc}).",
-                                   hint="Re-run `engrain ingest` to rewrite the corpus.") from exc
+    hint = "Re-run `engrain ingest` to rewrite the corpus."
+    for lineno, data in read_jsonl(path, hint=hint):
+        try:
+            rows.append(cls(**{k: v for k, v in data.items() if k in names}))
+        except TypeError as exc:
+            raise EngrainError(f"{path}:{lineno}: not a valid {cls.__name__} record ({exc}).", hint=hint) from exc
     return rows
 
 
 def read_documents(workspace: Workspace, include_removed: bool = False) -> list[Document]:
-    docs = _read_jsonl(workspace.documents_path, Document)
+    docs = _read_records(workspace.documents_path, Document)
     return docs if include_removed else [d for d in docs if d.status == "ok"]
 
 
 def read_chunks(workspace: Workspace) -> list[Chunk]:
-    return _read_jsonl(workspace.chunks_path, Chunk)
+    return _read_records(workspace.chunks_path, Chunk)

@@ -5,11 +5,11 @@ Every problem is reported with the file, the line and the field, so a user can f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 
 QUESTION_TYPES = ("qa", "cloze")
 
@@ -61,16 +61,8 @@ def read_questions(path: Path, doc_ids: set[str] | None = None) -> list[Question
         raise EngrainError(f"{path} does not exist.", hint="A benchmark folder needs docs/ and questions.jsonl.")
     questions: list[Question] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, row in read_jsonl(path, hint="Each line must be one JSON object."):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EngrainError(f"{where}: not valid JSON ({exc.args[0]}).", hint="Each line must be one JSON object.")
-        if not isinstance(row, dict):
-            raise EngrainError(f"{where}: expected a JSON object.")
         for key in ("id", "question", "answers"):
             if key not in row:
                 raise EngrainError(f"{where}: missing field '{key}'.", hint="See BENCHMARKS.md for the layout.")

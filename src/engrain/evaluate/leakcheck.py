@@ -8,11 +8,11 @@ fails the comparison.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..corpus.schema import read_documents
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from ..synth.leak import LeakGuard, load_question_texts
 from ..workspace import Workspace
 
@@ -29,16 +29,12 @@ def leak_check(ws: Workspace, questions_path: Path, n: int = 8) -> dict:
     docs = {d.id: d.text for d in read_documents(ws, include_removed=True)}
     checked, leaks = 0, []
     for path in sorted(ws.synth_dir.glob("*.jsonl")) if ws.synth_dir.exists() else []:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line from a killed run; the trainer reports it too
-                checked += 1
-                source = "\n".join(docs.get(d, "") for d in row.get("doc_ids", []))
-                if guard.leaked(_item_text(row), source):
-                    leaks.append(f"{path.name}:{lineno}")
+        # skip_bad: a torn last line from a killed run is no item; the trainer reports it too
+        for lineno, row in read_jsonl(path, skip_bad=True):
+            checked += 1
+            source = "\n".join(docs.get(d, "") for d in row.get("doc_ids", []))
+            if guard.leaked(_item_text(row), source):
+                leaks.append(f"{path.name}:{lineno}")
     if leaks:
         raise EngrainError(f"Leak check failed: {len(leaks)} synthetic items in {ws.synth_dir} contain benchmark "
                            f"question text their source documents do not explain: {', '.join(leaks[:10])}"

@@ -11,6 +11,7 @@ from ..atomic import write_json
 from ..config import load_config
 from ..errors import EngrainError
 from ..memory.base import ClosedBook
+from ..memory.kinds import TRAINED, canonical, is_trained
 from ..memory.registry import open_memory
 from ..models import LM
 from ..workspace import Workspace
@@ -20,11 +21,10 @@ from .compare import MethodRun, check_probe_form, results_json, run_method, scor
 from .report import write_report
 
 console = Console(stderr=True)
-TRAINED = ("lora", "prefix", "memory", "full")
 
 
 def parse_methods(text: str) -> list[str]:
-    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
+    methods = [canonical(m) for m in text.split(",") if m.strip()]  # old names still work, with a notice
     if not methods:
         raise EngrainError("--methods is empty.", hint="Example: --methods base,context,rag,lora")
     if len(set(methods)) != len(methods):
@@ -80,7 +80,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         runs.append(run)
         console.print(f"{name}: contains {score(bench.questions, run.answers)['contains']:.3f}")
     leak = None
-    if any(m.split("+")[0] in TRAINED for m in methods):
+    if any(is_trained(m) for m in methods):
         from .leakcheck import leak_check
 
         leak = leak_check(workspace, bench.root / "questions.jsonl")

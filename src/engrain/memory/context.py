@@ -169,7 +169,7 @@ class ContextMemory:
             self._prefix_seconds = time.perf_counter() - t0
         return self._cache
 
-    def _cache_rows(self) -> int:
+    def cache_rows(self) -> int:
         """How many questions share one batch: the batch size, limited by the cache memory budget."""
         n_layers = self.lm.model.config.num_hidden_layers
         cfg = self.lm.model.config
@@ -180,7 +180,8 @@ class ContextMemory:
                                                        + self.answer_budget) * dtype_bytes / 2**20
         return max(1, min(self.batch_size, int(self.cache_budget_mb // max(per_row_mb, 1e-6))))
 
-    def _batch_cache(self, rows: int):
+    def batch_cache(self, rows: int):
+        """The prefix's cache expanded to ``rows`` questions (a view: the prefix is not copied per row)."""
         from transformers import DynamicCache
 
         layers = [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
@@ -235,7 +236,7 @@ class ContextMemory:
         if fast:
             news = self._generate_shared(suffixes, max_new_tokens, stop_ids)
         else:
-            rows = self.batch_size if not self.reuse_prefix else self._cache_rows()
+            rows = self.batch_size if not self.reuse_prefix else self.cache_rows()
             order = sorted(range(len(questions)), key=lambda i: len(suffixes[i]))
             news = [[] for _ in questions]
             for start in range(0, len(order), rows):
@@ -273,7 +274,7 @@ class ContextMemory:
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
                       do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.reuse_prefix:
-            kwargs["cache"] = self._batch_cache(len(idx))
+            kwargs["cache"] = self.batch_cache(len(idx))
         with torch.inference_mode():
             gen = self.lm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         return gen[:, ids.shape[1]:]

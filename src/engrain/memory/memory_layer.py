@@ -14,10 +14,9 @@ the model's outputs unchanged, and training only ever writes into it.
 
 ``standardize: true`` (off by default) first maps x to (x - mean) / std per dimension, both measured on general
 text when the memory is attached. A pretrained model's hidden states share a large common direction, so a random
-projection of the raw x sends many tokens to the same slots: on the embedded model the busiest 1% of slots take
-8-17% of corpus text's reads, 5-6% once standardised (``bench/exp_slot_reads.py``). Spreading the reads did not
-help learning: on the full fictional-dev set the validation loss after 300 steps was 3.56 standardised against
-3.43 raw (README). More blocks with a memory (``layers``) lowered it far more, yet answered no more probes.
+projection of the raw x sends many tokens to the same slots; standardising spreads the reads
+(``bench/exp_slot_reads.py`` measures the share of reads the busiest slots take). Spreading the reads did not help
+learning in the measurements of docs/experiments.md, so it stays off.
 
 Sparse updates, so that new facts interfere as little as possible with what the model already does:
 
@@ -28,18 +27,18 @@ Sparse updates, so that new facts interfere as little as possible with what the 
    often this batch read the slot, IDF = how rarely general text reads it. The general text is the package's
    general prompts in the chat template (plus its general reference text where shipped), read once when the
    memory is attached. Slots that general requests lean on are thus left alone: that is what keeps forgetting low
-   in the sparse memory fine-tuning paper (NaturalQuestions F1 -11% vs -71% for LoRA). ``top_t: 0`` keeps every
-   row read.
+   in the sparse memory fine-tuning paper. ``top_t: 0`` keeps every row read.
 
 Query projections and sub-keys are small and trained densely (``train_keys: false`` freezes them, so only values
-change). On disk (``WS/memories/memory/``): ``memory_layer.safetensors`` (``layers.<i>.<param>``) and
-``memory_config.json``.
+change). On disk (``WS/memories/memory_layer/``): ``memory_layer.safetensors`` (``layers.<i>.<param>``) and
+``memory_config.json``. Settings: ``train.options.memory_layer`` (``MemoryLayerOptions``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +48,40 @@ from torch import nn
 
 from ..atomic import write_json
 from ..errors import EngrainError
-from .parametric import check_base, register
+from .parametric import check_base, read_options, register
 
 WEIGHTS_FILE = "memory_layer.safetensors"
 CONFIG_FILE = "memory_config.json"
-DEFAULTS = {"layers": "middle", "slots": 16384, "heads": 4, "topk": 32, "key_dim": 128, "top_t": 4096,
-            "train_keys": True, "standardize": False}
 SHAPE_KEYS = ("slots", "heads", "topk", "key_dim")
+WHERE = "train.options.memory_layer"  # where users set these options, for error messages
+
+
+@dataclass(frozen=True)
+class MemoryLayerOptions:
+    """The memory layer's settings (``train.options.memory_layer``), checked when made."""
+
+    layers: str | list[int] = "middle"  # 'middle', 'spread', or block indices: see resolve_layers
+    slots: int = 16384  # value slots per memory; a square number (product keys address sqrt(slots) x sqrt(slots))
+    heads: int = 4
+    topk: int = 32  # slots each head reads per token
+    key_dim: int = 128  # even: a query splits in two halves
+    top_t: int = 4096  # value rows updated per step, by TF-IDF (0: every row read)
+    train_keys: bool = True  # False: only the values train
+    standardize: bool = False  # standardise the lookup's input (see the module's docstring)
+
+    def __post_init__(self) -> None:
+        n_sub = math.isqrt(max(0, self.slots))
+        if self.slots < 4 or n_sub * n_sub != self.slots:
+            raise EngrainError(f"{WHERE}.slots must be a square number >= 4, not {self.slots}.",
+                               hint="For example 16384 (128 x 128) or 65536 (256 x 256).")
+        if not 1 <= self.topk <= n_sub:
+            raise EngrainError(f"{WHERE}.topk must be between 1 and sqrt(slots) = {n_sub}, not {self.topk}.")
+        if self.heads < 1:
+            raise EngrainError(f"{WHERE}.heads must be >= 1, not {self.heads}.")
+        if self.key_dim < 2 or self.key_dim % 2:
+            raise EngrainError(f"{WHERE}.key_dim must be an even number >= 2, not {self.key_dim}.")
+        if self.top_t < 0:
+            raise EngrainError(f"{WHERE}.top_t must be >= 0 (0 = update every slot read), not {self.top_t}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,38 +181,17 @@ def resolve_layers(spec: Any, n_layers: int) -> list[int]:
     except ValueError:
         idx = []
     if not idx or any(i < 0 or i >= n_layers for i in idx):
-        raise EngrainError(f"train.options.memory.layers is {spec!r}; the model has blocks 0..{n_layers - 1}.",
+        raise EngrainError(f"{WHERE}.layers is {spec!r}; the model has blocks 0..{n_layers - 1}.",
                            hint="Use 'middle', 'spread', or block indices like [8, 15].")
     return idx
 
 
-def memory_options(cfg: dict | None) -> dict:
-    """This memory's settings: ``cfg["options"]["memory"]`` over the defaults, checked."""
-    opts = {**DEFAULTS, **(((cfg or {}).get("options") or {}).get("memory") or {})}
-    unknown = sorted(set(opts) - set(DEFAULTS))
-    if unknown:
-        raise EngrainError(f"Unknown memory option(s): {', '.join(unknown)} (train.options.memory).",
-                           hint=f"Known options: {', '.join(DEFAULTS)}.")
-    for key in SHAPE_KEYS + ("top_t",):
-        try:
-            opts[key] = int(opts[key])
-        except (TypeError, ValueError):
-            raise EngrainError(f"train.options.memory.{key} must be an integer, not {opts[key]!r}.") from None
-    n_sub = math.isqrt(max(0, opts["slots"]))
-    if opts["slots"] < 4 or n_sub * n_sub != opts["slots"]:
-        raise EngrainError(f"train.options.memory.slots must be a square number >= 4, not {opts['slots']}.",
-                           hint="For example 16384 (128 x 128) or 65536 (256 x 256).")
-    if not 1 <= opts["topk"] <= n_sub or opts["heads"] < 1 or opts["key_dim"] < 2 or opts["key_dim"] % 2:
-        raise EngrainError("train.options.memory needs 1 <= topk <= sqrt(slots), heads >= 1 and an even key_dim "
-                           f"(got topk={opts['topk']}, heads={opts['heads']}, key_dim={opts['key_dim']}).")
-    if opts["top_t"] < 0:
-        raise EngrainError("train.options.memory.top_t must be >= 0 (0 = update every slot read).")
-    opts["train_keys"] = bool(opts["train_keys"])
-    opts["standardize"] = bool(opts["standardize"])
-    return opts
+def memory_options(cfg: dict | None) -> MemoryLayerOptions:
+    """This memory's settings: ``cfg["options"]["memory_layer"]`` over the defaults, checked."""
+    return read_options(MemoryLayerOptions, cfg, "memory_layer")
 
 
-def add_memories(model, opts: dict, layer_ids: list[int]) -> list[ProductKeyMemory]:
+def add_memories(model, opts: MemoryLayerOptions, layer_ids: list[int]) -> list[ProductKeyMemory]:
     """Wrap the MLP of each chosen block with a fresh memory; freeze the base; return the memories."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -197,11 +202,11 @@ def add_memories(model, opts: dict, layer_ids: list[int]) -> list[ProductKeyMemo
     for i in layer_ids:
         if isinstance(blocks[i].mlp, MLPWithMemory):
             raise EngrainError(f"Block {i} already has a memory layer.", hint="Attach a memory to a fresh model.")
-        mem = ProductKeyMemory(hidden, opts["slots"], opts["heads"], opts["topk"], opts["key_dim"], layer_idx=i)
+        mem = ProductKeyMemory(hidden, opts.slots, opts.heads, opts.topk, opts.key_dim, layer_idx=i)
         mem.to(device=param.device, dtype=param.dtype)
         blocks[i].mlp = MLPWithMemory(blocks[i].mlp, mem)
-        mem.query.weight.requires_grad_(opts["train_keys"])
-        mem.sub_keys.requires_grad_(opts["train_keys"])
+        mem.query.weight.requires_grad_(opts.train_keys)
+        mem.sub_keys.requires_grad_(opts.train_keys)
         added.append(mem)
     return added
 
@@ -374,28 +379,31 @@ class RowSparseAdamW(torch.optim.Optimizer):
 
 
 class MemoryLayerKind:
-    """The ``memory`` memory for the trainer: product-key memories in chosen blocks, sparsely updated."""
+    """The ``memory_layer`` memory for the trainer: product-key memories in chosen blocks, sparsely updated.
 
-    name = "memory"
+    The module it attaches or loads carries ``engrain_memory_options`` (``MemoryLayerOptions``, ``layers`` resolved
+    to block indices), which the sparse hook and ``save`` read."""
+
+    name = "memory_layer"
     default_lr = 1e-3
 
     def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
         opts = memory_options(cfg)
-        layer_ids = resolve_layers(opts["layers"], len(decoder_layers(model)))
+        layer_ids = resolve_layers(opts.layers, len(decoder_layers(model)))
         mems = add_memories(model, opts, layer_ids)
         was_training = model.training
         model.eval()
         ids = background_ids(tokenizer)
-        if opts["standardize"]:
+        if opts.standardize:
             measure_inputs(model, mems, ids)  # first: the IDF is measured with the final lookup
-        background_tokens = measure_idf(model, mems, ids)
+        model.engrain_background_tokens = measure_idf(model, mems, ids)
         model.train(was_training)
-        model.engrain_memory_options = {**opts, "layers": layer_ids, "background_tokens": background_tokens}
+        model.engrain_memory_options = replace(opts, layers=layer_ids)
         return model
 
     def sparse_grad_hook(self, module) -> None:
         """Zero the value gradient of every row outside this step's TF-IDF top-t; reset the read counts."""
-        top_t = int(getattr(module, "engrain_memory_options", DEFAULTS)["top_t"])
+        top_t = getattr(module, "engrain_memory_options", MemoryLayerOptions()).top_t
         for mem in memories(module):
             keep = select_rows(mem, top_t)
             if mem.values.grad is not None:
@@ -420,11 +428,11 @@ class MemoryLayerKind:
             for pname, t in _saved(m).items():
                 tensors[f"layers.{m.layer_idx}.{pname}"] = t.detach().float().cpu().contiguous()
         save_file(tensors, str(Path(folder) / WEIGHTS_FILE))
-        opts = getattr(module, "engrain_memory_options", {})
+        opts = getattr(module, "engrain_memory_options", MemoryLayerOptions())
         write_json(Path(folder) / CONFIG_FILE, {
             "kind": self.name, "layers": [m.layer_idx for m in mems],
-            **{k: getattr(mems[0], k) for k in SHAPE_KEYS}, "top_t": opts.get("top_t"),
-            "train_keys": opts.get("train_keys"), "standardize": opts.get("standardize"),
+            **{k: getattr(mems[0], k) for k in SHAPE_KEYS}, "top_t": opts.top_t,
+            "train_keys": opts.train_keys, "standardize": opts.standardize,
             "hidden_size": mems[0].hidden,
             "num_hidden_layers": len(decoder_layers(module)), "base_model": meta.get("base_model"),
         })
@@ -440,10 +448,10 @@ class MemoryLayerKind:
             tensors = load_file(str(folder / WEIGHTS_FILE))
         except FileNotFoundError as exc:
             raise EngrainError(f"The memory layer in {folder} is incomplete ({Path(exc.filename).name} is missing).",
-                               hint="Train it again: engrain train --memory memory") from exc
+                               hint="Train it again: engrain train --memory memory_layer") from exc
         except (ValueError, SafetensorError) as exc:
             raise EngrainError(f"The memory layer in {folder} is unreadable ({exc}).",
-                               hint="Train it again: engrain train --memory memory") from exc
+                               hint="Train it again: engrain train --memory memory_layer") from exc
         n_layers = len(decoder_layers(model))
         hidden = int(model.config.hidden_size)
         if config.get("hidden_size") != hidden or config.get("num_hidden_layers") != n_layers:
@@ -451,9 +459,12 @@ class MemoryLayerKind:
                 f"The memory layer in {folder} was trained for a model with hidden size {config.get('hidden_size')} "
                 f"and {config.get('num_hidden_layers')} blocks; the loaded model has {hidden} and {n_layers}.",
                 hint=f"Load it with the model it was trained on ({config.get('base_model') or 'see memory_config.json'}).")
-        opts = {**DEFAULTS, **{k: config[k] for k in SHAPE_KEYS}, "train_keys": False,
-                "standardize": bool(config.get("standardize"))}
-        mems = add_memories(model, opts, [int(i) for i in config["layers"]])
+        layer_ids = [int(i) for i in config["layers"]]
+        top_t = config.get("top_t")
+        opts = MemoryLayerOptions(layers=layer_ids, **{k: int(config[k]) for k in SHAPE_KEYS}, train_keys=False,
+                                  standardize=bool(config.get("standardize")),
+                                  top_t=MemoryLayerOptions.top_t if top_t is None else int(top_t))
+        mems = add_memories(model, opts, layer_ids)
         dtype = next(model.parameters()).dtype
         try:
             with torch.no_grad():
@@ -469,11 +480,11 @@ class MemoryLayerKind:
                         target.copy_(src)
         except KeyError as exc:
             raise EngrainError(f"The memory layer in {folder} does not match its memory_config.json ({exc}).",
-                               hint="Train it again: engrain train --memory memory") from exc
+                               hint="Train it again: engrain train --memory memory_layer") from exc
         for m in mems:
             m.to(dtype)
             m.requires_grad_(False)
-        model.engrain_memory_options = {**opts, "layers": [m.layer_idx for m in mems], "top_t": config.get("top_t")}
+        model.engrain_memory_options = opts
         model.eval()
         return model
 

@@ -2,7 +2,7 @@
 
 One trainer (``engrain/train/loop.py``) trains every kind; each kind only says how it changes the model.
 
-    class ParametricKind(Protocol):            # one per memory: "lora", "full", "prefix", "memory"
+    class ParametricKind(Protocol):            # one per trained memory in kinds.TRAINED
         name: str
         def attach(self, model, tokenizer, cfg: dict, workspace) -> torch.nn.Module
             # returns a module whose forward(input_ids, attention_mask, labels=None) returns an object with .loss
@@ -11,12 +11,12 @@ One trainer (``engrain/train/loop.py``) trains every kind; each kind only says h
         def sparse_grad_hook(self, module) -> None   # optional: called after backward, before optimizer step
         def save(self, module, folder: Path, meta: dict) -> None     # safetensors + small json config (lora: PEFT)
         def load(self, model, tokenizer, folder: Path) -> torch.nn.Module   # raises EngrainError on model mismatch
-    KINDS: dict[str, ParametricKind]   # registry the trainer and open_memory use; prefix/memory register themselves
+    KINDS: dict[str, ParametricKind]   # registry the trainer and open_memory use; each module registers its kinds
 
 Details the trainer relies on:
 
 - ``cfg`` is ``TrainConfig.model_dump()`` (plain values); settings of one kind live in ``cfg["options"][name]``
-  (a free-form dict) or in fields the kind adds to ``TrainConfig``.
+  (read into the kind's typed options with ``read_options``) or in fields the kind adds to ``TrainConfig``.
 - ``packing`` (optional attribute, default True): the trainer packs several examples into one row and calls
   ``module(input_ids=, attention_mask=None, position_ids=, use_cache=False, logits_to_keep=bool_mask)``;
   ``position_ids`` restart at 0 for each example, which makes transformers build a block-diagonal causal mask
@@ -39,7 +39,9 @@ Details the trainer relies on:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import importlib
 import json
 import time
 from pathlib import Path
@@ -50,6 +52,7 @@ from ..train.kernels.lora_linear import fuse_lora_layers
 from ..models import LM
 from ..workspace import Workspace
 from .base import Answer, BuildInfo, ClosedBook
+from .kinds import TRAINED, canonical, kind_options
 
 META_FILE = "engrain_memory.json"
 
@@ -67,10 +70,6 @@ class ParametricKind(Protocol):
 
 KINDS: dict[str, ParametricKind] = {}
 
-# Kinds whose code lives in their own module; imported on first use so a missing or broken one only
-# affects that memory.
-LAZY_KINDS = {"prefix": "engrain.memory.prefix", "memory": "engrain.memory.memory_layer"}
-
 
 def register(kind: ParametricKind) -> ParametricKind:
     KINDS[kind.name] = kind
@@ -78,19 +77,42 @@ def register(kind: ParametricKind) -> ParametricKind:
 
 
 def get_kind(name: str) -> ParametricKind:
-    """The kind registered under ``name``, importing its module when needed."""
-    if name not in KINDS and name in LAZY_KINDS:
-        import importlib
-
+    """The kind registered under ``name`` (an old name of it too: saved memories keep the kind they were saved
+    with), importing its module when needed."""
+    name = canonical(name, warn=False)
+    if name not in KINDS and name in TRAINED:
         try:
-            importlib.import_module(LAZY_KINDS[name])
+            importlib.import_module(TRAINED[name])
         except ImportError as exc:
             raise EngrainError(f"The '{name}' memory is not available in this installation ({exc}).",
                                hint=f"Available parametric memories: {', '.join(sorted(KINDS))}.") from exc
     if name not in KINDS:
-        raise EngrainError(f"Unknown parametric memory '{name}'.",
-                           hint=f"Use one of: {', '.join(sorted(set(KINDS) | set(LAZY_KINDS)))}.")
+        raise EngrainError(f"Unknown parametric memory '{name}'.", hint=f"Use one of: {', '.join(TRAINED)}.")
     return KINDS[name]
+
+
+def read_options(cls: type, cfg: dict | None, kind: str) -> Any:
+    """``cls`` (a dataclass of one kind's options) from ``cfg["options"][kind]`` over its defaults. Unknown fields
+    are refused, integer and boolean fields converted; every error names the field, and the dataclass checks the
+    values themselves."""
+    raw = kind_options(cfg, kind)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise EngrainError(f"Unknown {kind} option(s): {', '.join(unknown)} (train.options.{kind}).",
+                           hint=f"Known options: {', '.join(fields)}.")
+    values = {}
+    for key, value in raw.items():
+        default = fields[key].default
+        if isinstance(default, bool):  # before int: a bool is an int too
+            value = bool(value)
+        elif isinstance(default, int):
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise EngrainError(f"train.options.{kind}.{key} must be an integer, not {value!r}.") from None
+        values[key] = value
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +220,11 @@ class LoraKind:
         module.eval()
         return module
 
+    def merged_for_answering(self, module) -> Any:
+        """The adapter folded into the copied base weights: a plain model that answers at the base model's speed,
+        with no low-rank matmuls per layer (``bench/bench_models.py`` times both). Only this memory's copy changes."""
+        return module.merge_and_unload()
+
 
 class FullKind:
     """Every weight trained: the strongest and most expensive memory (needs ~4x the model's size in RAM for Adam)."""
@@ -259,6 +286,9 @@ class TrainedMemory:
         t0 = time.time()
         base = copy.deepcopy(lm.model)  # kinds may inject layers in place; keep the caller's model untouched
         module = self.kind.load(base, lm.tokenizer, self.folder)
+        merge = getattr(self.kind, "merged_for_answering", None)
+        if merge is not None:
+            module = merge(module)
         module.eval()
         self.lm = LM(model=module, tokenizer=lm.tokenizer, name=f"{lm.name}+{name}", path=lm.path, device=lm.device,
                      load_seconds=time.time() - t0, extra={"memory": name})

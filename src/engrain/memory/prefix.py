@@ -5,8 +5,8 @@ had been read earlier and kept in the KV cache. Those vectors are the only train
 real KV cache of corpus tokens (Cartridges found this much better than random vectors): by default every document's
 opening tokens, an equal share each (``init: documents``), or the first P tokens of the corpus (``init: corpus``,
 Cartridges' choice). The untrained prefix thus already "has read" how the documents begin, and training packs more
-of the corpus in. Defaults (1,024 tokens, documents) were measured on 10 fictional-dev documents, 5 epochs on a
-CPU: 0.207 of the closed-book probes against 0.040 for 256 tokens of the corpus's start (README).
+of the corpus in. The defaults (1,024 tokens, ``init: documents``) won the comparison recorded in
+docs/experiments.md.
 
 How it plugs into transformers 5 without touching the model:
 
@@ -27,6 +27,7 @@ and ``prefix_config.json``.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,31 @@ from ..atomic import write_json
 from ..train.kernels.casts import compute_dtype
 from ..errors import EngrainError
 from ..train.kernels.packed_attention import NAME as PACKED
-from .parametric import check_base, register
+from .parametric import check_base, read_options, register
 
 WEIGHTS_FILE = "prefix.safetensors"
 CONFIG_FILE = "prefix_config.json"
-DEFAULTS = {"length": 1024, "init": "documents", "freeze_first_token": True, "seed": 0}
 INIT_SOURCES = ("corpus", "documents", "random_tokens")
+
+
+@dataclass(frozen=True)
+class PrefixOptions:
+    """The prefix memory's settings (``train.options.prefix``), checked when made."""
+
+    length: int = 1024  # tokens of the prefix
+    init: str = "documents"  # what its KV starts as: one of INIT_SOURCES
+    freeze_first_token: bool = True  # keep the attention sink fixed (training it is unstable)
+    seed: int = 0  # for init: random_tokens
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.length, int) or self.length < 2:
+            raise EngrainError(f"train.options.prefix.length must be an integer >= 2, not {self.length!r}.",
+                               hint="Hundreds to a few thousand tokens (default 1024).")
+        if self.init not in INIT_SOURCES:
+            raise EngrainError(f"train.options.prefix.init must be one of {', '.join(INIT_SOURCES)}, "
+                               f"not {self.init!r}.",
+                               hint="'documents' starts from the KV of every document's opening tokens, 'corpus' "
+                                    "from the corpus's first tokens.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,27 +240,9 @@ class PrefixLM(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def prefix_options(cfg: dict | None) -> dict:
+def prefix_options(cfg: dict | None) -> PrefixOptions:
     """This memory's settings: ``cfg["options"]["prefix"]`` over the defaults, checked."""
-    opts = {**DEFAULTS, **(((cfg or {}).get("options") or {}).get("prefix") or {})}
-    unknown = sorted(set(opts) - set(DEFAULTS))
-    if unknown:
-        raise EngrainError(f"Unknown prefix option(s): {', '.join(unknown)} (train.options.prefix).",
-                           hint=f"Known options: {', '.join(DEFAULTS)}.")
-    try:
-        opts["length"] = int(opts["length"])
-    except (TypeError, ValueError):
-        opts["length"] = -1
-    if opts["length"] < 2:
-        raise EngrainError(f"train.options.prefix.length must be an integer >= 2, not {opts['length']!r}.",
-                           hint="Hundreds to a few thousand tokens (default 1024).")
-    if opts["init"] not in INIT_SOURCES:
-        raise EngrainError(f"train.options.prefix.init must be one of {', '.join(INIT_SOURCES)}, "
-                           f"not {opts['init']!r}.",
-                           hint="'documents' starts from the KV of every document's opening tokens, 'corpus' from "
-                                "the corpus's first tokens.")
-    opts["freeze_first_token"] = bool(opts["freeze_first_token"])
-    return opts
+    return read_options(PrefixOptions, cfg, "prefix")
 
 
 class PrefixKind:
@@ -251,8 +253,8 @@ class PrefixKind:
 
     def attach(self, model, tokenizer, cfg: dict, workspace) -> PrefixLM:
         opts = prefix_options(cfg)
-        length = opts["length"]
-        if opts["init"] in ("corpus", "documents"):
+        length = opts.length
+        if opts.init in ("corpus", "documents"):
             from ..corpus.schema import read_documents
 
             if workspace is None:
@@ -260,18 +262,18 @@ class PrefixKind:
                                    hint="Pass the workspace, or set train.options.prefix.init: random_tokens.")
 
             docs = read_documents(workspace)
-            read = corpus_tokens if opts["init"] == "corpus" else document_openings
+            read = corpus_tokens if opts.init == "corpus" else document_openings
             ids = read(tokenizer, [d.text for d in docs if d.text.strip()], length)
             if len(ids) < 2:
                 raise EngrainError(f"The corpus in {workspace.documents_path} has no text to start the prefix from.",
                                    hint="Ingest some documents first, or set train.options.prefix.init: random_tokens.")
         else:
-            ids = random_tokens(tokenizer, length, int(opts["seed"]))
+            ids = random_tokens(tokenizer, length, opts.seed)
         if len(ids) + 1 >= getattr(model.config, "max_position_embeddings", 1 << 30):
             raise EngrainError(f"A prefix of {len(ids)} tokens does not fit the model's window.",
                                hint="Lower train.options.prefix.length.")
         keys, values = kv_of_tokens(model, ids)
-        module = PrefixLM(model, keys, values, freeze_first_token=opts["freeze_first_token"])
+        module = PrefixLM(model, keys, values, freeze_first_token=opts.freeze_first_token)
         module.options = opts
         return module
 
@@ -283,10 +285,10 @@ class PrefixKind:
         folder = Path(folder)
         save_file({"keys": keys.detach().float().cpu().contiguous(),
                    "values": values.detach().float().cpu().contiguous()}, str(folder / WEIGHTS_FILE))
-        opts = getattr(module, "options", DEFAULTS)
+        opts = getattr(module, "options", PrefixOptions())
         write_json(folder / CONFIG_FILE, {
             "kind": self.name, "prefix_length": module.prefix_length,
-            "frozen_first_token": module.sink_keys.shape[2] == 1, "init": opts.get("init"),
+            "frozen_first_token": module.sink_keys.shape[2] == 1, "init": opts.init,
             **kv_shape(module.model), "base_model": meta.get("base_model"),
         })
 
@@ -316,7 +318,8 @@ class PrefixKind:
         dtype = next(model.parameters()).dtype
         module = PrefixLM(model, keys.to(dtype), values.to(dtype),
                           freeze_first_token=bool(config.get("frozen_first_token", True)))
-        module.options = {**DEFAULTS, "length": module.prefix_length, "init": config.get("init")}
+        module.options = PrefixOptions(length=module.prefix_length, init=config.get("init") or PrefixOptions.init,
+                                       freeze_first_token=module.sink_keys.shape[2] == 1)
         module.requires_grad_(False)
         module.eval()
         return module

@@ -68,7 +68,8 @@ class RagMemory:
             return continuation_prompt(text, plain_chunks(hits) or None)
         return chat_prompt(self.lm.tokenizer, chat_messages(text, render_chunks(hits) if hits else None, self.system))
 
-    def _fit(self, text: str, hits: list[Hit], max_new_tokens: int, form: str = "chat") -> tuple[str, list[Hit], int]:
+    def fit_prompt(self, text: str, hits: list[Hit], max_new_tokens: int,
+                   form: str = "chat") -> tuple[str, list[Hit], int]:
         """The prompt of ``form`` with as many of the best chunks as fit the window, the chunks kept, its tokens."""
         tok = self.lm.tokenizer
         limit = self.lm.max_context - max_new_tokens
@@ -98,7 +99,7 @@ class RagMemory:
         t0 = time.perf_counter()
         retrieved = self.retriever.retrieve(texts, self.config.top_k)
         t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
-        fitted = [self._fit(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
+        fitted = [self.fit_prompt(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
         gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
                         one_line=form == "continuation")
         if form == "continuation":

@@ -1,6 +1,6 @@
 """Base models: ``fetch`` (the embedded model and other specs resolved to a local folder), ``load`` (device, dtype,
 tokenizer), ``prompts`` (chat template, documents before the question, raw continuation), ``stops`` (where decoding
-ends), ``generate`` (answers for a batch of prompts) and ``fastgen`` (the KV-cached decode loop it uses).
+ends), ``generation`` (answers for a batch of prompts) and ``fastgen`` (the KV-cached decode loop it uses).
 
 The names below are the package's public API; every stage imports them from here."""
 
@@ -19,7 +19,7 @@ from .fetch import (
     model_cache_dir,
     resolve_model,
 )
-from .generate import Generation, answer, continue_text, cut_continuation, generate
+from .generation import Generation, answer, continue_text, cut_continuation, generate
 from .load import (
     LM,
     bf16_supported,

@@ -9,8 +9,8 @@ The index records which embedding model (name and dimension) made its vectors in
 searching or updating it with another model is refused, because vectors from two models are not comparable.
 
 Vector search is exact (flat) below ``RagConfig.ann_min_rows`` rows and uses an IVF_SQ index (LanceDB) at or
-above it: flat search in LanceDB measured ~0.5 s per query at 100k chunks on 2 cores, IVF_SQ ~20 ms, and it
-builds in ~10 s where IVF_PQ and HNSW took minutes (bench/bench_rag.py).
+above it: flat search grows with the corpus while IVF_SQ stays fast and builds far quicker than IVF_PQ or HNSW
+(``python bench/bench_rag.py`` measures all three; docs/performance.md holds the numbers).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from ..atomic import write_json
 from ..config import RagConfig
 from ..errors import EngrainError
+from ..progress import Progress
 from ..workspace import Workspace
 from .embeddings import Embedder, embedding_model_name, load_embedder
 
@@ -190,7 +191,8 @@ def write_index(ws: Workspace, chunks: list, embedder: Embedder, config: RagConf
             pos = {c.id: i for i, c in enumerate(chunks)}
             vecs = vectors[[pos[c.id] for c in todo]]
         else:
-            vecs = _embed_with_progress(embedder, [c.text for c in todo], progress)
+            with Progress(progress, len(todo), 0, "embedding chunks") as bar:
+                vecs = embedder.encode([c.text for c in todo], progress=bar.advance)
         summary.embed_seconds = time.perf_counter() - te
         summary.embedded = len(todo)
         rows = _arrow_rows(todo, vecs, embedder.dim)
@@ -215,23 +217,6 @@ def write_index(ws: Workspace, chunks: list, embedder: Embedder, config: RagConf
     write_json(ws.index_dir / META, meta)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _embed_with_progress(embedder: Embedder, texts: list[str], progress: bool) -> np.ndarray:
-    if not progress:
-        return embedder.encode(texts)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("embed", total=len(texts))
-        return embedder.encode(texts, progress=lambda k: bar.advance(task, k))
 
 
 def build_index(ws: Workspace, config: RagConfig | None = None, *, rebuild: bool = False,

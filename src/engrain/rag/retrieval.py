@@ -14,12 +14,12 @@ be told apart as a retrieval miss (gold document not in the prompt) or a reading
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from ..config import RagConfig
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from ..workspace import Workspace
 from .index import ChunkIndex, Hit
 
@@ -101,13 +101,7 @@ def load_questions(bench_dir: Path | str) -> list[dict]:
         raise EngrainError(f"{path} does not exist.", hint="Pass a benchmark folder holding questions.jsonl "
                                                            "(layout in BENCHMARKS.md).")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise EngrainError(f"{path}:{lineno}: not valid JSON ({exc}).", hint="Fix or delete that line.") from exc
+    for lineno, row in read_jsonl(path, hint="Fix or delete that line."):
         if not isinstance(row.get("question"), str) or not isinstance(row.get("docs"), list) or not row["docs"]:
             raise EngrainError(f"{path}:{lineno}: needs a 'question' string and a non-empty 'docs' list.",
                                hint="See BENCHMARKS.md for the fields of a question.")

@@ -31,40 +31,29 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import json
 import signal
 import time
 import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngrainError
 from .engine import Engine, Served
+from .responses import final_response, stream_events
 from .scheduler import Job, Scheduler, ShuttingDown
+from .validation import (ApiError, ChatBody, CompletionBody, Limits, RequestBody, chat_messages, error_body,
+                         parse, read_json, sampling_options, single_prompt, text_of)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_TOKENS_LIMIT = 512
 DEFAULT_MAX_TOKENS = 128
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def error_body(message: str, type_: str, param: str | None, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def is_loopback(host: str) -> bool:
@@ -85,187 +74,79 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Request bodies
+# What every route shares, and the steps of a request
 # ------------------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Api:
+    """The server's state (engine, scheduler, key, limits) and the steps a completion request goes through:
+    authorize, look the model up, make its job, queue it and answer."""
 
-    model: str = Field(max_length=200)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stream: bool = False
-    stream_options: dict | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
-    ignore_eos: bool = False  # as in vLLM: keep generating to max_tokens (load tests)
+    def __init__(self, engine: Engine, scheduler: Scheduler, *, api_key: str | None, limits: Limits,
+                 reports_dir: Path) -> None:
+        self.engine, self.scheduler = engine, scheduler
+        self.api_key = api_key
+        self.limits = limits
+        self.reports_dir = reports_dir
+        self.started = int(time.time())
 
-
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(_Body):
-    messages: list[_Message] = Field(min_length=1)
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-
-
-def _text_of(content) -> str:
-    """A message's text: a string, or the text parts of OpenAI's content array."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ApiError(400, "Only text content parts are supported.", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-# ------------------------------------------------------------------------------------------------------
-# The app
-# ------------------------------------------------------------------------------------------------------
-
-
-def create_app(engine: Engine, scheduler: Scheduler, *, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS, reports_dir: Path | None = None):
-    reports_dir = reports_dir or engine.ws.reports_dir
-    started = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        # uvicorn has stopped accepting and waited for open requests; finish whatever is still queued.
-        await run_in_threadpool(scheduler.close)
-
-    app = FastAPI(title="engrain", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine, app.state.scheduler = engine, scheduler
-
-    def err(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-            code: str | None = None, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return err(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return err(exc.status_code, str(exc.detail), code=code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, exc):
-        return err(400, "Invalid request.", code="invalid_request")
-
-    def authorize(request: Request) -> None:
-        if not api_key:
+    def authorize(self, request: Request) -> None:
+        """Refuse a request without the right bearer key (when the server has one)."""
+        if not self.api_key:
             return
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if not header:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", type_="authentication_error",
                            code="missing_api_key")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "Incorrect API key.", type_="authentication_error", code="invalid_api_key")
 
-    async def read_json(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
-            raise ApiError(413, f"The request body is over the limit of {max_body_bytes} bytes.",
-                           code="request_too_large")
-        body = bytearray()
-        async for piece in request.stream():  # counted as it arrives: a missing or false length does not help
-            body += piece
-            if len(body) > max_body_bytes:
-                raise ApiError(413, f"The request body is over the limit of {max_body_bytes} bytes.",
-                               code="request_too_large")
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from exc
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return data
-
-    def parse(cls, data: dict):
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise ApiError(400, f"Invalid '{param}': {first.get('msg')}.", param=param, code="invalid_value") from exc
-
-    def lookup(model_id: str) -> Served:
-        served = engine.get(model_id)
+    def lookup(self, model_id: str) -> Served:
+        """The served memory of that exact name; 404 otherwise (a name is never turned into a path)."""
+        served = self.engine.get(model_id)
         if served is None:
             shown = model_id if len(model_id) <= 80 else model_id[:80] + "..."
             raise ApiError(404, f"The model '{shown}' does not exist. Available: "
-                                f"{', '.join(engine.served)}.", param="model", code="model_not_found")
+                                f"{', '.join(self.engine.served)}.", param="model", code="model_not_found")
         return served
 
-    def common(body: _Body) -> dict:
-        if body.n != 1:
-            raise ApiError(400, "Only n=1 is supported.", param="n", code="invalid_value")
-        max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-        if max_tokens < 1 or max_tokens > max_tokens_limit:
-            raise ApiError(400, f"max_tokens must be between 1 and {max_tokens_limit} on this server, not "
-                                f"{max_tokens}.", param="max_tokens", code="invalid_value")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 4 or any(not s or len(s) > 64 for s in stop):
-            raise ApiError(400, "stop takes up to 4 non-empty strings of up to 64 characters.", param="stop",
-                           code="invalid_value")
-        return dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
-                    ignore_eos=body.ignore_eos)
+    def model_card(self, s: Served) -> dict:
+        """A model as ``/v1/models`` lists it, with which memory it is and how its prompt is laid out."""
+        return {"id": s.model_id, "object": "model", "created": self.started, "owned_by": "engrain",
+                "engrain": {"memory": s.memory, "layout": s.layout, **s.info}}
 
-    def too_long(n_prompt: int, max_tokens: int) -> None:
-        if n_prompt + max_tokens > engine.max_context:
-            raise ApiError(400, f"This model's maximum context length is {engine.max_context} tokens; the prompt "
-                                f"takes {n_prompt} and max_tokens asks for {max_tokens}. Shorten the prompt or "
-                                "lower max_tokens.", param="messages", code="context_length_exceeded")
+    def too_long(self, n_prompt: int, max_tokens: int) -> None:
+        """Refuse a prompt that, with the answer budget, does not fit the model's window."""
+        if n_prompt + max_tokens > self.engine.max_context:
+            raise ApiError(400, f"This model's maximum context length is {self.engine.max_context} tokens; the "
+                                f"prompt takes {n_prompt} and max_tokens asks for {max_tokens}. Shorten the prompt "
+                                "or lower max_tokens.", param="messages", code="context_length_exceeded")
 
-    def make_job(served: Served, opts: dict, *, messages: list[dict] | None = None, prompt: str | None = None) -> Job:
+    def make_job(self, served: Served, opts: dict, *, messages: list[dict] | None = None,
+                 prompt: str | None = None) -> Job:
+        """The job for a conversation (``messages``) or a raw prompt, laid out as the memory reads it."""
+        engine = self.engine
         job = Job(served=served, emit=lambda ev: None, **opts)
         if served.layout == "chat":
             job.prompt_ids = engine.chat_ids(messages) if messages is not None else engine.encode(prompt)
-            too_long(len(job.prompt_ids), job.max_tokens)
+            self.too_long(len(job.prompt_ids), job.max_tokens)
             return job
-        if messages is not None:
-            users = [_text_of(m["content"]) for m in messages if m["role"] == "user"]
-            if not users or not users[-1].strip():
-                raise ApiError(400, f"The '{served.memory}' memory answers the last user message; there is none.",
-                               param="messages", code="invalid_value")
-            question = users[-1]
-        else:
-            question = prompt
-        if not question.strip():
-            raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+        question = _question(served, messages, prompt)
         if served.layout == "context":
             prefix, job.prompt_ids = engine.context_ids(question)
-            too_long(len(prefix) + len(job.prompt_ids), job.max_tokens)
+            self.too_long(len(prefix) + len(job.prompt_ids), job.max_tokens)
         else:  # rag: retrieval happens in the worker, batched; here only what cannot fit at all is refused
             job.question = question
-            too_long(engine.bare_rag_tokens(question), job.max_tokens)
+            self.too_long(engine.bare_rag_tokens(question), job.max_tokens)
         return job
 
-    async def run(job: Job, body: _Body, kind: str):
+    def submit(self, job: Job) -> asyncio.Queue:
+        """Queue the job; its events (start, deltas, done or error) arrive on the returned queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def emit(ev: dict) -> None:
+        def emit(ev: dict) -> None:  # called from the worker thread
             try:
                 loop.call_soon_threadsafe(events.put_nowait, ev)
             except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
@@ -273,9 +154,14 @@ def create_app(engine: Engine, scheduler: Scheduler, *, api_key: str | None = No
 
         job.emit = emit
         try:
-            scheduler.submit(job)
+            self.scheduler.submit(job)
         except ShuttingDown:
             raise ApiError(503, "The server is shutting down.", type_="server_error", code="shutting_down")
+        return events
+
+    async def run(self, job: Job, body: RequestBody, kind: str) -> Response:
+        """Queue the job and answer: a stream of events, or the whole completion once the job is done."""
+        events = self.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         settled = False  # True once the job's outcome is owned by a response (or it has ended)
@@ -287,70 +173,135 @@ def create_app(engine: Engine, scheduler: Scheduler, *, api_key: str | None = No
                                type_="server_error" if first["status"] >= 500 else "invalid_request_error")
             if body.stream:
                 settled = True  # from here the stream's own clean-up cancels the job if the client leaves
-                return StreamingResponse(_stream(job, events, first, rid, created, kind, body),
+                include_usage = bool((body.stream_options or {}).get("include_usage"))
+                return StreamingResponse(stream_events(job, events, first, rid, created, kind, include_usage),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            text, end = [], None
-            while end is None:
-                ev = await events.get()
-                if ev["type"] == "delta":
-                    text.append(ev["text"])
-                elif ev["type"] == "error":
-                    settled = True
-                    raise ApiError(ev["status"], ev["message"], type_="server_error", code=ev.get("code"))
-                elif ev["type"] == "done":
-                    end = ev
+            text, end = await _collect(events)
             settled = True
-            return JSONResponse(_final(rid, created, job, first, end, "".join(text), kind))
+            if end["type"] == "error":
+                raise ApiError(end["status"], end["message"], type_="server_error", code=end.get("code"))
+            return JSONResponse(final_response(rid, created, job, first, end, text, kind))
         finally:
             if not settled:
                 job.cancelled = True  # the request was abandoned while waiting: free its row
 
-    # --------------------------------------------------------------------------------------------------
-    # Routes
-    # --------------------------------------------------------------------------------------------------
 
-    def model_card(s: Served) -> dict:
-        return {"id": s.model_id, "object": "model", "created": started, "owned_by": "engrain",
-                "engrain": {"memory": s.memory, "layout": s.layout, **s.info}}
+def _question(served: Served, messages: list[dict] | None, prompt: str | None) -> str:
+    """What a context or rag memory answers: the last user message, or the completion prompt."""
+    if messages is not None:
+        users = [text_of(m["content"]) for m in messages if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise ApiError(400, f"The '{served.memory}' memory answers the last user message; there is none.",
+                           param="messages", code="invalid_value")
+        question = users[-1]
+    else:
+        question = prompt
+    if not question.strip():
+        raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
+    return question
+
+
+async def _collect(events: asyncio.Queue) -> tuple[str, dict]:
+    """The whole answer's text and its last event (done, or an error midway)."""
+    text = []
+    while True:
+        ev = await events.get()
+        if ev["type"] == "delta":
+            text.append(ev["text"])
+        elif ev["type"] in ("done", "error"):
+            return "".join(text), ev
+
+
+# ------------------------------------------------------------------------------------------------------
+# The app
+# ------------------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, scheduler: Scheduler, *, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, reports_dir: Path | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``'s memories through ``scheduler`` (its shutdown drains the queue)."""
+    api = Api(engine, scheduler, api_key=api_key, limits=Limits(max_body_bytes, max_tokens_limit, default_max_tokens),
+              reports_dir=reports_dir or engine.ws.reports_dir)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn has stopped accepting and waited for open requests; finish whatever is still queued.
+        await run_in_threadpool(scheduler.close)
+
+    app = FastAPI(title="engrain", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.scheduler = engine, scheduler
+    add_error_handlers(app)
+    add_openai_routes(app, api)
+    add_playground_routes(app, api)
+    return app
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, unknown routes and methods, and bodies FastAPI itself refused."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return error_response(400, "Invalid request.", code="invalid_request")
+
+
+def add_openai_routes(app: FastAPI, api: Api) -> None:
+    """``/v1/models`` and the two completion endpoints."""
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        authorize(request)
-        return {"object": "list", "data": [model_card(s) for s in engine.models()]}
+        api.authorize(request)
+        return {"object": "list", "data": [api.model_card(s) for s in api.engine.models()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
-        authorize(request)
-        return model_card(lookup(model_id))
+        api.authorize(request)
+        return api.model_card(api.lookup(model_id))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        body = parse(ChatBody, await read_json(request))
-        served = lookup(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m.content)}
-                    for m in body.messages]
-        return await run(make_job(served, common(body), messages=messages), body, "chat")
+        api.authorize(request)
+        body = parse(ChatBody, await read_json(request, api.limits.max_body_bytes))
+        served = api.lookup(body.model)
+        job = api.make_job(served, sampling_options(body, api.limits), messages=chat_messages(body))
+        return await api.run(job, body, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = parse(CompletionBody, await read_json(request))
-        served = lookup(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ApiError(400, "Send one prompt per request.", param="prompt", code="invalid_value")
-            prompt = prompt[0]
-        return await run(make_job(served, common(body), prompt=prompt), body, "text")
+        api.authorize(request)
+        body = parse(CompletionBody, await read_json(request, api.limits.max_body_bytes))
+        served = api.lookup(body.model)
+        job = api.make_job(served, sampling_options(body, api.limits), prompt=single_prompt(body))
+        return await api.run(job, body, "text")
+
+
+def add_playground_routes(app: FastAPI, api: Api) -> None:
+    """Health, the playground page and what it shows: the models and the latest comparison report."""
+    engine, scheduler = api.engine, api.scheduler
 
     @app.get("/health")
     async def health():
         import psutil
 
         return {"status": "draining" if scheduler.closing else "ok", "models": len(engine.served),
-                "queue": scheduler.pending(), "auth": bool(api_key),
+                "queue": scheduler.pending(), "auth": bool(api.api_key),
                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
                 "weights_mb": round(engine.weight_bytes() / 2**20, 1), **scheduler.stats}
 
@@ -360,51 +311,19 @@ def create_app(engine: Engine, scheduler: Scheduler, *, api_key: str | None = No
 
     @app.get("/engrain/info")
     async def info(request: Request):
-        authorize(request)
-        report = latest_report(reports_dir)
-        return {"workspace": engine.prefix, "models": [model_card(s) for s in engine.models()],
+        api.authorize(request)
+        report = latest_report(api.reports_dir)
+        return {"workspace": engine.prefix, "models": [api.model_card(s) for s in engine.models()],
                 "skipped": engine.skipped,
                 "report": {"name": report.parent.name, "url": "/reports/latest"} if report else None}
 
     @app.get("/reports/latest")
     async def report_latest(request: Request):
-        authorize(request)
-        report = latest_report(reports_dir)
+        api.authorize(request)
+        report = latest_report(api.reports_dir)
         if report is None:
             raise ApiError(404, "There is no comparison report yet: run engrain compare.", code="not_found")
         return HTMLResponse(report.read_text(encoding="utf-8", errors="replace"))
-
-    return app
-
-
-async def _stream(job: Job, events: asyncio.Queue, start: dict, rid: str, created: int, kind: str, body: _Body):
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
-    finished = False
-    try:
-        yield _sse(_chunk(rid, created, job, kind, role=True))
-        while True:
-            ev = await events.get()
-            if ev["type"] == "delta":
-                yield _sse(_chunk(rid, created, job, kind, text=ev["text"]))
-            elif ev["type"] == "error":
-                yield _sse(error_body(ev["message"], "server_error", None, ev.get("code")))
-                break
-            elif ev["type"] == "done":
-                last = _chunk(rid, created, job, kind, finish=ev["finish_reason"])
-                last["engrain"] = _extra(job, start, ev)
-                yield _sse(last)
-                if include_usage:
-                    usage = _chunk(rid, created, job, kind)
-                    usage["choices"] = []
-                    usage["usage"] = _usage(start, ev)
-                    yield _sse(usage)
-                break
-        finished = True
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            job.cancelled = True  # the client went away mid-stream: stop its row
 
 
 def latest_report(reports_dir: Path) -> Path | None:
@@ -413,53 +332,6 @@ def latest_report(reports_dir: Path) -> Path | None:
         return None
     found = [d / "report.html" for d in reports_dir.iterdir() if d.is_dir() and (d / "report.html").is_file()]
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Response shapes
-# ------------------------------------------------------------------------------------------------------
-
-
-def _usage(start: dict, end: dict) -> dict:
-    return {"prompt_tokens": start["prompt_tokens"], "completion_tokens": end["completion_tokens"],
-            "total_tokens": start["prompt_tokens"] + end["completion_tokens"]}
-
-
-def _extra(job: Job, start: dict, end: dict) -> dict:
-    return {"memory": job.served.memory, "chunks": start["chunks"], "latency_ms": end["latency_ms"],
-            "queue_ms": start["queue_ms"], "batch_size": start["batch_size"]}
-
-
-def _final(rid: str, created: int, job: Job, start: dict, end: dict, text: str, kind: str) -> dict:
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": end["finish_reason"]}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end["finish_reason"]}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": job.served.model_id, "choices": [choice],
-            "usage": _usage(start, end), "engrain": _extra(job, start, end)}
-
-
-def _chunk(rid: str, created: int, job: Job, kind: str, *, text: str | None = None, role: bool = False,
-           finish: str | None = None) -> dict:
-    if kind == "chat":
-        delta: dict = {}
-        if role:
-            delta = {"role": "assistant", "content": ""}
-        elif text is not None:
-            delta = {"content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        obj = "chat.completion.chunk"
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": job.served.model_id, "choices": [choice]}
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ Weights are shared, not copied, wherever the memory allows it:
 - LoRA memories (any folder whose kind is ``lora``) are adapters of ONE PEFT model wrapped around the base
   model; a batch activates its adapter with ``set_adapter`` (vLLM's multi-LoRA, on one process). Base-model
   requests run with the adapters disabled.
-- ``prefix`` and ``memory`` memories change the module tree (a KV prefix around it, memory layers inside it), so
-  each gets its own module tree whose parameters are the base model's tensors (a deep copy that shares every
-  parameter and buffer): the extra memory is the memory's own weights only.
+- ``prefix`` and ``memory_layer`` memories change the module tree (a KV prefix around it, memory layers inside
+  it), so each gets its own module tree whose parameters are the base model's tensors (a deep copy that shares
+  every parameter and buffer): the extra memory is the memory's own weights only.
 - ``full`` replaces every weight, so it alone holds a second copy.
 
 ``weight_bytes()`` counts the distinct tensors behind all of these, which is how the sharing is checked.
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import EngrainError
+from ..memory.kinds import HYBRID, UNTRAINED, canonical
 from ..models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt
 from ..workspace import Workspace
 
@@ -147,12 +148,12 @@ class Engine:
         for folder in sorted(self.ws.memories_dir.iterdir()):
             if not folder.is_dir() or not (folder / META_FILE).is_file():
                 continue
-            if not _SAFE_NAME.match(folder.name) or folder.name.endswith("+rag") or folder.name in (
-                    "base", "context", "rag"):
+            if not _SAFE_NAME.match(folder.name) or folder.name.endswith(HYBRID) or folder.name in UNTRAINED:
                 self.skipped[folder.name] = "the folder name is not usable as a model name"
                 continue
             try:
-                out[folder.name] = str(read_meta(folder).get("kind", folder.name))
+                # The kind by its current name: a memory saved before a kind was renamed keeps the old one.
+                out[folder.name] = canonical(str(read_meta(folder).get("kind", folder.name)), warn=False)
             except EngrainError as exc:
                 self.skipped[folder.name] = exc.message
         return out

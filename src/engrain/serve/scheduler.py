@@ -199,7 +199,7 @@ class Scheduler:
             key = self.queue[0].key
             limit = self.max_batch
             if self.queue[0].served.layout == "context":
-                limit = min(limit, self.engine.context._cache_rows())
+                limit = min(limit, self.engine.context.cache_rows())
             batch, rest = [], deque()
             while self.queue:
                 job = self.queue.popleft()
@@ -229,40 +229,60 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
 
     def _run(self, batch: list[Job]) -> None:
+        """Generate for one batch: prompts made, start events sent, one batched ``generate`` streaming to each row."""
         import torch
 
         batch = [j for j in batch if not j.cancelled]
         if not batch:
             return
+        started = time.perf_counter()  # queueing ends here; retrieval is part of the answer's time
+        batch = self._fit_rag_prompts(batch)
+        if not batch:
+            return
         engine = self.engine
         weights = batch[0].served.weights
-        started = time.perf_counter()
-        # rag: one batched retrieval for all the batch's questions, then each prompt fitted to the window.
-        rag_jobs = [j for j in batch if j.served.layout == "rag"]
-        if rag_jobs:
-            with engine.weights("base"):  # query rewriting (when on) uses the base model
-                hits = engine.rag.retriever.retrieve([j.question for j in rag_jobs], engine.rag.config.top_k)
-            for job, job_hits in zip(rag_jobs, hits):
-                try:
-                    prompt, kept, _ = engine.rag._fit(job.question, job_hits, job.max_tokens)
-                except EngrainError as exc:
-                    job.emit({"type": "error", "status": 400, "message": exc.message,
-                              "code": "context_length_exceeded"})
-                    job.cancelled = True
-                    continue
-                job.prompt_ids = engine.encode(prompt)
-                job.chunks = [h.chunk_id for h in kept]
-            batch = [j for j in batch if not j.cancelled]
-            if not batch:
-                return
         for job in batch:
             job.emit({"type": "start", "prompt_tokens": self._prompt_tokens(job), "chunks": job.chunks,
                       "queue_ms": round((started - job.submitted) * 1000, 1), "batch_size": len(batch)})
+        ids, mask = self._inputs(batch)
+        rows = [_Row(j, engine.tokenizer, self.stop_ids) for j in batch]
+        kwargs = self._generate_kwargs(batch, rows, ids.shape[1])
+        self.stats["batches"] += 1
+        self.stats["jobs"] += len(batch)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+        self.batch_log.append((weights, len(batch)))
+        device = engine.lm.device
+        with engine.weights(weights) as module, torch.inference_mode():
+            module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row in rows:  # generate may end a step early for rows the criteria stopped
+            row.finish("length")
 
-        tok = engine.tokenizer
-        pad = tok.pad_token_id
-        context = batch[0].served.layout == "context"
-        prefix = engine.context.prefix_ids if context else []
+    def _fit_rag_prompts(self, batch: list[Job]) -> list[Job]:
+        """rag jobs: one batched retrieval for all their questions, then each prompt fitted to the window (a job
+        that cannot fit gets its error and leaves the batch). Returns the jobs still to run."""
+        rag_jobs = [j for j in batch if j.served.layout == "rag"]
+        if not rag_jobs:
+            return batch
+        rag = self.engine.rag
+        with self.engine.weights("base"):  # query rewriting (when on) uses the base model
+            hits = rag.retriever.retrieve([j.question for j in rag_jobs], rag.config.top_k)
+        for job, job_hits in zip(rag_jobs, hits):
+            try:
+                prompt, kept, _ = rag.fit_prompt(job.question, job_hits, job.max_tokens)
+            except EngrainError as exc:
+                job.emit({"type": "error", "status": 400, "message": exc.message, "code": "context_length_exceeded"})
+                job.cancelled = True
+                continue
+            job.prompt_ids = self.engine.encode(prompt)
+            job.chunks = [h.chunk_id for h in kept]
+        return [j for j in batch if not j.cancelled]
+
+    def _inputs(self, batch: list[Job]):
+        """Input ids and attention mask: the rows left-padded to one width, after the shared documents for context."""
+        import torch
+
+        pad = self.engine.tokenizer.pad_token_id
+        prefix = self.engine.context.prefix_ids if batch[0].served.layout == "context" else []
         P = len(prefix)
         width = max(len(j.prompt_ids) for j in batch)
         ids = torch.full((len(batch), P + width), pad, dtype=torch.long)
@@ -276,28 +296,23 @@ class Scheduler:
             n = len(job.prompt_ids)
             ids[r, P + width - n:] = torch.tensor(job.prompt_ids)
             mask[r, P + width - n:] = 1
-        rows = [_Row(j, tok, self.stop_ids) for j in batch]
+        return ids, mask
+
+    def _generate_kwargs(self, batch: list[Job], rows: list[_Row], width: int) -> dict:
+        """``generate``'s settings for the batch: the longest budget, its sampling, the streamer and row stops."""
         first = batch[0]
         kwargs = dict(max_new_tokens=max(j.max_tokens for j in batch), eos_token_id=sorted(self.stop_ids),
-                      pad_token_id=pad, streamer=_BatchStreamer(rows),
-                      stopping_criteria=[_stopping(rows, P + width)])
+                      pad_token_id=self.engine.tokenizer.pad_token_id, streamer=_BatchStreamer(rows),
+                      stopping_criteria=[_stopping(rows, width)])
         if first.temperature > 0:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p, top_k=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if first.ignore_eos:
             kwargs["min_new_tokens"] = kwargs["max_new_tokens"]  # end-of-turn tokens masked until the budget
-        if context:
-            kwargs["cache"] = engine.context._batch_cache(len(batch))
-        self.stats["batches"] += 1
-        self.stats["jobs"] += len(batch)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        self.batch_log.append((weights, len(batch)))
-        device = engine.lm.device
-        with engine.weights(weights) as module, torch.inference_mode():
-            module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        for row in rows:  # generate may end a step early for rows the criteria stopped
-            row.finish("length")
+        if first.served.layout == "context":
+            kwargs["cache"] = self.engine.context.batch_cache(len(batch))
+        return kwargs
 
     def _prompt_tokens(self, job: Job) -> int:
         n = len(job.prompt_ids or [])

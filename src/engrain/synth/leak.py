@@ -13,10 +13,10 @@ so two modes:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from .text import ngrams, normalize
 
 MODES = ("source", "strict")
@@ -30,19 +30,14 @@ def load_question_texts(paths: list[Path]) -> list[str]:
         if not path.is_file():
             raise EngrainError(f"--exclude-questions: {path} does not exist.",
                                hint="Pass a questions.jsonl file in the benchmark layout (see BENCHMARKS.md).")
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    question = row["question"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise EngrainError(f"{path}:{lineno}: not a question record ({exc}).",
-                                       hint='Each line must be a JSON object with a "question" field.') from exc
-                texts.append(str(question))
-                for ans in row.get("answers") or []:
-                    texts.append(f"{question} {ans}")
+        hint = 'Each line must be a JSON object with a "question" field.'
+        for lineno, row in read_jsonl(path, hint=hint):
+            if "question" not in row:
+                raise EngrainError(f"{path}:{lineno}: not a question record (no 'question' field).", hint=hint)
+            question = row["question"]
+            texts.append(str(question))
+            for ans in row.get("answers") or []:
+                texts.append(f"{question} {ans}")
     return texts
 
 

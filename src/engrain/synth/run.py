@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import SynthConfig
 from ..corpus.schema import read_chunks, read_documents
 from ..errors import EngrainError
+from ..progress import Progress
 from ..workspace import Workspace
 from . import entities, facts, implications, qa, rephrase
 from .base import Candidate, Job, Unit, document_subject
@@ -178,20 +179,14 @@ class Synthesizer:
 
     # ---------------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         reports: dict[str, StrategyReport] = {}
         if self.guard.active:
             for name in self.cfg.strategies:
                 self.guard.check_instructions(_template_text(STRATEGIES[name]), name)
         self.ws.synth_dir.mkdir(parents=True, exist_ok=True)
         t_start = time.time()
-        columns = [TextColumn("{task.description:<13}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-                   TextColumn("{task.fields[items]} items · {task.fields[rate]:.1f}/s"), TimeRemainingColumn()]
-        with Progress(*columns, console=Console(stderr=True), disable=not self.show_progress) as bar:
-            for name in self.cfg.strategies:
-                reports[name] = self._run_strategy(name, bar)
+        for name in self.cfg.strategies:
+            reports[name] = self._run_strategy(name)
         gen = self._generator
         return {
             "workspace": str(self.ws.root), "chunks": len(self.units),
@@ -201,7 +196,7 @@ class Synthesizer:
             "strategies": {k: r.to_dict() for k, r in reports.items()},
         }
 
-    def _run_strategy(self, name: str, bar) -> StrategyReport:
+    def _run_strategy(self, name: str) -> StrategyReport:
         module, cfg = STRATEGIES[name], self.cfg
         store = StrategyStore(self.ws.synth_dir, name)
         report = StrategyReport(name, chunks=len(self.units))
@@ -221,18 +216,18 @@ class Synthesizer:
         dedup = NearDuplicateIndex(threshold=cfg.dedup_threshold)
         for row in store.existing:
             dedup.add(_content(row))
-        task = bar.add_task(name, total=len(todo), items=0, rate=0.0)
         t0 = time.time()
-        for start in range(0, len(todo), cfg.chunks_per_batch):
-            batch = todo[start:start + cfg.chunks_per_batch]
-            if module.USES_MODEL:
-                items, progress = self._model_batch(name, module, batch, store, dedup, report, state)
-            else:
-                items, progress = self._facts_batch(batch, store, dedup, report)
-            store.write_batch(items, progress)
-            report.seconds = time.time() - t0
-            bar.update(task, advance=len(batch), items=report.accepted,
-                       rate=report.accepted / max(report.seconds, 1e-6))
+        with Progress(self.show_progress, len(todo), 0, f"synth {name}") as bar:
+            for start in range(0, len(todo), cfg.chunks_per_batch):
+                batch = todo[start:start + cfg.chunks_per_batch]
+                if module.USES_MODEL:
+                    items, progress = self._model_batch(name, module, batch, store, dedup, report, state)
+                else:
+                    items, progress = self._facts_batch(batch, store, dedup, report)
+                store.write_batch(items, progress)
+                report.seconds = time.time() - t0
+                rate = report.accepted / max(report.seconds, 1e-6)
+                bar.advance(len(batch), f"chunks · {report.accepted} items · {rate:.1f}/s")
         report.seconds = time.time() - t0
         report.chunks_run = len(todo)
         return report

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from ..jsonl import read_jsonl
+
 
 def item_id(strategy: str, chunk_sha: str, variant: str) -> str:
     """Stable id of one item: the same strategy, chunk content and variant slot give the same id."""
@@ -42,22 +44,11 @@ def _repair_tail(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl_tolerant(path: Path) -> list[dict]:
+def _complete_rows(path: Path) -> list[dict]:
     """Every complete JSON line of ``path``; a torn or garbled line is skipped, not fatal."""
-    rows: list[dict] = []
     if not path.exists():
-        return rows
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # torn tail
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+        return []
+    return [row for _, row in read_jsonl(path, skip_bad=True, tolerate_torn_tail=True)]
 
 
 class AppendLog:
@@ -69,7 +60,7 @@ class AppendLog:
         _repair_tail(self.path)
 
     def rows(self) -> list[dict]:
-        return read_jsonl_tolerant(self.path)
+        return _complete_rows(self.path)
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
@@ -111,7 +102,7 @@ def read_items(synth_dir: Path, strategies: list[str] | None = None, current_sha
     for path in sorted(Path(synth_dir).glob("*.jsonl")):
         if strategies and path.stem not in strategies:
             continue
-        for row in read_jsonl_tolerant(path):
+        for row in _complete_rows(path):
             shas = row.get("chunk_sha256") or []
             if current_shas is not None and not set(shas if isinstance(shas, list) else [shas]) <= current_shas:
                 continue

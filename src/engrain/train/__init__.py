@@ -4,8 +4,9 @@
 - ``replay``       general data mixed in against forgetting
 - ``distill``      teacher targets: the base model reading the source chunks, or the base model itself on replay
 - ``packing``      examples packed into rows, and the loss of a batch
+- ``plan``         what a run will do (examples, split, steps, tokens) and the ``--dry-run`` report
 - ``validation``   validation loss and the share of held-out facts answered
 - ``checkpoints``  checkpoints, resume, and the finished memory saved by its kind
-- ``loop``         ``train()``: the loop that ties them together
+- ``loop``         ``train()``: resume or start, the optimizer steps, evaluation, the kept weights saved
 - ``kernels/``     the trainer's fast paths (packed attention, the fused head loss, LoRA layers, casts)
 """

@@ -8,10 +8,10 @@ Validation holds out whole facts (``fact_group``): every wording of a held-out f
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from ..models import DEFAULT_SYSTEM, chat_messages, chat_prompt, end_of_turn
 from ..workspace import Workspace
 
@@ -91,19 +91,11 @@ def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:
         raise EngrainError(f"No synthetic data: {ws.synth_dir} holds no *.jsonl files.",
                            hint=f"Make some first: engrain synth -w {ws.root}")
     items: list[tuple[str, dict]] = []
+    hint = "Fix or delete that line, or regenerate the file with engrain synth."
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    item = json.loads(line)
-                except ValueError as exc:
-                    raise EngrainError(f"{where}: not valid JSON ({exc}).",
-                                       hint="Fix or delete that line, or regenerate the file with engrain synth.")
-                _check_item(item, where)
-                items.append((str(item.get("id") or f"{path.name}:{lineno}"), item))
+        for lineno, item in read_jsonl(path, hint=hint):
+            _check_item(item, f"{path}:{lineno}")
+            items.append((str(item.get("id") or f"{path.name}:{lineno}"), item))
     if not items:
         raise EngrainError(f"The synthetic data in {ws.synth_dir} is empty ({', '.join(p.name for p in files)}).",
                            hint=f"Regenerate it: engrain synth -w {ws.root}")

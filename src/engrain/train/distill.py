@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..jsonl import read_jsonl
 from ..memory.rag import render_chunks
 from ..models import LM, context_question
 from ..models.fastgen import common_start
@@ -78,11 +79,7 @@ def _read_cache(path: Path) -> dict[str, dict]:
     """key -> record; a line torn by a crash (the last one) is skipped and recomputed."""
     done: dict[str, dict] = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+        for _, rec in read_jsonl(path, skip_bad=True):
             done[rec["key"]] = rec
     return done
 

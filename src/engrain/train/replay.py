@@ -7,13 +7,13 @@ base model's top-k distribution (``distill.self_targets``).
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from ..atomic import write_jsonl
 from ..config import TrainConfig
 from ..errors import EngrainError
+from ..jsonl import read_jsonl
 from ..models import LM
 from ..progress import note
 from ..workspace import Workspace
@@ -21,7 +21,9 @@ from .data import Example, encode_item, file_safe
 
 
 def _data_file(name: str) -> Path | None:
-    path = Path(__file__).resolve().parent / "data" / name
+    from importlib import resources
+
+    path = Path(str(resources.files("engrain").joinpath("data", name)))
     return path if path.is_file() else None
 
 
@@ -43,7 +45,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int) -> list[dict]
         return []
     cache = ws.root / "train" / "replay" / f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
     if cache.is_file():
-        rows = [json.loads(line) for line in cache.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [row for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again.")]
         if len(rows) == len(prompts):
             return rows
     note(f"engrain: generating self-distillation replay data ({len(prompts)} general prompts, once; cached in {cache})")

@@ -2,10 +2,9 @@
 
 The plain way (``logits = lm_head(h)``, then cross-entropy) holds the whole (positions x vocabulary) logits tensor
 several times over: the logits, their fp32 copy, the log-softmax and, in the backward pass, its gradient. With
-SmolLM2's 49,152-token vocabulary a 1,024-token row makes each fp32 copy up to 200 MB. On the 2 CPU cores here,
-fusing made the bf16 LoRA step 1.25x faster with glibc's default allocator and no faster once the process keeps
-freed memory (``train.keep_freed_memory``; ``python bench/bench_step_parts.py lora 3 [--glibc-default]``): most
-of what it saved was fresh memory, and it still keeps the step's peak memory down.
+a large vocabulary a long row makes each copy hundreds of megabytes. Fusing saves most of that fresh memory and keeps
+the step's peak memory down; what it buys in time depends on the allocator (``train.loop.keep_freed_memory``):
+``python bench/bench_step_parts.py lora 3 [--glibc-default]`` measures it, and docs/performance.md holds the result.
 
 Here the head runs on ``CHUNK`` positions at a time, and each slice's gradient is taken at once: softmax minus the
 target distribution, pushed back through the head. What the backward pass keeps is only the gradient of the hidden

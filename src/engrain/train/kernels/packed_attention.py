@@ -2,8 +2,8 @@
 
 A packed row holds several examples one after another; position ids restart at 0 where an example starts.
 Transformers turns that into a block-diagonal causal mask and hands it to SDPA, which on a CPU computes the whole
-row x row score matrix and throws most of it away: a 1,024-token row of 70-token examples pays for ~15x the
-attention it uses. Here each example's causal block is computed alone, so attention costs the sum of the squared
+row x row score matrix and throws most of it away: a row of many short examples pays many times the attention it
+uses. Here each example's causal block is computed alone, so attention costs the sum of the squared
 example lengths instead of the squared row length. Examples of similar length are zero-padded into one batch
 (``_grouped_row``): one attention call per group, not one per example; in bf16 short groups take a plain
 matmul-softmax-matmul form that beat SDPA's kernels there (``uses_plain_attention``).
