@@ -372,6 +372,44 @@ def train(
 
 
 @app.command()
+def update(
+    workspace: WorkspaceOpt = DEFAULT_WS,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="the trained memory (folder under memories/) to "
+                                                                   "update; default: train.name, else train.memory")] = None,
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="start an interrupted update over although the corpus or "
+                                                        "settings changed since")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Teach a trained memory the documents added or changed since it was trained (after `engrain ingest`), with
+    rehearsal of what it learned; resumes an interrupted update. Removed documents are reported, not unlearned."""
+    from .config import load_config
+    from .train.update import update as run_update
+    from .workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    cfg = load_config(ws.config_path)
+    # --memory names a folder, taken as written (a memory saved under a kind's old name keeps that folder name).
+    summary = run_update(ws, cfg, model or cfg.model.name, name=memory, force=force, show_progress=not as_json)
+    if as_json:
+        emit_json(summary)
+        return
+    record = summary["update"]
+    docs = record["documents"]
+    removed = f", {len(docs['removed'])} {docs['removed_note']}" if docs["removed"] else ""
+    if summary.get("nothing_to_do"):
+        console.print(f"{summary['out']} has learned every document of the corpus; nothing to update")
+    elif "steps" not in record:
+        console.print(f"updated [bold]{summary['memory']}[/bold] without training: {len(docs['new'])} new, "
+                      f"{len(docs['changed'])} changed documents with nothing to train on{removed}")
+    else:
+        items = record["items"]
+        console.print(f"updated [bold]{summary['memory']}[/bold]: {len(docs['new'])} new, {len(docs['changed'])} "
+                      f"changed documents{removed}; {record['steps']} steps on {items['new']} new and "
+                      f"{items['rehearsed']} rehearsed items, {record['seconds']:.0f} s -> {summary['out']}")
+
+
+@app.command()
 def export(
     workspace: WorkspaceOpt = DEFAULT_WS,
     memory: Annotated[str, typer.Option("--memory", help="the trained memory to export (lora or full)")] = "lora",

@@ -111,6 +111,12 @@ class TrainConfig(Section):
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
                                                              "loss (0 = off, 1 = distillation alone)")
     distill_top_k: int = Field(32, ge=1, description="teacher tokens kept per position")
+    # `engrain update`: a trained memory taught the documents added or changed since it was trained
+    update_epochs: float = Field(2.0, gt=0, description="passes over the new and changed documents' items")
+    # Training on the new items alone pulls the weights toward them and overwrites what the memory knew; mixing
+    # in a sample of its earlier items (rehearsal) keeps those facts in the gradient while the new ones are learnt.
+    update_rehearsal: float = Field(0.5, ge=0.0, lt=1.0, description="share of the update's items drawn from the "
+                                                                     "documents the memory already learned")
     # LoRA
     lora_rank: int = 16
     lora_alpha: float = 32.0

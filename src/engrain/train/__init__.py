@@ -8,5 +8,6 @@
 - ``validation``   validation loss and the share of held-out facts answered
 - ``checkpoints``  checkpoints, resume, and the finished memory saved by its kind
 - ``loop``         ``train()``: resume or start, the optimizer steps, evaluation, the kept weights saved
+- ``update``       ``engrain update``: a trained memory taught the new and changed documents, with rehearsal
 - ``kernels/``     the trainer's fast paths (packed attention, the fused head loss, LoRA layers, casts)
 """

@@ -105,3 +105,18 @@ def save_memory(ws: Workspace, name: str, kind, module, meta: dict) -> Path:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def recover_memory(ws: Workspace, name: str) -> None:
+    """Put back a memory that ``save_memory`` moved aside when a kill came between its two renames (the only moment
+    without a memory folder), and drop leftovers of interrupted saves."""
+    from ..memory.parametric import META_FILE
+
+    if not ws.memories_dir.is_dir():
+        return
+    final = ws.memory_dir(name)
+    for old in sorted(ws.memories_dir.glob(f".{name}.old-*")):
+        if not final.exists() and (old / META_FILE).is_file():
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)

@@ -102,6 +102,35 @@ def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:
     return items
 
 
+def item_shas(item: dict) -> list[str]:
+    """Content hashes of the chunks an item was made from (none for an item written by hand)."""
+    shas = item.get("chunk_sha256") or []
+    return [shas] if isinstance(shas, str) else list(shas)
+
+
+def synthesised_chunks(ws: Workspace) -> set[str]:
+    """Content hashes of the chunks synthesis has finished, by any strategy (``WS/synth/progress``)."""
+    folder = ws.synth_dir / "progress"
+    paths = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    return {row["key"] for path in paths for _, row in read_jsonl(path, skip_bad=True, tolerate_torn_tail=True)
+            if isinstance(row, dict) and "key" in row}
+
+
+def learned_documents(ws: Workspace, trained: set[str]) -> dict[str, str]:
+    """{document id: content hash} of the corpus documents a memory trained on the chunks ``trained`` (content
+    hashes) has learned: each of their chunks was trained on, or synthesis finished it without an item (a chunk
+    with nothing to ask about would otherwise keep its document new forever). Empty without a corpus."""
+    from ..corpus.schema import read_chunks, read_documents
+
+    if not ws.documents_path.is_file() or not ws.chunks_path.is_file():
+        return {}
+    covered = set(trained) | synthesised_chunks(ws)
+    by_doc: dict[str, set[str]] = {}
+    for chunk in read_chunks(ws):
+        by_doc.setdefault(chunk.doc_id, set()).add(chunk.sha256)
+    return {d.id: d.sha256 for d in read_documents(ws) if by_doc.get(d.id, set()) <= covered}
+
+
 def is_validation(key: str, fraction: float) -> bool:
     """A stable split: the same item is held out whatever the file order or the number of processes."""
     return _unit_hash(key) < fraction

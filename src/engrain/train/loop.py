@@ -27,6 +27,7 @@ from .checkpoints import (
     checkpoints,
     config_diff,
     load_checkpoint,
+    recover_memory,
     run_dir,
     save_checkpoint,
     save_memory,
@@ -50,9 +51,14 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# Settings only `engrain update` reads: they change nothing `engrain train` computes, so a memory trained before
+# they existed, or with other values, is still the same training run.
+UPDATE_KEYS = ("update_epochs", "update_rehearsal")
+
+
 def run_config(cfg: TrainConfig, lm: LM) -> dict:
     """The settings a resume must match: the train section plus the base model."""
-    return {**cfg.model_dump(), "base_model": lm.name}
+    return {**{k: v for k, v in cfg.model_dump().items() if k not in UPDATE_KEYS}, "base_model": lm.name}
 
 
 def bf16_autocast(device: str, enabled: bool):
@@ -125,6 +131,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
     if dry_run:
         return dry_run_report(ws, lm, kind, cfg, plan, lr, packing, accelerator.device)
 
+    recover_memory(ws, name)
     resume_from = resume_point(ws, name, runcfg, force, accelerator)
     run = Run(ws, name, kind, cfg, lm, plan, runcfg, accelerator, packing, lr, show)
     if resume_from is not None:
@@ -345,11 +352,13 @@ class Run:
                 save_file(best.weights, str(ck / "best.safetensors"))
         self.accelerator.wait_for_everyone()
 
-    def finish(self) -> dict:
-        """The kept weights (the best evaluation's, with keep_best) saved as the memory; returns the summary."""
+    def finish(self, meta: dict | None = None) -> dict:
+        """The kept weights (the best evaluation's, with keep_best) saved as the memory; returns the summary.
+        ``meta`` (from ``engrain update``) is laid over the summary before it is saved."""
         import torch
 
         from ..memory.parametric import model_fingerprint
+        from .data import learned_documents
 
         seconds = time.time() - self.t_start
         module = self.accelerator.unwrap_model(self.model)
@@ -372,7 +381,10 @@ class Run:
                    "kept_weights_of_step": best.step if kept_best else self.step,
                    "trainable_params": sum(p.numel() for p in self.params), "processes": self.world,
                    "bf16": self.bf16, "packing": self.packing, "data": self.plan.summary(), "config": self.runcfg,
-                   "out": str(self.ws.memory_dir(self.name))}
+                   "out": str(self.ws.memory_dir(self.name)),
+                   # What `engrain update` compares with the corpus to find new, changed and removed documents.
+                   "learned_documents": learned_documents(self.ws, self.plan.sources),
+                   **(meta or {})}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             save_memory(self.ws, self.name, self.kind, module, summary)

@@ -12,7 +12,14 @@ from ..errors import EngrainError
 from ..models import LM
 from ..progress import note
 from ..workspace import Workspace
-from .data import IGNORE, Example, encode_item, read_synthetic, split_examples
+from .data import (
+    IGNORE,
+    Example,
+    encode_item,
+    item_shas,
+    read_synthetic,
+    split_examples,
+)
 from .packing import (
     collate,
     epoch_rows,
@@ -37,6 +44,7 @@ class Plan:
     loss_tokens_per_epoch: int
     truncated: int
     extra: dict = field(default_factory=dict)
+    sources: set[str] = field(default_factory=set)  # content hashes of the chunks the synthetic items come from
 
     def summary(self) -> dict:
         return {"examples": len(self.train), "synthetic": self.n_synth, "replay": self.n_replay,
@@ -47,10 +55,11 @@ class Plan:
 
 
 def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool, *, teacher: bool = True,
-              show: bool = True) -> Plan:
-    """The run's data and size. With ``cfg.distill`` > 0 and ``teacher``, the training examples get their teacher
-    targets (computed with ``lm`` before any memory is attached, or read from the workspace's cache)."""
-    items = read_synthetic(ws)
+              show: bool = True, items: list[tuple[str, dict]] | None = None) -> Plan:
+    """The run's data and size: ``items`` (key, item), every synthetic item of the workspace when None. With
+    ``cfg.distill`` > 0 and ``teacher``, the training examples get their teacher targets (computed with ``lm``
+    before any memory is attached, or read from the workspace's cache)."""
+    items = read_synthetic(ws) if items is None else items
     examples = [encode_item(lm.tokenizer, item, key) for key, item in items]
     train, val = split_examples(examples, dict(items), cfg.val_fraction, cfg.val_max)
     extra = {}
@@ -81,7 +90,8 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
                 steps=steps, steps_per_epoch=spe,
                 train_tokens_per_epoch=sum(min(len(e.ids), cfg.seq_len) for e in train),
                 loss_tokens_per_epoch=sum(e.n_loss for e in train),
-                truncated=sum(1 for e in train if len(e.ids) > cfg.seq_len), extra=extra)
+                truncated=sum(1 for e in train if len(e.ids) > cfg.seq_len), extra=extra,
+                sources={sha for _, item in items for sha in item_shas(item)})
 
 
 def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr: float, packing: bool,
