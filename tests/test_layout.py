@@ -1,5 +1,5 @@
 """The source tree stays readable: no import cycle between engrain's modules (counting imports inside functions, which
-is where cycles hide), and no module grows past the size a reader can hold."""
+is where cycles hide), and no module or function grows past the size a reader can hold."""
 
 from __future__ import annotations
 
@@ -93,3 +93,17 @@ def test_modules_stay_short():
     too_long = {name: n for name, path in modules().items()
                 if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES and name not in ALLOWED_LONG}
     assert too_long == {}, f"split these modules into named steps, or say at their top why not: {too_long}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_functions_stay_short():
+    """A function a reader follows top to bottom; a longer one is split into named steps."""
+    too_long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name} ({n} lines)")
+    assert too_long == []
