@@ -101,7 +101,7 @@ class TrainConfig(Section):
     keep_best: bool = Field(True, description="save the weights of the best validation (held-out facts answered, "
                                               "then loss) instead of the last")
     # replay against forgetting
-    replay_share: float = Field(0.1, description="share of general data in the training mix (0 = none)")
+    replay_share: float = Field(0.3, description="share of general data in the training mix (0 = none); experiments/knowledge measures what it keeps and costs")
     replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
                                       description="self_distill and/or general_text")
     replay_max_new_tokens: int = 96
