@@ -40,3 +40,13 @@ def test_results_doc_is_what_the_results_say():
     tables = _tables()
     assert (ROOT / "docs" / "results.md").read_text() == tables.render(), \
         "docs/results.md is out of date: run python experiments/tables.py"
+
+
+def test_run_script_prints_each_rows_command():
+    import subprocess
+    import sys
+
+    for i, row in enumerate(yaml.safe_load((ROOT / "experiments/knowledge/rows.yaml").read_text())["rows"], 1):
+        out = subprocess.run([sys.executable, str(ROOT / "experiments/run.py"), "knowledge", str(i), "--print"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == " ".join(row["command"].split())
