@@ -51,14 +51,18 @@ def score_answers(by_id: dict[str, str], questions: list[Question], label: str) 
 def read_run(spec: str, questions: list[Question]) -> Scored:
     """``FILE:METHOD`` scored on ``questions``."""
     path, method = split_spec(spec)
+    return score_answers(answers_of(load_results(path), method, str(path)), questions, f"{path.parent.name}:{method}")
+
+
+def load_results(path: Path) -> dict:
+    """A results.json, or an EngrainError saying what is wrong with it."""
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EngrainError(f"{path} does not exist.", hint="Name a results.json written by `engrain compare`.") from None
     except json.JSONDecodeError as exc:
         raise EngrainError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}).",
                            hint="Name a results.json written by `engrain compare`.") from None
-    return score_answers(answers_of(results, method, str(path)), questions, f"{path.parent.name}:{method}")
 
 
 def paired_rows(reference: Scored, runs: list[Scored]) -> list[dict]:
@@ -99,12 +103,7 @@ def markdown(table: dict) -> str:
 def check_reference(spec: str) -> None:
     """Fail before any model loads when ``FILE:METHOD`` cannot be read."""
     path, method = split_spec(spec)
-    if not path.is_file():
-        raise EngrainError(f"{path} does not exist.", hint="Name a results.json written by `engrain compare`.")
-    try:
-        answers_of(json.loads(path.read_text(encoding="utf-8")), method, str(path))
-    except json.JSONDecodeError as exc:
-        raise EngrainError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}).") from None
+    answers_of(load_results(path), method, str(path))
 
 
 def run_against(results: dict, questions: list[Question], reference_spec: str) -> dict:
