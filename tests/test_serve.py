@@ -85,13 +85,29 @@ def test_only_memories_that_can_open_are_listed(tmp_path, tiny_lm, ws):
     assert list(Engine(partial, tiny_lm).served) == ["part:base", "part:context"]
 
 
-def test_adapters_share_the_base_weights(server):
-    """One base model in memory: the LoRA memory adds only its adapter's tensors."""
-    engine = server.engine
-    base = sum(p.numel() * p.element_size() for n, p in engine.lm.model.named_parameters() if "lora_" not in n)
-    lora = sum(p.numel() * p.element_size() for n, p in engine._peft.named_parameters() if "lora_" in n)
-    assert lora > 0
-    assert engine.weight_bytes() < 1.5 * base  # a second copy of the weights would double it
+def test_lora_is_merged_by_default_and_shares_the_base_weights_as_adapters(server, ws, tiny_lm):
+    """By default a LoRA memory is folded into its own copy of the weights (answers at the base model's speed); with
+    lora_adapters it adds only its adapter's tensors to the one base model. Both give the same logits."""
+    import torch
+
+    from engrain.serve.engine import Engine
+
+    merged = server.engine
+    base = sum(p.numel() * p.element_size() for p in merged.lm.model.parameters())
+    assert merged._peft is None and not any("lora_" in n for n, _ in merged.modules["lora"].named_parameters())
+    assert 1.8 * base < merged.weight_bytes() < 2.2 * base  # one more copy, for the one LoRA memory
+    shared = Engine(ws, tiny_lm, lora_adapters=True)
+    lora = sum(p.numel() * p.element_size() for n, p in shared._peft.named_parameters() if "lora_" in n)
+    assert lora > 0 and "lora" not in shared.modules
+    assert shared.weight_bytes() < 1.5 * base  # a second copy of the weights would double it
+    ids = torch.tensor([shared.encode("The Varn lighthouse")])
+    with merged.weights("lora") as m, torch.no_grad():
+        folded = m(input_ids=ids).logits
+    with shared.weights("lora") as m, torch.no_grad():
+        adapted = m(input_ids=ids).logits
+    with shared.weights("base") as m, torch.no_grad():
+        plain = m(input_ids=ids).logits
+    assert torch.allclose(folded, adapted, atol=1e-4) and not torch.allclose(folded, plain, atol=1e-4)
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["weights_mb"] > 0 and health["rss_mb"] > 0
 

@@ -7,13 +7,16 @@ kept in ``skipped`` with the reason, so the server can say why a memory is missi
 
 Weights are shared, not copied, wherever the memory allows it:
 
-- LoRA memories (any folder whose kind is ``lora``) are adapters of ONE PEFT model wrapped around the base
-  model; a batch activates its adapter with ``set_adapter`` (vLLM's multi-LoRA, on one process). Base-model
-  requests run with the adapters disabled.
+- LoRA memories (any folder whose kind is ``lora``) are, by default, merged: the adapter folded into a copy of
+  the base weights, so its requests decode at the base model's speed with no low-rank matmuls per layer
+  (``bench/bench_lora_answer.py`` times both), for one more copy of the weights per LoRA memory. With
+  ``lora_adapters`` they are instead adapters of ONE PEFT model wrapped around the base model, a batch
+  activating its adapter with ``set_adapter`` (vLLM's multi-LoRA, on one process), and base-model requests run
+  with the adapters disabled: many LoRA memories in the memory of one model, each answering more slowly.
 - ``prefix`` and ``memory_layer`` memories change the module tree (a KV prefix around it, memory layers inside
   it), so each gets its own module tree whose parameters are the base model's tensors (a deep copy that shares
   every parameter and buffer): the extra memory is the memory's own weights only.
-- ``full`` replaces every weight, so it alone holds a second copy.
+- ``full`` replaces every weight, so it holds a second copy (as a merged LoRA memory does).
 
 ``weight_bytes()`` counts the distinct tensors behind all of these, which is how the sharing is checked.
 """
@@ -66,15 +69,16 @@ class Engine:
     adapter is process-wide state.
     """
 
-    def __init__(self, ws: Workspace, lm: LM, *, log=None) -> None:
+    def __init__(self, ws: Workspace, lm: LM, *, log=None, lora_adapters: bool = False) -> None:
         self.ws = ws
+        self.lora_adapters = lora_adapters
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.prefix = workspace_model_prefix(ws)
         self.log = log or (lambda msg: None)
         self.served: dict[str, Served] = {}
         self.skipped: dict[str, str] = {}
-        self.modules: dict[str, object] = {}  # trained memory name -> module (not lora: those live in _peft)
+        self.modules: dict[str, object] = {}  # trained memory name -> module (adapters live in _peft)
         self.kinds: dict[str, str] = {}  # trained memory name -> kind
         self._peft = None
         self.context = None  # ContextMemory: its document prefix and cached KV
@@ -162,14 +166,17 @@ class Engine:
         from ..memory.parametric import check_base, get_kind
 
         folder = self.ws.memory_dir(name)
-        if kind == "lora":
+        if kind == "lora" and self.lora_adapters:
             check_base(self.lm.model, folder)
             self._load_adapter(name, folder)
             return
         impl = get_kind(kind)
-        # `full` overwrites every weight in place, so it needs its own copy; the others only add modules.
-        base = copy.deepcopy(self.lm.model) if kind == "full" else shared_copy(self.lm.model)
+        # `full` and a merged LoRA overwrite every weight, so they need their own copy; the others only add modules.
+        own_copy = kind == "full" or kind == "lora"
+        base = copy.deepcopy(self.lm.model) if own_copy else shared_copy(self.lm.model)
         module = impl.load(base, self.tokenizer, folder)
+        if kind == "lora":
+            module = impl.merged_for_answering(module)
         module.eval()
         self.modules[name] = module
 
