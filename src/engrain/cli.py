@@ -24,6 +24,8 @@ console = Console(stderr=True)
 
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", help="workspace folder")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="base model: embedded default, folder, .gguf or hub id")]
+ExcludeQuestionsOpt = Annotated[Optional[list[Path]], typer.Option("--exclude-questions", help="benchmark questions.jsonl "
+                                                                  "to keep out of synthesis (repeatable)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object with the step's summary on stdout")]
 ProbeFormOpt = Annotated[str, typer.Option("--probe-form", help="how cloze probes are asked: continuation (the sentence "
                                            "start as plain text, as the data sets intend) or chat (an instruction in "
@@ -141,6 +143,9 @@ def compare(
     against: Annotated[Optional[str], typer.Option("--against", help="FILE:METHOD from an earlier run: every method "
                                                                      "here is also tested against it, question by "
                                                                      "question")] = None,
+    arrivals: Annotated[Optional[int], typer.Option("--arrivals", help="the documents arrive in N batches: the trained "
+                                                    "method is trained on the first and updated on each next "
+                                                    "(engrain update), then held to a rebuild")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
@@ -165,11 +170,16 @@ def compare(
     lm = load_model(model_spec(workspace, model))
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
-                          scaling=scaling, docs=docs, probe_form=probe_form)
+                          scaling=scaling, docs=docs, probe_form=probe_form, arrivals=arrivals)
     print_results(results, out_dir)
     if against is not None:
-        results["against"] = test_against(results, bench, docs, against)
         from .atomic import write_json
+        from .evaluate.bench import load_bench
+        from .evaluate.paired import markdown, run_against
+
+        questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+        results["against"] = run_against(results, questions, against)  # each method against FILE:METHOD
+        console.print(markdown(results["against"]))
 
         write_json(out_dir / "results.json", results)
     if as_json:
@@ -192,17 +202,6 @@ def print_results(results: dict, out_dir: Path) -> None:
                       f"{r['build_s']:.0f}", fmt_paired(r["vs_base"]))
     console.print(table)
     console.print(f"report: {out_dir / 'report.html'}")
-
-
-def test_against(results: dict, bench: Path, docs: int | None, reference: str) -> dict:
-    """The run's methods tested against ``FILE:METHOD``; printed, and returned for results.json's ``against``."""
-    from .evaluate.bench import load_bench
-    from .evaluate.paired import markdown, run_against
-
-    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
-    table = run_against(results, questions, reference)
-    console.print(markdown(table))
-    return table
 
 
 @app.command()
@@ -313,7 +312,7 @@ def synth(
     generator_model: Annotated[Optional[str], typer.Option("--generator-model", help="model name for an HTTP generator")] = None,
     model: ModelOpt = None,
     per_chunk: Annotated[Optional[int], typer.Option("--per-chunk", help="accepted items per chunk per model strategy")] = None,
-    exclude_questions: Annotated[Optional[list[Path]], typer.Option("--exclude-questions", help="benchmark questions.jsonl to keep out (repeatable)")] = None,
+    exclude_questions: ExcludeQuestionsOpt = None,
     grounding: Annotated[Optional[str], typer.Option("--grounding", help="off | lenient | strict")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan and estimates; generate nothing")] = False,
@@ -379,6 +378,7 @@ def update(
     model: ModelOpt = None,
     force: Annotated[bool, typer.Option("--force", help="start an interrupted update over although the corpus or "
                                                         "settings changed since")] = False,
+    exclude_questions: ExcludeQuestionsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Teach a trained memory the documents added or changed since it was trained (after `engrain ingest`), with
@@ -390,7 +390,8 @@ def update(
     ws = Workspace.at(workspace)
     cfg = load_config(ws.config_path)
     # --memory names a folder, taken as written (a memory saved under a kind's old name keeps that folder name).
-    summary = run_update(ws, cfg, model or cfg.model.name, name=memory, force=force, show_progress=not as_json)
+    summary = run_update(ws, cfg, model or cfg.model.name, name=memory, force=force, show_progress=not as_json,
+                         exclude_questions=exclude_questions)
     if as_json:
         emit_json(summary)
         return
@@ -451,13 +452,15 @@ def serve(
     model: ModelOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="most requests of one memory in a forward pass")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens-limit", help="largest max_tokens a request may ask")] = 512,
+    lora_adapters: Annotated[bool, typer.Option("--lora-adapters", help="LoRA memories as adapters of one model: less "
+                                                                        "memory, slower answers (default: merged)")] = False,
 ) -> None:
     """Serve every memory of the workspace as an OpenAI-compatible API, with a playground page at /."""
     from .serve.app import check_bind, serve as run_server
 
     check_bind(host, api_key)
     run_server(workspace, model_spec(workspace, model), host=host, port=port, api_key=api_key, max_batch=max_batch,
-               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False))
+               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False), lora_adapters=lora_adapters)
 
 
 def main() -> None:

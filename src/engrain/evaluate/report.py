@@ -180,7 +180,58 @@ def plots(results: dict) -> dict[str, str]:
             ax.legend(fontsize=8)
         fig.suptitle("Cost as the corpus grows")
         out["scaling"] = _png(fig)
+    if results.get("arrivals"):
+        out["retention"] = _png(retention_figure(results["arrivals"]))
     return out
+
+
+def retention_figure(scenario: dict):
+    """Accuracy on each batch after every arrival (a batch's line starts at its own arrival), the rebuild on all
+    documents for reference, and general QA's change beside it."""
+    import matplotlib.pyplot as plt
+
+    steps = scenario["steps"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for b in range(1, len(steps) + 1):
+        xs = [s["arrival"] for s in steps if str(b) in s["by_batch"]]
+        ax.plot(xs, [s["by_batch"][str(b)]["contains"] for s in steps if str(b) in s["by_batch"]], marker="o",
+                label=f"batch {b}")
+    ax.axhline(scenario["rebuild"]["contains"], color="gray", linestyle="--", linewidth=1, label="rebuild, all")
+    ax.set_xlabel("after arrival")
+    ax.set_ylabel("contains")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("Retention")
+    bx.bar([s["arrival"] for s in steps], [100 * s["forgetting"]["general_qa_delta"] for s in steps], color="#C44E52")
+    bx.axhline(0, color="black", linewidth=0.8)
+    bx.set_xlabel("after arrival")
+    bx.set_ylabel("general QA change (points)")
+    bx.set_title("Forgetting")
+    return fig
+
+
+def arrivals_markdown(scenario: dict) -> list[str]:
+    """The scenario's table: one row per arrival, the rebuild, and the measures it is held to."""
+    steps = scenario["steps"]
+    n = len(steps)
+    lines = ["## Arrivals", "", f"The documents arrived in {n} batches; the `{scenario['memory']}` memory was trained "
+             "on the first and updated on each next (`engrain update`). Accuracy (contains) on each batch's questions "
+             "after every arrival:", "",
+             "| after arrival | documents | seconds | train tokens | " + " | ".join(f"batch {b}" for b in range(1, n + 1))
+             + " | all so far | general QA Δ | ppl ratio |", "|---" * (n + 7) + "|"]
+    for s in steps:
+        cells = [_cell(s["by_batch"].get(str(b))) for b in range(1, n + 1)]
+        lines.append(f"| {s['arrival']} | {len(s['documents'])} | {s['seconds']:.0f} | {s.get('train_tokens') or ''} | "
+                     + " | ".join(cells) + f" | {s['seen']['contains']:.3f} | "
+                     f"{100 * s['forgetting']['general_qa_delta']:+.1f} | {s['forgetting']['perplexity_ratio']:.2f} |")
+    ref = scenario["rebuild"]
+    lines += ["", f"Rebuilt from nothing on all documents: contains {ref['contains']:.3f} {_fmt_ci(ref['contains_ci'])}, "
+              f"{ref['seconds']:.0f} s, general QA {100 * ref['forgetting']['general_qa_delta']:+.1f} points; the "
+              f"updated memory against it: {fmt_paired(scenario['updated_vs_rebuild'])}.", "",
+              "| measure | value |", "|---|---|"]
+    for key, value in scenario["measures"].items():
+        lines.append(f"| {key.replace('_', ' ')} | {'' if value is None else f'{value:.3f}'} |")
+    return lines + [""]
 
 
 PROBE_FORM_WORDS = {"continuation": "the sentence start as plain text, continued by the model",
@@ -220,6 +271,8 @@ def markdown(results: dict) -> str:
     lines += ["", "## By tag", "", "| method | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(m["by_tag"].get(t)) for t in tags) + " |")
+    if results.get("arrivals"):
+        lines += [""] + arrivals_markdown(results["arrivals"])
     if results.get("examples"):
         lines += ["", "## Examples", ""]
         for ex in results["examples"]:
@@ -268,6 +321,8 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
                     f"<td>{r['prompt_tokens']:.0f}</td><td>{r['build_s']:.0f}</td><td>{r['disk_mb']:.1f}</td>"
                     f"<td>{r['peak_rss_mb']:.0f}</td><td>{gq}</td><td>{pr}</td><td>{fmt_paired(r['vs_base'])}</td></tr>")
     body.append("</table>")
+    if results.get("arrivals"):  # the scenario's table as text; its retention plot is among the images
+        body.append(f"<pre>{html.escape(chr(10).join(arrivals_markdown(results['arrivals'])))}</pre>")
     for name, data in images.items():
         body.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img alt='{name}' src='data:image/png;base64,{data}'>")
     if results.get("examples"):

@@ -35,19 +35,15 @@ def parse_methods(text: str) -> list[str]:
 def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_dir: Path, lm: LM, *,
                 limit: int | None = None, latency_sample: int = 10, seed: int = 0, rebuild: bool = False,
                 measure_forgetting: bool = True, max_new_tokens: int = 48, scaling: bool = False,
-                docs: int | None = None, probe_form: str = "continuation") -> dict:
+                docs: int | None = None, probe_form: str = "continuation", arrivals: int | None = None) -> dict:
     """Run the comparison and write results.json + report; returns the results dict. ``probe_form`` says how
-    cloze probes are asked: "continuation" (the sentence start as plain text) or "chat" (an instruction)."""
+    cloze probes are asked: "continuation" (the sentence start as plain text) or "chat" (an instruction).
+    ``arrivals`` runs the sequential scenario instead of one build (``arrivals.py``) for the trained method."""
     import torch
 
     check_probe_form(probe_form)  # before anything is built
     torch.manual_seed(seed)
-    bench = load_bench(bench_dir)
-    if docs:
-        bench = bench.first_docs(docs)
-        console.print(f"{bench.name}: the first {docs} documents and the {len(bench.questions)} questions they answer")
-    if limit:
-        bench.questions = bench.questions[:limit]
+    bench = select_bench(bench_dir, docs, limit)
     warnings: list[str] = []
     runs: list[MethodRun] = []
     base_cache: dict = {}
@@ -56,7 +52,16 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     weights_forgot: dict[str, dict] = {}  # trained memory kind -> its forgetting
     from ..pipeline import prepare  # builds corpus / index / synthetic data / trained memories as needed
 
+    scenario = None
+    if arrivals is not None:
+        from .arrivals import check_method, run_arrivals
+
+        scenario, final = run_arrivals(bench, workspace, check_method(methods), lm, arrivals, seed=seed,
+                                       probe_form=probe_form, max_new_tokens=max_new_tokens, rebuild=rebuild)
     for name in methods:
+        if scenario is not None and name == final.name:
+            runs.append(final)
+            continue
         console.rule(f"[bold]{name}")
         build = prepare(name, workspace, bench, lm, rebuild=rebuild, seed=seed, stage_times=stage_times)
         memory = open_memory(name, workspace, lm)
@@ -87,22 +92,40 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
         console.print(f"leak check: {leak['items_checked']} synthetic items, no benchmark text")
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
                 "latency_sample": latency_sample, "max_new_tokens": max_new_tokens, "probe_form": probe_form,
-                "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                "arrivals": arrivals, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir),
                 "config": load_config(workspace.config_path).model_dump()}  # what every stage was built with
     results = results_json(bench, lm.name, runs, seed, settings, warnings, probe_form=probe_form)
     results["leak_check"] = leak
+    if scenario is not None:
+        results["arrivals"] = scenario
     if scaling:
-        from .compare import question_text
-        from .scaling import scaling_study
-
-        trained = [m for m in methods if m in TRAINED][:1]
-        curve_methods = [m for m in ("context", "rag") if m in methods] + trained
-        if curve_methods:
-            console.rule("[bold]scaling study")
-            sample = [question_text(q) for q in bench.questions[:3]]
-            results["scaling"] = scaling_study(workspace, lm, sample, curve_methods)
+        add_scaling(results, workspace, lm, bench, methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     write_report(results, out_dir)
     return results
+
+
+def select_bench(bench_dir: Path, docs: int | None, limit: int | None):
+    """The benchmark, cut to its first ``docs`` documents (and the questions they answer) and ``limit`` questions."""
+    bench = load_bench(bench_dir)
+    if docs:
+        bench = bench.first_docs(docs)
+        console.print(f"{bench.name}: the first {docs} documents and the {len(bench.questions)} questions they answer")
+    if limit:
+        bench.questions = bench.questions[:limit]
+    return bench
+
+
+def add_scaling(results: dict, workspace: Workspace, lm: LM, bench, methods: list[str]) -> None:
+    """results.json's ``scaling``: context, rag and the first trained method's cost as the corpus grows."""
+    from .compare import question_text
+    from .scaling import scaling_study
+
+    trained = [m for m in methods if m in TRAINED][:1]
+    curve_methods = [m for m in ("context", "rag") if m in methods] + trained
+    if curve_methods:
+        console.rule("[bold]scaling study")
+        sample = [question_text(q) for q in bench.questions[:3]]
+        results["scaling"] = scaling_study(workspace, lm, sample, curve_methods)

@@ -190,9 +190,11 @@ def removed_documents(meta: dict, changes: Changes) -> dict[str, str]:
 
 
 def update(ws: Workspace, config: EngrainConfig, model_spec: str | None = None, *, name: str | None = None,
-           force: bool = False, show_progress: bool = True, lm: LM | None = None) -> dict:
+           force: bool = False, show_progress: bool = True, lm: LM | None = None,
+           exclude_questions: list[Path] | None = None) -> dict:
     """Teach memory ``name`` the corpus's new and changed documents; returns the summary (the new meta, with what
-    the update did under ``update``; ``nothing_to_do`` when the corpus did not change)."""
+    the update did under ``update``; ``nothing_to_do`` when the corpus did not change). ``exclude_questions``
+    (question files) is synthesis's leak guard, as for ``engrain synth --exclude-questions``."""
     name = name or config.train.name or config.train.memory
     folder = ws.memory_dir(name)
     recover_memory(ws, name)
@@ -215,6 +217,7 @@ def update(ws: Workspace, config: EngrainConfig, model_spec: str | None = None, 
         check_model(meta, lm, folder)
         record["synth"] = {k: {"chunks_run": r["chunks_run"], "accepted": r["accepted"]}
                            for k, r in run_synth(ws, config.synth, model_spec=model_spec,
+                                                 exclude_questions=exclude_questions,
                                                  show_progress=show_progress)["strategies"].items()}
         new, earlier, stale = split_items(ws, set(changes.fresh))
         record["items"] = {"new": len(new), "earlier": len(earlier), "stale": stale}

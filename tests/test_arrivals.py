@@ -1,0 +1,106 @@
+"""`engrain compare --arrivals N`: documents arrive in batches, the memory is trained on the first and updated on
+each next, every earlier batch is re-asked after each step, and a rebuild on everything is the reference. Tiny
+model, model-free `facts` synthesis, real ingest, real training and updates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from engrain.errors import EngrainError
+from engrain.evaluate.arrivals import check_method, question_batches, split_batches
+from engrain.evaluate.bench import Question
+
+DOCS = {
+    "a-orvane": "# Orvane archive\n\nThe Orvane archive was founded by Marta Kell in 1931. Its vault opens with "
+                "code 4471.\n",
+    "b-selby": "# Selby lighthouse\n\nThe Selby lighthouse stands on Corran Point. Its keeper is Ivo Drent.\n",
+    "c-tessel": "# Tessel mill\n\nThe Tessel mill grinds barley. Its wheel was rebuilt by Anka Rho in 1978.\n",
+    "d-quarry": "# Quarry lab\n\nThe Quarry lab sits in Oskarvik and employs 38 researchers.\n",
+}
+QUESTIONS = [
+    {"id": "q1", "type": "cloze", "question": "The Orvane archive was founded by", "answers": ["Marta Kell"],
+     "docs": ["a-orvane"]},
+    {"id": "q2", "type": "cloze", "question": "The keeper of the Selby lighthouse is", "answers": ["Ivo Drent"],
+     "docs": ["b-selby"]},
+    {"id": "q3", "type": "qa", "question": "Who rebuilt the Tessel mill's wheel?", "answers": ["Anka Rho"],
+     "docs": ["c-tessel"]},
+    {"id": "q4", "type": "cloze", "question": "The Quarry lab sits in", "answers": ["Oskarvik"], "docs": ["d-quarry"]},
+    {"id": "q5", "type": "qa", "question": "Who keeps the lighthouse, and where is the lab?",
+     "answers": ["Ivo Drent"], "docs": ["b-selby", "d-quarry"]},
+]
+
+
+@pytest.fixture()
+def bench_dir(tmp_path):
+    root = tmp_path / "fourdocs"
+    (root / "docs").mkdir(parents=True)
+    for name, text in DOCS.items():
+        (root / "docs" / f"{name}.md").write_text(text)
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return root
+
+
+def test_batches_are_consecutive_and_even():
+    files = [f"d{i}.md" for i in range(7)]
+    parts = split_batches(files, 3)
+    assert [len(p) for p in parts] == [3, 2, 2] and [f for p in parts for f in p] == files
+    for bad in (1, 8):
+        with pytest.raises(EngrainError, match="--arrivals"):
+            split_batches(files, bad)
+
+
+def test_a_question_belongs_to_the_latest_batch_it_needs():
+    qs = [Question(id=q["id"], type=q["type"], question=q["question"], answers=q["answers"], docs=q["docs"])
+          for q in QUESTIONS]
+    assert question_batches(qs, [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]) == [1, 1, 2, 2, 2]
+
+
+def test_the_scenario_follows_one_memory_engrain_update_can_teach():
+    assert check_method(["base", "lora"]) == "lora"
+    for methods in (["rag"], ["lora", "full"], ["prefix"]):
+        with pytest.raises(EngrainError, match="--arrivals"):
+            check_method(methods)
+
+
+def test_arrivals_update_the_memory_measure_every_batch_and_resume(tmp_path, bench_dir, tiny_lm):
+    from engrain.evaluate.run import run_compare
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws").ensure()
+    ws.config_path.write_text(yaml.safe_dump({
+        "ingest": {"chunk_tokens": 64, "chunk_overlap": 8},
+        "synth": {"strategies": ["facts"], "facts_per_chunk": 4, "facts_orders": 1},
+        "train": {"lora_rank": 4, "lr": 5e-3, "seq_len": 128, "micro_batch": 1, "replay_share": 0.0, "epochs": 1.0,
+                  "save_every": 0, "update_epochs": 1.0, "val_fraction": 0.0}}))
+    out = tmp_path / "out"
+    results = run_compare(bench_dir, ws, ["lora"], out, tiny_lm, latency_sample=0, max_new_tokens=4, arrivals=2)
+    scenario = results["arrivals"]
+    assert scenario["batches"] == [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]
+    first, second = scenario["steps"]
+    assert set(first["by_batch"]) == {"1"} and first["by_batch"]["1"]["n"] == 2
+    assert set(second["by_batch"]) == {"1", "2"} and second["by_batch"]["2"]["n"] == 3
+    assert first["train_tokens"] > 0 and second["train_tokens"] > 0 and second["seconds"] > 0
+    assert "general_qa_delta" in second["forgetting"] and second["forgetting"]["perplexity_ratio"] > 0
+    # The updated memory learned every document; the rebuild is a separate memory trained once on all of them.
+    learned = json.loads((ws.memory_dir("lora-arrivals") / "engrain_memory.json").read_text())["learned_documents"]
+    assert sorted(learned) == sorted(DOCS)
+    assert scenario["rebuild"]["steps"] > 0 and 0 <= scenario["rebuild"]["contains"] <= 1
+    assert scenario["updated_vs_rebuild"]["n"] == len(QUESTIONS)
+    assert {"batch1_retention", "all_vs_rebuild", "update_cost_vs_first_training"} <= set(scenario["measures"])
+    # The usual tables hold the updated memory on every question.
+    assert results["methods"]["lora"]["n"] == len(QUESTIONS) and results["methods"]["lora"]["forgetting"]
+    assert results["environment"]["settings"]["arrivals"] == 2
+    assert "## Arrivals" in (out / "report.md").read_text() and (out / "retention.png").is_file()
+    # A rerun keeps the recorded steps: nothing is trained again.
+    adapter = ws.memory_dir("lora-arrivals") / "adapter_model.safetensors"
+    before = adapter.stat().st_mtime_ns
+    again = run_compare(bench_dir, ws, ["lora"], tmp_path / "out2", tiny_lm, latency_sample=0, max_new_tokens=4,
+                        arrivals=2)
+    assert adapter.stat().st_mtime_ns == before
+    assert [s["by_batch"] for s in again["arrivals"]["steps"]] == [s["by_batch"] for s in scenario["steps"]]
+    # Other batches are another scenario: refused, unless started over.
+    with pytest.raises(EngrainError, match="other batches"):
+        run_compare(bench_dir, ws, ["lora"], tmp_path / "out3", tiny_lm, latency_sample=0, arrivals=4)
