@@ -226,3 +226,24 @@ def test_leak_guard_stops_a_template_that_carries_question_text(tmp_path, monkey
     with pytest.raises(EngrainError, match="prompt template"):
         run_synth(ws, SynthConfig(strategies=["rephrase"]), generator=object(), exclude_questions=[qfile],
                   show_progress=False)
+
+
+def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
+    """synth.facts_questions: questions as people ask them, the wh-phrase where the name, number or date stood; the
+    answer is the statement, so nothing outside the chunk is claimed. Off (0) adds nothing."""
+    unit = _unit("orvik-observatory")
+    plain = facts.candidates(unit, limit=12)
+    asked = facts.candidates(unit, limit=12, questions=2)
+    assert [c.variant for c in plain] == [c.variant for c in asked if not c.variant.startswith("h")]
+    pairs = {c.messages[0]["content"]: c.messages[1]["content"] for c in asked if c.variant.startswith("h")}
+    assert pairs["Orvik Observatory was founded by whom in 1962?"] == "Orvik Observatory was founded by Ilse Marren in 1962."
+    assert "Orvik Observatory was founded by Ilse Marren in what year?" in pairs
+    assert "Orvik Observatory: About how many astronomers work there today?" in pairs
+    assert "Orvik Observatory: In what year the observatory discovered the comet Brannock?" in pairs
+    for q, a in pairs.items():  # the answer is never in the question, and every question is about one sentence
+        assert q.endswith("?") and a not in q
+    assert all(facts.is_question(c.variant) and facts.fact_of(c.variant) for c in asked if c.variant.startswith("h"))
+    kell = {c.messages[0]["content"] for c in facts.candidates(_unit("kell-telescope"), limit=0, questions=2)
+            if c.variant.startswith("h")}
+    assert "The Kell Telescope was built by whom in 1960?" in kell  # "by the Dunmore Works": no stray "the"
+    assert not any(q.split(": ")[-1].startswith("Who or what from") for q in kell)  # "Engineers" is not a name

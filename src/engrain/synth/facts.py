@@ -10,6 +10,9 @@ Per sentence of a chunk:
     answer continues from the blanked span (the shape of cloze probes), optionally in several instruction
     wordings (``synth.facts_wordings``): a memory layer trained in one wording reaches the fact mostly
     through that wording (README, "Why so few answers");
+  - with ``synth.facts_questions``, a question as people ask it about the sentence's first name, number or date
+    ("The Orvane archive was founded in what year?", answered by the statement): probes in chat form are questions,
+    not blanks or sentence starts;
   - reversed statements for relations written one way round ("A was founded by B" -> "B founded A",
     "A is the capital of B" -> "The capital of B is A"), since a model trained on "A is B's X" does not
     learn "B's X is A" (the reversal curse).
@@ -21,7 +24,7 @@ import random
 import re
 
 from .base import Candidate, Unit
-from .text import _NAME, COMMON_WORDS, names, spans, words
+from .text import _NAME, COMMON_WORDS, Span, names, spans, words
 
 NAME = "facts"
 KIND = "mixed"
@@ -120,14 +123,43 @@ def _reversals(sentence: str) -> list[tuple[str, str, str]]:
     return out
 
 
-QUESTION_PREFIXES = ("c", "k", "q")  # variants asked as questions; "s", "r", "o" are statements
+_YEAR_WORDS = {"in", "since", "until", "from", "by", "before", "after", "of"}
+_PLACE_WORDS = {"in", "at", "from", "near", "to", "into", "on", "outside", "inside"}
+
+
+def wh_question(statement: str, span: Span) -> str | None:
+    """``statement`` asked as a question about ``span``, the wh-phrase where the span stood ("... founded by whom?",
+    "... employs how many researchers?", "Who or what runs ...?"): asked in place, so no verb is moved. None for a
+    capitalised word that only starts the sentence (a name finder's false positive, "Engineers from ...")."""
+    before, after = statement[:span.start], statement[span.end:].rstrip().rstrip(".!")
+    body_start = not before.strip() or before.rstrip().endswith(":")
+    if span.kind == "name" and body_start and " " not in span.text:
+        return None
+    if span.kind == "name" and re.search(r"\bthe\s+$", before):
+        before = re.sub(r"\bthe\s+$", "", before)  # "by the Dunmore Works" -> "by whom"
+    prev = (words(before) or [""])[-1].lower()
+    year = re.fullmatch(r"1\d{3}|20\d{2}", span.text) and (prev in _YEAR_WORDS or not re.match(r"\s+[a-z]", after))
+    if span.kind == "date" or year:
+        wh = "what year" if re.fullmatch(r"\d{3,4}", span.text) else "what date"
+    elif span.kind == "number":
+        wh = "how many" if re.match(r"\s+[a-z]", after) else "what number"
+    elif prev == "by":
+        wh = "whom"
+    else:
+        wh = "which place" if prev in _PLACE_WORDS else "who or what"
+    if body_start:
+        wh = "Who" if wh == "whom" else wh[0].upper() + wh[1:]
+    return f"{before}{wh}{after}?"
+
+
+QUESTION_PREFIXES = ("c", "k", "q", "h")  # variants asked as questions; "s", "r", "o" are statements
 
 
 def fact_of(variant: str) -> str | None:
     """The sentence (fact) a facts variant is about, e.g. "k3.1w2" -> "3"; None for items spanning a whole chunk
     (shuffled orders) or not made by this strategy. Every question about one sentence shares it, so a held-out
     fact can keep all its question wordings out of training."""
-    m = re.fullmatch(r"([sckrq])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
+    m = re.fullmatch(r"([sckrqh])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
     return m.group(2) if m else None
 
 
@@ -155,16 +187,19 @@ def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
     return out
 
 
-def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0) -> list[Candidate]:
+def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
+               questions: int = 0) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
     ``orders`` > 0, the passage as written (``d``) and the statements in ``orders`` shuffled orders (``o``).
     ``limit`` caps the questions and reversed statements that follow, taken one sentence at a time (every fact gets its first question before any fact gets a second), so a small
     cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
-    ``wordings - 1`` other wordings."""
+    ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
+    dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
+    wh: list[Candidate] = []
     starts: dict[str, str] = {}  # sentence completion's variant -> the sentence start it asks to complete
     subject = unit.subject
     src = unit.chunk.text
@@ -179,7 +214,12 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0) 
     for i, sent in enumerate(unit.sentences):
         if len(words(sent)) < 4 or not re.search(r"[.!?][\"'”’)]?$", sent):
             continue  # too short to hold a fact, or cut off at the chunk's edge
-        statements.append(make(f"s{i}", text=_self_contained(full[i], subject)))
+        statement = _self_contained(full[i], subject)
+        statements.append(make(f"s{i}", text=statement))
+        asked = [sp for sp in spans(statement) if sp.text.lower() not in subject.lower()
+                 and statement.lower().count(sp.text.lower()) == 1]  # the answer not given away by the question
+        asks_wh = [q for q in (wh_question(statement, sp) for sp in asked) if q]
+        wh += [make(f"h{i}.{j}", q=q, a=statement) for j, q in enumerate(asks_wh[:questions])]
         asks: list[Candidate] = []
         for j, sp in enumerate(spans(sent)[:4]):
             blanked = sent[:sp.start] + _BLANK + sent[sp.end:]
@@ -200,7 +240,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0) 
     if orders and statements:
         shuffled.insert(0, make("d", text=src.strip()))  # the passage as written: the words verbatim probes start with
     rounds = [sent[r] for r in range(max(map(len, per_sentence), default=0)) for sent in per_sentence if r < len(sent)]
-    kept = statements + shuffled + rounds[:limit]
+    kept = statements + shuffled + wh + rounds[:limit]
     for cand in [c for c in kept if c.variant in starts]:
         kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=starts[cand.variant]),
                       a=cand.messages[1]["content"]) for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]

@@ -141,7 +141,8 @@ class Synthesizer:
             todo = [u for u in self.units if u.key not in store.done]
             quota = _quota(name, self.cfg)
             if not module.USES_MODEL:
-                n_items = sum(len(facts.candidates(u, quota, self.cfg.facts_wordings, self.cfg.facts_orders)) for u in todo)
+                n_items = sum(len(facts.candidates(u, quota, self.cfg.facts_wordings, self.cfg.facts_orders,
+                                                      self.cfg.facts_questions)) for u in todo)
                 plan[name] = {"chunks_todo": len(todo), "chunks_done": len(self.units) - len(todo),
                               "items_max": n_items, "prompt_tokens": 0, "completion_tokens": 0}
                 continue
@@ -279,7 +280,8 @@ class Synthesizer:
         quota = _quota("facts", self.cfg)
         for unit in batch:
             accepted, rejected = 0, Counter()
-            cands = facts.candidates(unit, quota, self.cfg.facts_wordings, self.cfg.facts_orders)
+            cands = facts.candidates(unit, quota, self.cfg.facts_wordings, self.cfg.facts_orders,
+                                         self.cfg.facts_questions)
             for cand in cands:
                 item, why = self._accept("facts", cand, store, dedup, report, False, {})
                 if item is not None:
