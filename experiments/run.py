@@ -4,7 +4,9 @@
     python experiments/run.py knowledge 2          # run row 2 (as listed), printing the command first
     python experiments/run.py knowledge 2 --print  # only print it
 
-The row's results.json is rewritten in place; `python experiments/tables.py` then regenerates docs/results.md.
+A row may name a `prepare` command (a script under experiments/, e.g. one that derives a workspace from another
+row's); it runs first. The row's results.json is rewritten in place; `python experiments/tables.py` then regenerates
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ def main() -> None:
         return
     if not 1 <= args.row <= len(listed):
         sys.exit(f"row {args.row} does not exist: {args.experiment} has rows 1-{len(listed)}")
-    command = " ".join(listed[args.row - 1]["command"].split())
-    print(command)
+    row = listed[args.row - 1]
+    commands = [" ".join(row[key].split()) for key in ("prepare", "command") if row.get(key)]
+    print("\n".join(commands))
     if not args.print:
-        sys.exit(subprocess.call(shlex.split(command), cwd=ROOT))
+        for command in commands:
+            if code := subprocess.call(shlex.split(command), cwd=ROOT):
+                sys.exit(code)
 
 
 if __name__ == "__main__":

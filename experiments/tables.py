@@ -45,7 +45,8 @@ def run_table(row: dict) -> list[str]:
     results = json.loads(path.read_text(encoding="utf-8"))
     env = results.get("environment", {})
     lines = [f"### {row['title']}", "", row.get("note", "").strip(), "",
-             f"`{row['command']}`" + (f" (config: `{row['config']}`)" if row.get("config") else ""), "",
+             (f"`{row['prepare']}`, then " if row.get("prepare") else "")
+             + f"`{row['command']}`" + (f" (config: `{row['config']}`)" if row.get("config") else ""), "",
              f"{results['n_questions']} questions of {results['bench']}, model {results['model']}, cloze probes asked "
              f"as {results.get('probe_form', 'chat')}; {env.get('device', '?')}, seed {env.get('seed', '?')}; "
              f"results: `{row['results']}`.", "",
@@ -53,6 +54,11 @@ def run_table(row: dict) -> list[str]:
              "general QA after, perplexity | build | p50 latency |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [method_row(name, m) for name, m in results["methods"].items()]
+    if results.get("arrivals"):  # the sequential scenario's own table, as its report shows it
+        from engrain.evaluate.report import arrivals_markdown
+
+        lines += [""] + ["#### Arrivals" if line == "## Arrivals" else line
+                         for line in arrivals_markdown(results["arrivals"])]
     return lines + [""]
 
 

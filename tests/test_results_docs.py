@@ -28,6 +28,10 @@ def test_every_row_names_a_committed_config_and_results_file():
             if row.get("config"):
                 assert (ROOT / row["config"]).is_file(), row["config"]
                 assert row["config"] in row["command"]
+            if row.get("prepare"):  # a committed script of the experiment's own, run before the command
+                script = shlex.split(row["prepare"])
+                assert script[0] == "python" and script[1].startswith(f"experiments/{manifest.parent.name}/")
+                assert (ROOT / script[1]).is_file(), row["prepare"]
             args = shlex.split(row["command"])
             assert args[:2] == ["engrain", "compare"] or args[:2] == ["engrain", "demo"], row["command"]
             if args[:2] == ["engrain", "demo"]:  # the demo writes into its workspace; the row says what was copied
@@ -49,4 +53,4 @@ def test_run_script_prints_each_rows_command():
     for i, row in enumerate(yaml.safe_load((ROOT / "experiments/knowledge/rows.yaml").read_text())["rows"], 1):
         out = subprocess.run([sys.executable, str(ROOT / "experiments/run.py"), "knowledge", str(i), "--print"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        assert out == " ".join(row["command"].split())
+        assert out == "\n".join(" ".join(row[k].split()) for k in ("prepare", "command") if row.get(k))
