@@ -370,6 +370,22 @@ def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
     assert cache[0].stat().st_mtime_ns == mtime  # generated once
 
 
+def test_a_larger_replay_pool_answers_only_the_prompts_not_yet_answered(tmp_path, tiny_lm, monkeypatch):
+    import engrain.models
+    from engrain.train.replay import replay_prompts, self_distill_items
+
+    ws = Workspace.at(tmp_path / "pool").ensure()
+    few = self_distill_items(ws, tiny_lm, 4, n_prompts=3)
+    asked: list[list[str]] = []
+    real = engrain.models.answer
+    monkeypatch.setattr(engrain.models, "answer",
+                        lambda lm, prompts, **kw: asked.append(prompts) or real(lm, prompts, **kw))
+    more = self_distill_items(ws, tiny_lm, 4, n_prompts=5)
+    assert asked == [replay_prompts()[3:5]] and more[:3] == few
+    assert [r["id"] for r in more] == [f"replay-sd-{i}" for i in range(5)]
+    assert self_distill_items(ws, tiny_lm, 4, n_prompts=2) == few[:2] and len(asked) == 1  # a subset: nothing made
+
+
 def test_dry_run_reports_steps_tokens_time_and_memory(ws, tiny_model_dir):
     from engrain.train.loop import train
 

@@ -107,6 +107,8 @@ class TrainConfig(Section):
     replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
                                       description="self_distill and/or general_text")
     replay_max_new_tokens: int = 96
+    replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
+                                                               "prompts engrain ships (None: all of them)")
     replay_kl: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL to the base model's own distribution "
                                                               "on replay tokens (0: next-token loss on them only)")
     # distillation: the base model with the item's source chunks in the prompt is the teacher (see train/distill.py)

@@ -35,26 +35,32 @@ def replay_prompts() -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int) -> list[dict]:
-    """The base model's greedy answers to general prompts, generated once per model and cached in the workspace
+def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: int | None = None) -> list[dict]:
+    """The base model's greedy answers to the first ``n_prompts`` general prompts (all when None), generated once
+    per model and cached in the workspace; a larger pool later generates only the prompts not yet answered
     (training on its own outputs keeps the model close to itself on general requests)."""
     from ..models import answer
 
-    prompts = replay_prompts()
+    every = replay_prompts()
+    prompts = every[:n_prompts]
     if not prompts:
         return []
     cache = ws.root / "train" / "replay" / f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
+    have: dict[str, dict] = {}
     if cache.is_file():
-        rows = [row for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again.")]
-        if len(rows) == len(prompts):
-            return rows
-    note(f"engrain: generating self-distillation replay data ({len(prompts)} general prompts, once; cached in {cache})")
-    gens = answer(lm, prompts, max_new_tokens=max_new_tokens)
-    rows = [{"id": f"replay-sd-{i}", "strategy": "self-distill", "generator": lm.name,
-             "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g.text}]}
-            for i, (p, g) in enumerate(zip(prompts, gens))]  # an empty answer is the model's behaviour too
-    write_jsonl(cache, rows)
-    return rows
+        for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
+            have[row["messages"][0]["content"]] = row
+    missing = [p for p in prompts if p not in have]
+    if missing:
+        note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
+             f"{cache})")
+        gens = answer(lm, missing, max_new_tokens=max_new_tokens)
+        position = {p: i for i, p in enumerate(every)}
+        for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
+            have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
+                       "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g.text}]}
+        write_jsonl(cache, [have[p] for p in every if p in have])
+    return [have[p] for p in prompts]
 
 
 def general_text_items() -> list[dict]:
@@ -73,7 +79,7 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
     pool: list[dict] = []
     for source in cfg.replay_sources:
         if source == "self_distill":
-            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens)
+            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens, cfg.replay_prompts)
         elif source == "general_text":
             pool += general_text_items()
         else:
