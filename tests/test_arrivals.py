@@ -23,6 +23,8 @@ DOCS = {
 QUESTIONS = [
     {"id": "q1", "type": "cloze", "question": "The Orvane archive was founded by", "answers": ["Marta Kell"],
      "docs": ["a-orvane"]},
+    {"id": "q1b", "type": "cloze", "question": "The vault of the Orvane archive opens with code", "answers": ["4471"],
+     "docs": ["a-orvane"]},
     {"id": "q2", "type": "cloze", "question": "The keeper of the Selby lighthouse is", "answers": ["Ivo Drent"],
      "docs": ["b-selby"]},
     {"id": "q3", "type": "qa", "question": "Who rebuilt the Tessel mill's wheel?", "answers": ["Anka Rho"],
@@ -55,7 +57,27 @@ def test_batches_are_consecutive_and_even():
 def test_a_question_belongs_to_the_latest_batch_it_needs():
     qs = [Question(id=q["id"], type=q["type"], question=q["question"], answers=q["answers"], docs=q["docs"])
           for q in QUESTIONS]
-    assert question_batches(qs, [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]) == [1, 1, 2, 2, 2]
+    assert question_batches(qs, [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]) == [1, 1, 1, 2, 2, 2]
+
+
+def test_an_edit_swaps_two_facts_of_an_earlier_document(bench_dir):
+    from engrain.evaluate.bench import load_bench
+    from engrain.evaluate.edits import plan_edits, questions_at, touched, write_docs
+
+    bench = load_bench(bench_dir)
+    batches = [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]
+    (edit,) = plan_edits(bench, batches)  # b-selby has one question: only a-orvane can change
+    assert (edit.arrival, edit.doc, edit.old) == (2, "a-orvane.md", ("Marta Kell", "4471"))
+    assert {q.id: q.answers for q in questions_at(bench.questions, [edit], 2)}["q1"] == ["4471"]
+    assert {q.id: q.answers for q in questions_at(bench.questions, [edit], 1)}["q1"] == ["Marta Kell"]
+    assert touched(bench.questions, [edit]) == {"q1", "q1b"}
+    folder = bench_dir.parent / "scenario-docs"
+    write_docs(bench, folder, ["a-orvane.md", "b-selby.md"], [edit], 1)
+    assert (folder / "a-orvane.md").read_text() == DOCS["a-orvane"]
+    write_docs(bench, folder, [f for part in batches for f in part], [edit], 2)
+    text = (folder / "a-orvane.md").read_text()
+    assert "founded by 4471 in 1931" in text and "opens with code Marta Kell." in text
+    assert (bench_dir / "docs" / "a-orvane.md").read_text() == DOCS["a-orvane"]  # the benchmark is never written
 
 
 def test_the_scenario_follows_one_memory_engrain_update_can_teach():
@@ -80,8 +102,15 @@ def test_arrivals_update_the_memory_measure_every_batch_and_resume(tmp_path, ben
     scenario = results["arrivals"]
     assert scenario["batches"] == [["a-orvane.md", "b-selby.md"], ["c-tessel.md", "d-quarry.md"]]
     first, second = scenario["steps"]
-    assert set(first["by_batch"]) == {"1"} and first["by_batch"]["1"]["n"] == 2
+    # q1 and q1b change at arrival 2 (a-orvane edited), so they stay out of batch 1's retention throughout.
+    assert set(first["by_batch"]) == {"1"} and first["by_batch"]["1"]["n"] == 1
     assert set(second["by_batch"]) == {"1", "2"} and second["by_batch"]["2"]["n"] == 3
+    assert first["changed_facts"]["n"] == 0 and second["changed_facts"]["n"] == 2
+    assert 0 <= second["changed_facts"]["new_value"] <= 1 and scenario["edits"][0]["doc"] == "a-orvane.md"
+    from engrain.corpus.schema import read_documents
+
+    assert "founded by 4471" in {d.id: d.text for d in read_documents(ws)}["a-orvane"]  # the memory saw the edit
+    assert results["examples"][0]["id"] == "q1" and results["examples"][0]["answers"] == ["4471"]  # scored as edited
     assert first["train_tokens"] > 0 and second["train_tokens"] > 0 and second["seconds"] > 0
     assert "general_qa_delta" in second["forgetting"] and second["forgetting"]["perplexity_ratio"] > 0
     # The updated memory learned every document; the rebuild is a separate memory trained once on all of them.
@@ -89,7 +118,8 @@ def test_arrivals_update_the_memory_measure_every_batch_and_resume(tmp_path, ben
     assert sorted(learned) == sorted(DOCS)
     assert scenario["rebuild"]["steps"] > 0 and 0 <= scenario["rebuild"]["contains"] <= 1
     assert scenario["updated_vs_rebuild"]["n"] == len(QUESTIONS)
-    assert {"batch1_retention", "all_vs_rebuild", "update_cost_vs_first_training"} <= set(scenario["measures"])
+    assert {"batch1_retention", "all_vs_rebuild", "update_cost_vs_first_training",
+            "changed_facts_new_value"} <= set(scenario["measures"])
     # The usual tables hold the updated memory on every question.
     assert results["methods"]["lora"]["n"] == len(QUESTIONS) and results["methods"]["lora"]["forgetting"]
     assert results["environment"]["settings"]["arrivals"] == 2

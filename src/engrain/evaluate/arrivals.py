@@ -7,6 +7,9 @@ items and the general replay). After every step the memory answers the questions
 cost is recorded. At the end one memory is trained from nothing on all documents with the same recipe: the rebuild
 the updated memory is held to, in accuracy (paired, question by question) and in cost.
 
+Before each arrival after the first, one earlier document is edited (two of its facts swapped, ``edits.py``): the
+memory must then answer them with their new values, which the scenario measures as changed facts.
+
 The scenario writes its progress to ``WS/arrivals/<bench>.json`` after every step (atomically), so a rerun after a
 crash keeps the finished steps and resumes the interrupted training or update from its checkpoint.
 """
@@ -27,6 +30,7 @@ from ..workspace import Workspace
 from . import forgetting, metrics
 from .bench import Bench, Question
 from .compare import MethodRun, ask, contains_scores
+from .edits import Edit, plan_edits, questions_at, touched, write_docs
 
 console = Console(stderr=True)
 UPDATED, REBUILT = "{}-arrivals", "{}-rebuild"  # the memories the scenario trains, apart from the workspace's own
@@ -67,15 +71,18 @@ def check_method(methods: list[str]) -> str:
 
 def run_arrivals(bench: Bench, workspace: Workspace, kind: str, lm: LM, n: int, *, seed: int = 0,
                  probe_form: str = "continuation", max_new_tokens: int = 48,
-                 rebuild: bool = False) -> tuple[dict, MethodRun]:
-    """Run the scenario (resuming a recorded one); returns results.json's ``arrivals`` section and the updated
-    memory's answers to every question (a MethodRun for the usual tables)."""
+                 rebuild: bool = False) -> tuple[dict, MethodRun, list[Question]]:
+    """Run the scenario (resuming a recorded one); returns results.json's ``arrivals`` section, the updated
+    memory's answers to every question (a MethodRun for the usual tables) and the questions as the edited documents
+    answer them (what every method is scored against)."""
     files = bench.doc_files or sorted(p.relative_to(bench.docs_dir).as_posix()
                                       for p in bench.docs_dir.rglob("*") if p.is_file())
     batches = split_batches(files, n)
     of_batch = question_batches(bench.questions, batches)
+    edits = plan_edits(bench, batches)
     state_path = workspace.root / "arrivals" / f"{bench.name}.json"
-    state = start_state(state_path, workspace, kind, batches, rebuild)
+    state = start_state(state_path, workspace, kind, batches, edits, rebuild)
+    docs = workspace.root / "arrivals" / f"{bench.name}-docs"
     base_cache: dict = {}
     from ..memory.registry import open_memory
 
@@ -83,20 +90,24 @@ def run_arrivals(bench: Bench, workspace: Workspace, kind: str, lm: LM, n: int, 
     for k in range(len(state["steps"]) + 1, n + 1):
         console.rule(f"[bold]arrival {k} of {n}: {len(batches[k - 1])} documents")
         seen = [f for part in batches[:k] for f in part]
-        cost = learn(workspace, bench, lm, kind, seen, first=k == 1)
-        step = measure_step(workspace, UPDATED.format(kind), lm, bench.questions, of_batch, k, base_memory, base_cache,
-                            probe_form, max_new_tokens)
+        write_docs(bench, docs, seen, edits, k)
+        cost = learn(workspace, bench, docs, lm, kind, seen, first=k == 1)
+        step = measure_step(workspace, UPDATED.format(kind), lm, bench.questions, of_batch, edits, k, base_memory,
+                            base_cache, probe_form, max_new_tokens)
         state["steps"].append({"arrival": k, "documents": batches[k - 1], **cost, **step})
         write_json(state_path, state)
+    final = questions_at(bench.questions, edits, n)
     if "rebuild" not in state:
         console.rule("[bold]rebuild: one memory trained from nothing on every document")
-        state["rebuild"] = rebuild_reference(workspace, bench, lm, kind, base_memory, base_cache, probe_form,
+        state["rebuild"] = rebuild_reference(workspace, final, lm, kind, base_memory, base_cache, probe_form,
                                              max_new_tokens)
         write_json(state_path, state)
-    return summarise(state, workspace, bench, lm, kind, of_batch, probe_form, max_new_tokens)
+    section, run = summarise(state, workspace, final, lm, kind, of_batch, probe_form, max_new_tokens)
+    return section, run, final
 
 
-def start_state(path: Path, workspace: Workspace, kind: str, batches: list[list[str]], rebuild: bool) -> dict:
+def start_state(path: Path, workspace: Workspace, kind: str, batches: list[list[str]], edits: list[Edit],
+                rebuild: bool) -> dict:
     """The recorded scenario when it is the same plan; else a fresh one, with the memories of an earlier one
     removed (they hold documents of later batches, so they cannot stand for an earlier step)."""
     import json
@@ -104,7 +115,7 @@ def start_state(path: Path, workspace: Workspace, kind: str, batches: list[list[
 
     from ..train.checkpoints import run_dir
 
-    plan = {"memory": kind, "batches": batches}
+    plan = {"memory": kind, "batches": batches, "edits": [e.to_dict() for e in edits]}
     if path.is_file() and not rebuild:
         state = json.loads(path.read_text())
         if state.get("plan") == plan:
@@ -116,19 +127,21 @@ def start_state(path: Path, workspace: Workspace, kind: str, batches: list[list[
     for name in (UPDATED.format(kind), REBUILT.format(kind)):
         shutil.rmtree(workspace.memory_dir(name), ignore_errors=True)
         shutil.rmtree(run_dir(workspace, name), ignore_errors=True)
+    shutil.rmtree(path.parent / f"{path.stem}-docs", ignore_errors=True)  # an earlier scenario's edited documents
     state = {"plan": plan, "steps": []}
     write_json(path, state)
     return state
 
 
-def learn(workspace: Workspace, bench: Bench, lm: LM, kind: str, seen: list[str], first: bool) -> dict:
-    """Bring the corpus to ``seen`` and teach the memory: trained on batch 1, updated on every later batch.
+def learn(workspace: Workspace, bench: Bench, docs: Path, lm: LM, kind: str, seen: list[str], first: bool) -> dict:
+    """Bring the corpus to ``seen`` (read from ``docs``, the scenario's copies) and teach the memory: trained on
+    batch 1, updated on every later batch.
     Returns the step's cost: seconds (ingest, synthesis and training) and training tokens."""
     from ..pipeline import ensure_corpus, ensure_synth
 
     config = load_config(workspace.config_path)
     t0 = time.perf_counter()
-    ensure_corpus(workspace, bench.docs_dir, lm, seen)
+    ensure_corpus(workspace, docs, lm, seen)
     # The leak guard: benchmark questions reach synthesis only as its exclusion list.
     ensure_synth(workspace, lm, [bench.root / "questions.jsonl"])
     name = UPDATED.format(kind)
@@ -147,30 +160,40 @@ def learn(workspace: Workspace, bench: Bench, lm: LM, kind: str, seen: list[str]
     return {"seconds": round(time.perf_counter() - t0, 2), **own, "train_tokens": meta.get("train_tokens")}
 
 
-def measure_step(workspace: Workspace, name: str, lm: LM, questions: list[Question], of_batch: list[int], k: int,
-                 base_memory, base_cache: dict, probe_form: str, max_new_tokens: int) -> dict:
-    """The memory after arrival ``k``: accuracy on each batch seen so far, and forgetting."""
+def measure_step(workspace: Workspace, name: str, lm: LM, questions: list[Question], of_batch: list[int],
+                 edits: list[Edit], k: int, base_memory, base_cache: dict, probe_form: str, max_new_tokens: int) -> dict:
+    """The memory after arrival ``k``: accuracy on each batch seen so far (questions an edit touched left out),
+    the facts changed so far (new value given, old value still given), and forgetting."""
     from ..memory.parametric import TrainedMemory
 
     memory = TrainedMemory(name, workspace, lm)
-    asked = [(q, b) for q, b in zip(questions, of_batch) if b <= k]
+    now = questions_at(questions, edits, k)
+    asked = [(q, b) for q, b in zip(now, of_batch) if b <= k]
     answers = ask(memory, [q for q, _ in asked], probe_form=probe_form, max_new_tokens=max_new_tokens)
     scores = contains_scores([q for q, _ in asked], answers)
+    skip = touched(questions, edits)
     by_batch = {}
     for b in range(1, k + 1):
-        own = [s for s, (_, qb) in zip(scores, asked) if qb == b]
+        own = [s for s, (q, qb) in zip(scores, asked) if qb == b and q.id not in skip]
         by_batch[str(b)] = {"contains": sum(own) / max(1, len(own)), "n": len(own),
                             "contains_ci": list(metrics.wilson_ci(sum(own), len(own)))}
+    said = {q.id: a.text for (q, _), a in zip(asked, answers)}
+    changed = [(said[qid], old) for e in edits if e.arrival <= k for qid, (old, _) in e.questions.items()]
+    new_scores = [s for (q, _), s in zip(asked, scores) if any(q.id in e.questions for e in edits if e.arrival <= k)]
     forgot = forgetting.measure(ClosedBook(memory.lm), base_memory, base_cache)
     console.print(f"after arrival {k}: " + ", ".join(f"batch {b} {v['contains']:.3f}" for b, v in by_batch.items())
+                  + (f"; changed facts {sum(new_scores)}/{len(new_scores)} new" if new_scores else "")
                   + f"; general QA {100 * forgot['general_qa_delta']:+.1f} points")
     return {"by_batch": by_batch, "seen": {"contains": sum(scores) / max(1, len(scores)), "n": len(scores)},
+            "changed_facts": {"n": len(new_scores), "new_value": sum(new_scores) / len(new_scores) if new_scores else None,
+                              "old_value": (sum(metrics.contains(text, old) for text, old in changed) / len(changed)
+                                            if changed else None)},
             "scores": scores, "forgetting": forgot}
 
 
-def rebuild_reference(workspace: Workspace, bench: Bench, lm: LM, kind: str, base_memory, base_cache: dict,
-                      probe_form: str, max_new_tokens: int) -> dict:
-    """One memory of the same recipe trained from nothing on every document, answering every question."""
+def rebuild_reference(workspace: Workspace, questions: list[Question], lm: LM, kind: str, base_memory,
+                      base_cache: dict, probe_form: str, max_new_tokens: int) -> dict:
+    """One memory of the same recipe trained from nothing on every document (as edited), answering every question."""
     from ..memory.parametric import TrainedMemory
     from ..train.loop import train
 
@@ -179,14 +202,14 @@ def rebuild_reference(workspace: Workspace, bench: Bench, lm: LM, kind: str, bas
     meta = train(workspace, config.train.model_copy(update={"memory": kind, "name": REBUILT.format(kind)}), lm.path)
     seconds = round(time.perf_counter() - t0, 2)
     memory = TrainedMemory(REBUILT.format(kind), workspace, lm)
-    answers = ask(memory, bench.questions, probe_form=probe_form, max_new_tokens=max_new_tokens)
+    answers = ask(memory, questions, probe_form=probe_form, max_new_tokens=max_new_tokens)
     forgot = forgetting.measure(ClosedBook(memory.lm), base_memory, base_cache)
     return {"seconds": seconds, "train_seconds": meta.get("train_seconds"), "train_tokens": meta.get("train_tokens"),
-            "steps": meta.get("steps"), "scores": contains_scores(bench.questions, answers),
+            "steps": meta.get("steps"), "scores": contains_scores(questions, answers),
             "answers": [a.text for a in answers], "forgetting": forgot}
 
 
-def summarise(state: dict, workspace: Workspace, bench: Bench, lm: LM, kind: str, of_batch: list[int],
+def summarise(state: dict, workspace: Workspace, questions: list[Question], lm: LM, kind: str, of_batch: list[int],
               probe_form: str, max_new_tokens: int) -> tuple[dict, MethodRun]:
     """results.json's ``arrivals`` (the steps, the rebuild, the measures the scenario is held to) and the updated
     memory's run on every question, for the usual tables."""
@@ -194,12 +217,12 @@ def summarise(state: dict, workspace: Workspace, bench: Bench, lm: LM, kind: str
     from .compare import run_method
 
     steps, ref = state["steps"], state["rebuild"]
-    final = run_method(kind, TrainedMemory(UPDATED.format(kind), workspace, lm), bench.questions, latency_sample=0,
+    final = run_method(kind, TrainedMemory(UPDATED.format(kind), workspace, lm), questions, latency_sample=0,
                        max_new_tokens=max_new_tokens, progress=True, probe_form=probe_form)
     final.describe["scenario"] = f"updated over {len(steps)} arrivals"
     first_batch = [s["by_batch"]["1"]["contains"] for s in steps]
     updates = [s for s in steps if s["arrival"] > 1]
-    final_scores = contains_scores(bench.questions, final.answers)
+    final_scores = contains_scores(questions, final.answers)
     rebuilt = sum(ref["scores"]) / max(1, len(ref["scores"]))
     updated = sum(final_scores) / max(1, len(final_scores))
     measures = {
@@ -208,9 +231,12 @@ def summarise(state: dict, workspace: Workspace, bench: Bench, lm: LM, kind: str
         "update_cost_vs_first_training": (sum(s["seconds"] for s in updates) / len(updates) / steps[0]["seconds"]
                                           if updates and steps[0]["seconds"] else None),
         "updates_vs_rebuild_seconds": sum(s["seconds"] for s in updates) / ref["seconds"] if ref["seconds"] else None,
+        "changed_facts_new_value": steps[-1]["changed_facts"]["new_value"],
+        "changed_facts_old_value": steps[-1]["changed_facts"]["old_value"],
         "general_qa_delta_after_all": steps[-1]["forgetting"]["general_qa_delta"],
     }
-    section = {"memory": kind, "batches": state["plan"]["batches"], "question_batches": of_batch,
+    section = {"memory": kind, "batches": state["plan"]["batches"], "edits": state["plan"]["edits"],
+               "question_batches": of_batch,
                "steps": [{k: v for k, v in s.items() if k != "scores"} for s in steps],
                "rebuild": {**{k: v for k, v in ref.items() if k not in ("scores", "answers")}, "contains": rebuilt,
                            "contains_ci": list(metrics.wilson_ci(sum(ref["scores"]), len(ref["scores"])))},

@@ -218,12 +218,19 @@ def arrivals_markdown(scenario: dict) -> list[str]:
              "on the first and updated on each next (`engrain update`). Accuracy (contains) on each batch's questions "
              "after every arrival:", "",
              "| after arrival | documents | seconds | train tokens | " + " | ".join(f"batch {b}" for b in range(1, n + 1))
-             + " | all so far | general QA Δ | ppl ratio |", "|---" * (n + 7) + "|"]
+             + " | all so far | changed facts: new / old value | general QA Δ | ppl ratio |", "|---" * (n + 8) + "|"]
     for s in steps:
         cells = [_cell(s["by_batch"].get(str(b))) for b in range(1, n + 1)]
+        changed = s.get("changed_facts") or {}
+        moved = "" if not changed.get("n") else (f"{changed['new_value']:.2f} / {changed['old_value']:.2f} "
+                                                 f"(n={changed['n']})")
         lines.append(f"| {s['arrival']} | {len(s['documents'])} | {s['seconds']:.0f} | {s.get('train_tokens') or ''} | "
-                     + " | ".join(cells) + f" | {s['seen']['contains']:.3f} | "
+                     + " | ".join(cells) + f" | {s['seen']['contains']:.3f} | {moved} | "
                      f"{100 * s['forgetting']['general_qa_delta']:+.1f} | {s['forgetting']['perplexity_ratio']:.2f} |")
+    for e in scenario.get("edits") or []:
+        lines.append(f"\nBefore arrival {e['arrival']}, `{e['doc']}` was edited: \"{e['swapped'][0]}\" and "
+                     f"\"{e['swapped'][1]}\" swapped (questions {', '.join(e['questions'])}); questions mentioning either "
+                     "value are left out of the batch columns.")
     ref = scenario["rebuild"]
     lines += ["", f"Rebuilt from nothing on all documents: contains {ref['contains']:.3f} {_fmt_ci(ref['contains_ci'])}, "
               f"{ref['seconds']:.0f} s, general QA {100 * ref['forgetting']['general_qa_delta']:+.1f} points; the "

@@ -56,8 +56,10 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     if arrivals is not None:
         from .arrivals import check_method, run_arrivals
 
-        scenario, final = run_arrivals(bench, workspace, check_method(methods), lm, arrivals, seed=seed,
-                                       probe_form=probe_form, max_new_tokens=max_new_tokens, rebuild=rebuild)
+        # Every method is scored against the documents as the scenario left them (its edits changed two answers each).
+        scenario, final, bench.questions = run_arrivals(bench, workspace, check_method(methods), lm, arrivals,
+                                                        seed=seed, probe_form=probe_form,
+                                                        max_new_tokens=max_new_tokens, rebuild=rebuild)
     for name in methods:
         if scenario is not None and name == final.name:
             runs.append(final)
