@@ -10,7 +10,9 @@ Measures, in one run on this machine:
   and 32 answer the same 16 four times over, so the batched runs have a queue behind them (engrain refills
   finished rows from it, ``generate()`` runs fixed batches) and every batch size sees the same mix;
 - each as a fraction of the compute-bound limit: the machine's fp32 matmul FLOP/s measured here,
-  divided by the model's FLOPs per generated token (2 x parameters).
+  divided by the model's FLOPs per generated token (2 x parameters);
+- batch 1 also as a fraction of the weights-bandwidth limit: every generated token reads every weight once, so
+  the memory read bandwidth measured here divided by the weights' bytes bounds batch-1 decode.
 Prints a table and writes bench/out/models.json.
 """
 
@@ -48,6 +50,17 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     for _ in range(repeats):
         torch.mm(a, b)
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+
+def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Sustained bytes/s of reading a tensor far larger than the caches (a sum over it), what batch-1 decode is
+    bound by: it reads every weight once per token."""
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        x.sum()
+    return x.numel() * 4 * repeats / (time.perf_counter() - t0)
 
 
 def plain_generate(lm, prompts: list[str], max_new_tokens: int, batch_size: int) -> int:
@@ -111,6 +124,10 @@ def main() -> None:
     # (bf16 is measured small: without native bf16 (AVX512-BF16/AMX) the CPU emulates it at ~0.1 GFLOP/s.)
     limit_tps = peak / flops_per_token
     result["compute_bound_tokens_per_s"] = limit_tps
+    weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    bandwidth = read_bandwidth()
+    result.update(weight_bytes=weight_bytes, read_bandwidth_gb_s=bandwidth / 1e9,
+                  bandwidth_bound_batch1_tokens_per_s=bandwidth / weight_bytes)
 
     rows = []
     # Every batch size answers the same mix of questions (each of the 16 once at batch 1, four times over at
@@ -127,6 +144,7 @@ def main() -> None:
         plain = plain_tokens / (time.perf_counter() - t0)
         rows.append({"batch": batch, "engrain_tokens_per_s": ours, "plain_generate_tokens_per_s": plain,
                      "engrain_vs_plain": ours / plain, "engrain_fraction_of_compute_bound": ours / limit_tps})
+    rows[0]["engrain_fraction_of_bandwidth_bound"] = rows[0]["engrain_tokens_per_s"] / (bandwidth / weight_bytes)
     base = rows[0]["engrain_tokens_per_s"]
     for r in rows:
         r["speedup_vs_batch1"] = r["engrain_tokens_per_s"] / base
@@ -136,6 +154,9 @@ def main() -> None:
           f"(in a fresh process with its imports: {result['load_cached_fresh_process_s']:.1f} s)")
     print(f"matmul peak: fp32 {result['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {result['matmul_bf16_gflops']:.0f} "
           f"GFLOP/s; model {params / 1e6:.0f}M params -> compute bound {limit_tps:.0f} tokens/s (fp32)")
+    print(f"memory read {bandwidth / 1e9:.1f} GB/s over {weight_bytes / 2**20:.0f} MB of weights -> batch-1 bound "
+          f"{bandwidth / weight_bytes:.0f} tokens/s; engrain at batch 1 reaches "
+          f"{100 * rows[0]['engrain_fraction_of_bandwidth_bound']:.0f}% of it")
     print(f"{'batch':>5} {'engrain tok/s':>14} {'plain tok/s':>12} {'ratio':>6} {'vs batch1':>9} {'% of bound':>10}")
     for r in rows:
         print(f"{r['batch']:>5} {r['engrain_tokens_per_s']:>14.1f} {r['plain_generate_tokens_per_s']:>12.1f} "
