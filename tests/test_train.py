@@ -386,6 +386,31 @@ def test_a_larger_replay_pool_answers_only_the_prompts_not_yet_answered(tmp_path
     assert self_distill_items(ws, tiny_lm, 4, n_prompts=2) == few[:2] and len(asked) == 1  # a subset: nothing made
 
 
+def test_replay_answers_of_a_model_engrain_keeps_are_shared_by_workspaces(tmp_path, tiny_model_dir, monkeypatch):
+    """A new workspace on the embedded (or a fetched) model reuses the answers another workspace generated; a
+    model from the user's own folder keeps them in its workspace only."""
+    import shutil
+
+    import engrain.models
+    from engrain.models import load_model
+    from engrain.train.replay import self_distill_items
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("ENGRAIN_HOME", str(home))
+    kept = home / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, kept)
+    lm = load_model(str(kept), device="cpu")
+    first = self_distill_items(Workspace.at(tmp_path / "one").ensure(), lm, 4, n_prompts=3)
+    assert len(list((home / "replay").rglob("*.jsonl"))) == 1
+    monkeypatch.setattr(engrain.models, "answer", lambda *a, **k: pytest.fail("answered again"))
+    assert self_distill_items(Workspace.at(tmp_path / "two").ensure(), lm, 4, n_prompts=3) == first
+    own = load_model(str(tiny_model_dir), device="cpu")
+    monkeypatch.undo()
+    monkeypatch.setenv("ENGRAIN_HOME", str(home))
+    self_distill_items(Workspace.at(tmp_path / "three").ensure(), own, 4, n_prompts=2)
+    assert len(list((home / "replay").rglob("*.jsonl"))) == 1  # the user's folder: nothing shared
+
+
 def test_dry_run_reports_steps_tokens_time_and_memory(ws, tiny_model_dir):
     from engrain.train.loop import train
 

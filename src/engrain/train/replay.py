@@ -7,12 +7,15 @@ base model's top-k distribution (``distill.self_targets``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
 from ..atomic import write_jsonl
 from ..config import TrainConfig
 from ..errors import EngrainError
+from ..home import engrain_home
 from ..jsonl import read_jsonl
 from ..models import LM
 from ..progress import note
@@ -37,30 +40,52 @@ def replay_prompts() -> list[str]:
 
 def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: int | None = None) -> list[dict]:
     """The base model's greedy answers to the first ``n_prompts`` general prompts (all when None), generated once
-    per model and cached in the workspace; a larger pool later generates only the prompts not yet answered
-    (training on its own outputs keeps the model close to itself on general requests)."""
+    per model: cached in the workspace and, for a model engrain keeps in ENGRAIN_HOME (the embedded model, hub
+    models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts not yet answered (training on its own
+    outputs keeps the model close to itself on general requests)."""
     from ..models import answer
 
     every = replay_prompts()
     prompts = every[:n_prompts]
     if not prompts:
         return []
-    cache = ws.root / "train" / "replay" / f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
+    name = f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
+    caches = [ws.root / "train" / "replay" / name]
+    if (key := model_key(lm)) is not None:
+        caches.append(engrain_home() / "replay" / key / name)
     have: dict[str, dict] = {}
-    if cache.is_file():
-        for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
-            have[row["messages"][0]["content"]] = row
+    for cache in caches:
+        if cache.is_file():
+            for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
+                have.setdefault(row["messages"][0]["content"], row)
     missing = [p for p in prompts if p not in have]
     if missing:
         note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
-             f"{cache})")
+             f"{caches[-1]})")
         gens = answer(lm, missing, max_new_tokens=max_new_tokens)
         position = {p: i for i, p in enumerate(every)}
         for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
             have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
                        "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g.text}]}
-        write_jsonl(cache, [have[p] for p in every if p in have])
+    rows = [have[p] for p in every if p in have]
+    for cache in caches:
+        if missing or not cache.is_file():
+            write_jsonl(cache, rows)
     return [have[p] for p in prompts]
+
+
+def model_key(lm: LM) -> str | None:
+    """What identifies the weights the replay answers came from: the model folder's weight files (names, sizes,
+    modification times). None for a model outside ENGRAIN_HOME (a user's own folder, which may be retrained in
+    place): its answers stay in the workspace."""
+    folder = Path(lm.path).resolve()
+    if not folder.is_dir() or not folder.is_relative_to(engrain_home().resolve()):
+        return None
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        return None
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha1(json.dumps([str(folder), stats]).encode()).hexdigest()[:16]
 
 
 def general_text_items() -> list[dict]:
