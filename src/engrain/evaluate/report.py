@@ -207,6 +207,9 @@ def retention_figure(scenario: dict):
     bx.set_xlabel("after arrival")
     bx.set_ylabel("general QA change (points)")
     bx.set_title("Forgetting")
+    for axis in (ax, bx):
+        axis.set_xticks([s["arrival"] for s in steps])
+    fig.tight_layout()
     return fig
 
 
