@@ -54,7 +54,7 @@ class SynthConfig(Section):
     facts_wordings: int = Field(1, ge=1, le=5, description="instruction wordings of each sentence-completion fact "
                                                            "item; more help a memory layer answer in other words "
                                                            "(docs/experiments.md)")
-    facts_questions: int = Field(0, ge=0, le=4, description="wh-questions per sentence, asked as people ask (\"... "
+    facts_questions: int = Field(2, ge=0, le=4, description="wh-questions per sentence, asked as people ask (\"... "
                                                              "founded in what year?\"), answered by the statement")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")
     chunks_per_batch: int = Field(8, ge=1, description="chunks synthesised (and written) together")
