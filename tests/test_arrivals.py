@@ -8,6 +8,7 @@ import json
 
 import pytest
 import yaml
+from bench_folder import write_bench
 
 from engrain.errors import EngrainError
 from engrain.evaluate.arrivals import check_method, question_batches, split_batches
@@ -37,12 +38,7 @@ QUESTIONS = [
 
 @pytest.fixture()
 def bench_dir(tmp_path):
-    root = tmp_path / "fourdocs"
-    (root / "docs").mkdir(parents=True)
-    for name, text in DOCS.items():
-        (root / "docs" / f"{name}.md").write_text(text)
-    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    return root
+    return write_bench(tmp_path / "fourdocs", DOCS, QUESTIONS)
 
 
 def test_batches_are_consecutive_and_even():
@@ -78,6 +74,10 @@ def test_an_edit_swaps_two_facts_of_an_earlier_document(bench_dir):
     text = (folder / "a-orvane.md").read_text()
     assert "founded by 4471 in 1931" in text and "opens with code Marta Kell." in text
     assert (bench_dir / "docs" / "a-orvane.md").read_text() == DOCS["a-orvane"]  # the benchmark is never written
+    blob = bytes(range(256))  # a pdf or docx is copied byte for byte, never decoded
+    (bench_dir / "docs" / "e-scan.pdf").write_bytes(blob)
+    write_docs(bench, folder, ["e-scan.pdf"], [edit], 2)
+    assert (folder / "e-scan.pdf").read_bytes() == blob
 
 
 def test_the_scenario_follows_one_memory_engrain_update_can_teach():

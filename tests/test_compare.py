@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from bench_folder import write_bench
 
 from engrain.errors import EngrainError
 from engrain.evaluate import metrics
@@ -38,12 +39,7 @@ QUESTIONS = [
 
 @pytest.fixture()
 def bench_dir(tmp_path):
-    root = tmp_path / "mini"
-    (root / "docs").mkdir(parents=True)
-    for name, text in DOCS.items():
-        (root / "docs" / f"{name}.md").write_text(text)
-    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    return root
+    return write_bench(tmp_path / "mini", DOCS, QUESTIONS)
 
 
 def test_squad_normalisation_and_metrics():

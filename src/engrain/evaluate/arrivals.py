@@ -16,6 +16,8 @@ crash keeps the finished steps and resumes the interrupted training or update fr
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from ..memory.base import ClosedBook
 from ..models import LM
 from ..workspace import Workspace
 from . import forgetting, metrics
-from .bench import Bench, Question
+from .bench import Bench, Question, doc_id
 from .compare import MethodRun, ask, contains_scores
 from .edits import Edit, plan_edits, questions_at, touched, write_docs
 
@@ -53,7 +55,7 @@ def split_batches(files: list[str], n: int) -> list[list[str]]:
 def question_batches(questions: list[Question], batches: list[list[str]]) -> list[int]:
     """The batch (1-based) each question belongs to: the latest batch among its documents, the first one after
     which it can be answered."""
-    batch_of = {Path(f).with_suffix("").as_posix(): i for i, part in enumerate(batches, 1) for f in part}
+    batch_of = {doc_id(f): i for i, part in enumerate(batches, 1) for f in part}
     return [max(batch_of[d] for d in q.docs) for q in questions]
 
 
@@ -75,9 +77,7 @@ def run_arrivals(bench: Bench, workspace: Workspace, kind: str, lm: LM, n: int, 
     """Run the scenario (resuming a recorded one); returns results.json's ``arrivals`` section, the updated
     memory's answers to every question (a MethodRun for the usual tables) and the questions as the edited documents
     answer them (what every method is scored against)."""
-    files = bench.doc_files or sorted(p.relative_to(bench.docs_dir).as_posix()
-                                      for p in bench.docs_dir.rglob("*") if p.is_file())
-    batches = split_batches(files, n)
+    batches = split_batches(bench.files(), n)
     of_batch = question_batches(bench.questions, batches)
     edits = plan_edits(bench, batches)
     state_path = workspace.root / "arrivals" / f"{bench.name}.json"
@@ -110,9 +110,6 @@ def start_state(path: Path, workspace: Workspace, kind: str, batches: list[list[
                 rebuild: bool) -> dict:
     """The recorded scenario when it is the same plan; else a fresh one, with the memories of an earlier one
     removed (they hold documents of later batches, so they cannot stand for an earlier step)."""
-    import json
-    import shutil
-
     from ..train.checkpoints import run_dir
 
     plan = {"memory": kind, "batches": batches, "edits": [e.to_dict() for e in edits]}

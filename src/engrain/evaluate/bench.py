@@ -25,6 +25,11 @@ class Question:
     tags: list[str] = field(default_factory=list)
 
 
+def doc_id(file: str) -> str:
+    """A document's id: its path under docs/ without the extension (what questions name in ``docs``)."""
+    return Path(file).with_suffix("").as_posix()
+
+
 def subset_name(bench_name: str, docs: int | None) -> str:
     """How a comparison on the first ``docs`` documents is named (its report folder too)."""
     return f"{bench_name}-{docs}docs" if docs else bench_name
@@ -41,13 +46,18 @@ class Bench:
     def docs_dir(self) -> Path:
         return self.root / "docs"
 
+    def files(self) -> list[str]:
+        """The documents used, as paths under docs/ in path order: the subset when there is one, else every file."""
+        if self.doc_files is not None:
+            return list(self.doc_files)
+        return sorted(p.relative_to(self.docs_dir).as_posix() for p in self.docs_dir.rglob("*") if p.is_file())
+
     def first_docs(self, n: int) -> "Bench":
         """The first ``n`` documents by path, and only the questions every document of which is among them."""
         if n < 1:
             raise EngrainError(f"--docs is {n}.", hint="Give a number of documents of at least 1.")
-        files = sorted(p.relative_to(self.docs_dir).as_posix() for p in self.docs_dir.rglob("*") if p.is_file())
-        kept = files[:n]
-        ids = {Path(f).with_suffix("").as_posix() for f in kept}
+        kept = self.files()[:n]
+        ids = {doc_id(f) for f in kept}
         questions = [q for q in self.questions if q.docs and set(q.docs) <= ids]
         if not questions:
             raise EngrainError(f"No question of {self.root / 'questions.jsonl'} needs only the first {n} documents.",

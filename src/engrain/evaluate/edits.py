@@ -15,8 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..atomic import write_text
-from .bench import Bench, Question
+from ..atomic import write_bytes
+from .bench import Bench, Question, doc_id
+
+# Formats an edit can change by replacing text in the file; others (pdf, docx, html) are copied as they are.
+EDITABLE = {".txt", ".md"}
 
 
 @dataclass
@@ -34,14 +37,13 @@ class Edit:
                 "questions": {q: {"old": old, "new": new} for q, (old, new) in self.questions.items()}}
 
 
-def doc_id(file: str) -> str:
-    return Path(file).with_suffix("").as_posix()
-
-
 def swappable(bench: Bench, file: str) -> tuple[Question, str, Question, str] | None:
     """Two questions about ``file`` alone whose first gold answers each occur exactly once in it, neither inside the
-    other nor in either question's text (a question must not give its new answer away)."""
-    text = (bench.docs_dir / file).read_text(encoding="utf-8", errors="replace")
+    other nor in either question's text (a question must not give its new answer away). None for a file whose
+    format is not plain text."""
+    if Path(file).suffix.lower() not in EDITABLE:
+        return None
+    text = (bench.docs_dir / file).read_text(encoding="utf-8")
     own = [(q, q.answers[0]) for q in bench.questions if q.docs == [doc_id(file)] and text.count(q.answers[0]) == 1]
     for i, (q1, a1) in enumerate(own):
         for q2, a2 in own[i + 1:]:
@@ -79,13 +81,12 @@ def write_docs(bench: Bench, folder: Path, seen: list[str], edits: list[Edit], k
     already right are not rewritten, so ingest sees only real changes."""
     changed = {e.doc: e for e in edits if e.arrival <= k}
     for file in seen:
-        text = (bench.docs_dir / file).read_text(encoding="utf-8", errors="replace")
+        data = (bench.docs_dir / file).read_bytes()  # byte for byte: a pdf or docx must stay readable
         if file in changed:
-            text = edited_text(text, changed[file].old)
+            data = edited_text(data.decode("utf-8"), changed[file].old).encode("utf-8")
         target = folder / file
-        if not target.is_file() or target.read_text(encoding="utf-8", errors="replace") != text:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_text(target, text)
+        if not target.is_file() or target.read_bytes() != data:
+            write_bytes(target, data)
 
 
 def questions_at(questions: list[Question], edits: list[Edit], k: int) -> list[Question]:

@@ -269,6 +269,17 @@ register(FullKind())
 # --------------------------------------------------------------------------------------------------
 
 
+def answering_module(kind, base, tokenizer, folder: Path):
+    """The saved memory in ``folder`` loaded onto ``base`` as it answers: in eval mode and, for a kind that can
+    (LoRA), folded into ``base``'s weights so no extra work runs per token. ``base`` may be changed in place."""
+    module = kind.load(base, tokenizer, folder)
+    merge = getattr(kind, "merged_for_answering", None)
+    if merge is not None:
+        module = merge(module)
+    module.eval()
+    return module
+
+
 class TrainedMemory:
     """A parametric memory loaded from ``WS/memories/<name>/``, answering closed-book.
 
@@ -285,11 +296,7 @@ class TrainedMemory:
         self.batch_size = batch_size
         t0 = time.time()
         base = copy.deepcopy(lm.model)  # kinds may inject layers in place; keep the caller's model untouched
-        module = self.kind.load(base, lm.tokenizer, self.folder)
-        merge = getattr(self.kind, "merged_for_answering", None)
-        if merge is not None:
-            module = merge(module)
-        module.eval()
+        module = answering_module(self.kind, base, lm.tokenizer, self.folder)
         self.lm = LM(model=module, tokenizer=lm.tokenizer, name=f"{lm.name}+{name}", path=lm.path, device=lm.device,
                      load_seconds=time.time() - t0, extra={"memory": name})
 

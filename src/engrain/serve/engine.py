@@ -163,7 +163,7 @@ class Engine:
         return out
 
     def _open_trained(self, name: str, kind: str) -> None:
-        from ..memory.parametric import check_base, get_kind
+        from ..memory.parametric import answering_module, check_base, get_kind
 
         folder = self.ws.memory_dir(name)
         if kind == "lora" and self.lora_adapters:
@@ -172,13 +172,9 @@ class Engine:
             return
         impl = get_kind(kind)
         # `full` and a merged LoRA overwrite every weight, so they need their own copy; the others only add modules.
-        own_copy = kind == "full" or kind == "lora"
+        own_copy = kind == "full" or hasattr(impl, "merged_for_answering")
         base = copy.deepcopy(self.lm.model) if own_copy else shared_copy(self.lm.model)
-        module = impl.load(base, self.tokenizer, folder)
-        if kind == "lora":
-            module = impl.merged_for_answering(module)
-        module.eval()
-        self.modules[name] = module
+        self.modules[name] = answering_module(impl, base, self.tokenizer, folder)
 
     def _load_adapter(self, name: str, folder) -> None:
         from peft import PeftModel

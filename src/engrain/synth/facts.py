@@ -100,6 +100,13 @@ def named_in_full(sentences: list[str]) -> list[str]:
     return out
 
 
+def _gives_away(sentence: str, span: Span, subject: str) -> bool:
+    """Whether asking about ``span`` shows its answer anyway: the same words elsewhere in the sentence, or in the
+    subject the prompt names."""
+    text = span.text.lower()
+    return sentence.lower().count(text) > 1 or text in subject.lower()
+
+
 def _mid(name: str) -> str:
     """A name moved away from the sentence start loses a capital "The"."""
     return re.sub(r"^The\s", "the ", name)
@@ -216,15 +223,14 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
             continue  # too short to hold a fact, or cut off at the chunk's edge
         statement = _self_contained(full[i], subject)
         statements.append(make(f"s{i}", text=statement))
-        asked = [sp for sp in spans(statement) if sp.text.lower() not in subject.lower()
-                 and statement.lower().count(sp.text.lower()) == 1]  # the answer not given away by the question
-        asks_wh = [q for q in (wh_question(statement, sp) for sp in asked) if q]
+        asks_wh = [q for q in (wh_question(statement, sp) for sp in spans(statement)
+                               if not _gives_away(statement, sp, subject)) if q]
         wh += [make(f"h{i}.{j}", q=q, a=statement) for j, q in enumerate(asks_wh[:questions])]
         asks: list[Candidate] = []
         for j, sp in enumerate(spans(sent)[:4]):
-            blanked = sent[:sp.start] + _BLANK + sent[sp.end:]
-            if sp.text.lower() in blanked.lower() or sp.text.lower() in subject.lower():
+            if _gives_away(sent, sp, subject):
                 continue  # the answer is visible elsewhere in the prompt: a give-away, not a test
+            blanked = sent[:sp.start] + _BLANK + sent[sp.end:]
             prefix = sent[:sp.start].rstrip()
             if len(words(prefix)) >= 5:
                 starts[f"k{i}.{j}"] = prefix

@@ -41,8 +41,8 @@ def replay_prompts() -> list[str]:
 def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: int | None = None) -> list[dict]:
     """The base model's greedy answers to the first ``n_prompts`` general prompts (all when None), generated once
     per model: cached in the workspace and, for a model engrain keeps in ENGRAIN_HOME (the embedded model, hub
-    models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts not yet answered (training on its own
-    outputs keeps the model close to itself on general requests)."""
+    models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts
+    not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
     from ..models import answer
 
     every = replay_prompts()
