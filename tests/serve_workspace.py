@@ -32,7 +32,7 @@ def write_synth(synth_dir: Path, n: int = 8) -> None:
 
 def make_workspace(root: Path, model_spec: str, tokenizer=None, *, lora_steps: int = 2, lr: float = 0.05):
     """``root`` (its name becomes the model-name prefix) with corpus, index and a trained ``lora`` memory."""
-    from engrain.config import IngestConfig, TrainConfig
+    from engrain.config import IngestConfig, TrainConfig, load_config, save_config
     from engrain.corpus.ingest import ingest
     from engrain.rag.index import build_index
     from engrain.train.loop import train
@@ -48,6 +48,9 @@ def make_workspace(root: Path, model_spec: str, tokenizer=None, *, lora_steps: i
     write_synth(ws.synth_dir)
     train(ws, TrainConfig(memory="lora", max_steps=lora_steps, lora_rank=4, lr=lr, seq_len=128, micro_batch=2,
                           eval_every=50, save_every=0, replay_share=0.0, epochs=1.0), model_spec, show_progress=False)
+    config = load_config(ws.config_path)
+    config.model.dtype = "float32"  # the reference path: answers compared exactly, alone and batched
+    save_config(config, ws.config_path)
     return ws
 
 

@@ -150,3 +150,29 @@ def test_no_registry_on_first_use_says_how_to_place_the_model_by_hand(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "Place it by hand" in proc.stderr and "SmolLM2-135M-Instruct.Q4_1.gguf" in proc.stderr
+
+
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    import torch
+
+    from engrain.models import load as loading
+
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: True)
+    assert loading.pick_dtype("cpu") is torch.bfloat16
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: False)
+    assert loading.pick_dtype("cpu") is torch.float32  # emulated bf16 is slower than fp32
+    assert loading.pick_dtype("cuda") is torch.float16
+    assert loading.pick_dtype("cpu", "float32") is torch.float32
+
+
+def test_a_workspace_answers_in_its_configured_dtype(tmp_path, tiny_model_dir):
+    import torch
+
+    from engrain.models import load_for_workspace
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        (ws / "engrain.yaml").write_text(f"model:\n  dtype: {name}\n")
+        lm = load_for_workspace(ws, str(tiny_model_dir), device="cpu")
+        assert next(lm.model.parameters()).dtype == dtype

@@ -102,14 +102,14 @@ def ask(
 ) -> None:
     """Answer one question with a memory (the base model closed-book by default)."""
     from .memory.registry import open_memory
-    from .models import load_model
+    from .models import load_for_workspace
     from .workspace import Workspace
 
     if not question.strip():
         raise EngrainError("The question is empty.", hint='Usage: engrain ask "your question"')
     ws = Workspace.at(workspace)
     memory = canonical(memory)  # an old name still works, with a notice
-    lm = load_model(model_spec(workspace, model))
+    lm = load_for_workspace(workspace, model)
     mem = open_memory(memory, ws, lm)
     ans = mem.answer([question], max_new_tokens=max_tokens)[0]
     if as_json:
@@ -151,7 +151,7 @@ def compare(
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
     from .evaluate.compare import check_probe_form
     from .evaluate.run import parse_methods, run_compare
-    from .models import load_model
+    from .models import load_for_workspace
     from .workspace import Workspace
 
     check_probe_form(probe_form)  # before the model loads
@@ -167,7 +167,7 @@ def compare(
     from .evaluate.bench import subset_name
 
     out_dir = out or ws.reports_dir / subset_name(bench.name, docs)
-    lm = load_model(model_spec(workspace, model))
+    lm = load_for_workspace(workspace, model)
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
                           scaling=scaling, docs=docs, probe_form=probe_form, arrivals=arrivals)
@@ -236,7 +236,7 @@ def demo(
     """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
     from .evaluate.compare import check_probe_form
     from .evaluate.run import parse_methods, run_compare
-    from .models import load_model
+    from .models import load_for_workspace
     from .workspace import Workspace
 
     check_probe_form(probe_form)  # before the model loads
@@ -245,7 +245,7 @@ def demo(
     if not ws.config_path.exists():
         write_demo_config(ws.config_path)
     out_dir = ws.reports_dir / bench.name
-    lm = load_model(model)
+    lm = load_for_workspace(workspace, model)
     results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm,
                           latency_sample=DEMO_LATENCY_SAMPLE, probe_form=probe_form)
     print_results(results, out_dir)

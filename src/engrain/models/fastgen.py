@@ -294,3 +294,67 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
 
+
+
+class Stream:
+    """Continuous batching for a server: rows join whenever the caller admits them and leave when the caller
+    says they are done (their own stop strings, token budgets, a client gone); each ``step`` gives one token
+    per live row. Same modules and greedy tokens as ``generate_many`` (one row's tokens do not depend on the
+    rows beside it, up to floating-point rounding: left padding is masked)."""
+
+    def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None) -> None:
+        self.model = decoder(model)
+        self.device = self.model.model.embed_tokens.weight.device
+        self.pad_id, self.temperature, self.top_p, self.prefix = pad_id, temperature, top_p, prefix
+        self.rows: _Rows | None = None
+        self.budget: dict[int, int] = {}  # row handle -> most tokens it may produce
+        self._next = 0
+
+    def __len__(self) -> int:
+        return 0 if self.rows is None else int((~self.rows.done).sum())
+
+    @torch.inference_mode()
+    def admit(self, prompts: list[list[int]], budgets: list[int]) -> list[int]:
+        """Prefill ``prompts`` and add them to the batch; returns their handles."""
+        handles = list(range(self._next, self._next + len(prompts)))
+        self._next += len(prompts)
+        self.budget.update(zip(handles, budgets))
+        new = _prefill(self.model, dict(zip(handles, prompts)), handles, self.pad_id, self.prefix, self.device)
+        left = [self.budget[h] - n for h, n in zip(self.rows.ids.tolist(), self.rows.n_out.tolist())] \
+            if self.rows is not None else []
+        self.rows = _merge(self.rows, new, max(left + budgets))  # room for the longest budget still to run
+        return handles
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int]]:
+        """Sample each live row's next token: (handle, token) pairs. Then ``advance`` with the rows now done."""
+        rows = self.rows
+        tok = _sample(rows.logits, self.temperature, self.top_p, None)
+        live = ~rows.done
+        rows.n_out += live.long()
+        self._tok = tok
+        return [(h, t) for h, t, on in zip(rows.ids.tolist(), tok.tolist(), live.tolist()) if on]
+
+    @torch.inference_mode()
+    def advance(self, finished: set[int]) -> None:
+        """Mark ``finished`` handles (and rows at their budget) done, drop them once a quarter of the batch has
+        finished, and run the next forward step for the rows still live."""
+        rows = self.rows
+        ids, n_out = rows.ids.tolist(), rows.n_out.tolist()
+        for i, (h, n) in enumerate(zip(ids, n_out)):
+            if h in finished or n >= self.budget[h]:
+                rows.done[i] = True
+        tok = self._tok
+        if int(rows.done.sum()) * 4 >= len(ids):
+            for h in rows.ids[rows.done].tolist():
+                self.budget.pop(h, None)
+            tok, self.rows = tok[~rows.done], rows.keep(~rows.done)
+            rows = self.rows
+            if len(rows.ids) == 0:
+                self.rows = None
+                return
+        tok = torch.where(rows.done, torch.full_like(tok, self.pad_id), tok)
+        rows.logits = _forward(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
+                               rows.key_mask, self.prefix)
+        rows.next_pos = rows.next_pos + 1
+        rows.col += 1

@@ -33,8 +33,10 @@ def bf16_supported(device: str) -> bool:
 
 
 def pick_dtype(device: str, dtype: str = "auto"):
-    """``auto``: bf16 on a CUDA GPU that supports it; fp32 on CPU, where bf16 generation of small models
-    measured no faster (bench/bench_models.py) and costs accuracy in long greedy decodes."""
+    """``auto``: bfloat16 where the device computes it natively (CUDA Ampere+, CPUs with AVX512-BF16 or AMX),
+    float16 on older GPUs, float32 elsewhere (emulated bf16 is slower than fp32). Answering reads every weight once
+    per token, so half the bytes is about twice the speed (``bench/bench_answer_speed.py``); the accuracy check
+    against fp32 is in docs/performance.md. Training loads fp32 weights itself and runs bf16 under autocast."""
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -43,9 +45,9 @@ def pick_dtype(device: str, dtype: str = "auto"):
         if dtype not in table:
             raise EngrainError(f"Unknown dtype '{dtype}'.", hint="Use one of: auto, float32, bfloat16, float16.")
         return table[dtype]
-    if device.startswith("cuda"):
-        return torch.bfloat16 if bf16_supported(device) else torch.float16
-    return torch.float32
+    if bf16_supported(device):
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 @dataclass
@@ -116,3 +118,13 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     model.eval()
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
+
+
+def load_for_workspace(workspace: Path | str, spec: str | None = None, device: str | None = None) -> LM:
+    """The model a workspace answers with: ``spec`` when given, else its engrain.yaml's ``model.name`` (the
+    embedded default when unset), in its ``model.dtype`` and ``model.device``."""
+    from ..config import load_config
+    from ..workspace import Workspace
+
+    cfg = load_config(Workspace.at(workspace).config_path).model
+    return load_model(spec or cfg.name, device=device or cfg.device, dtype=cfg.dtype)

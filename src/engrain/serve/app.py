@@ -343,14 +343,14 @@ def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | N
           log=None, lora_adapters: bool = False) -> tuple[Engine, Scheduler]:
     """Load the model and every memory of the workspace, and start the worker. LoRA memories are merged into
     their own copy of the weights unless ``lora_adapters`` (engine.py says what each costs)."""
-    from ..models import load_model
+    from ..models import load_for_workspace
     from ..workspace import Workspace
 
     ws = Workspace.at(ws_root)
     if not ws.root.is_dir():
         raise EngrainError(f"The workspace {ws.root} does not exist.",
                            hint="Create one first: engrain ingest DOCS_DIR -w WORKSPACE")
-    lm = load_model(model_spec, device=device)
+    lm = load_for_workspace(ws.root, model_spec, device)
     engine = Engine(ws, lm, log=log, lora_adapters=lora_adapters)
     return engine, Scheduler(engine, max_batch=max_batch)
 

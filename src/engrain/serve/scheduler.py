@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -229,33 +230,102 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------------
 
     def _run(self, batch: list[Job]) -> None:
-        """Generate for one batch: prompts made, start events sent, one batched ``generate`` streaming to each row."""
+        """Generate for one batch: prompts made, start events sent, then the fast loop (``_stream``) where it
+        applies, else one batched ``generate`` streaming to each row."""
         import torch
+
+        from ..models import fastgen
 
         batch = [j for j in batch if not j.cancelled]
         if not batch:
             return
-        started = time.perf_counter()  # queueing ends here; retrieval is part of the answer's time
         batch = self._fit_rag_prompts(batch)
         if not batch:
             return
         engine = self.engine
         weights = batch[0].served.weights
-        for job in batch:
-            job.emit({"type": "start", "prompt_tokens": self._prompt_tokens(job), "chunks": job.chunks,
-                      "queue_ms": round((started - job.submitted) * 1000, 1), "batch_size": len(batch)})
-        ids, mask = self._inputs(batch)
-        rows = [_Row(j, engine.tokenizer, self.stop_ids) for j in batch]
-        kwargs = self._generate_kwargs(batch, rows, ids.shape[1])
-        self.stats["batches"] += 1
-        self.stats["jobs"] += len(batch)
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
-        self.batch_log.append((weights, len(batch)))
-        device = engine.lm.device
         with engine.weights(weights) as module, torch.inference_mode():
-            module.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            if batch[0].served.layout != "context" and not batch[0].ignore_eos and fastgen.supports(module):
+                self._stream(module, batch)
+                return
+            self._started(batch, len(batch))
+            ids, mask = self._inputs(batch)
+            rows = [_Row(j, engine.tokenizer, self.stop_ids) for j in batch]
+            kwargs = self._generate_kwargs(batch, rows, ids.shape[1])
+            self._count(weights, len(batch))
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch))
+            module.generate(input_ids=ids.to(engine.lm.device), attention_mask=mask.to(engine.lm.device), **kwargs)
         for row in rows:  # generate may end a step early for rows the criteria stopped
             row.finish("length")
+
+    def _stream(self, module, batch: list[Job]) -> None:
+        """Continuous batching: the rows decode together; once a quarter of them have finished, queued jobs of
+        the same key take their places (``_join``), so a new request waits for a few tokens, not a whole batch."""
+        from ..models import fastgen
+
+        first = batch[0]
+        stream = fastgen.Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
+                                top_p=first.top_p)
+        rows: dict[int, _Row] = {}
+        total = 0
+        while batch:
+            handles = stream.admit([j.prompt_ids for j in batch], [j.max_tokens for j in batch])
+            self._started(batch, len(stream))
+            rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
+            total += len(batch)
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(stream))
+            try:
+                batch = self._decode(stream, rows, first.key)
+            except Exception as exc:  # the stream's failure: every row still running gets it (joined ones too)
+                self.stats["errors"] += 1
+                for row in rows.values():
+                    if not row.done:
+                        row.done = True
+                        row.job.emit({"type": "error", "status": 500, "message": f"generation failed: {exc}",
+                                      "code": "generation_failed"})
+                batch = []
+        self._count(first.served.weights, total)
+
+    def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> list[Job]:
+        """Steps until the stream is empty (returns []) or queued jobs join it (returns them)."""
+        while len(stream):
+            for handle, token in stream.step():
+                rows[handle].push(token)
+            done = {h for h, row in rows.items() if row.done or row.job.cancelled}
+            stream.advance(done)
+            for h in done:
+                rows.pop(h).finish("length")  # a no-op for rows that already finished
+            if len(stream) * 4 <= self.max_batch * 3 and (joined := self._join(key, len(stream))):
+                return joined
+        return []
+
+    def _join(self, key: tuple, live: int) -> list[Job]:
+        """Queued jobs that may join a running stream of ``key``: only while the oldest queued job has that key
+        (so another memory's requests are not passed over for long), up to the free rows, rag prompts fitted."""
+        rewrite = self.engine.rag is not None and self.engine.rag.config.rewrite_query
+        with self.cond:
+            if not self.queue or self.paused or self.queue[0].key != key:
+                return []
+            take, rest = [], deque()
+            while self.queue:
+                job = self.queue.popleft()
+                fits = len(take) + live < self.max_batch and not (rewrite and job.served.layout == "rag")
+                (take if job.key == key and fits else rest).append(job)
+            self.queue = rest
+            self.running = live + len(take)
+        return self._fit_rag_prompts([j for j in take if not j.cancelled])
+
+    def _started(self, batch: list[Job], size: int) -> None:
+        now = time.perf_counter()  # queueing ends here; retrieval is part of the answer's time
+        for job in batch:
+            job.emit({"type": "start", "prompt_tokens": self._prompt_tokens(job), "chunks": job.chunks,
+                      "queue_ms": round((now - job.submitted) * 1000, 1), "batch_size": size})
+
+    def _count(self, weights: str, jobs: int) -> None:
+        """Statistics: one batch (or stream) of ``jobs`` requests run on ``weights``."""
+        self.stats["batches"] += 1
+        self.stats["jobs"] += jobs
+        self.batch_log.append((weights, jobs))
 
     def _fit_rag_prompts(self, batch: list[Job]) -> list[Job]:
         """rag jobs: one batched retrieval for all their questions, then each prompt fitted to the window (a job
@@ -264,7 +334,8 @@ class Scheduler:
         if not rag_jobs:
             return batch
         rag = self.engine.rag
-        with self.engine.weights("base"):  # query rewriting (when on) uses the base model
+        # query rewriting (when on) uses the base model; never asked for inside a running stream (see _join)
+        with self.engine.weights("base") if rag.config.rewrite_query else nullcontext():
             hits = rag.retriever.retrieve([j.question for j in rag_jobs], rag.config.top_k)
         for job, job_hits in zip(rag_jobs, hits):
             try:

@@ -1,0 +1,228 @@
+"""How fast engrain answers, against its fp32 reference path and against llama.cpp on the same model, in one run.
+
+    python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama]
+
+Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruct:
+
+- batch-1 decode of the base model (tokens/s over 8 questions), and its share of the weights-bandwidth limit: every
+  generated token reads every weight once, so the read bandwidth measured here divided by the weights' bytes bounds
+  batch-1 decode;
+- batch-1 decode of a LoRA memory merged into its copy of the weights (what ``TrainedMemory`` and ``engrain serve``
+  answer with), as a ratio to base; the adapter has random weights (speed does not depend on what it learned);
+- first token for a retrieval-sized prompt (about 460 tokens: acme chunks in view, as rag asks), retrieval left out;
+- ``engrain serve`` under N concurrent clients, 24-token answers, base and rag in turn: requests/s;
+- the same for llama.cpp (``llama-cpp-python``, on PyPI, built from source here) on the GGUF the embedded model is
+  converted from, and its OpenAI-compatible server under the same clients, when the package is installed.
+
+Columns: "fp32" is engrain's reference path (weights in float32), "engrain" the default (``model.dtype: auto``:
+bfloat16 where the CPU computes it natively). Prints one table and writes bench/out/answer_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import read_bandwidth  # noqa: E402
+from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load  # noqa: E402
+
+from engrain.config import apply_settings  # noqa: E402
+from engrain.memory.parametric import LoraKind  # noqa: E402
+from engrain.models import LM, chat_messages, chat_prompt, generate, load_model  # noqa: E402
+from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
+from engrain.home import engrain_home  # noqa: E402
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "What does a bee make?",
+             "Who wrote Romeo and Juliet?", "Why is the sky blue?", "What is the largest ocean?",
+             "How do plants drink water?", "What is the opposite of cold?"]
+PROMPT_TOKENS = 460  # about what rag's four chunks and the question come to on examples/acme
+
+
+def decode_rate(lm: LM, prompts: list[str], max_new_tokens: int) -> float:
+    """Generated tokens/s at batch 1, one prompt after another (after a warm-up)."""
+    generate(lm, prompts[:1], max_new_tokens=4, batch_size=1)
+    t0 = time.perf_counter()
+    gens = [generate(lm, [p], max_new_tokens=max_new_tokens, batch_size=1)[0] for p in prompts]
+    return sum(g.completion_tokens for g in gens) / (time.perf_counter() - t0)
+
+
+def long_prompt(tokenizer) -> str:
+    """A chat prompt with about PROMPT_TOKENS tokens of acme's documents in view, as rag builds it."""
+    text = " ".join(p.read_text(encoding="utf-8") for p in sorted((EXAMPLE / "docs").glob("*.md")))
+    words = text.split()
+    for n in range(50, len(words), 10):
+        prompt = chat_prompt(tokenizer, chat_messages("Who founded the company?", " ".join(words[:n])))
+        if len(tokenizer(prompt)["input_ids"]) >= PROMPT_TOKENS:
+            return prompt
+    return prompt
+
+
+def first_token_s(run_once, repeats: int = 3) -> float:
+    run_once()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def merged_lora(lm: LM) -> LM:
+    kind = LoraKind()
+    model = kind.attach(copy.deepcopy(lm.model).float(), lm.tokenizer, {}, None)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.002)
+    merged = kind.merged_for_answering(model).to(next(lm.model.parameters()).dtype).eval()
+    return LM(merged, lm.tokenizer, lm.name + "+lora", lm.path, lm.device)
+
+
+def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
+    lm = load_model(None, device="cpu", dtype=dtype)
+    prompts = [chat_prompt(lm.tokenizer, chat_messages(q)) for q in QUESTIONS]
+    weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # the tied head counted once
+    base = decode_rate(lm, prompts, max_new_tokens)
+    lora = decode_rate(merged_lora(lm), prompts, max_new_tokens)
+    prompt = long_prompt(lm.tokenizer)
+    first = first_token_s(lambda: generate(lm, [prompt], max_new_tokens=1, batch_size=1))
+    return {"dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "weights_mb": weights / 1e6,
+            "decode_base": base, "decode_lora": lora, "limit": bandwidth / weights,
+            "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"])}
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the server did not start; see {log}")
+        time.sleep(0.5)
+
+
+def serve_load(command: list[str], models: list[str], clients: int, seconds: float, name: str) -> dict:
+    """Start a server, put each model under ``clients`` concurrent clients for ``seconds``, stop it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = OUT / f"answer-speed-{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command + ["--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url, proc, log)
+            questions = [json.loads(x)["question"] for x in (EXAMPLE / "questions.jsonl").read_text().splitlines()]
+            return {m: load(url, [m], questions, clients, seconds, 24) for m in models}
+        finally:
+            proc.terminate()
+            proc.wait(120)
+
+
+def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
+    settings = OUT / f"answer-speed-{dtype}.yaml"
+    settings.write_text(f"model:\n  dtype: {dtype}\n")
+    apply_settings(ws / "engrain.yaml", settings)
+    command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
+    rows = serve_load(command, [f"{ws.name}:base", f"{ws.name}:rag"], clients, seconds, f"engrain-{dtype}")
+    return {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
+
+
+def llama_cpp(max_new_tokens: int, clients: int, seconds: float) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    gguf = engrain_home() / "downloads" / EMBEDDED_GGUF_NAME
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    tok = load_model(None, device="cpu", dtype="float32").tokenizer  # the same chat template and prompts
+    prompts = [chat_prompt(tok, chat_messages(q)) for q in QUESTIONS]
+
+    def complete(prompt: str, n: int) -> int:
+        llm.reset()  # no KV reused from the previous prompt: each prompt is read in full, as engrain reads it
+        out = llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1)
+        return out["usage"]["completion_tokens"]
+
+    complete(prompts[0], 4)
+    t0 = time.perf_counter()
+    tokens = sum(complete(p, max_new_tokens) for p in prompts)
+    rate = tokens / (time.perf_counter() - t0)
+    prompt = long_prompt(tok)
+    first = first_token_s(lambda: complete(prompt, 1))
+    llm.close()  # its memory back before the server loads its own copy
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count()),
+               "--n_ctx", "2048", "--api_key", KEY, "--model_alias", "smollm2"]
+    served = serve_load(command, ["smollm2"], clients, seconds, "llama-cpp")["smollm2"]
+    return {"decode_base": rate, "first_token_s": first, "base": served}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--skip-llama", action="store_true")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    bandwidth = read_bandwidth()
+    ws = build_workspace(OUT / "serve-ws" / "acme")
+    runs = {}
+    for dtype in ("float32", "auto"):
+        runs[dtype] = in_process(dtype, args.max_new_tokens, bandwidth)
+        runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds)
+        print(f"{dtype}: {json.dumps(runs[dtype], default=str)[:300]}", flush=True)
+    ref, fast = runs["float32"], runs["auto"]
+    llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds)
+    print_table(ref, fast, llama, bandwidth, args.clients)
+    (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
+                                                       "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
+                                                       "torch": torch.__version__, "args": vars(args)}, indent=1))
+    print(f"wrote {OUT / 'answer_speed.json'}")
+
+
+def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, clients: int) -> None:
+    na = "not installed"
+    lines = [f"{os.cpu_count()} cores, read bandwidth {bandwidth / 1e9:.1f} GB/s; engrain answers in {fast['dtype']} "
+             f"({fast['weights_mb']:.0f} MB of weights), the reference in {ref['dtype']} ({ref['weights_mb']:.0f} MB)",
+             "", "| measure | fp32 | engrain | engrain / fp32 | llama.cpp (Q4_1 GGUF) | engrain / llama.cpp |",
+             "| --- | --- | --- | --- | --- | --- |"]
+
+    def row(name: str, a: float, b: float, c: float | None, fmt: str, higher_better: bool = True) -> None:
+        ratio = (b / a) if higher_better else (a / b)
+        vs = "-" if c is None else f"{(b / c) if higher_better else (c / b):.2f}x"
+        third = na if c is None else format(c, fmt)
+        lines.append(f"| {name} | {a:{fmt}} | {b:{fmt}} | {ratio:.2f}x | {third} | {vs} |")
+
+    row("batch-1 decode, base (tokens/s)", ref["decode_base"], fast["decode_base"],
+        llama and llama["decode_base"], ".1f")
+    lines.append(f"| share of the weights-bandwidth limit | {ref['decode_base'] / ref['limit']:.0%} of "
+                 f"{ref['limit']:.0f} | {fast['decode_base'] / fast['limit']:.0%} of {fast['limit']:.0f} | | | |")
+    row("batch-1 decode, LoRA merged (tokens/s)", ref["decode_lora"], fast["decode_lora"], None, ".1f")
+    lines.append(f"| LoRA / base decode | {ref['decode_lora'] / ref['decode_base']:.2f} | "
+                 f"{fast['decode_lora'] / fast['decode_base']:.2f} | | | |")
+    row(f"first token, {fast['prompt_tokens']}-token prompt (s)", ref["first_token_s"], fast["first_token_s"],
+        llama and llama["first_token_s"], ".3f", higher_better=False)
+    for model in ("base", "rag"):
+        row(f"{clients} clients, 24-token answers, {model} (requests/s)", ref["serve"][model]["rps"],
+            fast["serve"][model]["rps"], llama and llama["base"]["rps"] if model == "base" else None, ".2f")
+        row(f"{clients} clients, {model}, p50 latency (s)", ref["serve"][model]["p50_ms"] / 1000,
+            fast["serve"][model]["p50_ms"] / 1000, llama and llama["base"]["p50_ms"] / 1000 if model == "base"
+            else None, ".2f", higher_better=False)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The server's continuous batching (``fastgen.Stream``): rows joining a running batch and leaving it get the
+greedy tokens they get alone."""
+
+from __future__ import annotations
+
+
+def test_rows_joining_and_leaving_get_their_tokens_alone(tiny_lm):
+    from engrain.models import fastgen
+
+    tok = tiny_lm.tokenizer
+    texts = ["hello there", "a much longer prompt about the lighthouse keeper and his log", "Hi", "What is 2+2?",
+             "Tell me about the mill on the river", "ok"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    budgets = [3, 9, 5, 7, 2, 6]
+    alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, max_new_tokens=n, stop_ids=[-1],
+                                   pad_id=tok.pad_token_id)[0] for p, n in zip(prompts, budgets)]
+    stream = fastgen.Stream(tiny_lm.model, pad_id=tok.pad_token_id)
+    got: dict[int, list[int]] = {}
+    order: dict[int, int] = {}
+    waiting = list(range(len(prompts)))
+    steps = 0
+    while waiting or len(stream):
+        if waiting and (steps % 3 == 0 or not len(stream)):  # two prompts join every third step
+            admit, waiting = waiting[:2], waiting[2:]
+            handles = stream.admit([prompts[i] for i in admit], [budgets[i] for i in admit])
+            order.update(zip(handles, admit))
+        finished = set()
+        for handle, token in stream.step():
+            got.setdefault(order[handle], []).append(token)
+            if order[handle] == 1 and len(got[1]) == 4:
+                finished.add(handle)  # the caller ends a row early (a stop string, a client gone)
+        stream.advance(finished)
+        steps += 1
+    assert got[1] == alone[1][:4]
+    assert [got[i] for i in (0, 2, 3, 4, 5)] == [alone[i] for i in (0, 2, 3, 4, 5)]
+    assert len(stream) == 0
