@@ -58,6 +58,29 @@ def test_training_prompt_is_the_inference_prompt(tokenizer):
     assert tokenizer.decode(ex.ids[len(served_ids):]).startswith(a)
 
 
+def test_item_end_loss_off_leaves_only_the_end_of_turn_out_of_the_loss(tokenizer):
+    from engrain.models import end_of_turn
+    from engrain.train.data import IGNORE, encode_item
+
+    item = {"messages": [{"role": "user", "content": "Who built the Orvane archive?"},
+                         {"role": "assistant", "content": "Mira Holt built the Orvane archive."}]}
+    full = encode_item(tokenizer, item, "k")
+    cut = encode_item(tokenizer, item, "k", end_loss=False)
+    end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    assert cut.ids == full.ids and full.labels[-len(end):] == end
+    assert cut.labels[-len(end):] == [IGNORE] * len(end)
+    assert cut.labels[:-len(end)] == full.labels[:-len(end)] and cut.n_loss == full.n_loss - len(end)
+
+
+def test_a_setting_added_later_matches_a_memory_trained_before_it_at_its_default():
+    from engrain.train.checkpoints import config_diff
+
+    new = TrainConfig().model_dump()
+    old = {k: v for k, v in new.items() if k != "item_end_loss"}  # trained before the setting existed
+    assert config_diff(old, new) == []
+    assert config_diff(old, {**new, "item_end_loss": False}) == ["item_end_loss: True -> False"]
+
+
 def test_text_items_take_loss_on_every_predicted_token(tokenizer):
     from engrain.train.data import encode_item
 

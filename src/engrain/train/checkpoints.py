@@ -85,8 +85,14 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler) -> dict:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
+    """The settings that differ. A setting missing on one side is its default there: a memory trained before the
+    setting existed was trained the way its default behaves (new settings default to the earlier behaviour)."""
+    from ..config import TrainConfig
+
+    defaults = TrainConfig().model_dump()
     keys = sorted((set(old) | set(new)) - OPERATIONAL_KEYS)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    before, after = ({k: d.get(k, defaults.get(k)) for k in keys} for d in (old, new))
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in keys if before[k] != after[k]]
 
 
 def save_memory(ws: Workspace, name: str, kind, module, meta: dict) -> Path:

@@ -69,13 +69,18 @@ def _check_item(item, where: str) -> None:
                            hint='Each line must be {"messages": [...]} or {"text": "..."} (plus provenance fields).')
 
 
-def encode_item(tokenizer, item: dict, key: str, kind: str = "synth") -> Example:
-    """Token ids and labels of one (already checked) item."""
+def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: bool = True) -> Example:
+    """Token ids and labels of one (already checked) item. ``end_loss`` False: no loss on a chat answer's end of
+    turn, so the item teaches its answer but not where answers stop (``train.item_end_loss``)."""
     if "messages" in item:
         prompt, answer = render_messages(tokenizer, item["messages"])
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        return Example(p + a, [IGNORE] * len(p) + a, key, kind)
+        labels = list(a)
+        end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+        if not end_loss and end and a[-len(end):] == end:
+            labels[-len(end):] = [IGNORE] * len(end)
+        return Example(p + a, [IGNORE] * len(p) + labels, key, kind)
     ids = tokenizer(item["text"].strip(), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
