@@ -222,6 +222,10 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
     # 3 steps of at most top_t=16 rows each: the rest of the 256 slots are still exactly zero.
     assert 0 < int((values != 0).any(dim=1).sum()) <= 3 * 16
     assert mem.answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].prompt_tokens > 0
+    from engrain.models import load_model
+
+    bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")  # what answers where bf16 is native
+    assert open_memory("memory_layer", ws, bf16).answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].text is not None
 
 
 def test_the_old_kind_name_still_works_with_a_notice(capsys):

@@ -237,3 +237,7 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
     init = PrefixKind().attach(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, cfg.model_dump(), ws)
     assert not torch.equal(mem.lm.model.keys, init.keys)  # trained away from the corpus KV it started at
     assert mem.answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].prompt_tokens > 0
+    from engrain.models import load_model
+
+    bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")  # what answers where bf16 is native
+    assert open_memory("prefix", ws, bf16).answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].text is not None
