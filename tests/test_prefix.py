@@ -241,3 +241,19 @@ def test_trains_through_the_trainer_and_answers_as_a_memory(tmp_path, tiny_model
 
     bf16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")  # what answers where bf16 is native
     assert open_memory("prefix", ws, bf16).answer(["Who founded Veltrix Systems?"], max_new_tokens=4)[0].text is not None
+
+
+def test_fast_loop_answers_a_prefix_memory_as_generate_does(tiny_lm, tmp_path, monkeypatch):
+    """A trained KV prefix decodes through the lean loop (its KV shared by every row, not copied per row) with the
+    greedy tokens of the wrapper's own generate()."""
+    from engrain.models import fastgen
+
+    module = attach(tiny_lm, make_workspace(tmp_path), length=10, init="corpus")
+    lm = LM(model=module, tokenizer=tiny_lm.tokenizer, name="tiny+prefix", path="", device="cpu")
+    assert fastgen.supports(module) and fastgen.trained_prefix(module)[0][0].shape[2] == module.prefix_length
+    prompts = ["Who founded Veltrix Systems? Answer:", "Tide gauges measure", "Hi", "The harbour was dredged in"]
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
+    plain = generate(lm, prompts, max_new_tokens=10, batch_size=2)
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "1")
+    fast = generate(lm, prompts, max_new_tokens=10, batch_size=2)
+    assert [(g.text, g.completion_tokens) for g in fast] == [(g.text, g.completion_tokens) for g in plain]

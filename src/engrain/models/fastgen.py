@@ -33,12 +33,26 @@ TOP_K = 50
 
 
 def decoder(model):
-    """The Llama model to run: ``model`` itself, or the model inside a PEFT LoRA wrapper. PEFT puts its LoRA
-    layers in place of the wrapped model's linear layers, so running that model's modules applies the active
-    adapter (and honours ``disable_adapter()``), exactly as the wrapper's own forward does."""
+    """The Llama model to run: ``model`` itself, the model inside a PEFT LoRA wrapper, or the model a trained KV
+    prefix wraps (``trained_prefix`` gives its prefix). PEFT puts its LoRA layers in place of the wrapped model's
+    linear layers, so running that model's modules applies the active adapter (and honours ``disable_adapter()``),
+    exactly as the wrapper's own forward does."""
+    if callable(getattr(model, "prefix_kv", None)):  # memory/prefix.py's PrefixLM
+        model = model.model
     active = getattr(model, "active_adapter", None)
     adapter = (getattr(model, "peft_config", None) or {}).get(active) if isinstance(active, str) else None
     return model.get_base_model() if getattr(adapter, "peft_type", None) == "LORA" else model  # PeftType is a str
+
+
+def trained_prefix(model) -> list | None:
+    """A trained KV prefix memory's per-layer (K, V), each (1, kv_heads, P, head_dim) in the model's dtype: what
+    ``generate_many`` and ``Stream`` take as ``prefix``, so every row attends it without a copy per row. None for
+    any other model."""
+    if not callable(getattr(model, "prefix_kv", None)):
+        return None
+    keys, values = model.prefix_kv()
+    dtype = decoder(model).model.embed_tokens.weight.dtype
+    return [(k[None].to(dtype), v[None].to(dtype)) for k, v in zip(keys, values)]
 
 
 def supports(model, *, stop: list[str] | None = None, repetition_penalty: float = 1.0) -> bool:
@@ -253,7 +267,9 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     Each returned list ends with the stop token when one was produced. Prompts are admitted shortest first.
     ``prefix``: a shared prompt start already run through the model, as per-layer (K, V) tensors of shape
     (1, kv_heads, P, head_dim) (a ``DynamicCache``'s layers); every prompt continues it, from position P.
-    ``progress``: optional callable(n) told each time n prompts finish."""
+    ``progress``: optional callable(n) told each time n prompts finish. A trained KV prefix memory brings its own
+    ``prefix``."""
+    prefix = prefix if prefix is not None else trained_prefix(model)
     model = decoder(model)
     device = model.model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
@@ -303,6 +319,7 @@ class Stream:
     rows beside it, up to floating-point rounding: left padding is masked)."""
 
     def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None) -> None:
+        prefix = prefix if prefix is not None else trained_prefix(model)
         self.model = decoder(model)
         self.device = self.model.model.embed_tokens.weight.device
         self.pad_id, self.temperature, self.top_p, self.prefix = pad_id, temperature, top_p, prefix
