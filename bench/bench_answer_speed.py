@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import read_bandwidth  # noqa: E402
-from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load  # noqa: E402
+from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wait_healthy  # noqa: E402
 
 from engrain.config import apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
@@ -101,19 +101,6 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
     return {"dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "weights_mb": weights / 1e6,
             "decode_base": base, "decode_lora": lora, "limit": bandwidth / weights,
             "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"])}
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 600
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"the server did not start; see {log}")
-        time.sleep(0.5)
 
 
 def serve_load(command: list[str], models: list[str], clients: int, seconds: float, name: str) -> dict:

@@ -85,6 +85,20 @@ class RssSampler(threading.Thread):
             time.sleep(0.2)
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    """Until ``url`` answers (any status below 500: a server without /health answers 404), or fail naming ``log``."""
+    deadline = time.time() + 600
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"the server did not start; see {log}")
+        time.sleep(0.5)
+
+
 def one_request(client: httpx.Client, url: str, model: str, question: str, stream: bool, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "stream": stream}
@@ -177,16 +191,7 @@ def main() -> None:
                                str(ws_root), "--port", str(port), "--api-key", KEY],
                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"the server did not start; see {OUT / 'serve-server.log'}")
-            time.sleep(0.5)
+        wait_healthy(url, server, OUT / "serve-server.log")
         health0 = httpx.get(url + "/health").json()
         http = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
         models = [m["id"] for m in http.get(url + "/v1/models").json()["data"]]
