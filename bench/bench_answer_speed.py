@@ -89,6 +89,33 @@ def merged_lora(lm: LM) -> LM:
     return LM(merged, lm.tokenizer, lm.name + "+lora", lm.path, lm.device)
 
 
+def linear_floor(model, repeats: int = 10) -> dict:
+    """ms per token of the model's linear layers alone at batch 1 (one row through every weight matrix, head
+    included), in the model's dtype and as int8 weight-only (``torch.ops.aten._weight_int8pack_mm``, bf16
+    activations): the floor a decode step sits on, and what int8 weights would buy. Not an engrain option."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = weights[0].dtype
+    rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
+    int8 = []
+    for w in weights:
+        scale = w.float().abs().amax(1).clamp_min(1e-8) / 127
+        int8.append((torch.round(w.float() / scale[:, None]).to(torch.int8), scale.to(torch.bfloat16)))
+    rows8 = {k: v.to(torch.bfloat16) for k, v in rows.items()}
+
+    def timed(run) -> float:
+        run()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - t0) / repeats * 1000
+
+    with torch.inference_mode():
+        own = timed(lambda: [torch.nn.functional.linear(rows[w.shape[1]], w) for w in weights])
+        q8 = timed(lambda: [torch.ops.aten._weight_int8pack_mm(rows8[q.shape[1]], q, s) for q, s in int8])
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    return {"ms": own, "gb_s": nbytes / own / 1e6, "int8_ms": q8}
+
+
 def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
     lm = load_model(None, device="cpu", dtype=dtype)
     prompts = [chat_prompt(lm.tokenizer, chat_messages(q)) for q in QUESTIONS]
@@ -99,7 +126,8 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
     first = first_token_s(lambda: generate(lm, [prompt], max_new_tokens=1, batch_size=1))
     return {"dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "weights_mb": weights / 1e6,
             "decode_base": base, "decode_lora": lora, "limit": bandwidth / weights,
-            "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"])}
+            "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"]),
+            "linears": linear_floor(lm.model)}
 
 
 def serve_load(command: list[str], models: list[str], clients: int, seconds: float, name: str) -> dict:
@@ -207,6 +235,11 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         row(f"{clients} clients, {model}, p50 latency (s)", ref["serve"][model]["p50_ms"] / 1000,
             fast["serve"][model]["p50_ms"] / 1000, llama and llama["base"]["p50_ms"] / 1000 if model == "base"
             else None, ".2f", higher_better=False)
+    for run in (ref, fast):
+        f = run["linears"]
+        lines.append(f"\n{run['dtype']}: the linear layers alone take {f['ms']:.1f} ms per token at batch 1 "
+                     f"({f['gb_s']:.0f} GB/s of weights read), {f['int8_ms']:.1f} ms as int8 weight-only; a whole "
+                     f"decode step takes {1000 / run['decode_base']:.1f} ms")
     print("\n".join(lines))
 
 
