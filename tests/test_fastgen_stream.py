@@ -34,3 +34,23 @@ def test_rows_joining_and_leaving_get_their_tokens_alone(tiny_lm):
     assert got[1] == alone[1][:4]
     assert [got[i] for i in (0, 2, 3, 4, 5)] == [alone[i] for i in (0, 2, 3, 4, 5)]
     assert len(stream) == 0
+
+
+def test_plain_attention_equals_sdpa_and_gives_padding_rows_no_nan():
+    """The bf16 CPU form of the decode loop's attention: the same as SDPA with the same boolean mask (grouped
+    query heads included), and a query that may see no key (left padding) comes out finite."""
+    import torch
+    import torch.nn.functional as F
+
+    from engrain.models.fastgen import _plain_attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :3] = False  # row 1: three padding keys on the left
+    mask[1, :, 0] = False  # and a padding query that sees nothing at all
+    got = _plain_attend(q, k, v, mask, 0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    seen = mask.any(-1).expand(2, 6, 5)
+    torch.testing.assert_close(got[seen], ref[seen], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()

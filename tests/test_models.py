@@ -176,3 +176,18 @@ def test_a_workspace_answers_in_its_configured_dtype(tmp_path, tiny_model_dir):
         (ws / "engrain.yaml").write_text(f"model:\n  dtype: {name}\n")
         lm = load_for_workspace(ws, str(tiny_model_dir), device="cpu")
         assert next(lm.model.parameters()).dtype == dtype
+
+
+def test_answering_lm_converts_a_training_copy_and_leaves_the_original(monkeypatch, tiny_lm):
+    import torch
+
+    from engrain.models import answering_lm
+    from engrain.models import load as loading
+
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: True)
+    fast = answering_lm(tiny_lm)
+    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    assert next(tiny_lm.model.parameters()).dtype == torch.float32  # the model being trained is untouched
+    assert answering_lm(fast) is fast
+    monkeypatch.setattr(loading, "bf16_supported", lambda device: False)
+    assert answering_lm(tiny_lm) is tiny_lm

@@ -120,6 +120,19 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
               load_seconds=time.time() - t0)
 
 
+def answering_lm(lm: LM) -> LM:
+    """``lm`` as answers are generated: when its weights are not in the dtype ``auto`` picks for its device (a
+    model loaded in fp32 to be trained), a copy converted to that dtype (bf16 where native: about twice the
+    tokens/s); else ``lm`` itself."""
+    import copy
+    import dataclasses
+
+    dtype = pick_dtype(lm.device)
+    if next(lm.model.parameters()).dtype == dtype:
+        return lm
+    return dataclasses.replace(lm, model=copy.deepcopy(lm.model).to(dtype))
+
+
 def load_for_workspace(workspace: Path | str, spec: str | None = None, device: str | None = None) -> LM:
     """The model a workspace answers with: ``spec`` when given, else its engrain.yaml's ``model.name`` (the
     embedded default when unset), in its ``model.dtype`` and ``model.device``."""

@@ -43,7 +43,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     per model: cached in the workspace and, for a model engrain keeps in ENGRAIN_HOME (the embedded model, hub
     models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts
     not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
-    from ..models import answer
+    from ..models import answer, answering_lm
 
     every = replay_prompts()
     prompts = every[:n_prompts]
@@ -62,7 +62,8 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     if missing:
         note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
              f"{caches[-1]})")
-        gens = answer(lm, missing, max_new_tokens=max_new_tokens)
+        # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
+        gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens)
         position = {p: i for i, p in enumerate(every)}
         for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
             have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
