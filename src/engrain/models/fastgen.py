@@ -11,9 +11,13 @@ rotary embeddings are the model's own) with:
   - rows that hit a stop token removed from the batch once a quarter of it has finished, and waiting
     prompts prefilled into their places (continuous batching);
   - the prompts' common start (chat template opening and system prompt) run once and copied into
-    every row's cache, not prefilled again for each prompt.
+    every row's cache, not prefilled again for each prompt;
+  - in bf16 on a CPU, attention as two matmuls around an fp32 softmax (``_plain_attend``) instead of SDPA,
+    whose bf16 kernels are several times slower there;
+  - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go.
 
-Greedy decoding gives the same tokens as ``generate()`` (tested on a tiny Llama). ``supports()`` says
+Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
+the two attention forms differs, and experiments/answering measures bf16's answers against fp32's. ``supports()`` says
 when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other architectures, stop
 strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 """
