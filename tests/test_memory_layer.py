@@ -45,7 +45,7 @@ def test_attaching_is_identity_and_only_memory_params_train(tiny_lm, tmp_path):
     ids, mask = batch(tiny_lm)
     with torch.no_grad():
         before = tiny_lm.model(input_ids=ids, attention_mask=mask).logits
-    model = attach(tiny_lm, tmp_path, layers=[0, 1])
+    model = attach(tiny_lm, tmp_path, layers=[0, 1], train_keys=True)
     with torch.no_grad():
         after = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
@@ -60,6 +60,14 @@ def test_attaching_is_identity_and_only_memory_params_train(tiny_lm, tmp_path):
         rows_with_grad = (mem.values.grad != 0).any(dim=1)
         # Gradient only on rows read (a row read only where no loss is taken gets none).
         assert rows_with_grad.any() and not (rows_with_grad & (mem.reads == 0)).any()
+
+
+def test_by_default_only_the_values_of_three_blocks_train():
+    from engrain.memory.memory_layer import MemoryLayerOptions, resolve_layers
+
+    opts = MemoryLayerOptions()
+    assert not opts.train_keys and resolve_layers(opts.layers, 30) == [7, 15, 22]
+    assert MemoryLayerKind.default_lr == 3e-2
 
 
 def test_sparse_update_moves_only_rows_the_batch_read(tiny_lm, tmp_path):
