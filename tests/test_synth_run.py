@@ -166,7 +166,7 @@ def test_fastgen_runs_a_peft_lora_model_like_generate(tiny_model_dir, monkeypatc
     from engrain.models import fastgen
     from engrain.models import chat_messages, chat_prompt, generate, load_model
 
-    base = load_model(str(tiny_model_dir), device="cpu")
+    base = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     prompts = [chat_prompt(base.tokenizer, chat_messages(q)) for q in ("Hi", "What is the capital of France?")]
     monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
     before = [g.text for g in generate(base, prompts, max_new_tokens=16)]

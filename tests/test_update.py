@@ -99,7 +99,7 @@ def test_update_after_add_learns_the_new_document(tmp_path, tokenizer, tiny_mode
     from engrain.models import load_model
     from engrain.train.update import load_previous_weights
 
-    fresh = get_kind("lora").attach(load_model(str(tiny_model_dir), device="cpu").model, tokenizer, first["config"], ws)
+    fresh = get_kind("lora").attach(load_model(str(tiny_model_dir), device="cpu", dtype="float32").model, tokenizer, first["config"], ws)
     load_previous_weights("lora", fresh, ws.memory_dir("lora"))
     loaded = {k.replace(".default.", "."): v for k, v in trainable_state(fresh).items()}
     assert loaded.keys() == before.keys() and all(torch.equal(loaded[k], before[k]) for k in before)

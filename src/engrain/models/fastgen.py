@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..train.kernels.packed_attention import uses_plain_attention
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -85,7 +86,7 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
-    if prefix is None and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+    if prefix is None and q.device.type == "cpu" and uses_plain_attention(t, q.dtype != torch.float32):
         out = _plain_attend(q, keys, values, attn_mask, attn.scaling)
     elif prefix is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
@@ -97,8 +98,9 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
 
 def _plain_attend(q, keys, values, attn_mask, scale: float):
     """Masked attention as two matmuls around an fp32 softmax, the query heads of one KV head laid end to end (no
-    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels several-fold at prompt lengths
-    (``uses_plain_attention`` in train/kernels/packed_attention.py has the timings). Masked scores take the
+    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels several-fold for up to 512 new
+    tokens (``uses_plain_attention`` in train/kernels/packed_attention.py has the timings); longer prefills keep
+    SDPA, whose scores need not all be in memory at once. Masked scores take the
     dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN."""
     bsz, heads, t, hd = q.shape
     kv, s = keys.shape[1], keys.shape[2]
