@@ -28,9 +28,11 @@ def test_every_row_names_a_committed_config_and_results_file():
             if row.get("config"):
                 assert (ROOT / row["config"]).is_file(), row["config"]
                 assert row["config"] in row["command"]
-            if row.get("prepare"):  # a committed script of the experiment's own, run before the command
+            if row.get("prepare"):  # a committed script (the experiment's own or a shared one), run first
                 script = shlex.split(row["prepare"])
-                assert script[0] == "python" and script[1].startswith(f"experiments/{manifest.parent.name}/")
+                own, shared = f"experiments/{manifest.parent.name}/", "experiments/"
+                assert script[0] == "python" and (script[1].startswith(own) or script[1].count("/") == 1
+                                                  and script[1].startswith(shared))
                 assert (ROOT / script[1]).is_file(), row["prepare"]
             args = shlex.split(row["command"])
             assert args[:2] == ["engrain", "compare"] or args[:2] == ["engrain", "demo"], row["command"]

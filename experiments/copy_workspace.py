@@ -1,7 +1,7 @@
 """Copy an experiment's workspace (corpus, index, synthetic data, trained memories, config) into a new folder, so
 a row can answer with the same memories under other settings without retraining them.
 
-    python experiments/answering/copy_workspace.py SOURCE_WS DEST_WS
+    python experiments/copy_workspace.py SOURCE_WS DEST_WS
 
 An existing DEST_WS is left as it is (a rerun keeps its answers' inputs); SOURCE_WS must hold a trained memory:
 its row in experiments/knowledge builds it.
