@@ -262,7 +262,7 @@ def write_demo_config(path: Path) -> None:
     where training runs near the machine's matmul limit (``bench/bench_train.py`` measures it).
 
     - synthesis: the model-free ``facts`` strategy (the default): every sentence stated in full, the passage once
-      more in one shuffled order, at most 12 questions per chunk; one pass over them;
+      more in one shuffled order, at most 12 questions per chunk; two passes over them;
     - chunks of 128 tokens, 4 per RAG prompt.
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs)."""
     from .config import EngrainConfig, save_config
@@ -272,7 +272,7 @@ def write_demo_config(path: Path) -> None:
     config.ingest.chunk_overlap = 16
     config.synth.facts_per_chunk = 12
     config.synth.facts_orders = 1
-    config.train.epochs = 1.0
+    config.train.epochs = 2.0
     save_config(config, path)
 
 
