@@ -109,8 +109,8 @@ class TrainConfig(Section):
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: all of them)")
-    # Every document item ends its answer after a sentence or two; trained on thousands of them, a memory learns to
-    # stop that early on general questions too (experiments/knowledge measures it).
+    # Every document item ends its answer after a sentence or two. Whether that teaches a memory to stop early on
+    # general questions too was measured in experiments/knowledge (the no-item-end row): it did not, so it stays on.
     item_end_loss: bool = Field(True, description="train the end of turn after the documents' chat answers (False: "
                                                   "only replay teaches where answers end)")
     replay_kl: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL to the base model's own distribution "

@@ -13,7 +13,7 @@ rotary embeddings are the model's own) with:
   - the prompts' common start (chat template opening and system prompt) run once and copied into
     every row's cache, not prefilled again for each prompt;
   - in bf16 on a CPU, attention as two matmuls around an fp32 softmax (``_plain_attend``) instead of SDPA,
-    whose bf16 kernels are several times slower there;
+    whose bf16 kernels are slower there (``bench/bench_attention_forms.py``);
   - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go.
 
 Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
@@ -98,7 +98,7 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
 
 def _plain_attend(q, keys, values, attn_mask, scale: float):
     """Masked attention as two matmuls around an fp32 softmax, the query heads of one KV head laid end to end (no
-    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels several-fold for up to 512 new
+    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels for up to 512 new
     tokens (``uses_plain_attention`` in train/kernels/packed_attention.py has the timings); longer prefills keep
     SDPA, whose scores need not all be in memory at once. Masked scores take the
     dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN."""
@@ -331,7 +331,6 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
-
 
 
 class Stream:

@@ -35,8 +35,8 @@ def bf16_supported(device: str) -> bool:
 def pick_dtype(device: str, dtype: str = "auto"):
     """``auto``: bfloat16 where the device computes it natively (CUDA Ampere+, CPUs with AVX512-BF16 or AMX),
     float16 on older GPUs, float32 elsewhere (emulated bf16 is slower than fp32). Answering reads every weight once
-    per token, so half the bytes is about twice the speed (``bench/bench_answer_speed.py``); the accuracy check
-    against fp32 is in docs/performance.md. Training loads fp32 weights itself and runs bf16 under autocast."""
+    per token, so half the bytes answers faster (``bench/bench_answer_speed.py``); experiments/answering checks the
+    answers against fp32. Training loads fp32 weights itself and runs bf16 under autocast."""
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -122,8 +122,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
 
 def answering_lm(lm: LM) -> LM:
     """``lm`` as answers are generated: when its weights are not in the dtype ``auto`` picks for its device (a
-    model loaded in fp32 to be trained), a copy converted to that dtype (bf16 where native: about twice the
-    tokens/s); else ``lm`` itself."""
+    model loaded in fp32 to be trained), a copy converted to that dtype (bf16 where native); else ``lm`` itself."""
     import copy
     import dataclasses
 

@@ -239,6 +239,7 @@ class Scheduler:
         batch = [j for j in batch if not j.cancelled]
         if not batch:
             return
+        started = time.perf_counter()  # queueing ends here; retrieval is part of the answer's time
         batch = self._fit_rag_prompts(batch)
         if not batch:
             return
@@ -246,9 +247,9 @@ class Scheduler:
         weights = batch[0].served.weights
         with engine.weights(weights) as module, torch.inference_mode():
             if batch[0].served.layout != "context" and not batch[0].ignore_eos and fastgen.supports(module):
-                self._stream(module, batch)
+                self._stream(module, batch, started)
                 return
-            self._started(batch, len(batch))
+            self._started(batch, len(batch), started)
             ids, mask = self._inputs(batch)
             rows = [_Row(j, engine.tokenizer, self.stop_ids) for j in batch]
             kwargs = self._generate_kwargs(batch, rows, ids.shape[1])
@@ -258,7 +259,7 @@ class Scheduler:
         for row in rows:  # generate may end a step early for rows the criteria stopped
             row.finish("length")
 
-    def _stream(self, module, batch: list[Job]) -> None:
+    def _stream(self, module, batch: list[Job], started: float) -> None:
         """Continuous batching: the rows decode together; once a quarter of them have finished, queued jobs of
         the same key take their places (``_join``), so a new request waits for a few tokens, not a whole batch."""
         from ..models import fastgen
@@ -270,12 +271,12 @@ class Scheduler:
         total = 0
         while batch:
             handles = stream.admit([j.prompt_ids for j in batch], [j.max_tokens for j in batch])
-            self._started(batch, len(stream))
+            self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
             total += len(batch)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(stream))
             try:
-                batch = self._decode(stream, rows, first.key)
+                batch, started = self._decode(stream, rows, first.key)
             except Exception as exc:  # the stream's failure: every row still running gets it (joined ones too)
                 self.stats["errors"] += 1
                 for row in rows.values():
@@ -286,8 +287,9 @@ class Scheduler:
                 batch = []
         self._count(first.served.weights, total)
 
-    def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> list[Job]:
-        """Steps until the stream is empty (returns []) or queued jobs join it (returns them)."""
+    def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> tuple[list[Job], float]:
+        """Steps until the stream is empty (returns no jobs) or queued jobs join it (returns them, and when their
+        queueing ended)."""
         while len(stream):
             for handle, token in stream.step():
                 rows[handle].push(token)
@@ -295,9 +297,11 @@ class Scheduler:
             stream.advance(done)
             for h in done:
                 rows.pop(h).finish("length")  # a no-op for rows that already finished
-            if len(stream) * 4 <= self.max_batch * 3 and (joined := self._join(key, len(stream))):
-                return joined
-        return []
+            if len(stream) * 4 <= self.max_batch * 3:
+                started = time.perf_counter()
+                if joined := self._join(key, len(stream)):
+                    return joined, started
+        return [], 0.0
 
     def _join(self, key: tuple, live: int) -> list[Job]:
         """Queued jobs that may join a running stream of ``key``: only while the oldest queued job has that key
@@ -315,11 +319,10 @@ class Scheduler:
             self.running = live + len(take)
         return self._fit_rag_prompts([j for j in take if not j.cancelled])
 
-    def _started(self, batch: list[Job], size: int) -> None:
-        now = time.perf_counter()  # queueing ends here; retrieval is part of the answer's time
+    def _started(self, batch: list[Job], size: int, started: float) -> None:
         for job in batch:
             job.emit({"type": "start", "prompt_tokens": self._prompt_tokens(job), "chunks": job.chunks,
-                      "queue_ms": round((now - job.submitted) * 1000, 1), "batch_size": size})
+                      "queue_ms": round((started - job.submitted) * 1000, 1), "batch_size": size})
 
     def _count(self, weights: str, jobs: int) -> None:
         """Statistics: one batch (or stream) of ``jobs`` requests run on ``weights``."""

@@ -77,9 +77,10 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         labels = list(a)
-        end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
-        if not end_loss and end and a[-len(end):] == end:
-            labels[-len(end):] = [IGNORE] * len(end)
+        if not end_loss:  # (rendering the template's end of turn costs a call per item: only when needed)
+            end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+            if end and a[-len(end):] == end:
+                labels[-len(end):] = [IGNORE] * len(end)
         return Example(p + a, [IGNORE] * len(p) + labels, key, kind)
     ids = tokenizer(item["text"].strip(), add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
