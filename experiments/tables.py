@@ -36,6 +36,9 @@ def method_row(name: str, m: dict) -> str:
     forgot = m.get("forgetting") or {}
     general = (f"{forgot['general_qa_after']:.3f} ({100 * forgot['general_qa_delta']:+.1f} pts), "
                f"ppl x{forgot['perplexity_ratio']:.2f}") if forgot else "-"
+    if forgot.get("gated_general_qa_delta") is not None:  # the weights' number above, then what a user gets
+        general = (f"gated {forgot['gated_general_qa_after']:.3f} ({100 * forgot['gated_general_qa_delta']:+.1f} "
+                   f"pts); weights alone {general}")
     return (f"| {name} | {m['contains']:.3f} ({lo:.2f}-{hi:.2f}) | {tags} | {paired} | {general} | "
             f"{m['build_seconds']:.0f} s | {m['latency_ms_p50'] / 1000:.1f} s |")
 

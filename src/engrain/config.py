@@ -161,12 +161,24 @@ class RagConfig(Section):
     nprobes: int = Field(20, ge=1, description="IVF partitions searched per query")
 
 
+class AnswerConfig(Section):
+    """How trained memories answer (engrain/memory/gate.py)."""
+
+    gate: bool = Field(True, description="a trained memory answers the questions close to its documents; the "
+                                         "base weights answer the rest, so what training wore away is not lost "
+                                         "to them (false: the trained weights answer everything)")
+    gate_general_share: float = Field(0.05, ge=0.0, le=1.0, description="share of the general replay requests the "
+                                                                        "calibrated gate lets through to the "
+                                                                        "trained weights")
+
+
 class EngrainConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     rag: RagConfig = Field(default_factory=RagConfig)
+    answer: AnswerConfig = Field(default_factory=AnswerConfig)
 
 
 def load_config(path: Path) -> EngrainConfig:

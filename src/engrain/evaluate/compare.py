@@ -185,6 +185,7 @@ def method_result(run: MethodRun, questions: list[Question]) -> dict:
         "peak_rss_mb": round(run.peak_rss_mb, 1),
         "forgetting": run.forgetting,
         "truncated_answers": sum(1 for a in run.answers if a.meta.get("truncated")),
+        "gate_to_base": sum(1 for a in run.answers if a.meta.get("weights") == "base"),
         "describe": run.describe,
     })
     return result

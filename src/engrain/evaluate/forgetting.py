@@ -45,9 +45,23 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
 
 
 def general_accuracy(memory: Memory, questions: list[Question] | None = None) -> float:
+    return _general(memory, questions)[0]
+
+
+def _general(memory: Memory, questions: list[Question] | None = None) -> tuple[float, list]:
+    """(contains accuracy on the general questions, the answers)."""
     questions = questions or general_questions()
     answers = memory.answer([q.question for q in questions], max_new_tokens=32)
-    return sum(metrics.contains(a.text, q.answers) for q, a in zip(questions, answers)) / len(questions)
+    return sum(metrics.contains(a.text, q.answers) for q, a in zip(questions, answers)) / len(questions), answers
+
+
+def gated(memory: Memory, base_cache: dict) -> dict:
+    """General QA as a gated memory answers it (the relevance gate sends most general questions to the base
+    weights), with the share the gate sent to the trained weights; ``measure`` must have filled ``base_cache``."""
+    acc, answers = _general(memory)
+    routed = sum(1 for a in answers if a.meta.get("weights") not in (None, "base")) / len(answers)
+    return {"gated_general_qa_after": acc, "gated_general_qa_delta": acc - base_cache["acc"],
+            "gate_general_to_memory": routed}
 
 
 def measure(memory: Memory, base_memory: Memory, base_cache: dict) -> dict:

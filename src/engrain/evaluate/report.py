@@ -46,6 +46,7 @@ def results_table(results: dict) -> list[dict]:
             "p50_ms": m["latency_ms_p50"], "p95_ms": m["latency_ms_p95"], "prompt_tokens": m["prompt_tokens_mean"],
             "build_s": m["build_seconds"], "disk_mb": m.get("disk_bytes", 0) / 2**20, "peak_rss_mb": m["peak_rss_mb"],
             "general_qa_delta": forgetting.get("general_qa_delta"), "ppl_ratio": forgetting.get("perplexity_ratio"),
+            "gated_general_qa_delta": forgetting.get("gated_general_qa_delta"),
             "vs_base": m.get("vs_base"),
         })
     return rows
@@ -95,8 +96,12 @@ def interpretation(results: dict) -> str:
     for k, m in methods.items():
         f = m.get("forgetting")
         if f and f.get("general_qa_delta") is not None:
-            parts.append(f"{k} changed general-knowledge accuracy by {100 * f['general_qa_delta']:+.1f} points and "
-                         f"general-text perplexity by x{f.get('perplexity_ratio', float('nan')):.2f}.")
+            parts.append(f"{k}'s weights changed general-knowledge accuracy by {100 * f['general_qa_delta']:+.1f} "
+                         f"points and general-text perplexity by x{f.get('perplexity_ratio', float('nan')):.2f}.")
+            if f.get("gated_general_qa_delta") is not None:
+                parts.append(f"Answering through its relevance gate, which sent "
+                             f"{100 * f['gate_general_to_memory']:.0f}% of the general questions to the trained "
+                             f"weights, {k} changed it by {100 * f['gated_general_qa_delta']:+.1f} points.")
     return " ".join(parts)
 
 
@@ -254,6 +259,15 @@ def probe_form_line(results: dict) -> str:
     return f"Cloze probes asked as {form}: {PROBE_FORM_WORDS.get(form, form)}."
 
 
+def general_cells(row: dict) -> tuple[str, str]:
+    """The general QA change (as answered through the relevance gate, and by the trained weights alone) and the
+    perplexity ratio, as table cells."""
+    gq = "" if row["general_qa_delta"] is None else f"{100 * row['general_qa_delta']:+.1f}"
+    if row.get("gated_general_qa_delta") is not None:
+        gq = f"{100 * row['gated_general_qa_delta']:+.1f} gated ({gq} weights)"
+    return gq, "" if row["ppl_ratio"] is None else f"{row['ppl_ratio']:.2f}"
+
+
 def markdown(results: dict) -> str:
     lines = [f"# engrain comparison: {results['bench']}", "",
              f"{results['n_questions']} questions · model `{results['model']}` · {results['created']}", "",
@@ -264,8 +278,7 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = results_table(results)
     for r in rows:
-        gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
-        pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
+        gq, pr = general_cells(r)
         lines.append(f"| {r['method']} | {r['contains']:.3f} {_fmt_ci(r['contains_ci'])} | {r['em']:.3f} | {r['f1']:.3f} "
                      f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['build_s']:.0f} "
                      f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} | {fmt_paired(r['vs_base'])} |")
@@ -324,8 +337,7 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
             "<th>prompt tokens</th><th>build s</th><th>disk MB</th><th>peak RSS MB</th><th>general QA Δ</th>"
             "<th>ppl ratio</th><th>vs base (paired)</th></tr>"]
     for r in results_table(results):
-        gq = "" if r["general_qa_delta"] is None else f"{100 * r['general_qa_delta']:+.1f}"
-        pr = "" if r["ppl_ratio"] is None else f"{r['ppl_ratio']:.2f}"
+        gq, pr = general_cells(r)
         body.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['contains']:.3f} {_fmt_ci(r['contains_ci'])}</td>"
                     f"<td>{r['em']:.3f}</td><td>{r['f1']:.3f}</td><td>{r['p50_ms']:.0f}</td><td>{r['p95_ms']:.0f}</td>"
                     f"<td>{r['prompt_tokens']:.0f}</td><td>{r['build_s']:.0f}</td><td>{r['disk_mb']:.1f}</td>"

@@ -84,6 +84,8 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
                                              "measured_on": "the trained weights, closed-book"}
                 console.print(f"forgetting measured in {time.perf_counter() - t0:.0f} s")
             run.forgetting = weights_forgot[base_kind]
+            if getattr(memory, "gate", None) is not None:  # what a user asking general questions gets: gate and all
+                run.forgetting = {**run.forgetting, **forgetting.gated(memory, base_cache)}
         runs.append(run)
         console.print(f"{name}: contains {score(bench.questions, run.answers)['contains']:.3f}")
     leak = None

@@ -299,6 +299,8 @@ class TrainedMemory:
         module = answering_module(self.kind, base, lm.tokenizer, self.folder)
         self.lm = LM(model=module, tokenizer=lm.tokenizer, name=f"{lm.name}+{name}", path=lm.path, device=lm.device,
                      load_seconds=time.time() - t0, extra={"memory": name})
+        self.base_lm = lm
+        self.gate = open_gate(workspace, self.folder, self.meta)
 
     def build(self, workspace: Workspace) -> BuildInfo:
         # Built by `engrain train`; here only its record is reported.
@@ -310,13 +312,39 @@ class TrainedMemory:
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
         # Closed-book, exactly as the base model is asked: only the weights differ.
-        return ClosedBook(self.lm, self.batch_size).answer(questions, max_new_tokens=max_new_tokens)
+        return self._routed(questions, lambda book, qs: book.answer(qs, max_new_tokens=max_new_tokens))
 
     def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
         # The start alone, continued by the trained weights (see Memory.complete).
-        return ClosedBook(self.lm, self.batch_size).complete(starts, max_new_tokens=max_new_tokens)
+        return self._routed(starts, lambda book, qs: book.complete(qs, max_new_tokens=max_new_tokens))
+
+    def _routed(self, texts: list[str], ask) -> list[Answer]:
+        """Each text through the gate: the trained weights answer those about the documents, the base weights the
+        rest (each Answer's meta names the weights that answered when the gate is on)."""
+        if self.gate is None or not texts:
+            return ask(ClosedBook(self.lm, self.batch_size), texts)
+        routes = self.gate.routes(texts)
+        out: list[Answer | None] = [None] * len(texts)
+        for to_memory, lm, weights in ((True, self.lm, self.name), (False, self.base_lm, "base")):
+            idx = [i for i, r in enumerate(routes) if r == to_memory]
+            if idx:
+                for i, a in zip(idx, ask(ClosedBook(lm, self.batch_size), [texts[i] for i in idx])):
+                    a.meta["weights"] = weights
+                    out[i] = a
+        return out
 
     def describe(self) -> dict:
         keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",
                 "trainable_params")
-        return {"memory": self.name, "closed_book": True, **{k: self.meta.get(k) for k in keep if k in self.meta}}
+        return {"memory": self.name, "closed_book": True, **{k: self.meta.get(k) for k in keep if k in self.meta},
+                "gate": self.gate.describe() if self.gate is not None else None}
+
+
+def open_gate(workspace: Workspace, folder: Path, meta: dict):
+    """The memory's relevance gate when the workspace's ``answer.gate`` is on and the memory has learned documents
+    the corpus still holds; None otherwise (the trained weights answer everything)."""
+    from ..config import load_config
+    from .gate import relevance_gate
+
+    cfg = load_config(workspace.config_path).answer
+    return relevance_gate(workspace, folder, meta, cfg.gate_general_share) if cfg.gate else None

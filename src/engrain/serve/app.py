@@ -131,6 +131,9 @@ class Api:
         if served.layout == "chat":
             job.prompt_ids = engine.chat_ids(messages) if messages is not None else engine.encode(prompt)
             self.too_long(len(job.prompt_ids), job.max_tokens)
+            if served.weights in engine.gates:  # a trained memory: its gate decides which weights answer
+                question = _last_user(messages) if messages is not None else prompt
+                job.gated_to_base = bool(question.strip()) and engine.routed_to_base(served, question)
             return job
         question = _question(served, messages, prompt)
         if served.layout == "context":
@@ -190,16 +193,21 @@ class Api:
 def _question(served: Served, messages: list[dict] | None, prompt: str | None) -> str:
     """What a context or rag memory answers: the last user message, or the completion prompt."""
     if messages is not None:
-        users = [text_of(m["content"]) for m in messages if m["role"] == "user"]
-        if not users or not users[-1].strip():
+        question = _last_user(messages)
+        if not question.strip():
             raise ApiError(400, f"The '{served.memory}' memory answers the last user message; there is none.",
                            param="messages", code="invalid_value")
-        question = users[-1]
     else:
         question = prompt
     if not question.strip():
         raise ApiError(400, "The prompt is empty.", param="prompt", code="invalid_value")
     return question
+
+
+def _last_user(messages: list[dict]) -> str:
+    """The last user message's text ("" when there is none)."""
+    users = [text_of(m["content"]) for m in messages if m["role"] == "user"]
+    return users[-1] if users else ""
 
 
 async def _collect(events: asyncio.Queue) -> tuple[str, dict]:

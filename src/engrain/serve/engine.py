@@ -80,6 +80,7 @@ class Engine:
         self.skipped: dict[str, str] = {}
         self.modules: dict[str, object] = {}  # trained memory name -> module (adapters live in _peft)
         self.kinds: dict[str, str] = {}  # trained memory name -> kind
+        self.gates: dict[str, object] = {}  # trained memory name -> its RelevanceGate (memory/gate.py), when on
         self._peft = None
         self.context = None  # ContextMemory: its document prefix and cached KV
         self.rag = None  # RagMemory: retrieval and the window-fitting of retrieved chunks
@@ -108,7 +109,8 @@ class Engine:
                 self.log(f"engrain serve: not serving '{name}': {exc.message}")
                 continue
             self.kinds[name] = kind
-            self._add(name, name, "chat", {"kind": kind})
+            gate = self._open_gate(name)
+            self._add(name, name, "chat", {"kind": kind, "gate": gate.describe() if gate is not None else None})
             if self.rag is not None:
                 self._add(f"{name}+rag", name, "rag", {"kind": kind})
 
@@ -175,6 +177,26 @@ class Engine:
         own_copy = kind == "full" or hasattr(impl, "merged_for_answering")
         base = copy.deepcopy(self.lm.model) if own_copy else shared_copy(self.lm.model)
         self.modules[name] = answering_module(impl, base, self.tokenizer, folder)
+
+    def _open_gate(self, name: str):
+        """The memory's relevance gate (None when answer.gate is off or the memory learned no document the corpus
+        holds); a gate that cannot be built leaves the memory answering everything, and says why in the log."""
+        from ..memory.parametric import open_gate, read_meta
+
+        folder = self.ws.memory_dir(name)
+        try:
+            gate = open_gate(self.ws, folder, read_meta(folder))
+        except EngrainError as exc:
+            self.log(f"engrain serve: '{name}' answers without its relevance gate: {exc.message}")
+            return None
+        if gate is not None:
+            self.gates[name] = gate
+        return gate
+
+    def routed_to_base(self, served: Served, question: str) -> bool:
+        """True when ``served`` is a trained memory whose gate sends ``question`` to the base weights."""
+        gate = self.gates.get(served.weights) if served.layout == "chat" else None
+        return gate is not None and not gate.routes([question])[0]
 
     def _load_adapter(self, name: str, folder) -> None:
         from peft import PeftModel

@@ -18,8 +18,9 @@ def usage(start: dict, end: dict) -> dict:
 
 
 def engrain_extra(job: Job, start: dict, end: dict) -> dict:
-    """The ``engrain`` object: the memory, the retrieved chunks' ids, latency, queueing and batch size."""
-    return {"memory": job.served.memory, "chunks": start["chunks"], "latency_ms": end["latency_ms"],
+    """The ``engrain`` object: the memory, the weights that answered (a trained memory's gate may send a question
+    to the base weights), the retrieved chunks' ids, latency, queueing and batch size."""
+    return {"memory": job.served.memory, "weights": job.weights, "chunks": start["chunks"], "latency_ms": end["latency_ms"],
             "queue_ms": start["queue_ms"], "batch_size": start["batch_size"]}
 
 

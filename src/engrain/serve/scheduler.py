@@ -44,12 +44,18 @@ class Job:
     cancelled: bool = False  # set by the request when its client disconnects
     submitted: float = field(default_factory=time.perf_counter)
     chunks: list[str] = field(default_factory=list)
+    gated_to_base: bool = False  # a trained memory's relevance gate sent this question to the base weights
+
+    @property
+    def weights(self) -> str:
+        """The weights this job runs on: its memory's, or the base model's when the gate refused the question."""
+        return "base" if self.gated_to_base else self.served.weights
 
     @property
     def key(self) -> tuple:
         """Jobs with equal keys may share a forward pass."""
         layout = "context" if self.served.layout == "context" else "plain"
-        return self.served.weights, layout, round(self.temperature, 4), round(self.top_p, 4), self.ignore_eos
+        return self.weights, layout, round(self.temperature, 4), round(self.top_p, 4), self.ignore_eos
 
 
 class _Row:
@@ -244,7 +250,7 @@ class Scheduler:
         if not batch:
             return
         engine = self.engine
-        weights = batch[0].served.weights
+        weights = batch[0].weights
         with engine.weights(weights) as module, torch.inference_mode():
             if batch[0].served.layout != "context" and not batch[0].ignore_eos and fastgen.supports(module):
                 self._stream(module, batch, started)
@@ -285,7 +291,7 @@ class Scheduler:
                         row.job.emit({"type": "error", "status": 500, "message": f"generation failed: {exc}",
                                       "code": "generation_failed"})
                 batch = []
-        self._count(first.served.weights, total)
+        self._count(first.weights, total)
 
     def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> tuple[list[Job], float]:
         """Steps until the stream is empty (returns no jobs) or queued jobs join it (returns them, and when their

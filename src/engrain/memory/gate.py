@@ -1,0 +1,154 @@
+"""The relevance gate: a trained memory answers the questions about its documents, the base weights the rest.
+
+Training writes the documents into the weights and wears away some of what the model knew
+(``experiments/knowledge`` measures how much). Most questions a deployed model gets are not about the user's
+documents, and for those the trained weights can only be worse than the base model's. The gate asks the
+embedding model how close a question is to the documents the memory learned (its best cosine similarity to any of
+their chunks) and hands the question to the trained weights only above a threshold.
+
+The threshold is calibrated from training data alone, never from evaluation questions: it lets through the share
+``answer.gate_general_share`` of the package's general replay requests (``engrain/data/replay_prompts.txt``), and
+is lowered when needed so that at most ``MAX_ITEMS_BELOW`` of the memory's own training questions would be refused.
+A question about the documents sent to the base model is lost for sure, a general question sent to the trained
+weights only sometimes, so the rule leans towards the memory.
+
+The chunks' embeddings and the threshold are cached in the memory's folder (``gate.npz``) under a key made of the
+learned documents' content hashes, so an update (new documents learned) builds a new gate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_bytes
+from ..workspace import Workspace
+
+GATE_FILE = "gate.npz"
+MAX_ITEMS_BELOW = 0.02  # share of the memory's training questions the threshold may refuse
+CALIBRATION_ITEMS = 512  # training questions sampled for the calibration
+RULE = "v1"  # part of the cache key: a changed rule rebuilds cached gates
+
+
+@dataclass
+class RelevanceGate:
+    """Routes each question to the trained weights (True) or the base weights (False)."""
+
+    embedder: str
+    chunks: np.ndarray  # unit rows, one per chunk of the learned documents
+    threshold: float
+    calibration: dict = field(default_factory=dict)
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """Each text's best cosine similarity to a chunk of the learned documents."""
+        from ..rag.embeddings import load_embedder
+
+        if not texts:
+            return np.zeros(0, dtype=np.float32)
+        vectors = load_embedder(self.embedder).encode(texts)
+        return (vectors @ self.chunks.T.astype(np.float32)).max(axis=1)
+
+    def routes(self, texts: list[str]) -> list[bool]:
+        return [bool(s >= self.threshold) for s in self.scores(texts)]
+
+    def describe(self) -> dict:
+        return {"threshold": round(self.threshold, 4), "chunks": int(len(self.chunks)), "embedder": self.embedder,
+                **self.calibration}
+
+
+def threshold_for(item_scores: np.ndarray, general_scores: np.ndarray, general_share: float) -> float:
+    """The score above which ``general_share`` of the general requests fall, lowered to refuse at most
+    ``MAX_ITEMS_BELOW`` of the training questions (no general requests: the training questions alone)."""
+    candidates = []
+    if len(general_scores):
+        candidates.append(float(np.quantile(general_scores, 1.0 - general_share)))
+    if len(item_scores):
+        candidates.append(float(np.quantile(item_scores, MAX_ITEMS_BELOW)))
+    return min(candidates) if candidates else -1.0
+
+
+def relevance_gate(workspace: Workspace, folder: Path, meta: dict, general_share: float) -> RelevanceGate | None:
+    """The gate of the memory in ``folder`` (from its cache, or built and cached); None when the memory has no
+    learned documents whose chunks the workspace still holds (items written by hand, or a corpus removed)."""
+    from ..config import load_config
+    from ..rag.embeddings import embedding_model_name
+
+    embedder = embedding_model_name(load_config(workspace.config_path).rag.embedding_model)
+    learned = meta.get("learned_documents") or {}
+    chunks = _learned_chunks(workspace, learned)
+    if not chunks:
+        return None
+    key = hashlib.sha256(json.dumps([RULE, embedder, general_share, sorted(learned.items())]).encode()).hexdigest()
+    cached = _read(folder / GATE_FILE, key)
+    if cached is not None:
+        return cached
+    gate = _build(workspace, embedder, chunks, learned, general_share)
+    buf = io.BytesIO()
+    np.savez(buf, chunks=gate.chunks, meta=np.array(json.dumps({"key": key, "threshold": gate.threshold,
+                                                                "embedder": embedder,
+                                                                "calibration": gate.calibration})))
+    try:
+        write_bytes(folder / GATE_FILE, buf.getvalue())
+    except OSError:  # a read-only memory folder: the gate is rebuilt next time, answers are the same
+        pass
+    return gate
+
+
+def _learned_chunks(workspace: Workspace, learned: dict) -> list[str]:
+    from ..corpus.schema import read_chunks
+
+    if not learned or not workspace.chunks_path.is_file():
+        return []
+    return [c.text for c in read_chunks(workspace) if c.doc_id in learned]
+
+
+def _read(path: Path, key: str) -> RelevanceGate | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("key") != key:
+                return None
+            return RelevanceGate(meta["embedder"], data["chunks"], float(meta["threshold"]), meta["calibration"])
+    except (OSError, ValueError, KeyError):  # a torn or foreign file: build it again
+        return None
+
+
+def _build(workspace: Workspace, embedder: str, chunks: list[str], learned: dict,
+           general_share: float) -> RelevanceGate:
+    from ..rag.embeddings import load_embedder
+    from ..train.replay import replay_prompts
+
+    vectors = load_embedder(embedder).encode(chunks)
+    gate = RelevanceGate(embedder, vectors.astype(np.float16), 0.0)
+    questions = _training_questions(workspace, set(learned))
+    general = replay_prompts()
+    item_scores, general_scores = gate.scores(questions), gate.scores(general)
+    gate.threshold = threshold_for(item_scores, general_scores, general_share)
+    gate.calibration = {
+        "calibrated_on": f"{len(questions)} training questions, {len(general)} general replay requests",
+        "training_questions_refused": round(float((item_scores < gate.threshold).mean()), 4) if len(questions) else None,
+        "general_requests_admitted": round(float((general_scores >= gate.threshold).mean()), 4) if general else None,
+    }
+    return gate
+
+
+def _training_questions(workspace: Workspace, docs: set[str]) -> list[str]:
+    """A fixed sample of the user turns of the synthetic items made from the learned documents."""
+    from ..errors import EngrainError
+    from ..train.data import read_synthetic
+
+    try:
+        items = read_synthetic(workspace)
+    except EngrainError:
+        return []
+    out = [m["content"] for _, item in items if set(item.get("doc_ids") or []) & docs
+           for m in (item.get("messages") or [])[:2] if m.get("role") == "user"]
+    return random.Random(0).sample(out, min(CALIBRATION_ITEMS, len(out)))
