@@ -81,8 +81,8 @@ def test_an_edit_swaps_two_facts_of_an_earlier_document(bench_dir):
 
 
 def test_the_scenario_follows_one_memory_engrain_update_can_teach():
-    assert check_method(["base", "lora"]) == "lora"
-    for methods in (["rag"], ["lora", "full"], ["prefix"]):
+    assert check_method(["base", "lora"]) == "lora" and check_method(["memory_layer"]) == "memory_layer"
+    for methods in (["rag"], ["lora", "full"], ["lora+rag"]):
         with pytest.raises(EngrainError, match="--arrivals"):
             check_method(methods)
 

@@ -137,6 +137,71 @@ def test_a_full_memory_updates_too(tmp_path, tokenizer, tiny_model_dir):
     assert any(not torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_prefix_memory_continues_from_its_saved_prefix(tmp_path, tokenizer, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from engrain.memory.parametric import get_kind
+    from engrain.models import load_model
+    from engrain.train.update import load_previous_weights
+
+    ws, docs = make_ws(tmp_path, tokenizer, memory="prefix", lr=1e-2, options={"prefix": {"length": 8}})
+    first = trained(ws, tiny_model_dir)
+    before = load_file(str(ws.memory_dir("prefix") / "prefix.safetensors"))
+    (docs / "gamma.md").write_text(GAMMA)
+    reingest(ws, docs, tokenizer)
+    # Attached afresh, the prefix is read from today's corpus; continued, it is the saved one again, sink included.
+    fresh = get_kind("prefix").attach(load_model(str(tiny_model_dir), device="cpu", dtype="float32").model, tokenizer,
+                                      first["config"], ws)
+    assert not torch.equal(fresh.prefix_kv()[0], before["keys"])
+    load_previous_weights("prefix", fresh, ws.memory_dir("prefix"))
+    assert all(torch.equal(t, before[n]) for t, n in zip(fresh.prefix_kv(), ("keys", "values")))
+
+    summary = run_update(ws, tiny_model_dir)
+    assert summary["kind"] == "prefix" and "gamma" in summary["learned_documents"] and summary["update"]["steps"] > 0
+    after = load_file(str(ws.memory_dir("prefix") / "prefix.safetensors"))
+    assert not torch.equal(after["values"], before["values"])
+
+
+def test_a_memory_layer_update_steers_clear_of_slots_earlier_documents_read(tmp_path, tokenizer, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    from engrain.memory.continued import continue_memory_layer
+    from engrain.memory.memory_layer import memories
+    from engrain.memory.parametric import get_kind
+    from engrain.models import load_model
+    from engrain.train.update import chunk_texts
+
+    small = {"slots": 256, "heads": 2, "topk": 4, "key_dim": 16, "top_t": 16, "layers": "middle"}
+    ws, docs = make_ws(tmp_path, tokenizer, memory="memory_layer", lr=0.05, options={"memory_layer": small})
+    first = trained(ws, tiny_model_dir)
+    folder = ws.memory_dir("memory_layer")
+    before = load_file(str(folder / "memory_layer.safetensors"))
+
+    def attached():
+        model = load_model(str(tiny_model_dir), device="cpu", dtype="float32").model
+        return get_kind("memory_layer").attach(model, tokenizer, first["config"], ws)
+
+    plain, steered = attached(), attached()
+    continue_memory_layer(plain, folder, tokenizer, [])
+    continue_memory_layer(steered, folder, tokenizer, chunk_texts(ws, {"alpha", "beta"}))
+    for module in (plain, steered):  # the saved memory is back in place of the fresh one
+        mem = memories(module)[0]
+        assert torch.equal(mem.values, before[f"layers.{mem.layer_idx}.values"])
+    # Slots the learned documents read count as background: their IDF falls, so new batches pick other slots.
+    idf_plain, idf_steered = memories(plain)[0].idf, memories(steered)[0].idf
+    assert bool((idf_steered < idf_plain - 1e-6).any())
+
+    (docs / "gamma.md").write_text(GAMMA)
+    reingest(ws, docs, tokenizer)
+    summary = run_update(ws, tiny_model_dir)
+    assert summary["kind"] == "memory_layer" and "gamma" in summary["learned_documents"]
+    assert summary["update"]["steps"] > 0
+    after = load_file(str(folder / "memory_layer.safetensors"))
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
 def test_update_after_change_records_the_new_hash(tmp_path, tokenizer, tiny_model_dir):
     ws, docs = make_ws(tmp_path, tokenizer)
     trained(ws, tiny_model_dir)
@@ -230,13 +295,6 @@ def test_bad_input_says_what_to_do(tmp_path, tokenizer, tiny_model_dir):
     with pytest.raises(EngrainError, match="No trained memory 'lora'") as err:
         run_update(ws, tiny_model_dir)
     assert "engrain train" in err.value.hint
-
-    folder = ws.memory_dir("prefix")
-    folder.mkdir(parents=True)
-    (folder / "engrain_memory.json").write_text(json.dumps({"kind": "prefix", "learned_documents": {}}))
-    with pytest.raises(EngrainError, match="implemented for lora and full") as err:
-        run_update(ws, tiny_model_dir, name="prefix")
-    assert "--memory prefix --force" in err.value.hint
 
     trained(ws, tiny_model_dir)
     (docs / "gamma.md").write_text(GAMMA)

@@ -26,7 +26,6 @@ from rich.console import Console
 from ..atomic import write_json
 from ..config import load_config
 from ..errors import EngrainError
-from ..memory.base import ClosedBook
 from ..models import LM
 from ..workspace import Workspace
 from . import forgetting, metrics
@@ -177,10 +176,12 @@ def measure_step(workspace: Workspace, name: str, lm: LM, questions: list[Questi
     said = {q.id: a.text for (q, _), a in zip(asked, answers)}
     changed = [(said[qid], old) for e in edits if e.arrival <= k for qid, (old, _) in e.questions.items()]
     new_scores = [s for (q, _), s in zip(asked, scores) if any(q.id in e.questions for e in edits if e.arrival <= k)]
-    forgot = forgetting.measure(ClosedBook(memory.lm), base_memory, base_cache)
+    forgot = forgetting.of_trained(memory, base_memory, base_cache)
     console.print(f"after arrival {k}: " + ", ".join(f"batch {b} {v['contains']:.3f}" for b, v in by_batch.items())
                   + (f"; changed facts {sum(new_scores)}/{len(new_scores)} new" if new_scores else "")
-                  + f"; general QA {100 * forgot['general_qa_delta']:+.1f} points")
+                  + f"; general QA {100 * forgot['general_qa_delta']:+.1f} points"
+                  + (f" ({100 * forgot['gated_general_qa_delta']:+.1f} gated)" if "gated_general_qa_delta" in forgot
+                     else ""))
     return {"by_batch": by_batch, "seen": {"contains": sum(scores) / max(1, len(scores)), "n": len(scores)},
             "changed_facts": {"n": len(new_scores), "new_value": sum(new_scores) / len(new_scores) if new_scores else None,
                               "old_value": (sum(metrics.contains(text, old) for text, old in changed) / len(changed)
@@ -200,7 +201,7 @@ def rebuild_reference(workspace: Workspace, questions: list[Question], lm: LM, k
     seconds = round(time.perf_counter() - t0, 2)
     memory = TrainedMemory(REBUILT.format(kind), workspace, lm)
     answers = ask(memory, questions, probe_form=probe_form, max_new_tokens=max_new_tokens)
-    forgot = forgetting.measure(ClosedBook(memory.lm), base_memory, base_cache)
+    forgot = forgetting.of_trained(memory, base_memory, base_cache)
     return {"seconds": seconds, "train_seconds": meta.get("train_seconds"), "train_tokens": meta.get("train_tokens"),
             "steps": meta.get("steps"), "scores": contains_scores(questions, answers),
             "answers": [a.text for a in answers], "forgetting": forgot}
@@ -231,6 +232,7 @@ def summarise(state: dict, workspace: Workspace, questions: list[Question], lm: 
         "changed_facts_new_value": steps[-1]["changed_facts"]["new_value"],
         "changed_facts_old_value": steps[-1]["changed_facts"]["old_value"],
         "general_qa_delta_after_all": steps[-1]["forgetting"]["general_qa_delta"],
+        "gated_general_qa_delta_after_all": steps[-1]["forgetting"].get("gated_general_qa_delta"),
     }
     section = {"memory": kind, "batches": state["plan"]["batches"], "edits": state["plan"]["edits"],
                "question_batches": of_batch,

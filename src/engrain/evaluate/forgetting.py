@@ -76,3 +76,15 @@ def measure(memory: Memory, base_memory: Memory, base_cache: dict) -> dict:
     return {"general_qa_before": base_cache["acc"], "general_qa_after": acc, "general_qa_delta": acc - base_cache["acc"],
             "perplexity_before": base_cache["ppl"], "perplexity_after": ppl, "perplexity_ratio": ppl / base_cache["ppl"],
             "n_general_questions": len(general_questions())}
+
+
+def of_trained(memory, base_memory: Memory, base_cache: dict) -> dict:
+    """A trained memory's forgetting: its weights asked closed-book (``measure``), and general QA as the memory
+    answers it through its relevance gate when it has one (``gated``)."""
+    from ..memory.base import ClosedBook
+
+    out = measure(ClosedBook(memory.lm), base_memory, base_cache)
+    if getattr(memory, "gate", None) is not None:
+        out.update(gated(memory, base_cache))
+    return out
+

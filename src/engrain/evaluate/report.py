@@ -46,7 +46,6 @@ def results_table(results: dict) -> list[dict]:
             "p50_ms": m["latency_ms_p50"], "p95_ms": m["latency_ms_p95"], "prompt_tokens": m["prompt_tokens_mean"],
             "build_s": m["build_seconds"], "disk_mb": m.get("disk_bytes", 0) / 2**20, "peak_rss_mb": m["peak_rss_mb"],
             "general_qa_delta": forgetting.get("general_qa_delta"), "ppl_ratio": forgetting.get("perplexity_ratio"),
-            "gated_general_qa_delta": forgetting.get("gated_general_qa_delta"),
             "vs_base": m.get("vs_base"),
         })
     return rows
@@ -234,14 +233,14 @@ def arrivals_markdown(scenario: dict) -> list[str]:
                                                  f"(n={changed['n']})")
         lines.append(f"| {s['arrival']} | {len(s['documents'])} | {s['seconds']:.0f} | {s.get('train_tokens') or ''} | "
                      + " | ".join(cells) + f" | {s['seen']['contains']:.3f} | {moved} | "
-                     f"{100 * s['forgetting']['general_qa_delta']:+.1f} | {s['forgetting']['perplexity_ratio']:.2f} |")
+                     + " | ".join(general_cells(s["forgetting"])) + " |")
     for e in scenario.get("edits") or []:
         lines.append(f"\nBefore arrival {e['arrival']}, `{e['doc']}` was edited: \"{e['swapped'][0]}\" and "
                      f"\"{e['swapped'][1]}\" swapped (questions {', '.join(e['questions'])}); questions mentioning either "
                      "value are left out of the batch columns.")
     ref = scenario["rebuild"]
     lines += ["", f"Rebuilt from nothing on all documents: contains {ref['contains']:.3f} {_fmt_ci(ref['contains_ci'])}, "
-              f"{ref['seconds']:.0f} s, general QA {100 * ref['forgetting']['general_qa_delta']:+.1f} points; the "
+              f"{ref['seconds']:.0f} s, general QA {general_cells(ref['forgetting'])[0]} points; the "
               f"updated memory against it: {fmt_paired(scenario['updated_vs_rebuild'])}.", "",
               "| measure | value |", "|---|---|"]
     for key, value in scenario["measures"].items():
@@ -259,13 +258,14 @@ def probe_form_line(results: dict) -> str:
     return f"Cloze probes asked as {form}: {PROBE_FORM_WORDS.get(form, form)}."
 
 
-def general_cells(row: dict) -> tuple[str, str]:
-    """The general QA change (as answered through the relevance gate, and by the trained weights alone) and the
-    perplexity ratio, as table cells."""
-    gq = "" if row["general_qa_delta"] is None else f"{100 * row['general_qa_delta']:+.1f}"
-    if row.get("gated_general_qa_delta") is not None:
-        gq = f"{100 * row['gated_general_qa_delta']:+.1f} gated ({gq} weights)"
-    return gq, "" if row["ppl_ratio"] is None else f"{row['ppl_ratio']:.2f}"
+def general_cells(forgetting: dict | None) -> tuple[str, str]:
+    """A memory's general QA change (as answered through its relevance gate, and by the trained weights alone) and
+    perplexity ratio, as table cells (empty for a memory whose forgetting was not measured)."""
+    f = forgetting or {}
+    gq = "" if f.get("general_qa_delta") is None else f"{100 * f['general_qa_delta']:+.1f}"
+    if f.get("gated_general_qa_delta") is not None:
+        gq = f"{100 * f['gated_general_qa_delta']:+.1f} gated ({gq} weights)"
+    return gq, "" if f.get("perplexity_ratio") is None else f"{f['perplexity_ratio']:.2f}"
 
 
 def markdown(results: dict) -> str:
@@ -278,7 +278,7 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = results_table(results)
     for r in rows:
-        gq, pr = general_cells(r)
+        gq, pr = general_cells(results["methods"][r["method"]].get("forgetting"))
         lines.append(f"| {r['method']} | {r['contains']:.3f} {_fmt_ci(r['contains_ci'])} | {r['em']:.3f} | {r['f1']:.3f} "
                      f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['prompt_tokens']:.0f} | {r['build_s']:.0f} "
                      f"| {r['disk_mb']:.1f} | {r['peak_rss_mb']:.0f} | {gq} | {pr} | {fmt_paired(r['vs_base'])} |")
@@ -337,7 +337,7 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
             "<th>prompt tokens</th><th>build s</th><th>disk MB</th><th>peak RSS MB</th><th>general QA Δ</th>"
             "<th>ppl ratio</th><th>vs base (paired)</th></tr>"]
     for r in results_table(results):
-        gq, pr = general_cells(r)
+        gq, pr = general_cells(results["methods"][r["method"]].get("forgetting"))
         body.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['contains']:.3f} {_fmt_ci(r['contains_ci'])}</td>"
                     f"<td>{r['em']:.3f}</td><td>{r['f1']:.3f}</td><td>{r['p50_ms']:.0f}</td><td>{r['p95_ms']:.0f}</td>"
                     f"<td>{r['prompt_tokens']:.0f}</td><td>{r['build_s']:.0f}</td><td>{r['disk_mb']:.1f}</td>"

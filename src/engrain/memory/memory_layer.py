@@ -12,11 +12,9 @@ frozen model. Each token reads only k of the N slots:
 so finding the best of N slots costs O(sqrt(N)) dot products. Values start at zero: attaching the memory leaves
 the model's outputs unchanged, and training only ever writes into it.
 
-``standardize: true`` (off by default) first maps x to (x - mean) / std per dimension, both measured on general
-text when the memory is attached. A pretrained model's hidden states share a large common direction, so a random
-projection of the raw x sends many tokens to the same slots; standardising spreads the reads
-(``bench/exp_slot_reads.py`` measures the share of reads the busiest slots take). Spreading the reads did not help
-learning in the measurements of docs/experiments.md, so it stays off.
+``standardize: true`` (off by default) first maps x to (x - mean) / std per dimension, measured on general text
+at attach: it spreads the reads a random projection of raw hidden states crowds into few slots
+(``bench/exp_slot_reads.py``), which did not help learning in docs/experiments.md.
 
 Sparse updates, so that new facts interfere as little as possible with what the model already does:
 
@@ -29,9 +27,10 @@ Sparse updates, so that new facts interfere as little as possible with what the 
    memory is attached. Slots that general requests lean on are thus left alone: that is what keeps forgetting low
    in the sparse memory fine-tuning paper. ``top_t: 0`` keeps every row read.
 
-Query projections and sub-keys are small and trained densely (``train_keys: false`` freezes them, so only values
-change). On disk (``WS/memories/memory_layer/``): ``memory_layer.safetensors`` (``layers.<i>.<param>``) and
-``memory_config.json``. Settings: ``train.options.memory_layer`` (``MemoryLayerOptions``).
+Query projections and sub-keys are trained (densely) only with ``train_keys: true``. An update (``engrain
+update``) counts the reads of the documents learned before as background too (``memory/continued.py``). On disk:
+``memory_layer.safetensors`` (``layers.<i>.<param>``) and ``memory_config.json``; settings:
+``train.options.memory_layer`` (``MemoryLayerOptions``).
 """
 
 from __future__ import annotations
@@ -60,8 +59,7 @@ WHERE = "train.options.memory_layer"  # where users set these options, for error
 class MemoryLayerOptions:
     """The memory layer's settings (``train.options.memory_layer``), checked when made."""
 
-    # Three blocks, values only, at the kind's lr of 3e-2: on fictional-dev-10 this learns what one middle block
-    # with trained keys at 1e-3 did not (experiments/knowledge, the memory-layer rows).
+    # Three blocks, values only, lr 3e-2: learns what one middle block with keys at 1e-3 did not (experiments/knowledge)
     layers: str | list[int] = "spread"  # 'middle', 'spread', or block indices: see resolve_layers
     slots: int = 16384  # value slots per memory; a square number (product keys address sqrt(slots) x sqrt(slots))
     heads: int = 4
@@ -219,8 +217,7 @@ def add_memories(model, opts: MemoryLayerOptions, layer_ids: list[int]) -> list[
 
 
 def background_texts(tokenizer) -> list[str]:
-    """General text the package ships: its general prompts in the chat template (what a user's everyday request
-    looks like to the model) and its general reference text where present."""
+    """The package's general prompts in the chat template (a user's everyday requests) and its general text."""
     from ..models import chat_messages, chat_prompt
 
     data = Path(__file__).resolve().parents[1] / "data"
@@ -296,8 +293,7 @@ def count_reads(model, mems: list[ProductKeyMemory], ids: list[int]) -> None:
 
 @torch.no_grad()
 def measure_idf(model, mems: list[ProductKeyMemory], ids: list[int]) -> int:
-    """Read the T background token ids through the model and set each memory's IDF = log((T + 1) / (reads + 1)).
-    Returns T (0: no background text; every slot then scores by TF alone)."""
+    """Read T background token ids through the model; each memory's IDF = log((T + 1) / (reads + 1)). Returns T."""
     if not ids or not mems:
         return 0
     count_reads(model, mems, ids)
@@ -468,27 +464,31 @@ class MemoryLayerKind:
                                   top_t=MemoryLayerOptions.top_t if top_t is None else int(top_t))
         mems = add_memories(model, opts, layer_ids)
         dtype = next(model.parameters()).dtype
-        try:
-            with torch.no_grad():
-                for m in mems:
-                    for pname, target in _saved(m).items():
-                        key = f"layers.{m.layer_idx}.{pname}"
-                        if pname.startswith("in_") and key not in tensors:
-                            continue  # saved before standardising existed: the identity it was trained with
-                        src = tensors[key]
-                        if src.shape != target.shape:
-                            raise KeyError(f"layers.{m.layer_idx}.{pname} has shape {tuple(src.shape)}, "
-                                           f"expected {tuple(target.shape)}")
-                        target.copy_(src)
-        except KeyError as exc:
-            raise EngrainError(f"The memory layer in {folder} does not match its memory_config.json ({exc}).",
-                               hint="Train it again: engrain train --memory memory_layer") from exc
+        copy_saved(mems, tensors, folder)
         for m in mems:
             m.to(dtype)
             m.requires_grad_(False)
         model.engrain_memory_options = opts
         model.eval()
         return model
+
+
+@torch.no_grad()
+def copy_saved(mems: list[ProductKeyMemory], tensors: dict, folder: Path) -> None:
+    """The saved tensors of the memory in ``folder`` copied into ``mems`` (same blocks and shapes, or EngrainError)."""
+    try:
+        for m in mems:
+            for pname, target in _saved(m).items():
+                key = f"layers.{m.layer_idx}.{pname}"
+                if pname.startswith("in_") and key not in tensors:
+                    continue  # saved before standardising existed: the identity it was trained with
+                src = tensors[key]
+                if src.shape != target.shape:
+                    raise KeyError(f"{key} has shape {tuple(src.shape)}, expected {tuple(target.shape)}")
+                target.copy_(src)
+    except KeyError as exc:
+        raise EngrainError(f"The memory layer in {folder} does not match its memory_config.json ({exc}).",
+                           hint="Train it again: engrain train --memory memory_layer") from exc
 
 
 def _saved(mem: ProductKeyMemory) -> dict[str, torch.Tensor]:

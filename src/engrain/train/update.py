@@ -33,10 +33,10 @@ from ..workspace import Workspace
 from .checkpoints import OPERATIONAL_KEYS, recover_memory
 from .data import item_shas, learned_documents, read_synthetic
 
-# Kinds whose training can start from a saved memory exactly: LoRA (the adapter loaded as trainable) and full
-# (the saved weights loaded into the model). A prefix is initialised from the corpus and a memory layer measures
-# the corpus to pick its slots when attached, so continuing either needs more than loading its tensors.
-UPDATABLE = ("lora", "full")
+# Kinds whose training can start from a saved memory: LoRA (the adapter loaded as trainable), full (the saved
+# weights loaded into the model), and the prefix and memory layer (memory/continued.py: their saved tensors put
+# back in place of the freshly attached ones; the memory layer's slot choice then avoids what earlier documents read).
+UPDATABLE = ("lora", "full", "prefix", "memory_layer")
 REMOVED_NOTE = "removed, facts not unlearned"
 # What of the previous meta the new one keeps under ``previous``: its history, without the bulky run details.
 HISTORY_KEYS = ("steps", "train_seconds", "learned_documents", "removed_documents", "update", "previous")
@@ -146,10 +146,22 @@ def update_config(meta: dict, workspace_cfg: TrainConfig) -> TrainConfig:
         update={**own, "epochs": workspace_cfg.update_epochs, "max_steps": None})
 
 
-def load_previous_weights(kind: str, module, folder: Path) -> None:
-    """Start from the saved memory: its tensors copied into the freshly attached, trainable module."""
+def load_previous_weights(kind: str, module, folder: Path, *, tokenizer=None, learned_texts: list[str] = ()) -> None:
+    """Start from the saved memory: its tensors copied into the freshly attached, trainable module (a memory layer
+    also measures which slots ``learned_texts``, the documents learned before, read: see memory/continued.py)."""
     import torch
     from safetensors.torch import load_file
+
+    if kind == "prefix":
+        from ..memory.continued import continue_prefix
+
+        continue_prefix(module, folder)
+        return
+    if kind == "memory_layer":
+        from ..memory.continued import continue_memory_layer
+
+        continue_memory_layer(module, folder, tokenizer, list(learned_texts))
+        return
 
     if kind == "lora":
         from peft import set_peft_model_state_dict
@@ -173,6 +185,13 @@ def load_previous_weights(kind: str, module, folder: Path) -> None:
     if missing or unexpected or not state:
         raise EngrainError(f"The weights in {folder} do not fit the model (missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}).", hint="Train the memory again with --force.")
+
+
+def chunk_texts(ws: Workspace, docs: set[str]) -> list[str]:
+    """The text of every chunk of ``docs`` (document ids) in the corpus."""
+    from ..corpus.schema import read_chunks
+
+    return [c.text for c in read_chunks(ws) if c.doc_id in docs] if docs else []
 
 
 def history(meta: dict) -> dict:
@@ -265,7 +284,8 @@ def train_update(ws: Workspace, name: str, meta: dict, workspace_cfg: TrainConfi
     lr = cfg.lr if cfg.lr is not None else float(getattr(kind, "default_lr", 1e-4))
     resume_from = resume_point(ws, name, runcfg, force, accelerator)
     run = Run(ws, name, kind, cfg, lm, plan, runcfg, accelerator, packing, lr, show)
-    load_previous_weights(kind.name, run.module, ws.memory_dir(name))
+    load_previous_weights(kind.name, run.module, ws.memory_dir(name), tokenizer=lm.tokenizer,
+                          learned_texts=chunk_texts(ws, set(changes.unchanged)))
     if resume_from is not None:
         run.resume(resume_from)  # the checkpoint's weights replace the saved memory's
     run.loop()
