@@ -47,9 +47,19 @@ def test_the_gate_routes_answers_and_is_cached_per_learned_documents(tmp_path, t
     completed = memory.complete(["The Orvane archive was founded by", "The capital of France is"], max_new_tokens=4)
     assert [a.meta["weights"] for a in completed] == ["lora", "base"]
 
+    # The hybrid takes the memory's gate: a refused question is answered closed-book, with no chunk in its prompt.
+    from engrain.rag.index import build_index
+
+    build_index(ws)
+    hybrid = open_memory("lora+rag", ws, tiny_lm).answer([ABOUT, GENERAL], max_new_tokens=4)
+    assert [a.meta["weights"] for a in hybrid] == ["lora+rag", "base"]
+    assert hybrid[0].chunks and not hybrid[1].chunks
+
     # The server routes the same way, and says which weights answered.
-    served = _served_weights(ws, tiny_model_dir, [ABOUT, GENERAL])
-    assert served == ["lora", "base"]
+    served = _served(ws, tiny_model_dir, "lora", [ABOUT, GENERAL])
+    assert [e["weights"] for e in served] == ["lora", "base"]
+    served = _served(ws, tiny_model_dir, "lora+rag", [ABOUT, GENERAL])
+    assert [e["weights"] for e in served] == ["lora", "base"] and served[0]["chunks"] and not served[1]["chunks"]
 
     # Opened again, the gate comes from its cache: nothing is embedded for the chunks or calibrated.
     monkeypatch.setattr(gate_module, "_build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
@@ -79,8 +89,8 @@ def test_with_the_gate_off_the_trained_weights_answer_everything(tmp_path, token
     assert "weights" not in memory.answer([GENERAL], max_new_tokens=4)[0].meta
 
 
-def _served_weights(ws, model_dir, questions: list[str]) -> list[str]:
-    """Ask ``engrain serve``'s lora memory each question over HTTP; the weights each answer says it came from."""
+def _served(ws, model_dir, memory: str, questions: list[str]) -> list[dict]:
+    """Ask ``engrain serve``'s ``memory`` each question over HTTP; each answer's ``engrain`` object."""
     import httpx
     from serve_workspace import ThreadServer
 
@@ -91,8 +101,8 @@ def _served_weights(ws, model_dir, questions: list[str]) -> list[str]:
     with ThreadServer(create_app(engine, scheduler, max_tokens_limit=16)) as srv:
         for question in questions:
             r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
-                           json={"model": f"{ws.root.name}:lora", "max_tokens": 4,
+                           json={"model": f"{ws.root.name}:{memory}", "max_tokens": 4,
                                  "messages": [{"role": "user", "content": question}]})
             assert r.status_code == 200, r.text
-            out.append(r.json()["engrain"]["weights"])
+            out.append(r.json()["engrain"])
     return out

@@ -12,6 +12,9 @@ is lowered when needed so that at most ``MAX_ITEMS_BELOW`` of the memory's own t
 A question about the documents sent to the base model is lost for sure, a general question sent to the trained
 weights only sometimes, so the rule leans towards the memory.
 
+A hybrid (``lora+rag``) takes its trained memory's gate: a question the gate refuses is answered closed-book by
+the base model, since the chunks retrieved for it are far from it (this is retrieval's relevance cut-off).
+
 The chunks' embeddings and the threshold are cached in the memory's folder (``gate.npz``) under a key made of the
 learned documents' content hashes, so an update (new documents learned) builds a new gate.
 """
@@ -60,6 +63,20 @@ class RelevanceGate:
     def describe(self) -> dict:
         return {"threshold": round(self.threshold, 4), "chunks": int(len(self.chunks)), "embedder": self.embedder,
                 **self.calibration}
+
+
+def route(gate: RelevanceGate, texts: list[str], ask_memory, ask_base, name: str) -> list:
+    """Answers in ``texts`` order: ``ask_memory`` for the texts the gate admits, ``ask_base`` for the rest (each a
+    function of a list of texts returning Answers); each Answer's meta names the weights that answered."""
+    routes = gate.routes(texts)
+    out: list = [None] * len(texts)
+    for admitted, ask, weights in ((True, ask_memory, name), (False, ask_base, "base")):
+        idx = [i for i, r in enumerate(routes) if r == admitted]
+        if idx:
+            for i, answer in zip(idx, ask([texts[i] for i in idx])):
+                answer.meta["weights"] = weights
+                out[i] = answer
+    return out
 
 
 def threshold_for(item_scores: np.ndarray, general_scores: np.ndarray, general_share: float) -> float:

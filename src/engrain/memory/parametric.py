@@ -52,6 +52,7 @@ from ..train.kernels.lora_linear import fuse_lora_layers
 from ..models import LM
 from ..workspace import Workspace
 from .base import Answer, BuildInfo, ClosedBook
+from .gate import route
 from .kinds import TRAINED, canonical, kind_options
 
 META_FILE = "engrain_memory.json"
@@ -323,15 +324,8 @@ class TrainedMemory:
         rest (each Answer's meta names the weights that answered when the gate is on)."""
         if self.gate is None or not texts:
             return ask(ClosedBook(self.lm, self.batch_size), texts)
-        routes = self.gate.routes(texts)
-        out: list[Answer | None] = [None] * len(texts)
-        for to_memory, lm, weights in ((True, self.lm, self.name), (False, self.base_lm, "base")):
-            idx = [i for i, r in enumerate(routes) if r == to_memory]
-            if idx:
-                for i, a in zip(idx, ask(ClosedBook(lm, self.batch_size), [texts[i] for i in idx])):
-                    a.meta["weights"] = weights
-                    out[i] = a
-        return out
+        return route(self.gate, texts, lambda qs: ask(ClosedBook(self.lm, self.batch_size), qs),
+                     lambda qs: ask(ClosedBook(self.base_lm, self.batch_size), qs), self.name)
 
     def describe(self) -> dict:
         keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",

@@ -24,6 +24,7 @@ from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_star
 from ..rag.retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
+from .gate import route
 
 
 def render_chunks(hits: list[Hit]) -> str:
@@ -48,6 +49,10 @@ class RagMemory:
         self.batch_size = batch_size
         self.system = system
         self._retriever: Retriever | None = None
+        # A hybrid (X+rag) takes its trained memory's relevance gate: a question far from the documents is answered
+        # closed-book by ``fallback`` (the base model), as retrieved chunks would only distract it.
+        self.gate = None
+        self.fallback = None
 
     @property
     def retriever(self) -> Retriever:
@@ -87,12 +92,18 @@ class RagMemory:
             kept.pop()  # the lowest-ranked chunk goes first
 
     def answer(self, questions: list[str], max_new_tokens: int = 48) -> list[Answer]:
+        if self.gate is not None and questions:
+            return route(self.gate, questions, lambda qs: self._respond(qs, max_new_tokens, "chat"),
+                         lambda qs: self.fallback.answer(qs, max_new_tokens=max_new_tokens), self.name)
         return self._respond(questions, max_new_tokens, "chat")
 
     def complete(self, starts: list[str], max_new_tokens: int = 32) -> list[Answer]:
         """Retrieve with each start as the query, then continue the start as raw text after the kept chunks' plain
         texts (no chunk-id labels: in running text they read as noise); see ``Memory.complete``."""
         check_starts(starts)
+        if self.gate is not None and starts:
+            return route(self.gate, starts, lambda qs: self._respond(qs, max_new_tokens, "continuation"),
+                         lambda qs: self.fallback.complete(qs, max_new_tokens=max_new_tokens), self.name)
         return self._respond(starts, max_new_tokens, "continuation")
 
     def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:
@@ -119,4 +130,5 @@ class RagMemory:
         return {"memory": self.name, "model": self.lm.name, "top_k": self.config.top_k, "mode": self.config.mode,
                 "rrf_k": self.config.rrf_k, "candidates": self.config.candidates,
                 "rewrite_query": self.config.rewrite_query,
-                "embedding_model": self.config.embedding_model or "all-minilm-l6-v2"}
+                "embedding_model": self.config.embedding_model or "all-minilm-l6-v2",
+                **({"gate": self.gate.describe()} if self.gate is not None else {})}

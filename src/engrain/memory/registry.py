@@ -39,7 +39,10 @@ def open_memory(name: str, workspace: Workspace, lm: LM) -> Memory:
             raise EngrainError(f"The memory '{base_name}' has no model of its own to read retrieved chunks with, so "
                                f"'{name}' cannot be made.", hint="Hybrids take a trained memory: lora+rag, "
                                                                   "prefix+rag, memory_layer+rag.")
-        return RagMemory(workspace, base_lm, name=name)
+        hybrid = RagMemory(workspace, base_lm, name=name)
+        if getattr(base, "gate", None) is not None:  # the trained memory's gate guards its hybrid too
+            hybrid.gate, hybrid.fallback = base.gate, ClosedBook(lm)
+        return hybrid
     if name in TRAINED:
         from .parametric import TrainedMemory  # torch/peft only when a trained memory is asked for
 

@@ -128,12 +128,12 @@ class Api:
         """The job for a conversation (``messages``) or a raw prompt, laid out as the memory reads it."""
         engine = self.engine
         job = Job(served=served, emit=lambda ev: None, **opts)
-        if served.layout == "chat":
+        if served.weights in engine.gates:  # a trained memory or its hybrid: the gate decides which weights answer
+            question = _last_user(messages) if messages is not None else prompt
+            job.gated_to_base = bool(question.strip()) and engine.routed_to_base(served, question)
+        if served.layout == "chat" or job.gated_to_base:  # a refused hybrid question is asked closed-book
             job.prompt_ids = engine.chat_ids(messages) if messages is not None else engine.encode(prompt)
             self.too_long(len(job.prompt_ids), job.max_tokens)
-            if served.weights in engine.gates:  # a trained memory: its gate decides which weights answer
-                question = _last_user(messages) if messages is not None else prompt
-                job.gated_to_base = bool(question.strip()) and engine.routed_to_base(served, question)
             return job
         question = _question(served, messages, prompt)
         if served.layout == "context":

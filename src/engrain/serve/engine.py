@@ -112,7 +112,7 @@ class Engine:
             gate = self._open_gate(name)
             self._add(name, name, "chat", {"kind": kind, "gate": gate.describe() if gate is not None else None})
             if self.rag is not None:
-                self._add(f"{name}+rag", name, "rag", {"kind": kind})
+                self._add(f"{name}+rag", name, "rag", {"kind": kind, "gate": gate.describe() if gate else None})
 
     def _open_context(self) -> None:
         if not self.ws.documents_path.is_file():
@@ -195,7 +195,7 @@ class Engine:
 
     def routed_to_base(self, served: Served, question: str) -> bool:
         """True when ``served`` is a trained memory whose gate sends ``question`` to the base weights."""
-        gate = self.gates.get(served.weights) if served.layout == "chat" else None
+        gate = self.gates.get(served.weights) if served.layout in ("chat", "rag") else None
         return gate is not None and not gate.routes([question])[0]
 
     def _load_adapter(self, name: str, folder) -> None:

@@ -319,7 +319,7 @@ class Scheduler:
             take, rest = [], deque()
             while self.queue:
                 job = self.queue.popleft()
-                fits = len(take) + live < self.max_batch and not (rewrite and job.served.layout == "rag")
+                fits = len(take) + live < self.max_batch and not (rewrite and job.question is not None)
                 (take if job.key == key and fits else rest).append(job)
             self.queue = rest
             self.running = live + len(take)
@@ -339,7 +339,7 @@ class Scheduler:
     def _fit_rag_prompts(self, batch: list[Job]) -> list[Job]:
         """rag jobs: one batched retrieval for all their questions, then each prompt fitted to the window (a job
         that cannot fit gets its error and leaves the batch). Returns the jobs still to run."""
-        rag_jobs = [j for j in batch if j.served.layout == "rag"]
+        rag_jobs = [j for j in batch if j.question is not None]  # a gated hybrid's refused ones are closed-book
         if not rag_jobs:
             return batch
         rag = self.engine.rag
