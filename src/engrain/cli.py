@@ -118,7 +118,8 @@ def ask(
     else:
         print(ans.text)
         console.print(f"[dim]{memory} · {ans.latency_ms:.0f} ms · {ans.prompt_tokens} prompt tokens"
-                      + (f" · chunks {', '.join(ans.chunks)}" if ans.chunks else "") + "[/dim]")
+                      + (f" · chunks {', '.join(ans.chunks)}" if ans.chunks else "")
+                      + (" · far from the documents: base weights" if ans.meta.get("weights") == "base" else "") + "[/dim]")
 
 
 @app.command()
