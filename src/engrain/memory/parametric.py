@@ -52,7 +52,7 @@ from ..train.kernels.lora_linear import fuse_lora_layers
 from ..models import LM
 from ..workspace import Workspace
 from .base import Answer, BuildInfo, ClosedBook
-from .gate import route
+from .gate import relevance_gate, route
 from .kinds import TRAINED, canonical, kind_options
 
 META_FILE = "engrain_memory.json"
@@ -338,7 +338,6 @@ def open_gate(workspace: Workspace, folder: Path, meta: dict):
     """The memory's relevance gate when the workspace's ``answer.gate`` is on and the memory has learned documents
     the corpus still holds; None otherwise (the trained weights answer everything)."""
     from ..config import load_config
-    from .gate import relevance_gate
 
     cfg = load_config(workspace.config_path).answer
     return relevance_gate(workspace, folder, meta, cfg.gate_general_share) if cfg.gate else None
