@@ -71,7 +71,9 @@ def render() -> str:
              "each table names the command and config that reproduce it. `contains`: a gold answer occurs in the "
              "normalised output. `vs base`: the method against the base model on the same questions (paired "
              "bootstrap interval of the difference, McNemar's exact p). Forgetting: the trained weights asked "
-             "closed-book, 120 general questions and the perplexity of general text, against the base model.", ""]
+             "closed-book, 120 general questions and the perplexity of general text, against the base model; "
+             "rows measured with the relevance gate (`answer.gate`) first give general QA as the memory answers it, "
+             "gate included (\"gated\"), then the weights alone.", ""]
     for manifest in sorted(ROOT.glob("experiments/*/rows.yaml")):
         spec = yaml.safe_load(manifest.read_text(encoding="utf-8"))
         lines += [f"## {spec['title']}", "", spec.get("question", "").strip(), "",
