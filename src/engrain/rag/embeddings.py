@@ -8,7 +8,8 @@ folder with ``HF_HUB_OFFLINE=1`` and ``local_files_only`` so using it never touc
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,17 @@ class Embedder:
     name: str
     dim: int
     model: object
+    # One encode at a time: the server's worker (retrieval) and its request handlers (relevance gates) share this
+    # model, and a fast tokenizer refuses to be used by two threads at once.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def encode(self, texts: list[str], batch_size: int = 64, progress=None) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
             batch = texts[start:start + batch_size]
-            out[start:start + len(batch)] = self.model.encode(batch, batch_size=batch_size, convert_to_numpy=True,
-                                                              normalize_embeddings=True, show_progress_bar=False)
+            with self.lock:
+                out[start:start + len(batch)] = self.model.encode(batch, batch_size=batch_size, convert_to_numpy=True,
+                                                                  normalize_embeddings=True, show_progress_bar=False)
             if progress is not None:
                 progress(len(batch))
         return out
