@@ -14,6 +14,7 @@ IDF measured on general text), so an update first puts the saved memory back in 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -56,8 +57,6 @@ def continue_memory_layer(module, folder: Path, tokenizer, learned_texts: list[s
     if not (folder / WEIGHTS_FILE).is_file():
         raise EngrainError(f"No memory-layer weights in {folder} (missing {WEIGHTS_FILE}).",
                            hint="Train the memory again.")
-    import json
-
     saved_layers = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("layers")
     mems = memories(module)
     if saved_layers != [m.layer_idx for m in mems]:

@@ -98,13 +98,13 @@ def relevance_gate(workspace: Workspace, folder: Path, meta: dict, general_share
 
     embedder = embedding_model_name(load_config(workspace.config_path).rag.embedding_model)
     learned = meta.get("learned_documents") or {}
+    key = hashlib.sha256(json.dumps([RULE, embedder, general_share, sorted(learned.items())]).encode()).hexdigest()
+    cached = _read(folder / GATE_FILE, key) if learned else None
+    if cached is not None:  # the corpus is read only to build a gate
+        return cached
     chunks = _learned_chunks(workspace, learned)
     if not chunks:
         return None
-    key = hashlib.sha256(json.dumps([RULE, embedder, general_share, sorted(learned.items())]).encode()).hexdigest()
-    cached = _read(folder / GATE_FILE, key)
-    if cached is not None:
-        return cached
     gate = _build(workspace, embedder, chunks, learned, general_share)
     buf = io.BytesIO()
     np.savez(buf, chunks=gate.chunks, meta=np.array(json.dumps({"key": key, "threshold": gate.threshold,
