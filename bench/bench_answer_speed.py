@@ -14,8 +14,10 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
 - the same for llama.cpp (``llama-cpp-python``, on PyPI, built from source here) on the GGUF the embedded model is
   converted from, and its OpenAI-compatible server under the same clients, when the package is installed.
 
-Columns: "fp32" is engrain's reference path (weights in float32), "engrain" the default (``model.dtype: auto``:
-bfloat16 where the CPU computes it natively). Prints one table and writes bench/out/answer_speed.json.
+Columns: "fp32" is engrain's reference path (weights in float32, decoding with them), "engrain" the default
+(``model.dtype: auto``: bfloat16 where the CPU computes it natively; ``model.decode_weights: auto``: decode steps read
+an int8 copy of the linear layers, ``models/decode_weights.py``). The linear layers' time per step at 1 to 32 rows,
+own weights against int8, is printed below the table: where int8 stops paying sets ``decode_weights.MAX_ROWS``. Prints one table and writes bench/out/answer_speed.json.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wai
 
 from engrain.config import apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
-from engrain.models import LM, chat_messages, chat_prompt, generate, load_model  # noqa: E402
+from engrain.models import LM, chat_messages, chat_prompt, decode_weights, generate, load_model  # noqa: E402
 from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
 from engrain.home import engrain_home  # noqa: E402
 
@@ -89,31 +91,35 @@ def merged_lora(lm: LM) -> LM:
     return LM(merged, lm.tokenizer, lm.name + "+lora", lm.path, lm.device)
 
 
-def linear_floor(model, repeats: int = 10) -> dict:
-    """ms per token of the model's linear layers alone at batch 1 (one row through every weight matrix, head
-    included), in the model's dtype and as int8 weight-only (``torch.ops.aten._weight_int8pack_mm``, bf16
-    activations): the floor a decode step sits on, and what int8 weights would buy. Not an engrain option."""
+def _timed(run, repeats: int = 10) -> float:
+    """ms per call, after one warm-up call."""
+    run()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - t0) / repeats * 1000
+
+
+def linear_floor(model, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict:
+    """ms per decode step of the model's linear layers alone (every weight matrix, head included) at a few rows per
+    step: with the model's own weights, and with the int8 weights the decode loop reads (``decode_weights.build``:
+    q|k|v and gate|up fused). The floor a decode step sits on, and where int8 stops paying (``MAX_ROWS``)."""
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     dtype = weights[0].dtype
-    rows = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in weights}
-    int8 = []
-    for w in weights:
-        scale = w.float().abs().amax(1).clamp_min(1e-8) / 127
-        int8.append((torch.round(w.float() / scale[:, None]).to(torch.int8), scale.to(torch.bfloat16)))
-    rows8 = {k: v.to(torch.bfloat16) for k, v in rows.items()}
-
-    def timed(run) -> float:
-        run()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        return (time.perf_counter() - t0) / repeats * 1000
-
+    plan = decode_weights.build(model)
+    int8 = [q for b in plan.blocks for q in (b.qkv, b.o, b.gate_up, b.down)] + [plan.head]
+    out = {"rows": {}, "bytes": sum(w.numel() * w.element_size() for w in weights),
+           "int8_bytes": sum(q.weight.numel() + q.scale.numel() * q.scale.element_size() for q in int8)}
     with torch.inference_mode():
-        own = timed(lambda: [torch.nn.functional.linear(rows[w.shape[1]], w) for w in weights])
-        q8 = timed(lambda: [torch.ops.aten._weight_int8pack_mm(rows8[q.shape[1]], q, s) for q, s in int8])
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    return {"ms": own, "gb_s": nbytes / own / 1e6, "int8_ms": q8}
+        for n in rows:
+            xs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=dtype) for w in weights}
+            own = _timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
+            q8 = _timed(lambda: [q(xs[q.weight.shape[1]]) for q in int8])
+            out["rows"][n] = {"own_ms": own, "int8_ms": q8}
+    one = out["rows"][rows[0]]
+    out.update(ms=one["own_ms"], int8_ms=one["int8_ms"], gb_s=out["bytes"] / one["own_ms"] / 1e6,
+               int8_gb_s=out["int8_bytes"] / one["int8_ms"] / 1e6)
+    return out
 
 
 def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
@@ -121,11 +127,19 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
     prompts = [chat_prompt(lm.tokenizer, chat_messages(q)) for q in QUESTIONS]
     weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())  # the tied head counted once
     base = decode_rate(lm, prompts, max_new_tokens)
+    mode = getattr(lm.model, decode_weights.ATTRIBUTE)
+    own = None
+    if mode == "int8":  # the same model decoding with its own weights: what the int8 copy buys
+        setattr(lm.model, decode_weights.ATTRIBUTE, "model")
+        own = decode_rate(lm, prompts, max_new_tokens)
+        setattr(lm.model, decode_weights.ATTRIBUTE, mode)
+    step_bytes = weights if mode != "int8" else linear_floor(lm.model, (1,))["int8_bytes"]
     lora = decode_rate(merged_lora(lm), prompts, max_new_tokens)
     prompt = long_prompt(lm.tokenizer)
     first = first_token_s(lambda: generate(lm, [prompt], max_new_tokens=1, batch_size=1))
     return {"dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "weights_mb": weights / 1e6,
-            "decode_base": base, "decode_lora": lora, "limit": bandwidth / weights,
+            "decode_weights": mode, "step_mb": step_bytes / 1e6, "decode_base_own_weights": own,
+            "decode_base": base, "decode_lora": lora, "limit": bandwidth / step_bytes,
             "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"]),
             "linears": linear_floor(lm.model)}
 
@@ -235,11 +249,18 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         row(f"{clients} clients, {model}, p50 latency (s)", ref["serve"][model]["p50_ms"] / 1000,
             fast["serve"][model]["p50_ms"] / 1000, llama and llama["base"]["p50_ms"] / 1000 if model == "base"
             else None, ".2f", higher_better=False)
+    lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
+                 f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
+    if fast["decode_base_own_weights"]:
+        lines.append(f"\n{fast['dtype']} decoding with its own weights instead of int8: "
+                     f"{fast['decode_base_own_weights']:.1f} tokens/s at batch 1")
     for run in (ref, fast):
         f = run["linears"]
+        steps = ", ".join(f"{n}: {r['own_ms']:.1f} / {r['int8_ms']:.1f}" for n, r in f["rows"].items())
         lines.append(f"\n{run['dtype']}: the linear layers alone take {f['ms']:.1f} ms per token at batch 1 "
-                     f"({f['gb_s']:.0f} GB/s of weights read), {f['int8_ms']:.1f} ms as int8 weight-only; a whole "
-                     f"decode step takes {1000 / run['decode_base']:.1f} ms")
+                     f"({f['gb_s']:.0f} GB/s of weights read), {f['int8_ms']:.1f} ms as int8 "
+                     f"({f['int8_gb_s']:.0f} GB/s); a whole decode step takes {1000 / run['decode_base']:.1f} ms. "
+                     f"ms per step at N rows, own weights / int8: {steps}")
     print("\n".join(lines))
 
 

@@ -21,6 +21,9 @@ class ModelConfig(Section):
     name: str | None = Field(None, description="base model spec; None = the embedded SmolLM2-135M-Instruct")
     device: str | None = None
     dtype: str = "auto"
+    decode_weights: str = Field("auto", description="what decode steps read: int8 (a quantized copy of the linear "
+                                                    "layers), model (its own weights); auto: int8 on a CPU when "
+                                                    "dtype is auto")
 
 
 class IngestConfig(Section):

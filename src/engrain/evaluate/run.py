@@ -97,6 +97,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
                 "latency_sample": latency_sample, "max_new_tokens": max_new_tokens, "probe_form": probe_form,
                 "arrivals": arrivals, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                "decode_weights": getattr(lm.model, "engrain_decode_weights", "model"),
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir),
                 "config": load_config(workspace.config_path).model_dump()}  # what every stage was built with
     results = results_json(bench, lm.name, runs, seed, settings, warnings, probe_form=probe_form)

@@ -14,10 +14,13 @@ rotary embeddings are the model's own) with:
     every row's cache, not prefilled again for each prompt;
   - in bf16 on a CPU, attention as two matmuls around an fp32 softmax (``_plain_attend``) instead of SDPA,
     whose bf16 kernels are slower there (``bench/bench_attention_forms.py``);
-  - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go.
+  - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go;
+  - where the model was loaded to (``decode_weights.py``), steps of a few rows read an int8 copy of the linear
+    layers, q|k|v and gate|up fused, with a fused RMSNorm, one rotary pass over q and k, and SDPA for the one new
+    query per row: a batch-1 step is bound by reading the weights and by the count of small ops.
 
 Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
-the two attention forms differs, and experiments/answering measures bf16's answers against fp32's. ``supports()`` says
+the two attention forms differs, and experiments/answering measures bf16's and int8's answers against fp32's. ``supports()`` says
 when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other architectures, stop
 strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 """
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.kernels.packed_attention import uses_plain_attention
+from . import decode_weights
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -71,29 +75,27 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
     return hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and hasattr(inner, "embed_tokens")
 
 
-def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None):
+def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None):
     """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
-    ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
+    ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row.
+    ``block``: the block's int8 decode weights (``decode_weights.Block``), or None for the model's own."""
     attn = layer.self_attn
     bsz, t, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(bsz, t, -1, hd).transpose(1, 2)
-    k = attn.k_proj(x).view(bsz, t, -1, hd).transpose(1, 2)
-    v = attn.v_proj(x).view(bsz, t, -1, hd).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = decode_weights.qkv(attn, x, cos, sin, block)
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
-    if prefix is None and q.device.type == "cpu" and uses_plain_attention(t, q.dtype != torch.float32):
+    # The int8 path's steps (a token or a few per row) take SDPA: for one query per row its kernel beats the plain
+    # form, which wins on the long prefill and training rows uses_plain_attention was timed on.
+    plain = block is None and uses_plain_attention(t, q.dtype != torch.float32)
+    if prefix is None and q.device.type == "cpu" and plain:
         out = _plain_attend(q, keys, values, attn_mask, attn.scaling)
     elif prefix is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
                                              enable_gqa=keys.shape[1] != q.shape[1])
     else:
         out = _attend_with_prefix(q, keys, values, prefix, attn_mask, attn.scaling)
-    return attn.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
+    return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block)
 
 
 def _plain_attend(q, keys, values, attn_mask, scale: float):
@@ -143,9 +145,10 @@ def _attend_with_prefix(q, keys, values, prefix, attn_mask, scale: float):
     return (out / denom[..., None]).reshape(bsz, heads, t, hd)
 
 
-def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None):
+def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, int8=None):
     """Run the decoder on ``ids`` (B, T) at cache offset ``start``; returns last-position logits (B, V).
-    ``prefix``: per layer, a shared (K, V) every row attends before its own keys (or None)."""
+    ``prefix``: per layer, a shared (K, V) every row attends before its own keys (or None). ``int8``: the model's
+    int8 decode weights (``decode_weights.for_model``), used when the forward has few tokens."""
     inner = model.model
     x = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(x, positions)
@@ -154,12 +157,18 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None):
     # Boolean mask (B, 1, T, total): causal within the new tokens, padding keys never attended.
     causal = torch.ones(t, total, dtype=torch.bool, device=ids.device).tril(diagonal=start)
     mask = causal[None, None] & key_mask[:, None, None, :total]
+    # Steps of a few tokens per forward read every weight for little compute: those read the int8 copy if the model
+    # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
+    fast = int8 if decode_weights.uses_int8(bsz * t) else None
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(inner.layers, caches)):
         shared = prefix[i] if prefix is not None else None
-        x = x + _attend(layer, layer.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask, shared)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    x = inner.norm(x[:, -1:])
-    return model.lm_head(x)[:, -1].float()
+        block = fast.blocks[i] if fast is not None else None
+        lean = block is not None
+        normed = decode_weights.norm(layer.input_layernorm, x, lean)
+        x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block)
+        x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block)
+    x = decode_weights.norm(inner.norm, x[:, -1:], fast is not None)
+    return decode_weights.head(model, x, fast)[:, -1].float()
 
 
 def _sample(logits, temperature: float, top_p: float, generator):
@@ -293,6 +302,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     ``prefix``."""
     prefix = prefix if prefix is not None else trained_prefix(model)
     model = decoder(model)
+    int8 = decode_weights.for_model(model)
     device = model.model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
     stop = torch.tensor(stop_ids, device=device)
@@ -327,7 +337,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
                 continue
         tok = torch.where(rows.done, torch.full_like(tok, pad_id), tok)
         rows.logits = _forward(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
-                               prefix)
+                               prefix, int8)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
@@ -342,6 +352,7 @@ class Stream:
     def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None) -> None:
         prefix = prefix if prefix is not None else trained_prefix(model)
         self.model = decoder(model)
+        self.int8 = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
         self.device = self.model.model.embed_tokens.weight.device
         self.pad_id, self.temperature, self.top_p, self.prefix = pad_id, temperature, top_p, prefix
         self.rows: _Rows | None = None
@@ -393,6 +404,6 @@ class Stream:
                 return
         tok = torch.where(rows.done, torch.full_like(tok, self.pad_id), tok)
         rows.logits = _forward(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
-                               rows.key_mask, self.prefix)
+                               rows.key_mask, self.prefix, self.int8)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1

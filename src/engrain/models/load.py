@@ -85,8 +85,26 @@ def load_tokenizer(spec: str | None = None):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto") -> LM:
-    """Load a model by spec (see module docstring); the embedded default when ``spec`` is None."""
+DECODE_WEIGHTS = ("auto", "int8", "model")
+
+
+def pick_decode_weights(device: str, dtype: str = "auto", decode_weights: str = "auto") -> str:
+    """What decode steps read (``decode_weights.py``): ``int8`` copies of the linear layers, or the ``model``'s own
+    weights. ``auto``: int8 on a CPU that computes bf16 natively when the dtype is ``auto`` too (PyTorch's int8
+    kernel is fast with bf16 activations, slow with fp32 ones); a dtype asked for by name (``float32``, the
+    reference path) keeps its own weights, so its answers stay the reference."""
+    if decode_weights not in DECODE_WEIGHTS:
+        raise EngrainError(f"Unknown model.decode_weights '{decode_weights}'.",
+                           hint="Use one of: " + ", ".join(DECODE_WEIGHTS) + ".")
+    if decode_weights == "auto":
+        return "int8" if device == "cpu" and dtype == "auto" and bf16_supported(device) else "model"
+    return decode_weights
+
+
+def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto",
+               decode_weights: str = "auto") -> LM:
+    """Load a model by spec (see module docstring); the embedded default when ``spec`` is None. ``decode_weights``:
+    see ``pick_decode_weights``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
@@ -116,6 +134,9 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
                                hint="Check the folder holds config.json, weights and a tokenizer.") from exc
     model.to(device)
     model.eval()
+    from .decode_weights import ATTRIBUTE
+
+    setattr(model, ATTRIBUTE, pick_decode_weights(device, dtype, decode_weights))
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
 
@@ -134,9 +155,11 @@ def answering_lm(lm: LM) -> LM:
 
 def load_for_workspace(workspace: Path | str, spec: str | None = None, device: str | None = None) -> LM:
     """The model a workspace answers with: ``spec`` when given, else its engrain.yaml's ``model.name`` (the
-    embedded default when unset), in its ``model.dtype`` and ``model.device``."""
+    embedded default when unset), in its ``model.dtype`` and ``model.device``, decoding with its
+    ``model.decode_weights``."""
     from ..config import load_config
     from ..workspace import Workspace
 
     cfg = load_config(Workspace.at(workspace).config_path).model
-    return load_model(spec or cfg.name, device=device or cfg.device, dtype=cfg.dtype)
+    return load_model(spec or cfg.name, device=device or cfg.device, dtype=cfg.dtype,
+                      decode_weights=cfg.decode_weights)

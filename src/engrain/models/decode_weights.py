@@ -1,0 +1,169 @@
+"""The decode loop's weights for steps of a few tokens: int8 per output channel, one product per fused projection.
+
+A decode step at batch 1 does little but read every weight once, so it runs at the speed the weights are read. The
+model's own weights are 2 bytes each in bf16 and 4 in fp32; this keeps a second copy of each linear layer's weight
+as int8 with one scale per output row (weight-only quantization: the activations stay in the model's dtype), read by
+PyTorch's int8 matrix-vector kernel (``torch._weight_int8pack_mm``), and fuses the projections that read the same
+input (q, k and v; gate and up) into one product each. Prefill, many tokens per row, keeps the model's own weights:
+it is bound by the matmuls, not by reading, and is exact.
+
+Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``; ``model.decode_weights``
+in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int8`` or ``model``. Speed:
+``python bench/bench_answer_speed.py``; answers against the reference path: experiments/answering.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTRIBUTE = "engrain_decode_weights"  # on the model: "int8" or "model"
+MAX_ROWS = 16  # tokens per forward up to which int8 products are used (bench/bench_answer_speed.py times both)
+_SAMPLE = 4093  # every this-many-th element of a weight enters its fingerprint
+
+
+@dataclass
+class Int8Linear:
+    """``x @ W.T`` with W stored as int8 rows times one scale per row."""
+
+    weight: torch.Tensor  # (out, in) int8
+    scale: torch.Tensor  # (out,) in the activations' dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return torch._weight_int8pack_mm(flat, self.weight, self.scale).view(*x.shape[:-1], -1)
+
+
+def quantize(weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
+    """Symmetric int8 per output row: each row scaled so its largest magnitude maps to 127."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Linear(q.contiguous(), scale.to(dtype))
+
+
+@dataclass
+class Block:
+    """One transformer block's fused int8 projections; None where the block's modules are not plain linear layers
+    (a PEFT LoRA layer being trained, a memory layer beside the MLP): those run as the model's modules."""
+
+    qkv: Int8Linear | None
+    o: Int8Linear | None
+    gate_up: Int8Linear | None
+    down: Int8Linear | None
+
+
+@dataclass
+class DecodeWeights:
+    blocks: list[Block]
+    head: Int8Linear | None
+
+
+def _plain(*modules) -> bool:
+    return all(type(m) is torch.nn.Linear and m.bias is None for m in modules)
+
+
+def _fuse(modules, dtype) -> Int8Linear:
+    return quantize(torch.cat([m.weight for m in modules]), dtype)
+
+
+def build(model) -> DecodeWeights:
+    """The int8 weights of a Llama model (``LlamaForCausalLM``): per block q|k|v, o, gate|up and down, and the head."""
+    dtype = model.model.embed_tokens.weight.dtype
+    blocks = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        attn_ok = _plain(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+        mlp_ok = type(m).__name__ == "LlamaMLP" and _plain(m.gate_proj, m.up_proj, m.down_proj)
+        blocks.append(Block(qkv=_fuse([a.q_proj, a.k_proj, a.v_proj], dtype) if attn_ok else None,
+                            o=quantize(a.o_proj.weight, dtype) if attn_ok else None,
+                            gate_up=_fuse([m.gate_proj, m.up_proj], dtype) if mlp_ok else None,
+                            down=quantize(m.down_proj.weight, dtype) if mlp_ok else None))
+    head = quantize(model.lm_head.weight, dtype) if _plain(model.lm_head) else None
+    return DecodeWeights(blocks, head)
+
+
+def _weights(model) -> list[torch.Tensor]:
+    out = []
+    for layer in model.model.layers:
+        out += [m.weight for m in (*layer.self_attn.children(), *layer.mlp.children()) if type(m) is torch.nn.Linear]
+    return out + [model.lm_head.weight]
+
+
+def fingerprint(model) -> tuple:
+    """Where each linear weight lives and a sample of its values: changes when weights are replaced or trained in
+    place (a merge, a training step between checkpoint evaluations), so the int8 copy is never stale."""
+    weights = _weights(model)
+    sums = torch.stack([w.detach().reshape(-1)[::_SAMPLE].float().sum() for w in weights])
+    return tuple(w.data_ptr() for w in weights), tuple(sums.tolist())
+
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def for_model(model) -> DecodeWeights | None:
+    """The model's int8 decode weights when it was loaded to decode with them (and runs on a CPU, where the int8
+    kernel is), built on first use and rebuilt when the weights have changed since; None otherwise."""
+    if getattr(model, ATTRIBUTE, "model") != "int8" or model.model.embed_tokens.weight.device.type != "cpu":
+        return None
+    key = fingerprint(model)
+    cached = _CACHE.get(model)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode():
+            cached = (key, build(model))
+        _CACHE[model] = cached
+    return cached[1]
+
+
+def mlp(layer, x: torch.Tensor, block: Block | None) -> torch.Tensor:
+    """The block's MLP on ``x``: fused int8 gate|up then down where the block has them, else the model's module."""
+    if block is None or block.gate_up is None:
+        return layer.mlp(x)
+    gate, up = block.gate_up(x).chunk(2, dim=-1)
+    return block.down(layer.mlp.act_fn(gate) * up)
+
+
+def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Block | None):
+    """q and k of ``x`` (B, T, hidden) with the rotary embedding applied, and v: each (B, heads, T, head_dim)."""
+    bsz, t, _ = x.shape
+    hd = attn.head_dim
+    if block is None or block.qkv is None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q, k, v = (p(x).view(bsz, t, -1, hd).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+    heads = attn.q_proj.out_features // hd
+    kv = attn.k_proj.out_features // hd
+    fused = block.qkv(x).view(bsz, t, heads + 2 * kv, hd).transpose(1, 2)
+    # The rotary embedding of q and k in one pass (they sit side by side in the fused output), as
+    # apply_rotary_pos_emb computes it: x * cos + rotate_half(x) * sin.
+    qk, v = fused[:, :heads + kv], fused[:, heads + kv:]
+    half = hd // 2
+    cos, sin = cos[:, None], sin[:, None]
+    qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+    return qk[:, :heads], qk[:, heads:], v
+
+
+def norm(module, x: torch.Tensor, lean: bool) -> torch.Tensor:
+    """An RMSNorm of the model (``LlamaRMSNorm``) on ``x``. ``lean`` (the int8 path): one fused op (it accumulates
+    in fp32, as the module does, but multiplies by the weight before rounding); else the module itself."""
+    if not lean:
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+
+
+def out(attn, x: torch.Tensor, block: Block | None) -> torch.Tensor:
+    return attn.o_proj(x) if block is None or block.o is None else block.o(x)
+
+
+def head(model, x: torch.Tensor, weights: DecodeWeights | None) -> torch.Tensor:
+    return model.lm_head(x) if weights is None or weights.head is None else weights.head(x)
+
+
+def uses_int8(rows: int) -> bool:
+    return rows <= MAX_ROWS
+
