@@ -133,7 +133,8 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
         setattr(lm.model, decode_weights.ATTRIBUTE, "model")
         own = decode_rate(lm, prompts, max_new_tokens)
         setattr(lm.model, decode_weights.ATTRIBUTE, mode)
-    step_bytes = weights if mode != "int8" else linear_floor(lm.model, (1,))["int8_bytes"]
+    linears = linear_floor(lm.model) if mode == "int8" else linear_floor(lm.model, (1,))
+    step_bytes = weights if mode != "int8" else linears["int8_bytes"]
     lora = decode_rate(merged_lora(lm), prompts, max_new_tokens)
     prompt = long_prompt(lm.tokenizer)
     first = first_token_s(lambda: generate(lm, [prompt], max_new_tokens=1, batch_size=1))
@@ -141,7 +142,7 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
             "decode_weights": mode, "step_mb": step_bytes / 1e6, "decode_base_own_weights": own,
             "decode_base": base, "decode_lora": lora, "limit": bandwidth / step_bytes,
             "first_token_s": first, "prompt_tokens": len(lm.tokenizer(prompt)["input_ids"]),
-            "linears": linear_floor(lm.model)}
+            "linears": linears}
 
 
 def serve_load(command: list[str], models: list[str], clients: int, seconds: float, name: str) -> dict:

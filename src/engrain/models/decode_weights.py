@@ -5,11 +5,13 @@ model's own weights are 2 bytes each in bf16 and 4 in fp32; this keeps a second 
 as int8 with one scale per output row (weight-only quantization: the activations stay in the model's dtype), read by
 PyTorch's int8 matrix-vector kernel (``torch._weight_int8pack_mm``), and fuses the projections that read the same
 input (q, k and v; gate and up) into one product each. Prefill, many tokens per row, keeps the model's own weights:
-it is bound by the matmuls, not by reading, and is exact.
+it is bound by the matmuls, not by reading, and is exact. So do decode steps of more than ``MAX_ROWS`` rows, where
+int8's matrix-vector kernel, repeated per row, falls behind a matmul; a row's tokens can then differ by the
+rounding of the two paths, as they can between bf16 and fp32.
 
-Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``; ``model.decode_weights``
-in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int8`` or ``model``. Speed:
-``python bench/bench_answer_speed.py``; answers against the reference path: experiments/answering.
+Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``;
+``model.decode_weights`` in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int8`` or
+``model``. Speed: ``python bench/bench_answer_speed.py``; answers against the reference path: experiments/answering.
 """
 
 from __future__ import annotations
