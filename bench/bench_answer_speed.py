@@ -17,7 +17,8 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
 Columns: "fp32" is engrain's reference path (weights in float32, decoding with them), "engrain" the default
 (``model.dtype: auto``: bfloat16 where the CPU computes it natively; ``model.decode_weights: auto``: decode steps read
 an int8 copy of the linear layers, ``models/decode_weights.py``). The linear layers' time per step at 1 to 32 rows,
-own weights against int8, is printed below the table: where int8 stops paying sets ``decode_weights.MAX_ROWS``. Prints one table and writes bench/out/answer_speed.json.
+own weights against int8, is printed below the table: where int8 stops paying sets ``decode_weights.MAX_ROWS``.
+Prints one table and writes bench/out/answer_speed.json.
 """
 
 from __future__ import annotations

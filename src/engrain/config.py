@@ -22,8 +22,8 @@ class ModelConfig(Section):
     device: str | None = None
     dtype: str = "auto"
     decode_weights: str = Field("auto", description="what decode steps read: int8 (a quantized copy of the linear "
-                                                    "layers), model (its own weights); auto: int8 on a CPU when "
-                                                    "dtype is auto")
+                                                    "layers), model (its own weights); auto: int8 on a CPU that "
+                                                    "computes bf16 natively when dtype is auto")
 
 
 class IngestConfig(Section):

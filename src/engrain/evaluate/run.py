@@ -13,7 +13,7 @@ from ..errors import EngrainError
 from ..memory.base import ClosedBook
 from ..memory.kinds import TRAINED, canonical, is_trained
 from ..memory.registry import open_memory
-from ..models import LM
+from ..models import LM, decode_weights
 from ..workspace import Workspace
 from . import forgetting
 from .bench import load_bench
@@ -97,7 +97,7 @@ def run_compare(bench_dir: Path, workspace: Workspace, methods: list[str], out_d
     settings = {"methods": methods, "docs": docs, "doc_files": bench.doc_files, "limit": limit,
                 "latency_sample": latency_sample, "max_new_tokens": max_new_tokens, "probe_form": probe_form,
                 "arrivals": arrivals, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                "decode_weights": getattr(lm.model, "engrain_decode_weights", "model"),
+                "decode_weights": getattr(lm.model, decode_weights.ATTRIBUTE, "model"),
                 "workspace": str(workspace.root), "bench_dir": str(bench_dir),
                 "config": load_config(workspace.config_path).model_dump()}  # what every stage was built with
     results = results_json(bench, lm.name, runs, seed, settings, warnings, probe_form=probe_form)

@@ -166,6 +166,3 @@ def head(model, x: torch.Tensor, weights: DecodeWeights | None) -> torch.Tensor:
     return model.lm_head(x) if weights is None or weights.head is None else weights.head(x)
 
 
-def uses_int8(rows: int) -> bool:
-    return rows <= MAX_ROWS
-

@@ -20,9 +20,9 @@ rotary embeddings are the model's own) with:
     query per row: a batch-1 step is bound by reading the weights and by the count of small ops.
 
 Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
-the two attention forms differs, and experiments/answering measures bf16's and int8's answers against fp32's. ``supports()`` says
-when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other architectures, stop
-strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
+the two attention forms differs, and experiments/answering measures bf16's and int8's answers against fp32's.
+``supports()`` says when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other
+architectures, stop strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, i
     mask = causal[None, None] & key_mask[:, None, None, :total]
     # Steps of a few tokens per forward read every weight for little compute: those read the int8 copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
-    fast = int8 if decode_weights.uses_int8(bsz * t) else None
+    fast = int8 if bsz * t <= decode_weights.MAX_ROWS else None
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(inner.layers, caches)):
         shared = prefix[i] if prefix is not None else None
         block = fast.blocks[i] if fast is not None else None

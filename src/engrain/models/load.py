@@ -108,6 +108,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
+    decode = pick_decode_weights(device, dtype, decode_weights)  # a bad value refused before the load
     name, path = resolve_model(spec)
     t0 = time.time()
     torch_dtype = pick_dtype(device, dtype)
@@ -136,7 +137,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     model.eval()
     from .decode_weights import ATTRIBUTE
 
-    setattr(model, ATTRIBUTE, pick_decode_weights(device, dtype, decode_weights))
+    setattr(model, ATTRIBUTE, decode)
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
 
