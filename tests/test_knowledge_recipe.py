@@ -75,6 +75,7 @@ def test_fact_of_and_is_question():
     assert facts.fact_of("s12") == "12" and not facts.is_question("s12")
     assert facts.fact_of("r2.0") == "2" and not facts.is_question("r2.0") and facts.is_question("q2.0")
     assert facts.fact_of("o1") is None and facts.fact_of("d") is None and facts.fact_of("x") is None
+    assert facts.fact_of("a4") == facts.fact_of("b4") == "4" and facts.is_question("a4") and not facts.is_question("b4")
 
 
 def _facts_items(n_sentences: int = 40) -> list[tuple[str, dict]]:

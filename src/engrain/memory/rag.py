@@ -20,21 +20,11 @@ from ..config import RagConfig, load_config
 from ..errors import EngrainError
 from ..rag.index import ChunkIndex, Hit, build_index
 from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt,
-                      cut_continuation, generate)
+                      cut_continuation, generate, plain_chunks, render_chunks)
 from ..rag.retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
 from .gate import route
-
-
-def render_chunks(hits: list[Hit]) -> str:
-    """Chunks as the chat form shows them: each labelled with its id, so an answer can cite it."""
-    return "\n\n".join(f"[{h.chunk_id}]\n{h.text.strip()}" for h in hits)
-
-
-def plain_chunks(hits: list[Hit]) -> str:
-    """Chunks as the continuation form shows them: their texts alone, separated by blank lines."""
-    return "\n\n".join(h.text.strip() for h in hits)
 
 
 class RagMemory:
@@ -70,8 +60,9 @@ class RagMemory:
         """The prompt for one question (``form="chat"``: labelled chunks and the question in the chat template) or
         one sentence start (``"continuation"``: the chunks' plain texts, a blank line, then the start)."""
         if form == "continuation":
-            return continuation_prompt(text, plain_chunks(hits) or None)
-        return chat_prompt(self.lm.tokenizer, chat_messages(text, render_chunks(hits) if hits else None, self.system))
+            return continuation_prompt(text, plain_chunks([h.text for h in hits]) or None)
+        context = render_chunks([(h.chunk_id, h.text) for h in hits]) if hits else None
+        return chat_prompt(self.lm.tokenizer, chat_messages(text, context, self.system))
 
     def fit_prompt(self, text: str, hits: list[Hit], max_new_tokens: int,
                    form: str = "chat") -> tuple[str, list[Hit], int]:

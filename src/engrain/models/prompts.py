@@ -42,6 +42,17 @@ def end_of_turn(tokenizer) -> str:
     return tail.rstrip("\n") or (tokenizer.eos_token or "")
 
 
+def render_chunks(chunks: list[tuple[str, str]]) -> str:
+    """(chunk id, text) pairs as the chat form shows them: each labelled with its id, so an answer can cite it
+    (rag, hybrids, open-book training items and the distillation teacher)."""
+    return "\n\n".join(f"[{chunk_id}]\n{text.strip()}" for chunk_id, text in chunks)
+
+
+def plain_chunks(texts: list[str]) -> str:
+    """Chunk texts as the continuation form shows them: alone, separated by blank lines."""
+    return "\n\n".join(t.strip() for t in texts)
+
+
 def continuation_prompt(start: str, context: str | None = None) -> str:
     """The plain-text prompt that continues ``start``: the context (when given) and a blank line, then the start.
     No chat template and no system message: the model reads text and writes what comes next."""

@@ -57,6 +57,7 @@ class Candidate:
     partners: list[Unit] = field(default_factory=list)
     reject: str = ""  # set by the strategy when its own check failed (e.g. the answer misses the target)
     prompt: str = ""
+    context: list[Unit] = field(default_factory=list)  # chunks shown in the prompt (open-book items), in order
 
     @property
     def content(self) -> str:

@@ -16,6 +16,11 @@ Per sentence of a chunk:
   - reversed statements for relations written one way round ("A was founded by B" -> "B founded A",
     "A is the capital of B" -> "The capital of B is A"), since a model trained on "A is B's X" does not
     learn "B's X is A" (the reversal curse).
+
+Open-book items (``synth.facts_reading`` sentences per chunk, ``open_book``): a sentence's statement continued,
+and its wh-question answered, with the chunk and a similar chunk in the prompt as retrieval shows them. A memory
+trained closed-book only learns to answer from its weights even when the right passage is in view, so a hybrid
+(lora+rag) overrides what it reads (RAFT, Zhang et al. 2024, trains with the source and distractors in view).
 """
 
 from __future__ import annotations
@@ -159,14 +164,14 @@ def wh_question(statement: str, span: Span) -> str | None:
     return f"{before}{wh}{after}?"
 
 
-QUESTION_PREFIXES = ("c", "k", "q", "h")  # variants asked as questions; "s", "r", "o" are statements
+QUESTION_PREFIXES = ("c", "k", "q", "h", "a")  # variants asked as questions; "s", "r", "o", "b" are statements
 
 
 def fact_of(variant: str) -> str | None:
     """The sentence (fact) a facts variant is about, e.g. "k3.1w2" -> "3"; None for items spanning a whole chunk
     (shuffled orders) or not made by this strategy. Every question about one sentence shares it, so a held-out
     fact can keep all its question wordings out of training."""
-    m = re.fullmatch(r"([sckrqh])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
+    m = re.fullmatch(r"([sckrqhab])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
     return m.group(2) if m else None
 
 
@@ -251,3 +256,41 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
         kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=starts[cand.variant]),
                       a=cand.messages[1]["content"]) for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]
     return kept
+
+
+def open_book(kept: list[Candidate], neighbour: Unit | None, count: int) -> list[Candidate]:
+    """Open-book items for ``count`` sentences of a chunk (chosen by a seeded draw among those with a wh-question):
+    the statement (``b``) continued after the chunks' plain texts, and the first wh-question (``a``) asked with the
+    chunks labelled, as ``rag`` shows them in each form. ``kept`` is ``candidates``' output for the chunk;
+    ``neighbour`` (``similar_chunk``) stands beside it in the prompt, before or after it by the same draw, so the
+    memory learns to find the fact among retrieved chunks rather than copy the first one."""
+    if count <= 0 or not kept:
+        return []
+    unit = kept[0].unit
+    by_variant = {c.variant: c for c in kept}
+    sentences = [c.variant[1:] for c in kept if c.variant[0] == "s" and f"h{c.variant[1:]}.0" in by_variant]
+    rng = random.Random(f"open-book:{unit.key}")
+    out = []
+    for i in sorted(rng.sample(sentences, min(count, len(sentences))), key=int):
+        context = [unit] if neighbour is None else rng.sample([unit, neighbour], 2)
+        question = by_variant[f"h{i}.0"]
+        out.append(Candidate(unit, f"b{i}", unit.chunk.text, text=by_variant[f"s{i}"].text,
+                             check=by_variant[f"s{i}"].text, context=context))
+        out.append(Candidate(unit, f"a{i}", unit.chunk.text, messages=question.messages, check=question.check,
+                             context=context))
+    return out
+
+
+def similar_chunk(unit: Unit, units: list[Unit], sample: int = 32) -> Unit | None:
+    """Of a seeded sample of the other chunks, the one sharing most words with ``unit`` (Jaccard): a distractor
+    of the kind retrieval puts beside the right chunk, found without an index."""
+    others = [u for u in units if u.key != unit.key]
+    if not others:
+        return None
+    pool = random.Random(f"neighbour:{unit.key}").sample(others, min(sample, len(others)))
+    own = {w.lower() for w in words(unit.chunk.text)}
+
+    def overlap(other: Unit) -> float:
+        theirs = {w.lower() for w in words(other.chunk.text)}
+        return len(own & theirs) / max(1, len(own | theirs))
+    return max(pool, key=overlap)

@@ -141,8 +141,7 @@ class Synthesizer:
             todo = [u for u in self.units if u.key not in store.done]
             quota = _quota(name, self.cfg)
             if not module.USES_MODEL:
-                n_items = sum(len(facts.candidates(u, quota, self.cfg.facts_wordings, self.cfg.facts_orders,
-                                                      self.cfg.facts_questions)) for u in todo)
+                n_items = sum(len(self._fact_candidates(u, [])) for u in todo)
                 plan[name] = {"chunks_todo": len(todo), "chunks_done": len(self.units) - len(todo),
                               "items_max": n_items, "prompt_tokens": 0, "completion_tokens": 0}
                 continue
@@ -209,11 +208,13 @@ class Synthesizer:
             if self.guard.mode == "strict":
                 report.chunks_leak_blocked = sum(u.key in overlapping for u in todo)
                 todo = [u for u in todo if u.key not in overlapping]
+        # Chunks other items may show or draw on (open-book neighbours, entity partners): in strict mode none that
+        # shares text with the questions.
+        strict = self.guard.active and self.guard.mode == "strict"
+        self._neighbours = [u for u in self.units if u.key not in overlapping] if strict else self.units
         state = None
         if name == "entities":
-            pool = self.units if self.guard.mode != "strict" or not self.guard.active else \
-                [u for u in self.units if not self.guard.source_overlaps(u.chunk.text)]
-            state = entities.prepare(pool)
+            state = entities.prepare(self._neighbours)
         dedup = NearDuplicateIndex(threshold=cfg.dedup_threshold)
         for row in store.existing:
             dedup.add(_content(row))
@@ -245,6 +246,8 @@ class Synthesizer:
             item["messages"] = cand.messages
         else:
             item["text"] = cand.text
+        if cand.context:
+            item["context"] = [{"chunk_id": u.chunk.id, "text": u.chunk.text} for u in cand.context]
         return item
 
     def _accept(self, name: str, cand: Candidate, store: StrategyStore, dedup: NearDuplicateIndex,
@@ -265,7 +268,8 @@ class Synthesizer:
         if self.guard.active and self.guard.leaked(cand.content, cand.source):
             return None, "leak"
         # Deterministic items differ by design in one blanked span, so only exact repeats (chunk overlaps) go.
-        if not (dedup.add(cand.content) if model_made else dedup.add_exact(cand.content)):
+        content = cand.content if not cand.context else " ".join(u.key for u in cand.context) + cand.content
+        if not (dedup.add(content) if model_made else dedup.add_exact(content)):
             return None, "duplicate"
         return item, "ok"
 
@@ -275,13 +279,20 @@ class Synthesizer:
                 "accepted": accepted, "generated": generated, "rejected": dict(rejected), "rounds": rounds,
                 "created": _now()}
 
+    def _fact_candidates(self, unit: Unit, neighbours: list[Unit]) -> list[Candidate]:
+        """The facts strategy's items for one chunk, open-book ones included, a chunk of ``neighbours`` beside it."""
+        cfg = self.cfg
+        cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, cfg.facts_questions)
+        if cfg.facts_reading:
+            cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
+                                     cfg.facts_reading)
+        return cands
+
     def _facts_batch(self, batch: list[Unit], store, dedup, report) -> tuple[list[dict], list[dict]]:
         items, progress = [], []
-        quota = _quota("facts", self.cfg)
         for unit in batch:
             accepted, rejected = 0, Counter()
-            cands = facts.candidates(unit, quota, self.cfg.facts_wordings, self.cfg.facts_orders,
-                                         self.cfg.facts_questions)
+            cands = self._fact_candidates(unit, self._neighbours)
             for cand in cands:
                 item, why = self._accept("facts", cand, store, dedup, report, False, {})
                 if item is not None:

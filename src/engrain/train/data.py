@@ -2,6 +2,8 @@
 
 Chat items ({"messages": [...]}) are rendered with ``models.chat_prompt``, the template ``answer()`` uses at inference,
 and take loss on the final assistant answer only; text items ({"text": ...}) take next-token loss on every token.
+An open-book item also carries ``context`` ([{"chunk_id", "text"}, ...]): the chunks go in front exactly as ``rag``
+shows them (labelled inside the question of a chat item, plain texts before a text item) and take no loss.
 Validation holds out whole facts (``fact_group``): every wording of a held-out fact's questions stays out of training.
 """
 
@@ -12,7 +14,8 @@ from dataclasses import dataclass
 
 from ..errors import EngrainError
 from ..jsonl import read_jsonl
-from ..models import DEFAULT_SYSTEM, chat_messages, chat_prompt, end_of_turn
+from ..models import (DEFAULT_SYSTEM, chat_messages, chat_prompt, context_question, continuation_prompt, end_of_turn,
+                      plain_chunks, render_chunks)
 from ..workspace import Workspace
 
 IGNORE = -100
@@ -32,10 +35,14 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def render_messages(tokenizer, messages: list[dict]) -> tuple[str, str]:
+def render_messages(tokenizer, messages: list[dict], context: list[dict] | None = None) -> tuple[str, str]:
     """(prompt text, answer text) for a chat item: the prompt is exactly what ``models.answer`` feeds the model
-    for the same question (same template, same default system message), the answer ends with the end of turn."""
+    for the same question (same template, same default system message), the answer ends with the end of turn.
+    With ``context`` (an open-book item) the last question is asked with those chunks in view, as ``rag`` asks."""
     prompt_msgs = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    if context:
+        chunks = render_chunks([(c["chunk_id"], c["text"]) for c in context])
+        prompt_msgs[-1]["content"] = context_question(prompt_msgs[-1]["content"], chunks)
     if prompt_msgs[0]["role"] != "system":
         # chat_messages() adds the default system message at inference; training must see the same prompt.
         prompt_msgs = chat_messages("", system=DEFAULT_SYSTEM)[:1] + prompt_msgs
@@ -67,13 +74,19 @@ def _check_item(item, where: str) -> None:
     else:
         raise EngrainError(f"{where}: the item has neither 'messages' nor 'text'.",
                            hint='Each line must be {"messages": [...]} or {"text": "..."} (plus provenance fields).')
+    context = item.get("context")
+    if context is not None and not (isinstance(context, list) and all(
+            isinstance(c, dict) and isinstance(c.get("chunk_id"), str) and isinstance(c.get("text"), str)
+            for c in context)):
+        raise EngrainError(f"{where}: 'context' must be a list of objects with string 'chunk_id' and 'text'.",
+                           hint="Fix or delete that line, or regenerate the file with engrain synth.")
 
 
 def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: bool = True) -> Example:
     """Token ids and labels of one (already checked) item. ``end_loss`` False: no loss on a chat answer's end of
     turn, so the item teaches its answer but not where answers stop (``train.item_end_loss``)."""
     if "messages" in item:
-        prompt, answer = render_messages(tokenizer, item["messages"])
+        prompt, answer = render_messages(tokenizer, item["messages"], item.get("context"))
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         labels = list(a)
@@ -86,6 +99,10 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     labels = list(ids)
+    if item.get("context"):  # the chunks, then a blank line, as rag's continuation prompt puts them
+        prefix = continuation_prompt("", plain_chunks([c["text"] for c in item["context"]]))
+        p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        return Example(p + ids, [IGNORE] * len(p) + labels, key, kind)
     labels[0] = IGNORE  # nothing precedes the first token, so it is never predicted (also inside a packed row)
     return Example(ids, labels, key, kind)
 
@@ -185,6 +202,9 @@ def split_examples(examples: list[Example], items: dict[str, dict], fraction: fl
         count += by_group[group]
     val = [e for e in examples if groups[e.key][0] in chosen and groups[e.key][1]]
     held = {id(e) for e in val}
+    # A held-out fact asked open-book is neither trained (it would quiz the fact) nor validated (its answer is in
+    # view, while validation asks closed-book).
+    val = [e for e in val if not items.get(e.key, {}).get("context")]
     return [e for e in examples if id(e) not in held], val
 
 

@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..jsonl import read_jsonl
-from ..memory.rag import render_chunks
-from ..models import LM, context_question
+from ..models import LM, context_question, render_chunks
 from ..models.fastgen import common_start
 from ..progress import Progress, note
-from ..rag.index import Hit
 from ..workspace import Workspace
 from .data import file_safe, render_messages
 
@@ -145,7 +143,7 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
         if item is None or j is None or not ids_ or any(c not in chunks for c in ids_):
             skipped += 1
             continue
-        context = render_chunks([Hit(c, chunks[c].doc_id, chunks[c].text, 0.0) for c in ids_])
+        context = render_chunks([(c, chunks[c].text) for c in ids_])
         prefix, tail = teacher_prefix(lm.tokenizer, item, ex.ids, j, context), ex.ids[j:]
         sigs[ex.key] = _signature(prefix, tail)
         rec = done.get(ex.key)
