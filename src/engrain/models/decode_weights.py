@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 ATTRIBUTE = "engrain_decode_weights"  # on the model: "int8" or "model"
-MAX_ROWS = 16  # tokens per forward up to which int8 products are used (bench/bench_answer_speed.py times both)
+# Tokens per forward up to which int8 products are used: the bench's rows sweep (bench/bench_answer_speed.py) has
+# int8 ahead at 8 rows and behind the model's own weights at 16.
+MAX_ROWS = 8
 _SAMPLE = 4093  # every this-many-th element of a weight enters its fingerprint
 
 
