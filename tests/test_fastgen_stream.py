@@ -54,3 +54,22 @@ def test_plain_attention_equals_sdpa_and_gives_padding_rows_no_nan():
     seen = mask.any(-1).expand(2, 6, 5)
     torch.testing.assert_close(got[seen], ref[seen], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(got).all()
+
+
+def test_plain_attention_in_query_blocks_equals_sdpa(monkeypatch):
+    """A prefill longer than a query block runs block by block against the keys up to each block's last query; with
+    earlier cache columns (a shared prompt start) and left padding it still equals SDPA over the whole mask."""
+    import torch
+    import torch.nn.functional as F
+
+    from engrain.models import fastgen
+
+    monkeypatch.setattr(fastgen, "QUERY_BLOCK", 4)
+    torch.manual_seed(1)
+    start, t = 3, 11  # 11 new queries: blocks of 4, 4 and 3
+    q, k, v = torch.randn(2, 6, t, 8), torch.randn(2, 2, start + t, 8), torch.randn(2, 2, start + t, 8)
+    mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, start:start + 2] = False  # row 1: two padding tokens after the shared start
+    got = fastgen._plain_attend(q, k, v, mask, 0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

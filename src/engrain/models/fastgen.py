@@ -98,12 +98,30 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block)
 
 
+QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_answer_speed.py times the first token)
+
+
 def _plain_attend(q, keys, values, attn_mask, scale: float):
     """Masked attention as two matmuls around an fp32 softmax, the query heads of one KV head laid end to end (no
     copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels for up to 512 new
     tokens (``uses_plain_attention`` in train/kernels/packed_attention.py has the timings); longer prefills keep
     SDPA, whose scores need not all be in memory at once. Masked scores take the
-    dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN."""
+    dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN.
+
+    A prefill runs in blocks of ``QUERY_BLOCK`` queries, each against the keys up to its last query: the mask is
+    causal, so the keys after a block are never attended, and a block's scores stay small enough to be reused from
+    cache by the softmax and the second matmul."""
+    t, s = q.shape[2], keys.shape[2]
+    if t <= QUERY_BLOCK:
+        return _plain_block(q, keys, values, attn_mask, scale)
+    start = s - t  # columns before the new tokens: every query may attend them
+    return torch.cat([_plain_block(q[:, :, a:a + QUERY_BLOCK], keys[:, :, :start + a + QUERY_BLOCK],
+                                   values[:, :, :start + a + QUERY_BLOCK],
+                                   attn_mask[:, :, a:a + QUERY_BLOCK, :start + a + QUERY_BLOCK], scale)
+                      for a in range(0, t, QUERY_BLOCK)], dim=2)
+
+
+def _plain_block(q, keys, values, attn_mask, scale: float):
     bsz, heads, t, hd = q.shape
     kv, s = keys.shape[1], keys.shape[2]
     g = heads // kv
