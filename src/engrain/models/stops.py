@@ -5,12 +5,18 @@ from __future__ import annotations
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
-        if tok in vocab:
-            ids.add(vocab[tok])
-    return sorted(i for i in ids if i is not None)
+    """The end-of-turn ids, found once per tokenizer: reading its whole vocabulary costs more than a short prompt's
+    prefill, and every generate() asks."""
+    cached = getattr(tokenizer, "_engrain_stop_ids", None)
+    if cached is None:
+        ids = {tokenizer.eos_token_id}
+        vocab = tokenizer.get_vocab()
+        for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>"):
+            if tok in vocab:
+                ids.add(vocab[tok])
+        cached = sorted(i for i in ids if i is not None)
+        tokenizer._engrain_stop_ids = cached
+    return list(cached)
 
 
 def line_break_ids(tokenizer) -> list[int]:
