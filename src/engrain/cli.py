@@ -261,11 +261,10 @@ DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `
 def write_demo_config(path: Path) -> None:
     """The demo's budgets: sized so the whole pipeline fits ~20 minutes on 2 CPU cores with the embedded model,
     where training runs near the machine's matmul limit (``bench/bench_train.py`` measures it).
-
-    - synthesis: the model-free ``facts`` strategy (the default): every sentence stated in full, the passage once
-      more in one shuffled order, at most 12 questions per chunk; two passes over them;
-    - chunks of 128 tokens, 4 per RAG prompt.
-    Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs)."""
+    Synthesis by the model-free ``facts`` strategy (every sentence stated in full, the passage once more in one
+    shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, 4 per RAG prompt.
+    Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
+    items: experiments/knowledge's acme-open-book-1 row measures what those cost and give)."""
     from .config import EngrainConfig, save_config
 
     config = EngrainConfig()
@@ -273,6 +272,7 @@ def write_demo_config(path: Path) -> None:
     config.ingest.chunk_overlap = 16
     config.synth.facts_per_chunk = 12
     config.synth.facts_orders = 1
+    config.synth.facts_reading = 0
     config.train.epochs = 2.0
     save_config(config, path)
 
