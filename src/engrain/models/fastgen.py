@@ -98,7 +98,7 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block)
 
 
-QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_answer_speed.py times the first token)
+QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill.py times blocks against none)
 
 
 def _plain_attend(q, keys, values, attn_mask, scale: float):

@@ -268,7 +268,7 @@ class Synthesizer:
         if self.guard.active and self.guard.leaked(cand.content, cand.source):
             return None, "leak"
         # Deterministic items differ by design in one blanked span, so only exact repeats (chunk overlaps) go.
-        content = cand.content if not cand.context else " ".join(u.key for u in cand.context) + cand.content
+        content = _content(item)
         if not (dedup.add(content) if model_made else dedup.add_exact(content)):
             return None, "duplicate"
         return item, "ok"
@@ -415,9 +415,12 @@ def _prompt_text(job: Job) -> str:
 
 
 def _content(row: dict) -> str:
-    if "text" in row:
-        return str(row["text"])
-    return "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
+    """What dedup compares, for a new item and for one read back on resume alike: its text or messages, after the
+    ids of the chunks it shows (an open-book item repeats a closed-book one's words with chunks in view)."""
+    messages = row.get("messages") or []
+    body = str(row["text"]) if "text" in row else "\n".join(str(m.get("content", "")) for m in messages)
+    shown = " ".join(c["chunk_id"] for c in row.get("context") or [])
+    return f"{shown}\n{body}" if shown else body
 
 
 def run_synth(ws: Workspace, cfg: SynthConfig, *, model_spec: str | None = None, generator=None,
