@@ -1,6 +1,6 @@
 """How fast engrain answers, against its fp32 reference path and against llama.cpp on the same model, in one run.
 
-    python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama]
+    python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama] [--llama-extra-bufts]
 
 Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruct:
 
@@ -171,11 +171,27 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
     return {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
 
 
-def llama_cpp(max_new_tokens: int, clients: int, seconds: float) -> dict | None:
+# llama.cpp's extra buffer types repack weights for the CPU's special units; on an Intel Xeon with AMX a native
+# build crashed on any prompt longer than one token in that repacking, so they are off unless --llama-extra-bufts.
+NO_EXTRA_BUFTS = """
+import llama_cpp.llama_cpp as lc
+_default = lc.llama_model_default_params
+def _params():
+    params = _default()
+    params.use_extra_bufts = False
+    return params
+lc.llama_model_default_params = _params
+"""
+
+
+def llama_cpp(max_new_tokens: int, clients: int, seconds: float, extra_bufts: bool,
+              bandwidth: float) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
         return None
+    patch = "" if extra_bufts else NO_EXTRA_BUFTS
+    exec(patch, {})  # the same llama.cpp settings in this process as in its server below
     gguf = engrain_home() / "downloads" / EMBEDDED_GGUF_NAME
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     tok = load_model(None, device="cpu", dtype="float32").tokenizer  # the same chat template and prompts
@@ -193,10 +209,19 @@ def llama_cpp(max_new_tokens: int, clients: int, seconds: float) -> dict | None:
     prompt = long_prompt(tok)
     first = first_token_s(lambda: complete(prompt, 1))
     llm.close()  # its memory back before the server loads its own copy
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(os.cpu_count()),
+    server = patch + "import runpy, sys; sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', " \
+        "run_name='__main__')"
+    command = [sys.executable, "-c", server, "--model", str(gguf), "--n_threads", str(os.cpu_count()),
                "--n_ctx", "2048", "--api_key", KEY, "--model_alias", "smollm2"]
     served = serve_load(command, ["smollm2"], clients, seconds, "llama-cpp")["smollm2"]
-    return {"decode_base": rate, "first_token_s": first, "base": served}
+    gguf_mb = gguf.stat().st_size / 1e6  # every token reads the whole file's weights once
+    return {"decode_base": rate, "first_token_s": first, "base": served, "extra_buffer_types": extra_bufts,
+            "version": llama_cpp_version(), "weights_mb": gguf_mb, "limit": bandwidth / (gguf_mb * 1e6)}
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+    return version("llama-cpp-python")
 
 
 def main() -> None:
@@ -205,6 +230,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--llama-extra-bufts", action="store_true", help="keep llama.cpp's weight repacking on")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
@@ -215,7 +241,8 @@ def main() -> None:
         runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds)
         print(f"{dtype}: {json.dumps(runs[dtype], default=str)[:300]}", flush=True)
     ref, fast = runs["float32"], runs["auto"]
-    llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds)
+    llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
+                                                      args.llama_extra_bufts, bandwidth)
     print_table(ref, fast, llama, bandwidth, args.clients)
     (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
                                                        "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
@@ -224,7 +251,7 @@ def main() -> None:
 
 
 def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, clients: int) -> None:
-    na = "not installed"
+    na = "not installed" if llama is None else "-"  # llama.cpp is timed on the base model only
     lines = [f"{os.cpu_count()} cores, read bandwidth {bandwidth / 1e9:.1f} GB/s; engrain answers in {fast['dtype']} "
              f"({fast['weights_mb']:.0f} MB of weights), the reference in {ref['dtype']} ({ref['weights_mb']:.0f} MB)",
              "", "| measure | fp32 | engrain | engrain / fp32 | llama.cpp (Q4_1 GGUF) | engrain / llama.cpp |",
@@ -238,8 +265,10 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
 
     row("batch-1 decode, base (tokens/s)", ref["decode_base"], fast["decode_base"],
         llama and llama["decode_base"], ".1f")
+    llama_share = "" if llama is None else f"{llama['decode_base'] / llama['limit']:.0%} of {llama['limit']:.0f}"
     lines.append(f"| share of the weights-bandwidth limit | {ref['decode_base'] / ref['limit']:.0%} of "
-                 f"{ref['limit']:.0f} | {fast['decode_base'] / fast['limit']:.0%} of {fast['limit']:.0f} | | | |")
+                 f"{ref['limit']:.0f} | {fast['decode_base'] / fast['limit']:.0%} of {fast['limit']:.0f} | | "
+                 f"{llama_share} | |")
     row("batch-1 decode, LoRA merged (tokens/s)", ref["decode_lora"], fast["decode_lora"], None, ".1f")
     lines.append(f"| LoRA / base decode | {ref['decode_lora'] / ref['decode_base']:.2f} | "
                  f"{fast['decode_lora'] / fast['decode_base']:.2f} | | | |")
