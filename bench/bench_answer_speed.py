@@ -1,6 +1,7 @@
 """How fast engrain answers, against its fp32 reference path and against llama.cpp on the same model, in one run.
 
-    python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama] [--llama-extra-bufts]
+    python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama]
+        [--llama-extra-bufts]
 
 Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruct:
 
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -171,8 +173,9 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
     return {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
 
 
-# llama.cpp's extra buffer types repack weights for the CPU's special units; on an Intel Xeon with AMX a native
-# build crashed on any prompt longer than one token in that repacking, so they are off unless --llama-extra-bufts.
+# llama.cpp's extra buffer types repack weights for the CPU's special units (AMX among them). On an Intel Xeon with
+# AMX a native build segfaulted on any prompt longer than one token with them on and ran with them off, so they are
+# off unless --llama-extra-bufts. The same source patches this process and the server's.
 NO_EXTRA_BUFTS = """
 import llama_cpp.llama_cpp as lc
 _default = lc.llama_model_default_params
@@ -191,7 +194,7 @@ def llama_cpp(max_new_tokens: int, clients: int, seconds: float, extra_bufts: bo
     except ImportError:
         return None
     patch = "" if extra_bufts else NO_EXTRA_BUFTS
-    exec(patch, {})  # the same llama.cpp settings in this process as in its server below
+    exec(patch, {})
     gguf = engrain_home() / "downloads" / EMBEDDED_GGUF_NAME
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
     tok = load_model(None, device="cpu", dtype="float32").tokenizer  # the same chat template and prompts
@@ -216,12 +219,7 @@ def llama_cpp(max_new_tokens: int, clients: int, seconds: float, extra_bufts: bo
     served = serve_load(command, ["smollm2"], clients, seconds, "llama-cpp")["smollm2"]
     gguf_mb = gguf.stat().st_size / 1e6  # every token reads the whole file's weights once
     return {"decode_base": rate, "first_token_s": first, "base": served, "extra_buffer_types": extra_bufts,
-            "version": llama_cpp_version(), "weights_mb": gguf_mb, "limit": bandwidth / (gguf_mb * 1e6)}
-
-
-def llama_cpp_version() -> str:
-    from importlib.metadata import version
-    return version("llama-cpp-python")
+            "version": version("llama-cpp-python"), "weights_mb": gguf_mb, "limit": bandwidth / (gguf_mb * 1e6)}
 
 
 def main() -> None:

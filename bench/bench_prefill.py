@@ -25,11 +25,8 @@ OUT = ROOT / "bench" / "out"
 
 
 def prefill(model, ids: torch.Tensor) -> torch.Tensor:
-    rows, width = ids.shape
-    caches = fastgen._empty_caches(model, rows, width + 1, "cpu")
-    key_mask = torch.ones(rows, width + 1, dtype=torch.bool)
-    positions = torch.arange(width)[None].expand(rows, width)
-    return fastgen._forward(model, ids, positions, caches, 0, key_mask)
+    """The decode loop's own prefill of equal-length prompts (no padding); their last positions' logits."""
+    return fastgen._prefill(model, ids.tolist(), list(range(len(ids))), 0, None, "cpu").logits
 
 
 def best_of(model, ids: torch.Tensor, block: int, repeats: int) -> tuple[float, torch.Tensor]:
