@@ -10,37 +10,38 @@ the results. An existing DEST is checked to hold the same questions and kept.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
+
+from engrain.errors import EngrainError
+from engrain.evaluate.bench import doc_id, load_bench
 
 
 def main() -> None:
     if len(sys.argv) != 4:
         sys.exit(__doc__)
-    bench, n, dest = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    lines = [line for line in (bench / "questions.jsonl").read_text().splitlines() if line.strip()][:n]
+    source, n, dest = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    try:
+        bench = load_bench(source)  # every question checked, its documents among docs/
+    except EngrainError as e:
+        sys.exit(str(e))
+    lines = [line for line in (source / "questions.jsonl").read_text().splitlines() if line.strip()][:n]
     if (dest / "questions.jsonl").exists():
         if (dest / "questions.jsonl").read_text().splitlines() != lines:
             sys.exit(f"{dest} holds other questions; remove it or pick another DEST")
         print(f"{dest} exists with the same {len(lines)} questions; kept")
         return
-    docs = sorted({d for line in lines for d in json.loads(line)["docs"]})
-    files = {p.relative_to(bench / "docs").with_suffix("").as_posix(): p for p in (bench / "docs").rglob("*")
-             if p.is_file()}
-    missing = [d for d in docs if d not in files]
-    if missing:
-        sys.exit(f"{bench / 'questions.jsonl'} names documents not under docs/: {missing}")
+    wanted = {d for q in bench.questions[:n] for d in q.docs}
+    files = [f for f in bench.files() if doc_id(f) in wanted]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for d in docs:
-        target = tmp / "docs" / files[d].relative_to(bench / "docs")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(files[d], target)
+    for f in files:
+        (tmp / "docs" / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bench.docs_dir / f, tmp / "docs" / f)
     (tmp / "questions.jsonl").write_text("\n".join(lines) + "\n")
     tmp.rename(dest)  # whole or absent: a crash leaves only the .tmp folder, rebuilt on the next run
-    print(f"wrote {dest}: {len(lines)} questions, {len(docs)} documents")
+    print(f"wrote {dest}: {len(lines)} questions, {len(files)} documents")
 
 
 if __name__ == "__main__":
