@@ -131,6 +131,17 @@ def test_arrivals_update_the_memory_measure_every_batch_and_resume(tmp_path, ben
                         arrivals=2)
     assert adapter.stat().st_mtime_ns == before
     assert [s["by_batch"] for s in again["arrivals"]["steps"]] == [s["by_batch"] for s in scenario["steps"]]
+    # A crash after the update trained but before its step was recorded: the rerun measures the step again and
+    # still counts the training the crashed process did in the step's cost.
+    state_path = next((ws.root / "arrivals").glob("*.json"))
+    state = json.loads(state_path.read_text())
+    del state["steps"][1], state["rebuild"]
+    state_path.write_text(json.dumps(state))
+    redone = run_compare(bench_dir, ws, ["lora"], tmp_path / "out4", tiny_lm, latency_sample=0, max_new_tokens=4,
+                         arrivals=2)
+    assert adapter.stat().st_mtime_ns == before
+    step = redone["arrivals"]["steps"][1]
+    assert step["train_seconds"] == second["train_seconds"] and step["seconds"] >= step["train_seconds"] > 0
     # Other batches are another scenario: refused, unless started over.
     with pytest.raises(EngrainError, match="other batches"):
         run_compare(bench_dir, ws, ["lora"], tmp_path / "out3", tiny_lm, latency_sample=0, arrivals=4)

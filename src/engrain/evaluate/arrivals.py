@@ -146,14 +146,29 @@ def learn(workspace: Workspace, bench: Bench, docs: Path, lm: LM, kind: str, see
 
         meta = train(workspace, config.train.model_copy(update={"memory": kind, "name": name}), lm.path)
         own = {"train_seconds": meta.get("train_seconds"), "steps": meta.get("steps")}
+        earlier = earlier_training_seconds(meta)
     else:
+        from ..memory.parametric import read_meta
         from ..train.update import update
 
         meta = update(workspace, config, lm.path, name=name, exclude_questions=[bench.root / "questions.jsonl"])
+        if meta.get("nothing_to_do"):  # the update finished before a crash kept the step from being recorded
+            meta = {**read_meta(workspace.memory_dir(name)), "already_trained": True}
         record = meta.get("update") or {}
         own = {"train_seconds": record.get("seconds"), "steps": record.get("steps")}
+        earlier = earlier_training_seconds({**record, "already_trained": meta.get("already_trained"),
+                                            "train_seconds": record.get("seconds")})
     # A run's train_tokens are the tokens that run trained (an update's own, not the memory's total).
-    return {"seconds": round(time.perf_counter() - t0, 2), **own, "train_tokens": meta.get("train_tokens")}
+    return {"seconds": round(time.perf_counter() - t0 + earlier, 2), **own, "train_tokens": meta.get("train_tokens")}
+
+
+def earlier_training_seconds(summary: dict) -> float:
+    """Training seconds of a run that another process did (before a crash): all of them when this call found the
+    run finished, those before the checkpoint it resumed from otherwise. A step's cost adds them to its wall time,
+    so a scenario resumed across sessions records what each step cost, not what its last stretch did."""
+    if summary.get("already_trained"):
+        return float(summary.get("train_seconds") or 0.0)
+    return float(summary.get("resumed_seconds") or 0.0)
 
 
 def measure_step(workspace: Workspace, name: str, lm: LM, questions: list[Question], of_batch: list[int],
@@ -198,7 +213,7 @@ def rebuild_reference(workspace: Workspace, questions: list[Question], lm: LM, k
     config = load_config(workspace.config_path)
     t0 = time.perf_counter()
     meta = train(workspace, config.train.model_copy(update={"memory": kind, "name": REBUILT.format(kind)}), lm.path)
-    seconds = round(time.perf_counter() - t0, 2)
+    seconds = round(time.perf_counter() - t0 + earlier_training_seconds(meta), 2)
     memory = TrainedMemory(REBUILT.format(kind), workspace, lm)
     answers = ask(memory, questions, probe_form=probe_form, max_new_tokens=max_new_tokens)
     forgot = forgetting.of_trained(memory, base_memory, base_cache)

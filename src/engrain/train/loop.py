@@ -374,6 +374,7 @@ class Run:
                    "steps": self.step, "planned_steps": self.plan.steps, "stopped_early": self.stopped_early,
                    "resumed_from_step": self.start_step if self.resumed else None, "learning_rate": self.lr,
                    "train_seconds": round(self.seconds_before + seconds, 2),
+                   "resumed_seconds": round(self.seconds_before, 2),  # trained before a resume, by another process
                    "train_tokens": self.tokens_before + self.tokens_seen * self.world,
                    "tokens_per_s": round(self.tokens_per_s(seconds), 1),
                    "final_train_loss": round(self.last_loss, 5), "best_val_loss": best.val, "best_val_step": best.step,

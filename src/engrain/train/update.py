@@ -290,7 +290,7 @@ def train_update(ws: Workspace, name: str, meta: dict, workspace_cfg: TrainConfi
         run.resume(resume_from)  # the checkpoint's weights replace the saved memory's
     run.loop()
     seconds = run.seconds_before + time.time() - run.t_start
-    record.update(steps=run.step, seconds=round(seconds, 2),
+    record.update(steps=run.step, seconds=round(seconds, 2), resumed_seconds=round(run.seconds_before, 2),
                   resumed_from_step=run.start_step if run.resumed else None)
     fresh_learned = {d: h for d, h in learned_documents(ws, plan.sources).items() if d in changes.fresh}
     record["documents"]["not_learned"] = sorted(set(changes.fresh) - set(fresh_learned))
