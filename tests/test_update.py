@@ -284,6 +284,7 @@ def test_a_crash_during_an_update_keeps_the_old_memory_and_the_rerun_resumes(tmp
     assert "updated lora: 1 new, 0 changed documents" in cli(ws, tiny_model_dir).output
     summary = meta(ws)
     assert summary["update"]["resumed_from_step"] == 2 and summary["update"]["steps"] > 2
+    assert summary["update"]["seconds"] > summary["update"]["resumed_seconds"] > 0
     assert "gamma" in summary["learned_documents"]
     assert not (ws.root / "train" / "lora" / "checkpoints").exists()
 

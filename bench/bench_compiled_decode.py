@@ -1,0 +1,89 @@
+"""The decode loop's int8 step under ``torch.compile`` (inductor's C++ kernels) against the eager step, alternately
+in one process on the same prompt:
+
+    python bench/bench_compiled_decode.py      # prints a table, writes bench/out/compiled_decode.json
+
+Question it answers: how much of a batch-1 decode step is Python and dispatch overhead that compiling the step's
+small ops (norms, rotary, cache writes, attention of one query) would remove, and what the compile costs. Greedy
+tokens of both are compared (bf16 kernels fused differently round differently). Best of ``--repeats`` per form.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# A fresh inductor cache, so the first compiled call shows what compiling costs, not a cache an earlier run left.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="engrain-inductor-")
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from engrain.models import decode_weights, fastgen, load_model
+
+OUT = ROOT / "bench" / "out"
+PROMPT = "Tell me about the history of the Roman empire."
+
+
+def decode(model, prompt: list[int], tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens (no stop: every run decodes ``tokens``) and the seconds they took, prefill included."""
+    t0 = time.perf_counter()
+    out = fastgen.generate_many(model, [prompt], batch_size=1, max_new_tokens=tokens, stop_ids=[-1], pad_id=0)
+    return out[0], time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    lm = load_model("embedded", dtype="auto", decode_weights="int8")
+    text = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                            tokenize=False)
+    prompt = lm.tokenizer.encode(text, add_special_tokens=False)
+    eager = fastgen._forward
+    compiled = torch.compile(eager, dynamic=True)
+
+    def step(model, ids, positions, caches, start, key_mask, prefix=None, int8=None):
+        # Only the int8 steps of a few tokens are compiled: the step this benchmark is about.
+        use = compiled if int8 is not None and ids.numel() <= decode_weights.MAX_ROWS else eager
+        return use(model, ids, positions, caches, start, key_mask, prefix, int8)
+
+    ref, _ = decode(lm.model, prompt, args.tokens)  # warm-up of the eager path
+    # The eager step alone too, before anything is compiled: compiling may change the process's state (threads,
+    # kernels chosen), so the alternating rows below are held to it.
+    before = [decode(lm.model, prompt, args.tokens)[1] for _ in range(args.repeats)]
+    fastgen._forward = step
+    t0 = time.perf_counter()
+    got, _ = decode(lm.model, prompt, args.tokens)
+    compile_s = time.perf_counter() - t0
+    times = {"eager": [], "compiled": []}
+    for _ in range(args.repeats):
+        for form, fn in (("eager", eager), ("compiled", step)):
+            fastgen._forward = fn
+            times[form].append(decode(lm.model, prompt, args.tokens)[1])
+    fastgen._forward = eager
+    times["eager before compiling"] = before
+    best = {form: min(t) for form, t in times.items()}
+    same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    rate = {form: args.tokens / s for form, s in best.items()}
+    print(f"{lm.model.dtype}, int8 decode weights, {torch.get_num_threads()} threads, {args.tokens} tokens")
+    print("| step | tokens/s | x eager |")
+    print("| --- | --- | --- |")
+    for form in ("eager before compiling", "eager", "compiled"):
+        print(f"| {form} | {rate[form]:.1f} | {rate[form] / rate['eager']:.2f} |")
+    print(f"first compiled call (compile included): {compile_s:.1f} s; greedy tokens equal up to token {same}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "compiled_decode.json").write_text(json.dumps(
+        {"tokens_per_s": rate, "seconds": times, "first_compiled_call_s": compile_s, "same_tokens_up_to": same,
+         "tokens": args.tokens, "repeats": args.repeats, "dtype": str(lm.model.dtype),
+         "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}, indent=2))
+    print(f"wrote {OUT / 'compiled_decode.json'}")
+
+
+if __name__ == "__main__":
+    main()
