@@ -24,6 +24,9 @@ class ModelConfig(Section):
     decode_weights: str = Field("auto", description="what decode steps read: int8 (a quantized copy of the linear "
                                                     "layers), model (its own weights); auto: int8 on a CPU that "
                                                     "computes bf16 natively when dtype is auto")
+    compile_decode: bool = Field(False, description="run int8 decode steps through torch.compile: faster decoding "
+                                                    "after a compile on the first step (bench/bench_compiled_decode.py"
+                                                    " measures both); needs a C++ compiler")
 
 
 class IngestConfig(Section):

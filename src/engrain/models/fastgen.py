@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.kernels.packed_attention import uses_plain_attention
-from . import decode_weights
+from . import compiled_decode, decode_weights
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -187,6 +187,15 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, i
         x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block)
     x = decode_weights.norm(inner.norm, x[:, -1:], fast is not None)
     return decode_weights.head(model, x, fast)[:, -1].float()
+
+
+def _step(model, ids, positions, caches, start: int, key_mask, prefix=None, int8=None):
+    """A decode step's forward: compiled (``compiled_decode.py``) for the int8 steps of a model loaded to compile
+    them, ``_forward`` as it is otherwise."""
+    if (int8 is not None and prefix is None and ids.numel() <= decode_weights.MAX_ROWS
+            and compiled_decode.wanted(model)):
+        return compiled_decode.run(_forward, model, ids, positions, caches, start, key_mask, prefix, int8)
+    return _forward(model, ids, positions, caches, start, key_mask, prefix, int8)
 
 
 def _sample(logits, temperature: float, top_p: float, generator):
@@ -354,8 +363,8 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
             if len(rows.ids) == 0:
                 continue
         tok = torch.where(rows.done, torch.full_like(tok, pad_id), tok)
-        rows.logits = _forward(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
-                               prefix, int8)
+        rows.logits = _step(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
+                            prefix, int8)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
@@ -421,7 +430,7 @@ class Stream:
                 self.rows = None
                 return
         tok = torch.where(rows.done, torch.full_like(tok, self.pad_id), tok)
-        rows.logits = _forward(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
-                               rows.key_mask, self.prefix, self.int8)
+        rows.logits = _step(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
+                            rows.key_mask, self.prefix, self.int8)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1

@@ -102,9 +102,9 @@ def pick_decode_weights(device: str, dtype: str = "auto", decode_weights: str = 
 
 
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto",
-               decode_weights: str = "auto") -> LM:
+               decode_weights: str = "auto", compile_decode: bool = False) -> LM:
     """Load a model by spec (see module docstring); the embedded default when ``spec`` is None. ``decode_weights``:
-    see ``pick_decode_weights``."""
+    see ``pick_decode_weights``; ``compile_decode``: see ``compiled_decode.py``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
@@ -135,9 +135,10 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
                                hint="Check the folder holds config.json, weights and a tokenizer.") from exc
     model.to(device)
     model.eval()
-    from .decode_weights import ATTRIBUTE
+    from . import compiled_decode, decode_weights
 
-    setattr(model, ATTRIBUTE, decode)
+    setattr(model, decode_weights.ATTRIBUTE, decode)
+    setattr(model, compiled_decode.ATTRIBUTE, compile_decode)
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
 
@@ -157,10 +158,10 @@ def answering_lm(lm: LM) -> LM:
 def load_for_workspace(workspace: Path | str, spec: str | None = None, device: str | None = None) -> LM:
     """The model a workspace answers with: ``spec`` when given, else its engrain.yaml's ``model.name`` (the
     embedded default when unset), in its ``model.dtype`` and ``model.device``, decoding with its
-    ``model.decode_weights``."""
+    ``model.decode_weights`` (compiled where ``model.compile_decode`` says)."""
     from ..config import load_config
     from ..workspace import Workspace
 
     cfg = load_config(Workspace.at(workspace).config_path).model
     return load_model(spec or cfg.name, device=device or cfg.device, dtype=cfg.dtype,
-                      decode_weights=cfg.decode_weights)
+                      decode_weights=cfg.decode_weights, compile_decode=cfg.compile_decode)
