@@ -1,5 +1,5 @@
-"""The decode loop's int8 step under ``torch.compile`` (inductor's C++ kernels) against the eager step, alternately
-in one process on the same prompt:
+"""The decode loop's int8 step compiled (``model.compile_decode``, ``src/engrain/models/compiled_decode.py``:
+inductor's C++ kernels) against the eager step, alternately in one process on the same prompt:
 
     python bench/bench_compiled_decode.py      # prints a table, writes bench/out/compiled_decode.json
 
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from engrain.models import decode_weights, fastgen, load_model
+from engrain.models import compiled_decode, fastgen, load_model
 
 OUT = ROOT / "bench" / "out"
 PROMPT = "Tell me about the history of the Roman empire."
@@ -44,28 +44,24 @@ def main() -> None:
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                             tokenize=False)
     prompt = lm.tokenizer.encode(text, add_special_tokens=False)
-    eager = fastgen._forward
-    compiled = torch.compile(eager, dynamic=True)
 
-    def step(model, ids, positions, caches, start, key_mask, prefix=None, int8=None):
-        # Only the int8 steps of a few tokens are compiled: the step this benchmark is about.
-        use = compiled if int8 is not None and ids.numel() <= decode_weights.MAX_ROWS else eager
-        return use(model, ids, positions, caches, start, key_mask, prefix, int8)
+    def decode_with(compiled: bool) -> tuple[list[int], float]:
+        setattr(lm.model, compiled_decode.ATTRIBUTE, compiled)  # what model.compile_decode sets at load
+        return decode(lm.model, prompt, args.tokens)
 
-    ref, _ = decode(lm.model, prompt, args.tokens)  # warm-up of the eager path
+    ref, _ = decode_with(False)  # warm-up of the eager path
     # The eager step alone too, before anything is compiled: compiling may change the process's state (threads,
     # kernels chosen), so the alternating rows below are held to it.
-    before = [decode(lm.model, prompt, args.tokens)[1] for _ in range(args.repeats)]
-    fastgen._forward = step
+    before = [decode_with(False)[1] for _ in range(args.repeats)]
     t0 = time.perf_counter()
-    got, _ = decode(lm.model, prompt, args.tokens)
+    got, _ = decode_with(True)
     compile_s = time.perf_counter() - t0
+    if fastgen._forward in compiled_decode._failed:
+        sys.exit("compiling the decode step failed (see the note above): nothing to compare")
     times = {"eager": [], "compiled": []}
     for _ in range(args.repeats):
-        for form, fn in (("eager", eager), ("compiled", step)):
-            fastgen._forward = fn
-            times[form].append(decode(lm.model, prompt, args.tokens)[1])
-    fastgen._forward = eager
+        for form in ("eager", "compiled"):
+            times[form].append(decode_with(form == "compiled")[1])
     times["eager before compiling"] = before
     best = {form: min(t) for form, t in times.items()}
     same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))

@@ -146,29 +146,28 @@ def learn(workspace: Workspace, bench: Bench, docs: Path, lm: LM, kind: str, see
 
         meta = train(workspace, config.train.model_copy(update={"memory": kind, "name": name}), lm.path)
         own = {"train_seconds": meta.get("train_seconds"), "steps": meta.get("steps")}
-        earlier = earlier_training_seconds(meta)
+        earlier = earlier_training_seconds(meta.get("train_seconds"), meta.get("resumed_seconds"),
+                                           finished=bool(meta.get("already_trained")))
     else:
         from ..memory.parametric import read_meta
         from ..train.update import update
 
         meta = update(workspace, config, lm.path, name=name, exclude_questions=[bench.root / "questions.jsonl"])
-        if meta.get("nothing_to_do"):  # the update finished before a crash kept the step from being recorded
-            meta = {**read_meta(workspace.memory_dir(name)), "already_trained": True}
+        finished = bool(meta.get("nothing_to_do"))  # the update finished before a crash kept the step unrecorded
+        if finished:
+            meta = read_meta(workspace.memory_dir(name))
         record = meta.get("update") or {}
         own = {"train_seconds": record.get("seconds"), "steps": record.get("steps")}
-        earlier = earlier_training_seconds({**record, "already_trained": meta.get("already_trained"),
-                                            "train_seconds": record.get("seconds")})
+        earlier = earlier_training_seconds(record.get("seconds"), record.get("resumed_seconds"), finished=finished)
     # A run's train_tokens are the tokens that run trained (an update's own, not the memory's total).
     return {"seconds": round(time.perf_counter() - t0 + earlier, 2), **own, "train_tokens": meta.get("train_tokens")}
 
 
-def earlier_training_seconds(summary: dict) -> float:
-    """Training seconds of a run that another process did (before a crash): all of them when this call found the
-    run finished, those before the checkpoint it resumed from otherwise. A step's cost adds them to its wall time,
-    so a scenario resumed across sessions records what each step cost, not what its last stretch did."""
-    if summary.get("already_trained"):
-        return float(summary.get("train_seconds") or 0.0)
-    return float(summary.get("resumed_seconds") or 0.0)
+def earlier_training_seconds(total: float | None, resumed: float | None, *, finished: bool) -> float:
+    """Training seconds of a run that another process did (before a crash): all of them (``total``) when this call
+    found the run finished, those before the checkpoint it resumed from (``resumed``) otherwise. A step's cost adds
+    them to its wall time, so a scenario resumed across sessions records what each step cost, not its last stretch."""
+    return float((total if finished else resumed) or 0.0)
 
 
 def measure_step(workspace: Workspace, name: str, lm: LM, questions: list[Question], of_batch: list[int],
@@ -213,7 +212,9 @@ def rebuild_reference(workspace: Workspace, questions: list[Question], lm: LM, k
     config = load_config(workspace.config_path)
     t0 = time.perf_counter()
     meta = train(workspace, config.train.model_copy(update={"memory": kind, "name": REBUILT.format(kind)}), lm.path)
-    seconds = round(time.perf_counter() - t0 + earlier_training_seconds(meta), 2)
+    earlier = earlier_training_seconds(meta.get("train_seconds"), meta.get("resumed_seconds"),
+                                       finished=bool(meta.get("already_trained")))
+    seconds = round(time.perf_counter() - t0 + earlier, 2)
     memory = TrainedMemory(REBUILT.format(kind), workspace, lm)
     answers = ask(memory, questions, probe_form=probe_form, max_new_tokens=max_new_tokens)
     forgot = forgetting.of_trained(memory, base_memory, base_cache)

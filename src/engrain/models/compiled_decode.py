@@ -2,8 +2,8 @@
 embedding, cache writes and one query's attention per layer) into C++ kernels, where the eager step pays Python and
 dispatch time for each.
 
-It is paid for once per process: the first step compiles (minutes on 2 cores with an empty cache; inductor keeps
-its kernels under ``ENGRAIN_HOME/inductor`` for the next process). So it is worth it where many answers follow one
+It is paid for once per process: the first step compiles (slowly on a small CPU; the benchmark below times it), and
+inductor keeps its kernels under ``ENGRAIN_HOME/inductor`` for the next process. So it is worth it where many answers follow one
 load (a server, a benchmark run) and is off unless ``model.compile_decode`` asks for it. Where compiling fails (no
 C++ compiler, an op inductor cannot lower) the eager step takes over for the rest of the process, with a note.
 Greedy tokens can differ from the eager step's by rounding, as bf16's differ from fp32's.
