@@ -6,11 +6,14 @@ inductor's C++ kernels) against the eager step, alternately in one process on th
 Question it answers: how much of a batch-1 decode step is Python and dispatch overhead that compiling the step's
 small ops (norms, rotary, cache writes, attention of one query) would remove, and what the compile costs. Greedy
 tokens of both are compared (bf16 kernels fused differently round differently). Best of ``--repeats`` per form.
+Then what a server start pays before it listens (``fastgen.warm_up`` in a new process, twice, on this run's
+inductor cache): dynamo traces the step again in every process, and the batch of two rows is a second graph.
 """
 import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +36,17 @@ def decode(model, prompt: list[int], tokens: int) -> tuple[list[int], float]:
     t0 = time.perf_counter()
     out = fastgen.generate_many(model, [prompt], batch_size=1, max_new_tokens=tokens, stop_ids=[-1], pad_id=0)
     return out[0], time.perf_counter() - t0
+
+
+def server_start_seconds(prompt: list[int]) -> float:
+    """Seconds of ``fastgen.warm_up`` in a new process (model loading not counted)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'src')!r})\n"
+            "from engrain.models import fastgen, load_model\n"
+            "lm = load_model('embedded', dtype='auto', decode_weights='int8', compile_decode=True)\n"
+            f"t0 = time.perf_counter(); fastgen.warm_up(lm.model, {prompt!r}, 0)\n"
+            "print(time.perf_counter() - t0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -72,9 +86,12 @@ def main() -> None:
     for form in ("eager before compiling", "eager", "compiled"):
         print(f"| {form} | {rate[form]:.1f} | {rate[form] / rate['eager']:.2f} |")
     print(f"first compiled call (compile included): {compile_s:.1f} s; greedy tokens equal up to token {same}")
+    starts = [server_start_seconds(prompt) for _ in range(2)]
+    print(f"a server's start (warm_up in a new process, this run's cache): {starts[0]:.1f} s, then {starts[1]:.1f} s")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "compiled_decode.json").write_text(json.dumps(
         {"tokens_per_s": rate, "seconds": times, "first_compiled_call_s": compile_s, "same_tokens_up_to": same,
+         "server_start_s": starts,
          "tokens": args.tokens, "repeats": args.repeats, "dtype": str(lm.model.dtype),
          "threads": torch.get_num_threads(), "cores": os.cpu_count(),
          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}, indent=2))

@@ -65,3 +65,26 @@ def test_compile_decode_follows_the_configuration(tiny_model_dir):
     assert not compiled_decode.wanted(load_model(str(tiny_model_dir), device="cpu", dtype="float32").model)
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8", compile_decode=True)
     assert compiled_decode.wanted(lm.model)
+
+
+def test_another_model_object_decodes_its_own_weights_through_the_same_graph(tiny_lm, tmp_path, monkeypatch):
+    """A server's merged LoRA copy is another module tree with other weights: the step compiled for the base model
+    must read the copy's weights (they are graph inputs, not constants baked in), without compiling again."""
+    from torch._dynamo.utils import counters
+
+    from engrain.models import fastgen
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    tok = tiny_lm.tokenizer
+    kw = dict(max_new_tokens=10, stop_ids=[-1], pad_id=tok.pad_token_id, batch_size=2)
+    first = _int8(tiny_lm.model, True)
+    fastgen.generate_many(first, _prompts(tok), **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    other = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        for p in other.model.layers[0].mlp.parameters():
+            p.mul_(3.0)
+    want = fastgen.generate_many(_int8(other, False), _prompts(tok), **kw)
+    assert want != fastgen.generate_many(_int8(tiny_lm.model, False), _prompts(tok), **kw)  # the weights matter
+    assert fastgen.generate_many(_int8(other, True), _prompts(tok), **kw) == want
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -73,3 +73,59 @@ def test_plain_attention_in_query_blocks_equals_sdpa(monkeypatch):
     got = fastgen._plain_attend(q, k, v, mask, 0.3)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def _decode_all(stream, prompts: list[list[int]], budget: int) -> list[list[int]]:
+    handles = stream.admit(prompts, [budget] * len(prompts))
+    out: dict[int, list[int]] = {h: [] for h in handles}
+    while len(stream):
+        for handle, token in stream.step():
+            out[handle].append(token)
+        stream.advance(set())
+    return [out[h] for h in handles]
+
+
+def test_prompts_starting_as_earlier_ones_reuse_their_kv_and_get_their_tokens_alone(tiny_lm):
+    """With a prompt cache, a prompt that starts as an earlier one did runs only the rest of itself (the earlier
+    prompt's KV fills the start) and decodes the greedy tokens it gets alone (fp32: exact)."""
+    from engrain.models import fastgen
+    from engrain.models.prompt_cache import PromptCache
+
+    tok = tiny_lm.tokenizer
+    system = "You answer questions about the lighthouse, the harbour and the mill of Tessly, in one sentence. "
+    texts = [system + "Who kept the log?", system + "When was the pier built?", system + "Who kept the log?",
+             "Hi there, who are you today?"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, max_new_tokens=6, stop_ids=[-1],
+                                   pad_id=tok.pad_token_id)[0] for p in prompts]
+    cache = PromptCache()
+    got = []
+    for batch in ([0], [1, 2, 3]):  # a second request joins later, as a server's do
+        stream = fastgen.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
+        got += _decode_all(stream, [prompts[i] for i in batch], 6)
+    assert got == alone
+    shared = fastgen.common_start([prompts[0], prompts[1]])
+    assert cache.stats["hits"] == 2  # prompts 1 and 2 start as prompt 0; prompt 3 shares nothing with any
+    assert cache.stats["tokens_reused"] == shared + len(prompts[0]) - 1  # all of prompt 2 but its last token
+    assert len(cache.entries) == 3  # prompts 0, 1 and 3 (prompt 2 is prompt 0 again)
+
+
+def test_prompt_cache_keeps_its_byte_budget_dropping_the_least_recently_used():
+    import torch
+
+    from engrain.models.prompt_cache import PromptCache
+
+    def kv(n):  # two layers of (1, 2 heads, n tokens, 4) in fp32: 2 * 2 * 32 n bytes
+        return [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4)) for _ in range(2)]
+
+    cache = PromptCache(max_bytes=2 * 2 * 32 * 30)  # thirty tokens' worth
+    a, b, c = list(range(10)), list(range(100, 112)), list(range(200, 212))
+    cache.add(a, kv(10))
+    cache.add(b, kv(12))
+    assert cache.match(a + [7, 8])[0] == 10  # a is now the most recently used
+    cache.add(c, kv(12))  # 34 tokens: b, the least recently used, goes
+    assert list(cache.entries) == [tuple(a), tuple(c)] and cache.bytes == 2 * 2 * 32 * 22
+    assert cache.match(b + [1]) == (0, None)
+    n, layers = cache.match(c[:9] + [5, 5])
+    assert n == 9 and layers[0][0].shape == (1, 2, 9, 4)
+    assert cache.match(a[:5] + [1, 2, 3]) == (0, None)  # fewer than MIN_TOKENS shared

@@ -443,3 +443,23 @@ def test_prefix_memory_is_served_on_the_shared_base_weights(tmp_path, ws, tiny_m
     with engine.weights("base") as m, torch.no_grad():
         plain = m(input_ids=ids).logits
     assert not torch.allclose(with_prefix, plain, atol=1e-4)  # the prefix is read; the base model is untouched
+
+
+def test_compile_decode_compiles_every_served_model_before_the_first_request(ws, tiny_model_dir, monkeypatch):
+    """With model.compile_decode the server runs a short decode through each module that decodes compiled (the base
+    model and the merged LoRA copy) at start; without it, nothing is run and nothing is said."""
+    from engrain.models import compiled_decode, load_model
+    from engrain.serve import app as serve_app
+    from engrain.serve.engine import Engine
+
+    ran = []
+    monkeypatch.setattr(compiled_decode, "run", lambda forward, model, *a: ran.append(model) or forward(model, *a))
+    logs = []
+    plain = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8")
+    serve_app._warm_up(Engine(ws, plain), logs.append)
+    assert not ran and not logs
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8", compile_decode=True)
+    engine = Engine(ws, lm)
+    serve_app._warm_up(engine, logs.append)
+    assert {id(m) for m in ran} == {id(lm.model), id(engine.modules["lora"])}
+    assert "compiled for base, lora" in logs[-1]

@@ -44,3 +44,4 @@ def run(forward, *args):
         note(f"engrain: compiling the decode step failed ({type(exc).__name__}); decoding without it. "
              "Set model.compile_decode: false to skip the attempt.")
         return forward(*args)
+

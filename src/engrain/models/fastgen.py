@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ..train.kernels.packed_attention import uses_plain_attention
 from . import compiled_decode, decode_weights
+from .prompt_cache import PromptCache
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -198,6 +199,20 @@ def _step(model, ids, positions, caches, start: int, key_mask, prefix=None, int8
     return _forward(model, ids, positions, caches, start, key_mask, prefix, int8)
 
 
+def warm_up(model, prompt: list[int], pad_id: int) -> bool:
+    """Compile ``model``'s decode step now (``compiled_decode.py``), so that no request waits for it: a batch of one
+    row and one of two (dynamo compiles a dimension of size one apart from the others). False where ``model`` does
+    not decode compiled (``model.compile_decode`` off, no int8 decode weights, or a trained prefix)."""
+    inner = decoder(model)
+    prefixed = callable(getattr(model, "prefix_kv", None))  # a trained KV prefix: its steps run eager
+    if prefixed or not supports(model) or not compiled_decode.wanted(inner) or decode_weights.for_model(inner) is None:
+        return False
+    kw = dict(max_new_tokens=3, stop_ids=[-1], pad_id=pad_id)
+    generate_many(model, [prompt], batch_size=1, **kw)
+    generate_many(model, [prompt, prompt], batch_size=2, **kw)
+    return True
+
+
 def _sample(logits, temperature: float, top_p: float, generator):
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -271,6 +286,13 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
 
 
 MIN_SHARED = 8  # tokens; a shorter common start is not worth a forward of its own (a judgement, not tuned)
+
+
+def _row_kv(rows: _Rows, row: int) -> list:
+    """Row ``row``'s prompt KV from a prefilled batch, per layer (1, kv_heads, tokens, head_dim): the columns its key
+    mask holds (the reused start and its own tokens, not the padding between), copied out of the batch."""
+    cols = rows.key_mask[row, :rows.col].nonzero().squeeze(1)
+    return [(k[row:row + 1, :, cols], v[row:row + 1, :, cols]) for k, v in rows.caches]
 
 
 def common_start(prompts: list[list[int]]) -> int:
@@ -376,8 +398,10 @@ class Stream:
     per live row. Same modules and greedy tokens as ``generate_many`` (one row's tokens do not depend on the
     rows beside it, up to floating-point rounding: left padding is masked)."""
 
-    def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None) -> None:
+    def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None,
+                 prompt_cache: PromptCache | None = None) -> None:
         prefix = prefix if prefix is not None else trained_prefix(model)
+        self.prompt_cache = prompt_cache  # this model's recent prompts' KV (prompt_cache.py), reused and added to
         self.model = decoder(model)
         self.int8 = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
         self.device = self.model.model.embed_tokens.weight.device
@@ -395,11 +419,28 @@ class Stream:
         handles = list(range(self._next, self._next + len(prompts)))
         self._next += len(prompts)
         self.budget.update(zip(handles, budgets))
-        new = _prefill(self.model, dict(zip(handles, prompts)), handles, self.pad_id, self.prefix, self.device)
         left = [self.budget[h] - n for h, n in zip(self.rows.ids.tolist(), self.rows.n_out.tolist())] \
             if self.rows is not None else []
-        self.rows = _merge(self.rows, new, max(left + budgets))  # room for the longest budget still to run
+        room = max(left + budgets)  # for the longest budget still to run
+        for n, shared, group in self._by_cached_start(dict(zip(handles, prompts))):
+            new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
+                           self.device, shared)
+            if self.prompt_cache is not None:
+                for row, prompt in enumerate(group.values()):
+                    self.prompt_cache.add(prompt, _row_kv(new, row))
+            self.rows = _merge(self.rows, new, room)
         return handles
+
+    def _by_cached_start(self, prompts: dict[int, list[int]]):
+        """(tokens reused, their KV or None, the prompts by handle) per group of prompts that start as the same
+        cached prompt does; one group, nothing reused, without a cache."""
+        if self.prompt_cache is None:
+            return [(0, None, prompts)]
+        groups: dict[tuple, tuple] = {}
+        for handle, prompt in prompts.items():
+            n, shared = self.prompt_cache.match(prompt)
+            groups.setdefault(tuple(prompt[:n]), (n, shared, {}))[2][handle] = prompt
+        return list(groups.values())
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:

@@ -311,7 +311,8 @@ def add_playground_routes(app: FastAPI, api: Api) -> None:
         return {"status": "draining" if scheduler.closing else "ok", "models": len(engine.served),
                 "queue": scheduler.pending(), "auth": bool(api.api_key),
                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
-                "weights_mb": round(engine.weight_bytes() / 2**20, 1), **scheduler.stats}
+                "weights_mb": round(engine.weight_bytes() / 2**20, 1), **scheduler.stats,
+                "prompt_cache": scheduler.prompt_cache_stats()}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():
@@ -360,7 +361,20 @@ def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | N
                            hint="Create one first: engrain ingest DOCS_DIR -w WORKSPACE")
     lm = load_for_workspace(ws.root, model_spec, device)
     engine = Engine(ws, lm, log=log, lora_adapters=lora_adapters)
+    _warm_up(engine, log or (lambda msg: None))
     return engine, Scheduler(engine, max_batch=max_batch)
+
+
+def _warm_up(engine: Engine, log) -> None:
+    from ..models import compiled_decode
+
+    if not compiled_decode.wanted(engine.lm.model):
+        return
+    log("engrain serve: compiling the decode step (model.compile_decode); kernels are cached for the next start")
+    started = time.perf_counter()
+    warmed = engine.warm_up()
+    log(f"engrain serve: decode step compiled for {', '.join(warmed) or 'nothing'} "
+        f"in {time.perf_counter() - started:.0f} s")
 
 
 def serve(ws_root: Path | str, model_spec: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,

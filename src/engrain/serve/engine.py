@@ -258,6 +258,19 @@ class Engine:
     def max_context(self) -> int:
         return self.lm.max_context
 
+    def warm_up(self) -> list[str]:
+        """Compile the decode step of every module that decodes compiled (``model.compile_decode``), before a
+        request would wait for it. Returns the names warmed."""
+        from ..models import fastgen
+
+        warmed = []
+        prompt = self.chat_ids([{"role": "user", "content": "Hello"}])
+        for name in ["base", *self.modules]:
+            with self.weights(name) as m:
+                if fastgen.warm_up(m, prompt, self.tokenizer.pad_token_id):
+                    warmed.append(name)
+        return warmed
+
     def weight_bytes(self) -> int:
         """Bytes of distinct tensors behind every served module (shared tensors counted once)."""
         seen: dict[int, int] = {}

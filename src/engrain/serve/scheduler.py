@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..errors import EngrainError
 from ..models import stop_token_ids
+from ..models.prompt_cache import PromptCache
 from .engine import Engine, Served
 
 
@@ -162,6 +163,7 @@ class Scheduler:
         self.stats = {"batches": 0, "jobs": 0, "max_batch_seen": 0, "errors": 0}
         self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
         self.stop_ids = set(stop_token_ids(engine.tokenizer))
+        self.prompt_caches: dict[str, PromptCache] = {}  # weights name -> its recent prompts' KV (prompt_cache.py)
         self.thread = threading.Thread(target=self._loop, name="engrain-serve-worker", daemon=True)
         self.thread.start()
 
@@ -272,7 +274,8 @@ class Scheduler:
 
         first = batch[0]
         stream = fastgen.Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
-                                top_p=first.top_p)
+                                top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights,
+                                                                                             PromptCache()))
         rows: dict[int, _Row] = {}
         total = 0
         while batch:
@@ -292,6 +295,14 @@ class Scheduler:
                                       "code": "generation_failed"})
                 batch = []
         self._count(first.weights, total)
+
+    def prompt_cache_stats(self) -> dict:
+        """Prompt lookups, hits and tokens whose prefill a cached prompt's KV saved, over every served model."""
+        total = {"lookups": 0, "hits": 0, "tokens_reused": 0}
+        for cache in list(self.prompt_caches.values()):
+            for key in total:
+                total[key] += cache.stats[key]
+        return total
 
     def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> tuple[list[Job], float]:
         """Steps until the stream is empty (returns no jobs) or queued jobs join it (returns them, and when their
