@@ -143,6 +143,19 @@ def test_lora_answers_differ_from_base(client):
     assert base != lora
 
 
+def test_a_question_asked_again_reuses_its_prompt_and_gets_the_same_answer(client, server):
+    """The prompt cache: the second time, all of the prompt but its last token comes from the cache (counted in
+    /health), and the greedy answer is the same."""
+    question = "What does the Varn lighthouse keeper write in the logbook every night?"
+    first = ask(client, "acme:rag", question)
+    before = httpx.get(server.url + "/health").json()["prompt_cache"]
+    again = ask(client, "acme:rag", question)
+    after = httpx.get(server.url + "/health").json()["prompt_cache"]
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert after["hits"] == before["hits"] + 1
+    assert after["tokens_reused"] - before["tokens_reused"] == again.usage.prompt_tokens - 1
+
+
 @pytest.mark.parametrize("model", ["acme:lora", "acme:rag"])
 def test_streaming_matches_the_full_answer(client, model):
     full = ask(client, model, max_tokens=20)

@@ -265,10 +265,12 @@ def _empty_caches(model, rows: int, width: int, device) -> list:
             for _ in model.model.layers]
 
 
-def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None) -> _Rows:
+def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None,
+             int8=None) -> _Rows:
     """Run a left-padded batch of prompts; the rows come back with their first logits pending.
     ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``common_start``); it is copied
-    into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens]."""
+    into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens].
+    ``int8``: the model's int8 decode weights, read (as a decode step reads them) when the batch is a few tokens."""
     tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
     tokens, mask = tokens.to(device), mask.bool().to(device)
     n, width = tokens.shape
@@ -280,7 +282,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
     if prefix is not None:
         positions = positions + prefix[0][0].shape[2]
     key_mask = torch.cat([torch.ones((n, start), dtype=torch.bool, device=device), mask], dim=1)
-    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix)
+    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix, int8)
     return _Rows(caches, key_mask, start + width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
@@ -423,8 +425,9 @@ class Stream:
             if self.rows is not None else []
         room = max(left + budgets)  # for the longest budget still to run
         for n, shared, group in self._by_cached_start(dict(zip(handles, prompts))):
+            # What the cache leaves to run is often a few tokens: those read the int8 weights, as a decode step does.
             new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
-                           self.device, shared)
+                           self.device, shared, self.int8)
             if self.prompt_cache is not None:
                 for row, prompt in enumerate(group.values()):
                     self.prompt_cache.add(prompt, _row_kv(new, row))
