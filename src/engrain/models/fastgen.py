@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..train.kernels.packed_attention import uses_plain_attention
 from . import compiled_decode, decode_weights
-from .prompt_cache import PromptCache
+from .prompt_cache import MIN_TOKENS, PromptCache
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -287,7 +287,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
 
-MIN_SHARED = 8  # tokens; a shorter common start is not worth a forward of its own (a judgement, not tuned)
+MIN_SHARED = MIN_TOKENS  # a shorter common start is not worth a forward of its own
 
 
 def _row_kv(rows: _Rows, row: int) -> list:

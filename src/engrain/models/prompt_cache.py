@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-MIN_TOKENS = 8  # a shorter shared start is not worth a lookup and a copy (fastgen.MIN_SHARED's judgement)
+MIN_TOKENS = 8  # a shorter shared start is not worth a lookup and a copy (a judgement, not tuned)
 MAX_BYTES = 256 * 2**20  # per served model: some thousands of prompt tokens of a small model (a judgement)
 
 Layers = list  # per layer a (K, V) pair of tensors, each (1, kv_heads, tokens, head_dim)
@@ -56,15 +56,17 @@ class PromptCache:
     def add(self, prompt: list[int], layers: Layers) -> None:
         """Keep ``prompt``'s KV; ``layers`` are kept as they are, so they must be tensors nothing writes again."""
         key = tuple(prompt)
-        if len(key) < MIN_TOKENS or key in self.entries:
-            if key in self.entries:
-                self.entries.move_to_end(key)
+        if key in self.entries:
+            self.entries.move_to_end(key)
             return
-        size = sum(k.numel() * k.element_size() * 2 for k, _ in layers)
-        if size > self.max_bytes:
+        size = _bytes(layers)
+        if len(key) < MIN_TOKENS or size > self.max_bytes:
             return
         self.entries[key] = layers
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= sum(k.numel() * k.element_size() * 2 for k, _ in old)
+            self.bytes -= _bytes(self.entries.popitem(last=False)[1])
+
+
+def _bytes(layers: Layers) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
