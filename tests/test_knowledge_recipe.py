@@ -11,7 +11,7 @@ from synth_workspace import DOCS
 from engrain.config import TrainConfig
 from engrain.corpus.schema import Chunk, Document
 from engrain.synth import facts
-from engrain.synth.base import Unit, corpus_name, document_subject
+from engrain.synth.base import Unit, document_subject
 from engrain.synth.grounding import SourceIndex, check
 from engrain.workspace import Workspace
 
@@ -44,27 +44,6 @@ def test_statements_name_people_in_full_and_stay_grounded():
     for t in texts:  # every name and number in an item is the source's
         assert check(t, source, strictness="strict", min_words=1).reason not in {"ungrounded-name",
                                                                                  "ungrounded-number"}, t
-
-
-def _doc(title: str, text: str) -> Document:
-    return Document(id=title, path=f"{title}.md", format="md", text=text, sha256="d", title=title)
-
-
-def test_a_section_heading_gives_way_to_the_name_the_folders_titles_carry():
-    folder = [_doc("Leadership team", PEOPLE),
-              _doc("Support FAQ | Kelderwick Marine Sensors", "How long is the warranty? Three years."),
-              _doc("Kelderwick Marine Sensors: Annual Report 2023", "The year saw record orders."),
-              _doc("Mooring guide: Tidebrace T6", "This guide is for crews deploying a T6.")]
-    name = corpus_name(folder)
-    assert name == "Kelderwick Marine Sensors"
-    chunk = Chunk(id="people#0", doc_id="people", text=PEOPLE, start=0, end=len(PEOPLE), sha256="c")
-    unit = Unit(chunk, folder[0], document_subject(folder[0], chunk, name))
-    texts = [c.text for c in facts.candidates(unit, limit=0) if c.text is not None]
-    assert "Kelderwick Marine Sensors: Teodora Blasko took over as chief executive in 2021." in texts
-    assert not any("Leadership team" in t for t in texts)
-    # A title that names its subject keeps it; a folder whose titles share no name has none.
-    assert document_subject(folder[3], chunk, name) == "Mooring guide: Tidebrace T6"
-    assert corpus_name([_doc("Orvik Observatory", "x"), _doc("Malm Town", "y"), _doc("Our story", "z")]) is None
 
 
 def test_shuffled_orders_hold_the_same_statements_in_other_orders():

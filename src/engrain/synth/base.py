@@ -8,7 +8,6 @@ across chunks, checks candidates (grounding, leak guard, near-duplicates) and wr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..corpus.schema import Chunk, Document
@@ -83,39 +82,14 @@ def _named_instead(title: str, text: str) -> str:
     return best[0] if best[1] >= 2 else title
 
 
-def _heading_like(title: str) -> bool:
-    """A section heading ("Our story", "Staff handbook (extract)", "Sustainability note 2023"): a few words, none
-    after the first capitalised, so it names no one."""
-    rest = title.split()[1:]
-    return len(title.split()) <= 6 and not any(w[:1].isupper() for w in rest)
-
-
-def corpus_name(docs: Iterable[Document]) -> str | None:
-    """The name a whole folder is about, where its titles say so: a company's pages and reports carry its name in
-    their titles ("Support FAQ | Kelderwick Marine Sensors", "Kelderwick Marine Sensors: Annual Report 2023"),
-    where the documents' text often says only "we" or "the company". The name of two or more words found in the
-    most titles, at least two; None when no name recurs across titles (an encyclopedia's articles)."""
-    from .text import names
-
-    counts: dict[str, int] = {}
-    for doc in docs:
-        for name in {n for n in names(doc.title or "") if len(n.split()) >= 2}:
-            counts[name] = counts.get(name, 0) + 1
-    best = max(sorted(counts.items()), key=lambda kv: kv[1], default=(None, 0))
-    return best[0] if best[1] >= 2 else None
-
-
-def document_subject(doc: Document | None, chunk: Chunk, corpus: str | None = None) -> str:
+def document_subject(doc: Document | None, chunk: Chunk) -> str:
     """What the document is about, to make a lifted sentence self-contained.
 
-    The document title when it reads like one; a section heading instead gives way to the name the whole folder
-    is about (``corpus``, from ``corpus_name``) where there is one. Otherwise the subject of the document's first
-    sentence (the words before its first comma, bracket or verb "is/was"), which for expository text names the topic.
+    The document title when it reads like one; otherwise the subject of the document's first sentence
+    (the words before its first comma, bracket or verb "is/was"), which for expository text names the topic.
     """
     title = (doc.title if doc else "").strip()
     slug_like = bool(re.fullmatch(r"[\w\-./]+", title)) and ("-" in title or "_" in title)
-    if title and corpus and not slug_like and _heading_like(title):
-        return corpus
     if title and not slug_like and len(title.split()) <= 12:
         return _named_instead(title, doc.text if doc else chunk.text)
     text = (doc.text if doc else chunk.text).strip()

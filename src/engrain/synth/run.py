@@ -24,7 +24,7 @@ from ..errors import EngrainError
 from ..progress import Progress
 from ..workspace import Workspace
 from . import entities, facts, implications, qa, rephrase
-from .base import Candidate, Job, Unit, corpus_name, document_subject
+from .base import Candidate, Job, Unit, document_subject
 from .dedup import NearDuplicateIndex
 from .grounding import SourceIndex, check
 from .leak import LeakGuard, load_question_texts
@@ -72,7 +72,6 @@ def load_units(ws: Workspace) -> list[Unit]:
     chunks = read_chunks(ws)
     docs = {d.id: d for d in read_documents(ws)} if ws.documents_path.exists() else {}
     units, seen, subjects = [], set(), {}
-    folder = corpus_name(docs.values())
     for ch in chunks:
         if not ch.sha256:
             ch.sha256 = hashlib.sha256(ch.text.encode("utf-8")).hexdigest()
@@ -81,7 +80,7 @@ def load_units(ws: Workspace) -> list[Unit]:
         seen.add(ch.sha256)
         doc = docs.get(ch.doc_id)
         if ch.doc_id not in subjects:
-            subjects[ch.doc_id] = document_subject(doc, ch, folder)
+            subjects[ch.doc_id] = document_subject(doc, ch)
         units.append(Unit(ch, doc, subjects[ch.doc_id]))
     if not units:
         raise EngrainError(f"{ws.chunks_path} holds no chunks with text.",
