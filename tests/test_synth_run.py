@@ -198,7 +198,7 @@ def test_fastgen_shared_prompt_start_runs_once_and_changes_nothing(tiny_lm, monk
     texts = ["hello there", "a much longer question about the lighthouse keeper and his log", "Hi", "2+2?",
              "Tell me about the mill on the river", "ok", "Where is the archive?", "Name the keeper"]
     prompts = [start + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert fastgen.common_start(prompts) == len(start) >= fastgen.MIN_SHARED
+    assert fastgen.common_start(prompts) == len(start) >= fastgen.MIN_TOKENS
     assert fastgen.common_start(prompts[:1]) == 0  # one prompt: nothing to share
     kw = dict(max_new_tokens=12, pad_id=tok.pad_token_id)
     free = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, stop_ids=[-1], **kw)[0] for p in prompts]

@@ -287,9 +287,6 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
 
-MIN_SHARED = MIN_TOKENS  # a shorter common start is not worth a forward of its own
-
-
 def _row_kv(rows: _Rows, row: int) -> list:
     """Row ``row``'s prompt KV from a prefilled batch, per layer (1, kv_heads, tokens, head_dim): the columns its key
     mask holds (the reused start and its own tokens, not the padding between), copied out of the batch."""
@@ -299,10 +296,11 @@ def _row_kv(rows: _Rows, row: int) -> list:
 
 def common_start(prompts: list[list[int]]) -> int:
     """How many leading tokens all prompts share, leaving each at least one token of its own (its last position
-    gives its first logits). Chat prompts share the template's opening and the system prompt."""
+    gives its first logits), or 0 under ``prompt_cache.MIN_TOKENS``: a shorter start is not worth a forward of its
+    own. Chat prompts share the template's opening and the system prompt."""
     first, shortest = prompts[0], min(len(p) for p in prompts)
     n = next((j for j in range(shortest - 1) if any(p[j] != first[j] for p in prompts)), shortest - 1)
-    return n if len(prompts) > 1 and n >= MIN_SHARED else 0
+    return n if len(prompts) > 1 and n >= MIN_TOKENS else 0
 
 
 def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
