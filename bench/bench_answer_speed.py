@@ -17,8 +17,9 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
 
 Columns: "fp32" is engrain's reference path (weights in float32, decoding with them), "engrain" the default
 (``model.dtype: auto``: bfloat16 where the CPU computes it natively; ``model.decode_weights: auto``: decode steps read
-an int8 copy of the linear layers, ``models/decode_weights.py``). The linear layers' time per step at 1 to 32 rows,
-own weights against int8, is printed below the table: where int8 stops paying sets ``decode_weights.MAX_ROWS``.
+a quantized copy of the linear layers, 4-bit groups where the weights are 4-bit already and int8 rows elsewhere,
+``models/decode_weights.py``). The linear layers' time per step at 1 to 32 rows, own weights against the quantized
+copy, is printed below the table: where the copy stops paying sets ``decode_weights.MAX_ROWS``.
 Prints one table and writes bench/out/answer_speed.json.
 """
 
@@ -103,25 +104,34 @@ def _timed(run, repeats: int = 10) -> float:
     return (time.perf_counter() - t0) / repeats * 1000
 
 
-def linear_floor(model, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict:
+def _bytes(q) -> int:
+    return sum(t.numel() * t.element_size() for t in vars(q).values())
+
+
+def linear_floor(model, mode: str, rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> dict:
     """ms per decode step of the model's linear layers alone (every weight matrix, head included) at a few rows per
-    step: with the model's own weights, and with the int8 weights the decode loop reads (``decode_weights.build``:
-    q|k|v and gate|up fused). The floor a decode step sits on, and where int8 stops paying (``MAX_ROWS``)."""
+    step: with the model's own weights, and with the quantized weights the decode loop reads in ``mode``
+    (``decode_weights.build``: q|k|v and gate|up fused). The floor a decode step sits on, and where the quantized
+    copy stops paying (``MAX_ROWS``)."""
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     dtype = weights[0].dtype
-    plan = decode_weights.build(model)
-    int8 = [q for b in plan.blocks for q in (b.qkv, b.o, b.gate_up, b.down)] + [plan.head]
+    plan = decode_weights.build(model, mode)
+    quant = [(q, w.shape[1]) for b, layer in zip(plan.blocks, model.model.layers)
+             for q, w in ((b.qkv, layer.self_attn.q_proj.weight), (b.o, layer.self_attn.o_proj.weight),
+                          (b.gate_up, layer.mlp.gate_proj.weight), (b.down, layer.mlp.down_proj.weight))]
+    quant.append((plan.head, model.lm_head.weight.shape[1]))
     out = {"rows": {}, "bytes": sum(w.numel() * w.element_size() for w in weights),
-           "int8_bytes": sum(q.weight.numel() + q.scale.numel() * q.scale.element_size() for q in int8)}
+           "quant_bytes": sum(_bytes(q) for q, _ in quant), "mode": mode,
+           "kinds": sorted({type(q).__name__ for q, _ in quant})}
     with torch.inference_mode():
         for n in rows:
             xs = {w.shape[1]: torch.randn(n, w.shape[1], dtype=dtype) for w in weights}
             own = _timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights])
-            q8 = _timed(lambda: [q(xs[q.weight.shape[1]]) for q in int8])
-            out["rows"][n] = {"own_ms": own, "int8_ms": q8}
+            fast = _timed(lambda: [q(xs[inputs]) for q, inputs in quant])
+            out["rows"][n] = {"own_ms": own, "quant_ms": fast}
     one = out["rows"][rows[0]]
-    out.update(ms=one["own_ms"], int8_ms=one["int8_ms"], gb_s=out["bytes"] / one["own_ms"] / 1e6,
-               int8_gb_s=out["int8_bytes"] / one["int8_ms"] / 1e6)
+    out.update(ms=one["own_ms"], quant_ms=one["quant_ms"], gb_s=out["bytes"] / one["own_ms"] / 1e6,
+               quant_gb_s=out["quant_bytes"] / one["quant_ms"] / 1e6)
     return out
 
 
@@ -132,12 +142,13 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
     base = decode_rate(lm, prompts, max_new_tokens)
     mode = getattr(lm.model, decode_weights.ATTRIBUTE)
     own = None
-    if mode == "int8":  # the same model decoding with its own weights: what the int8 copy buys
+    quantized = mode in decode_weights.QUANTIZED
+    if quantized:  # the same model decoding with its own weights: what the quantized copy buys
         setattr(lm.model, decode_weights.ATTRIBUTE, "model")
         own = decode_rate(lm, prompts, max_new_tokens)
         setattr(lm.model, decode_weights.ATTRIBUTE, mode)
-    linears = linear_floor(lm.model) if mode == "int8" else linear_floor(lm.model, (1,))
-    step_bytes = weights if mode != "int8" else linears["int8_bytes"]
+    linears = linear_floor(lm.model, mode if quantized else "int8", (1, 2, 4, 8, 16, 32) if quantized else (1,))
+    step_bytes = linears["quant_bytes"] if quantized else weights
     lora = decode_rate(merged_lora(lm), prompts, max_new_tokens)
     prompt = long_prompt(lm.tokenizer)
     first = first_token_s(lambda: generate(lm, [prompt], max_new_tokens=1, batch_size=1))
@@ -281,15 +292,16 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
     lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
                  f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
     if fast["decode_base_own_weights"]:
-        lines.append(f"\n{fast['dtype']} decoding with its own weights instead of int8: "
+        lines.append(f"\n{fast['dtype']} decoding with its own weights instead of {fast['decode_weights']}: "
                      f"{fast['decode_base_own_weights']:.1f} tokens/s at batch 1")
     for run in (ref, fast):
         f = run["linears"]
-        steps = ", ".join(f"{n}: {r['own_ms']:.1f} / {r['int8_ms']:.1f}" for n, r in f["rows"].items())
+        steps = ", ".join(f"{n}: {r['own_ms']:.1f} / {r['quant_ms']:.1f}" for n, r in f["rows"].items())
+        kinds = "+".join(f["kinds"])
         lines.append(f"\n{run['dtype']}: the linear layers alone take {f['ms']:.1f} ms per token at batch 1 "
-                     f"({f['gb_s']:.0f} GB/s of weights read), {f['int8_ms']:.1f} ms as int8 "
-                     f"({f['int8_gb_s']:.0f} GB/s); a whole decode step takes {1000 / run['decode_base']:.1f} ms. "
-                     f"ms per step at N rows, own weights / int8: {steps}")
+                     f"({f['gb_s']:.0f} GB/s of weights read), {f['quant_ms']:.1f} ms as {f['mode']} ({kinds}, "
+                     f"{f['quant_gb_s']:.0f} GB/s); a whole decode step takes {1000 / run['decode_base']:.1f} ms. "
+                     f"ms per step at N rows, own weights / {f['mode']}: {steps}")
     print("\n".join(lines))
 
 

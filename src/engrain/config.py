@@ -21,9 +21,11 @@ class ModelConfig(Section):
     name: str | None = Field(None, description="base model spec; None = the embedded SmolLM2-135M-Instruct")
     device: str | None = None
     dtype: str = "auto"
-    decode_weights: str = Field("auto", description="what decode steps read: int8 (a quantized copy of the linear "
-                                                    "layers), model (its own weights); auto: int8 on a CPU that "
-                                                    "computes bf16 natively when dtype is auto")
+    decode_weights: str = Field("auto", description="what decode steps read: int4 (4-bit groups where the weights "
+                                                    "already are 4-bit, as a Q4 GGUF's are; int8 rows elsewhere), "
+                                                    "int8 (a quantized copy of the linear layers), model (its own "
+                                                    "weights); auto: int4 on a CPU that computes bf16 natively when "
+                                                    "dtype is auto")
     compile_decode: bool = Field(False, description="run int8 decode steps through torch.compile: faster decoding "
                                                     "after a compile on the first step (bench/bench_compiled_decode.py"
                                                     " measures both); needs a C++ compiler")

@@ -1,4 +1,4 @@
-"""The decode loop's weights for steps of a few tokens: int8 per output channel, one product per fused projection.
+"""The decode loop's weights for steps of a few tokens: 4-bit groups or int8 rows, one product per fused projection.
 
 A decode step at batch 1 does little but read every weight once, so it runs at the speed the weights are read. The
 model's own weights are 2 bytes each in bf16 and 4 in fp32; this keeps a second copy of each linear layer's weight
@@ -9,9 +9,16 @@ it is bound by the matmuls, not by reading, and is exact. So do decode steps of 
 int8's matrix-vector kernel, repeated per row, falls behind a matmul; a row's tokens can then differ by the
 rounding of the two paths, as they can between bf16 and fp32.
 
+``int4`` reads fewer bytes again where it loses nothing: a weight whose every group of ``GROUP`` inputs already
+lies on 16 evenly spaced levels (a model converted from a GGUF of Q4_1 blocks, as the embedded model is) is kept
+as those levels, packed two to a byte, and read by PyTorch's 4-bit kernel (``torch.ops.aten._weight_int4pack_mm_for_cpu``);
+the level spacing and offset of each group are fitted by least squares, so the copy reproduces the weights the
+GGUF holds. Any other weight (the embedded model's output head, a merged LoRA's layers) is quantized to int8 rows.
+
 Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``;
-``model.decode_weights`` in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int8`` or
-``model``. Speed: ``python bench/bench_answer_speed.py``; answers against the reference path: experiments/answering.
+``model.decode_weights`` in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int4``,
+``int8`` or ``model``. Speed: ``python bench/bench_answer_speed.py``; answers against the reference path:
+experiments/answering.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ATTRIBUTE = "engrain_decode_weights"  # on the model: "int8" or "model"
-# Tokens per forward up to which int8 products are used: the bench's rows sweep (bench/bench_answer_speed.py) has
-# int8 ahead at 8 rows and behind the model's own weights at 16.
+ATTRIBUTE = "engrain_decode_weights"  # on the model: "int4", "int8" or "model"
+QUANTIZED = ("int4", "int8")
+GROUP = 32  # inputs per 4-bit group: a Q4_1 block's size
+# Tokens per forward up to which quantized products are used: the bench's rows sweep (bench/bench_answer_speed.py)
+# has int8 ahead at 8 rows and behind the model's own weights at 16.
 MAX_ROWS = 8
 _SAMPLE = 4093  # every this-many-th element of a weight enters its fingerprint
 
@@ -50,43 +59,96 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> Int8Linear:
 
 
 @dataclass
+class Int4Linear:
+    """``x @ W.T`` with W stored as 4-bit levels per group of ``GROUP`` inputs: (level - 8) * spacing + offset."""
+
+    weight: torch.Tensor  # packed by _convert_weight_to_int4pack_for_cpu
+    spacing_offset: torch.Tensor  # (in / GROUP, out, 2) in the activations' dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.spacing_offset)
+        return out.view(*x.shape[:-1], -1)
+
+
+def on_4bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(levels, spacing, offset) with ``levels * spacing + offset`` equal to ``weight`` within its dtype's rounding,
+    per group of ``GROUP`` inputs (levels 0-15, each group's spacing and offset fitted by least squares to its
+    values); None where the weight is not 4-bit to begin with."""
+    out, inputs = weight.shape
+    if inputs % GROUP or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return None
+    g = weight.detach().float().view(out, inputs // GROUP, GROUP)
+    lo = g.amin(-1, keepdim=True)
+    step = ((g.amax(-1, keepdim=True) - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    levels = torch.round((g - lo) / step).clamp_(0, 15)
+    centred = levels - levels.mean(-1, keepdim=True)
+    spacing = (centred * g).sum(-1, keepdim=True) / (centred * centred).sum(-1, keepdim=True).clamp(min=1)
+    offset = g.mean(-1, keepdim=True) - spacing * levels.mean(-1, keepdim=True)
+    # All the fit may miss is the weight's rounding to its dtype (the embedded model's bf16 weights: within half an
+    # eps of the group's largest value) and float32's in the fit itself (within a few of its eps); a weight not on
+    # 4-bit levels misses by about a twelfth of its range (11 bf16 eps on a Gaussian matrix).
+    eps = max(2 * torch.finfo(weight.dtype).eps, 8 * torch.finfo(torch.float32).eps)
+    tolerance = eps * g.abs().amax(-1, keepdim=True)
+    if bool(((levels * spacing + offset - g).abs() > tolerance).any()):
+        return None
+    return levels.view(out, inputs), spacing[..., 0], offset[..., 0]
+
+
+def quantize4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Linear | None:
+    """The weight as packed 4-bit levels where it lies on them (``on_4bit_grid``), else None."""
+    grid = on_4bit_grid(weight)
+    if grid is None:
+        return None
+    levels, spacing, offset = grid
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.to(torch.int32).contiguous(), 1)
+    # The kernel computes (level - 8) * spacing + zero.
+    pairs = torch.stack([spacing, offset + 8 * spacing], dim=-1).transpose(0, 1).contiguous().to(dtype)
+    return Int4Linear(packed, pairs)
+
+
+@dataclass
 class Block:
     """One transformer block's fused int8 projections; None where the block's modules are not plain linear layers
     (a PEFT LoRA layer being trained, a memory layer beside the MLP): those run as the model's modules."""
 
-    qkv: Int8Linear | None
-    o: Int8Linear | None
-    gate_up: Int8Linear | None
-    down: Int8Linear | None
+    qkv: Int8Linear | Int4Linear | None
+    o: Int8Linear | Int4Linear | None
+    gate_up: Int8Linear | Int4Linear | None
+    down: Int8Linear | Int4Linear | None
 
 
 @dataclass
 class DecodeWeights:
     blocks: list[Block]
-    head: Int8Linear | None
+    head: Int8Linear | Int4Linear | None
 
 
 def _plain(*modules) -> bool:
     return all(type(m) is torch.nn.Linear and m.bias is None for m in modules)
 
 
-def _fuse(modules, dtype) -> Int8Linear:
-    return quantize(torch.cat([m.weight for m in modules]), dtype)
+def _quantized(modules, dtype, mode: str) -> Int8Linear | Int4Linear:
+    """The modules' weights stacked into one product: 4-bit where ``mode`` is int4 and they lie on 4-bit levels,
+    int8 rows otherwise."""
+    weight = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
+    return (mode == "int4" and quantize4(weight, dtype)) or quantize(weight, dtype)
 
 
-def build(model) -> DecodeWeights:
-    """The int8 weights of a Llama model (``LlamaForCausalLM``): per block q|k|v, o, gate|up and down, and the head."""
+def build(model, mode: str = "int8") -> DecodeWeights:
+    """The quantized weights of a Llama model (``LlamaForCausalLM``): per block q|k|v, o, gate|up and down, and the
+    head; ``mode`` ``int4`` keeps 4-bit levels where a weight has them (``on_4bit_grid``), ``int8`` never."""
     dtype = model.model.embed_tokens.weight.dtype
     blocks = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         attn_ok = _plain(a.q_proj, a.k_proj, a.v_proj, a.o_proj)
         mlp_ok = type(m).__name__ == "LlamaMLP" and _plain(m.gate_proj, m.up_proj, m.down_proj)
-        blocks.append(Block(qkv=_fuse([a.q_proj, a.k_proj, a.v_proj], dtype) if attn_ok else None,
-                            o=quantize(a.o_proj.weight, dtype) if attn_ok else None,
-                            gate_up=_fuse([m.gate_proj, m.up_proj], dtype) if mlp_ok else None,
-                            down=quantize(m.down_proj.weight, dtype) if mlp_ok else None))
-    head = quantize(model.lm_head.weight, dtype) if _plain(model.lm_head) else None
+        blocks.append(Block(qkv=_quantized([a.q_proj, a.k_proj, a.v_proj], dtype, mode) if attn_ok else None,
+                            o=_quantized([a.o_proj], dtype, mode) if attn_ok else None,
+                            gate_up=_quantized([m.gate_proj, m.up_proj], dtype, mode) if mlp_ok else None,
+                            down=_quantized([m.down_proj], dtype, mode) if mlp_ok else None))
+    head = _quantized([model.lm_head], dtype, mode) if _plain(model.lm_head) else None
     return DecodeWeights(blocks, head)
 
 
@@ -109,15 +171,16 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def for_model(model) -> DecodeWeights | None:
-    """The model's int8 decode weights when it was loaded to decode with them (and runs on a CPU, where the int8
-    kernel is), built on first use and rebuilt when the weights have changed since; None otherwise."""
-    if getattr(model, ATTRIBUTE, "model") != "int8" or model.model.embed_tokens.weight.device.type != "cpu":
+    """The model's quantized decode weights when it was loaded to decode with them (and runs on a CPU, where the
+    kernels are), built on first use and rebuilt when the weights or the mode have changed since; None otherwise."""
+    mode = getattr(model, ATTRIBUTE, "model")
+    if mode not in QUANTIZED or model.model.embed_tokens.weight.device.type != "cpu":
         return None
-    key = fingerprint(model)
+    key = (mode, fingerprint(model))
     cached = _CACHE.get(model)
     if cached is None or cached[0] != key:
         with torch.inference_mode():
-            cached = (key, build(model))
+            cached = (key, build(model, mode))
         _CACHE[model] = cached
     return cached[1]
 

@@ -15,9 +15,11 @@ rotary embeddings are the model's own) with:
   - in bf16 on a CPU, attention as two matmuls around an fp32 softmax (``_plain_attend``) instead of SDPA,
     whose bf16 kernels are slower there (``bench/bench_attention_forms.py``);
   - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go;
-  - where the model was loaded to (``decode_weights.py``), steps of a few rows read an int8 copy of the linear
-    layers, q|k|v and gate|up fused, with a fused RMSNorm, one rotary pass over q and k, and SDPA for the one new
-    query per row: a batch-1 step is bound by reading the weights and by the count of small ops.
+  - where the model was loaded to (``decode_weights.py``), steps of a few rows read a quantized copy of the linear
+    layers (4-bit groups where the weights are 4-bit already, int8 rows elsewhere), q|k|v and gate|up fused, with a
+    fused RMSNorm and one rotary pass over q and k; their attention is SDPA's for one row over a short cache and the
+    plain form otherwise (``DECODE_SDPA_KEYS``): a batch-1 step is bound by reading the weights and by the count of
+    small ops.
 
 Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
 the two attention forms differs, and experiments/answering measures bf16's and int8's answers against fp32's.
@@ -86,9 +88,10 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
-    # The int8 path's steps (a token or a few per row) take SDPA: for one query per row its kernel beats the plain
-    # form, which wins on the long prefill and training rows uses_plain_attention was timed on.
-    plain = block is None and uses_plain_attention(t, q.dtype != torch.float32)
+    if block is None:  # prefill: the long rows uses_plain_attention was timed on
+        plain = uses_plain_attention(t, q.dtype != torch.float32)
+    else:  # a decode step: SDPA's kernel wins only for one row over a short cache
+        plain = bsz > 1 or keys.shape[2] > DECODE_SDPA_KEYS
     if prefix is None and q.device.type == "cpu" and plain:
         out = _plain_attend(q, keys, values, attn_mask, attn.scaling)
     elif prefix is None:
@@ -100,6 +103,9 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
 
 
 QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill.py times blocks against none)
+# Cached keys up to which a one-row decode step attends through SDPA rather than the plain form; steps of several
+# rows always take the plain form. python bench/bench_decode_attention.py times both.
+DECODE_SDPA_KEYS = 128
 
 
 def _plain_attend(q, keys, values, attn_mask, scale: float):

@@ -85,19 +85,20 @@ def load_tokenizer(spec: str | None = None):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
-DECODE_WEIGHTS = ("auto", "int8", "model")
+DECODE_WEIGHTS = ("auto", "int4", "int8", "model")
 
 
 def pick_decode_weights(device: str, dtype: str = "auto", decode_weights: str = "auto") -> str:
-    """What decode steps read (``decode_weights.py``): ``int8`` copies of the linear layers, or the ``model``'s own
-    weights. ``auto``: int8 on a CPU that computes bf16 natively when the dtype is ``auto`` too (PyTorch's int8
-    kernel is fast with bf16 activations, slow with fp32 ones); a dtype asked for by name (``float32``, the
-    reference path) keeps its own weights, so its answers stay the reference."""
+    """What decode steps read (``decode_weights.py``): ``int4`` (4-bit groups where a weight already lies on them,
+    int8 rows elsewhere), ``int8`` copies of the linear layers, or the ``model``'s own weights. ``auto``: int4 on a
+    CPU that computes bf16 natively when the dtype is ``auto`` too (PyTorch's quantized kernels are fast with bf16
+    activations, slow with fp32 ones); a dtype asked for by name (``float32``, the reference path) keeps its own
+    weights, so its answers stay the reference."""
     if decode_weights not in DECODE_WEIGHTS:
         raise EngrainError(f"Unknown model.decode_weights '{decode_weights}'.",
                            hint="Use one of: " + ", ".join(DECODE_WEIGHTS) + ".")
     if decode_weights == "auto":
-        return "int8" if device == "cpu" and dtype == "auto" and bf16_supported(device) else "model"
+        return "int4" if device == "cpu" and dtype == "auto" and bf16_supported(device) else "model"
     return decode_weights
 
 
