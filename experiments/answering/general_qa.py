@@ -3,9 +3,10 @@ question by question against the fp32 reference: does a faster path change gener
 
     python experiments/answering/general_qa.py   # writes experiments/answering/results/general-qa/results.json
 
-Paths: float32 (the reference), bfloat16 with its own weights, bfloat16 decoding from int8 weights (the default
-on CPUs with native bf16), and the same with the output head left in bf16 (not an engrain option: it asks how much
-of int8's difference is the head's). No training: the embedded model as loaded.
+Paths: float32 (the reference), bfloat16 with its own weights, bfloat16 decoding from int8 weights, from int4
+weights (4-bit groups where the weights are 4-bit already, int8 rows elsewhere: the default on CPUs with native
+bf16), and from int8 with the output head left in bf16 (not an engrain option: it asks how much of int8's
+difference is the head's). No training: the embedded model as loaded.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from engrain.models import decode_weights, load_model
 
 OUT = Path(__file__).resolve().parent / "results" / "general-qa" / "results.json"
 PATHS = {"float32": ("float32", "model"), "bfloat16": ("bfloat16", "model"), "bfloat16+int8": ("bfloat16", "int8"),
-         "bfloat16+int8, head bf16": ("bfloat16", "int8")}
+         "bfloat16+int4": ("bfloat16", "int4"), "bfloat16+int8, head bf16": ("bfloat16", "int8")}  # that one last
 
 
 def without_int8_head(build):
-    def wrapped(model):
-        weights = build(model)
+    def wrapped(model, mode="int8"):
+        weights = build(model, mode)
         weights.head = None  # the head then runs on the model's own weights
         return weights
     return wrapped
