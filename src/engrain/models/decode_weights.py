@@ -11,9 +11,10 @@ rounding of the two paths, as they can between bf16 and fp32.
 
 ``int4`` reads fewer bytes again where it loses nothing: a weight whose every group of ``GROUP`` inputs already
 lies on 16 evenly spaced levels (a model converted from a GGUF of Q4_1 blocks, as the embedded model is) is kept
-as those levels, packed two to a byte, and read by PyTorch's 4-bit kernel (``torch.ops.aten._weight_int4pack_mm_for_cpu``);
-the level spacing and offset of each group are fitted by least squares, so the copy reproduces the weights the
-GGUF holds. Any other weight (the embedded model's output head, a merged LoRA's layers) is quantized to int8 rows.
+as those levels, packed two to a byte, and read by PyTorch's 4-bit kernel
+(``torch.ops.aten._weight_int4pack_mm_for_cpu``); each group's level spacing and offset are fitted by least squares,
+so the copy reproduces the weights the GGUF holds up to the rounding of those two numbers to the activations' dtype.
+Any other weight (the embedded model's output head, a merged LoRA's layers) is quantized to int8 rows.
 
 Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``;
 ``model.decode_weights`` in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int4``,
@@ -109,7 +110,7 @@ def quantize4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Linear | None:
 
 @dataclass
 class Block:
-    """One transformer block's fused int8 projections; None where the block's modules are not plain linear layers
+    """One transformer block's fused quantized projections; None where the block's modules are not plain linear layers
     (a PEFT LoRA layer being trained, a memory layer beside the MLP): those run as the model's modules."""
 
     qkv: Int8Linear | Int4Linear | None
