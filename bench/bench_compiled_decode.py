@@ -1,4 +1,4 @@
-"""The decode loop's int8 step compiled (``model.compile_decode``, ``src/engrain/models/compiled_decode.py``:
+"""The decode loop's quantized step compiled (``model.compile_decode``, ``src/engrain/models/compiled_decode.py``:
 inductor's C++ kernels) against the eager step, alternately in one process on the same prompt:
 
     python bench/bench_compiled_decode.py      # prints a table, writes bench/out/compiled_decode.json
@@ -29,6 +29,7 @@ from engrain.models import compiled_decode, fastgen, load_model
 
 OUT = ROOT / "bench" / "out"
 PROMPT = "Tell me about the history of the Roman empire."
+WEIGHTS = "int4"  # the default's quantized copy on a CPU with native bf16 (models/load.py's pick_decode_weights)
 
 
 def decode(model, prompt: list[int], tokens: int) -> tuple[list[int], float]:
@@ -42,7 +43,7 @@ def server_start_seconds(prompt: list[int]) -> float:
     """Seconds of ``fastgen.warm_up`` in a new process (model loading not counted)."""
     code = (f"import sys, time; sys.path.insert(0, {str(ROOT / 'src')!r})\n"
             "from engrain.models import fastgen, load_model\n"
-            "lm = load_model('embedded', dtype='auto', decode_weights='int8', compile_decode=True)\n"
+            f"lm = load_model('embedded', dtype='auto', decode_weights={WEIGHTS!r}, compile_decode=True)\n"
             f"t0 = time.perf_counter(); fastgen.warm_up(lm.model, {prompt!r}, 0)\n"
             "print(time.perf_counter() - t0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    lm = load_model("embedded", dtype="auto", decode_weights="int8")
+    lm = load_model("embedded", dtype="auto", decode_weights=WEIGHTS)
     text = lm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
                                             tokenize=False)
     prompt = lm.tokenizer.encode(text, add_special_tokens=False)
@@ -80,7 +81,7 @@ def main() -> None:
     best = {form: min(t) for form, t in times.items()}
     same = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
     rate = {form: args.tokens / s for form, s in best.items()}
-    print(f"{lm.model.dtype}, int8 decode weights, {torch.get_num_threads()} threads, {args.tokens} tokens")
+    print(f"{lm.model.dtype}, {WEIGHTS} decode weights, {torch.get_num_threads()} threads, {args.tokens} tokens")
     print("| step | tokens/s | x eager |")
     print("| --- | --- | --- |")
     for form in ("eager before compiling", "eager", "compiled"):
@@ -92,7 +93,7 @@ def main() -> None:
     (OUT / "compiled_decode.json").write_text(json.dumps(
         {"tokens_per_s": rate, "seconds": times, "first_compiled_call_s": compile_s, "same_tokens_up_to": same,
          "server_start_s": starts,
-         "tokens": args.tokens, "repeats": args.repeats, "dtype": str(lm.model.dtype),
+         "tokens": args.tokens, "repeats": args.repeats, "dtype": str(lm.model.dtype), "decode_weights": WEIGHTS,
          "threads": torch.get_num_threads(), "cores": os.cpu_count(),
          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}, indent=2))
     print(f"wrote {OUT / 'compiled_decode.json'}")
