@@ -147,7 +147,7 @@ def in_process(dtype: str, max_new_tokens: int, bandwidth: float) -> dict:
         setattr(lm.model, decode_weights.ATTRIBUTE, "model")
         own = decode_rate(lm, prompts, max_new_tokens)
         setattr(lm.model, decode_weights.ATTRIBUTE, mode)
-    linears = linear_floor(lm.model, mode if quantized else "int8", (1, 2, 4, 8, 16, 32) if quantized else (1,))
+    linears = linear_floor(lm.model, mode) if quantized else linear_floor(lm.model, "int8", (1,))
     step_bytes = linears["quant_bytes"] if quantized else weights
     lora = decode_rate(merged_lora(lm), prompts, max_new_tokens)
     prompt = long_prompt(lm.tokenizer)

@@ -25,7 +25,7 @@ from engrain.models import decode_weights, load_model
 
 OUT = Path(__file__).resolve().parent / "results" / "general-qa" / "results.json"
 PATHS = {"float32": ("float32", "model"), "bfloat16": ("bfloat16", "model"), "bfloat16+int8": ("bfloat16", "int8"),
-         "bfloat16+int4": ("bfloat16", "int4"), "bfloat16+int8, head bf16": ("bfloat16", "int8")}  # that one last
+         "bfloat16+int4": ("bfloat16", "int4"), "bfloat16+int8, head bf16": ("bfloat16", "int8")}
 
 
 def without_int8_head(build):
@@ -39,13 +39,14 @@ def without_int8_head(build):
 def main() -> None:
     questions = general_questions()
     right = {}
+    build = decode_weights.build
     for name, (dtype, decode) in PATHS.items():
-        if name.endswith("head bf16"):
-            decode_weights.build = without_int8_head(decode_weights.build)
+        decode_weights.build = without_int8_head(build) if name.endswith("head bf16") else build
         lm = load_model(None, device="cpu", dtype=dtype, decode_weights=decode)
         answers = ClosedBook(lm).answer([q.question for q in questions], max_new_tokens=32)
         right[name] = [float(metrics.contains(a.text, q.answers)) for q, a in zip(questions, answers)]
         print(name, sum(right[name]) / len(questions), flush=True)
+    decode_weights.build = build
     ref = right["float32"]
     rows = {name: {"contains": sum(got) / len(got), "vs_float32": metrics.paired_difference(got, ref)}
             for name, got in right.items()}

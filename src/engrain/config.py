@@ -26,7 +26,7 @@ class ModelConfig(Section):
                                                     "int8 (a quantized copy of the linear layers), model (its own "
                                                     "weights); auto: int4 on a CPU that computes bf16 natively when "
                                                     "dtype is auto")
-    compile_decode: bool = Field(False, description="run int8 decode steps through torch.compile: faster decoding "
+    compile_decode: bool = Field(False, description="run quantized decode steps through torch.compile: faster "
                                                     "after a compile on the first step (bench/bench_compiled_decode.py"
                                                     " measures both); needs a C++ compiler")
 

@@ -1,4 +1,4 @@
-"""The int8 decode step under ``torch.compile``: inductor fuses the step's many small ops (two norms, the rotary
+"""The quantized decode step under ``torch.compile``: inductor fuses the step's many small ops (two norms, the rotary
 embedding, cache writes and one query's attention per layer) into C++ kernels, where the eager step pays Python and
 dispatch time for each.
 

@@ -86,9 +86,8 @@ def on_4bit_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     centred = levels - levels.mean(-1, keepdim=True)
     spacing = (centred * g).sum(-1, keepdim=True) / (centred * centred).sum(-1, keepdim=True).clamp(min=1)
     offset = g.mean(-1, keepdim=True) - spacing * levels.mean(-1, keepdim=True)
-    # All the fit may miss is the weight's rounding to its dtype (the embedded model's bf16 weights: within half an
-    # eps of the group's largest value) and float32's in the fit itself (within a few of its eps); a weight not on
-    # 4-bit levels misses by about a twelfth of its range (11 bf16 eps on a Gaussian matrix).
+    # All the fit may miss is the weight's rounding to its dtype and float32's in the fit itself; a weight not on
+    # 4-bit levels misses by up to half a level (a thirtieth of its group's range), several times the tolerance.
     eps = max(2 * torch.finfo(weight.dtype).eps, 8 * torch.finfo(torch.float32).eps)
     tolerance = eps * g.abs().amax(-1, keepdim=True)
     if bool(((levels * spacing + offset - g).abs() > tolerance).any()):
@@ -110,8 +109,8 @@ def quantize4(weight: torch.Tensor, dtype: torch.dtype) -> Int4Linear | None:
 
 @dataclass
 class Block:
-    """One transformer block's fused quantized projections; None where the block's modules are not plain linear layers
-    (a PEFT LoRA layer being trained, a memory layer beside the MLP): those run as the model's modules."""
+    """One transformer block's fused quantized projections; None where the block's modules are not plain linear
+    layers (a PEFT LoRA layer being trained, a memory layer beside the MLP): those run as the model's modules."""
 
     qkv: Int8Linear | Int4Linear | None
     o: Int8Linear | Int4Linear | None
@@ -162,7 +161,7 @@ def _weights(model) -> list[torch.Tensor]:
 
 def fingerprint(model) -> tuple:
     """Where each linear weight lives and a sample of its values: changes when weights are replaced or trained in
-    place (a merge, a training step between checkpoint evaluations), so the int8 copy is never stale."""
+    place (a merge, a training step between checkpoint evaluations), so the quantized copy is never stale."""
     weights = _weights(model)
     sums = torch.stack([w.detach().reshape(-1)[::_SAMPLE].float().sum() for w in weights])
     return tuple(w.data_ptr() for w in weights), tuple(sums.tolist())
@@ -187,7 +186,7 @@ def for_model(model) -> DecodeWeights | None:
 
 
 def mlp(layer, x: torch.Tensor, block: Block | None) -> torch.Tensor:
-    """The block's MLP on ``x``: fused int8 gate|up then down where the block has them, else the model's module."""
+    """The block's MLP on ``x``: fused quantized gate|up then down where the block has them, else the model's module."""
     if block is None or block.gate_up is None:
         return layer.mlp(x)
     gate, up = block.gate_up(x).chunk(2, dim=-1)
@@ -217,7 +216,7 @@ def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Bloc
 
 
 def norm(module, x: torch.Tensor, lean: bool) -> torch.Tensor:
-    """An RMSNorm of the model (``LlamaRMSNorm``) on ``x``. ``lean`` (the int8 path): one fused op (it accumulates
+    """An RMSNorm of the model (``LlamaRMSNorm``) on ``x``. ``lean`` (the quantized path): one fused op (it accumulates
     in fp32, as the module does, but multiplies by the weight before rounding); else the module itself."""
     if not lean:
         return module(x)

@@ -22,7 +22,8 @@ rotary embeddings are the model's own) with:
     small ops.
 
 Greedy decoding gives the same tokens as ``generate()`` in fp32 (tested on a tiny Llama); in bf16 the rounding of
-the two attention forms differs, and experiments/answering measures bf16's and int8's answers against fp32's.
+the two attention forms differs, and experiments/answering measures the answers of bf16 and of the quantized copies
+against fp32's.
 ``supports()`` says when it applies; ``models.generate`` falls back to ``generate()`` otherwise (other
 architectures, stop strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 """
@@ -81,7 +82,7 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
 def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None):
     """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
     ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row.
-    ``block``: the block's int8 decode weights (``decode_weights.Block``), or None for the model's own."""
+    ``block``: the block's quantized decode weights (``decode_weights.Block``), or None for the model's own."""
     attn = layer.self_attn
     bsz, t, _ = x.shape
     q, k, v = decode_weights.qkv(attn, x, cos, sin, block)
@@ -170,10 +171,10 @@ def _attend_with_prefix(q, keys, values, prefix, attn_mask, scale: float):
     return (out / denom[..., None]).reshape(bsz, heads, t, hd)
 
 
-def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, int8=None):
+def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, quant=None):
     """Run the decoder on ``ids`` (B, T) at cache offset ``start``; returns last-position logits (B, V).
-    ``prefix``: per layer, a shared (K, V) every row attends before its own keys (or None). ``int8``: the model's
-    int8 decode weights (``decode_weights.for_model``), used when the forward has few tokens."""
+    ``prefix``: per layer, a shared (K, V) every row attends before its own keys (or None). ``quant``: the model's
+    quantized decode weights (``decode_weights.for_model``), used when the forward has few tokens."""
     inner = model.model
     x = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(x, positions)
@@ -182,9 +183,9 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, i
     # Boolean mask (B, 1, T, total): causal within the new tokens, padding keys never attended.
     causal = torch.ones(t, total, dtype=torch.bool, device=ids.device).tril(diagonal=start)
     mask = causal[None, None] & key_mask[:, None, None, :total]
-    # Steps of a few tokens per forward read every weight for little compute: those read the int8 copy if the model
+    # Steps of a few tokens per forward read every weight for little compute: those read the quantized copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
-    fast = int8 if bsz * t <= decode_weights.MAX_ROWS else None
+    fast = quant if bsz * t <= decode_weights.MAX_ROWS else None
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(inner.layers, caches)):
         shared = prefix[i] if prefix is not None else None
         block = fast.blocks[i] if fast is not None else None
@@ -196,19 +197,19 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, i
     return decode_weights.head(model, x, fast)[:, -1].float()
 
 
-def _step(model, ids, positions, caches, start: int, key_mask, prefix=None, int8=None):
-    """A decode step's forward: compiled (``compiled_decode.py``) for the int8 steps of a model loaded to compile
+def _step(model, ids, positions, caches, start: int, key_mask, prefix=None, quant=None):
+    """A decode step's forward: compiled (``compiled_decode.py``) for the quantized steps of a model loaded to compile
     them, ``_forward`` as it is otherwise."""
-    if (int8 is not None and prefix is None and ids.numel() <= decode_weights.MAX_ROWS
+    if (quant is not None and prefix is None and ids.numel() <= decode_weights.MAX_ROWS
             and compiled_decode.wanted(model)):
-        return compiled_decode.run(_forward, model, ids, positions, caches, start, key_mask, prefix, int8)
-    return _forward(model, ids, positions, caches, start, key_mask, prefix, int8)
+        return compiled_decode.run(_forward, model, ids, positions, caches, start, key_mask, prefix, quant)
+    return _forward(model, ids, positions, caches, start, key_mask, prefix, quant)
 
 
 def warm_up(model, prompt: list[int], pad_id: int) -> bool:
     """Compile ``model``'s decode step now (``compiled_decode.py``), so that no request waits for it: a batch of one
     row and one of two (dynamo compiles a dimension of size one apart from the others). False where ``model`` does
-    not decode compiled (``model.compile_decode`` off, no int8 decode weights, or a trained prefix)."""
+    not decode compiled (``model.compile_decode`` off, no quantized decode weights, or a trained prefix)."""
     inner = decoder(model)
     prefixed = callable(getattr(model, "prefix_kv", None))  # a trained KV prefix: its steps run eager
     if prefixed or not supports(model) or not compiled_decode.wanted(inner) or decode_weights.for_model(inner) is None:
@@ -272,11 +273,12 @@ def _empty_caches(model, rows: int, width: int, device) -> list:
 
 
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None,
-             int8=None) -> _Rows:
+             quant=None) -> _Rows:
     """Run a left-padded batch of prompts; the rows come back with their first logits pending.
     ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``common_start``); it is copied
     into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens].
-    ``int8``: the model's int8 decode weights, read (as a decode step reads them) when the batch is a few tokens."""
+    ``quant``: the model's quantized decode weights, read (as a decode step reads them) when the batch is a few
+    tokens."""
     tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
     tokens, mask = tokens.to(device), mask.bool().to(device)
     n, width = tokens.shape
@@ -288,7 +290,7 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
     if prefix is not None:
         positions = positions + prefix[0][0].shape[2]
     key_mask = torch.cat([torch.ones((n, start), dtype=torch.bool, device=device), mask], dim=1)
-    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix, int8)
+    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix, quant)
     return _Rows(caches, key_mask, start + width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
 
@@ -357,7 +359,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     ``prefix``."""
     prefix = prefix if prefix is not None else trained_prefix(model)
     model = decoder(model)
-    int8 = decode_weights.for_model(model)
+    quant = decode_weights.for_model(model)
     device = model.model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None and temperature > 0 else None
     stop = torch.tensor(stop_ids, device=device)
@@ -392,7 +394,7 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
                 continue
         tok = torch.where(rows.done, torch.full_like(tok, pad_id), tok)
         rows.logits = _step(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
-                            prefix, int8)
+                            prefix, quant)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
@@ -409,7 +411,7 @@ class Stream:
         prefix = prefix if prefix is not None else trained_prefix(model)
         self.prompt_cache = prompt_cache  # this model's recent prompts' KV (prompt_cache.py), reused and added to
         self.model = decoder(model)
-        self.int8 = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
+        self.quant = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
         self.device = self.model.model.embed_tokens.weight.device
         self.pad_id, self.temperature, self.top_p, self.prefix = pad_id, temperature, top_p, prefix
         self.rows: _Rows | None = None
@@ -429,9 +431,10 @@ class Stream:
             if self.rows is not None else []
         room = max(left + budgets)  # for the longest budget still to run
         for n, shared, group in self._by_cached_start(dict(zip(handles, prompts))):
-            # What the cache leaves to run is often a few tokens: those read the int8 weights, as a decode step does.
+            # What the cache leaves to run is often a few tokens: those read the quantized weights, as a decode step
+            # does.
             new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
-                           self.device, shared, self.int8)
+                           self.device, shared, self.quant)
             if self.prompt_cache is not None:
                 for row, prompt in enumerate(group.values()):
                     self.prompt_cache.add(prompt, _row_kv(new, row))
@@ -479,6 +482,6 @@ class Stream:
                 return
         tok = torch.where(rows.done, torch.full_like(tok, self.pad_id), tok)
         rows.logits = _step(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
-                            rows.key_mask, self.prefix, self.int8)
+                            rows.key_mask, self.prefix, self.quant)
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
