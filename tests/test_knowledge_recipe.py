@@ -153,12 +153,13 @@ def test_replay_kl_weight_mixes_the_base_distribution_into_the_loss(tiny_lm):
     assert plain == pytest.approx(hard, rel=1e-5)
 
 
-def test_answered_share_is_greedy_decoding_of_the_answer(tiny_lm):
+def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(tiny_lm):
     import torch
 
     from engrain.models import chat_messages, chat_prompt, end_of_turn
     from engrain.train.data import IGNORE, Example, encode_item
-    from engrain.train.validation import answered_share
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
+    from engrain.train.validation import evaluate
 
     tok = tiny_lm.tokenizer
     prompt = tok(chat_prompt(tok, chat_messages("Which vault holds the charter?")), add_special_tokens=False)
@@ -174,10 +175,27 @@ def test_answered_share_is_greedy_decoding_of_the_answer(tiny_lm):
 
     right = example(ids[n:], "right")
     wrong = example(ids[n:-1] + [(ids[-1] + 1) % len(tok)], "wrong")
-    assert answered_share(tiny_lm.model, [right], tok, "cpu") == 1.0
-    assert answered_share(tiny_lm.model, [right, wrong], tok, "cpu") == 0.5
     text_only = encode_item(tok, {"text": "A statement, not a question."}, "t")
-    assert answered_share(tiny_lm.model, [text_only], tok, "cpu") is None
+
+    def judge(examples: list[Example], packing: bool, micro_batch: int = 2):
+        rows = pack(examples, 256) if packing else unpacked_rows(examples, 256)
+        return evaluate(tiny_lm.model, rows, examples, tok, micro_batch=micro_batch, seq_len=256, packing=packing,
+                        device="cpu")
+
+    for packing in (True, False):
+        assert judge([right], packing)[1] == 1.0
+        # packed behind a statement and a wrong answer in one row, or one per row: each question judged on its own
+        assert judge([text_only, wrong, right], packing)[1] == 0.5
+        assert judge([text_only], packing)[1] is None
+    examples = [right, text_only, wrong]
+    rows = pack(examples, 256)
+    with torch.no_grad():
+        s, count = loss_sum(tiny_lm.model, collate(rows, tok.pad_token_id, True, "cpu"), True)
+    assert judge(examples, True, micro_batch=1)[0] == pytest.approx(float(s) / count, rel=1e-4)
+    # an answer cut off by the row length is not judged
+    cut = evaluate(tiny_lm.model, pack([right], n + 2), [right], tok, micro_batch=1, seq_len=n + 2, packing=True,
+                   device="cpu")
+    assert cut[1] is None
 
 
 def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path, tiny_model_dir):

@@ -39,7 +39,7 @@ from .packing import (
     pack,
     unpacked_rows,
 )
-from .validation import answered_share, evaluate_loss
+from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
 
 
@@ -310,9 +310,10 @@ class Run:
         from ..memory.parametric import trainable_state
 
         inner = self.accelerator.unwrap_model(self.model)
-        val = evaluate_loss(inner, self.val_rows, self.cfg, self.lm.tokenizer.pad_token_id, self.packing, self.device)
-        with bf16_autocast(str(self.device), self.bf16):
-            answered = answered_share(inner, self.plan.val, self.lm.tokenizer, self.device)
+        with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
+            val, answered = evaluate(inner, self.val_rows, self.plan.val, self.lm.tokenizer,
+                                     micro_batch=self.cfg.micro_batch, seq_len=self.cfg.seq_len,
+                                     packing=self.packing, device=self.device)
         record["val_loss"] = round(val, 5)
         if answered is not None:
             record["val_answered"] = round(answered, 4)

@@ -130,6 +130,36 @@ def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
     return batch
 
 
+def loss_positions(labels):
+    """(keep, targets): the positions whose logits are scored (logits at t predict token t+1), and the tokens they
+    predict, in row-major order."""
+    import torch
+
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    return keep, labels[:, 1:][keep[:, :-1]]
+
+
+def outputs_at(module, batch: dict, keep, packing: bool):
+    """(outputs, head): the model's outputs at the ``keep`` positions in row-major order, and the head where those
+    are the final hidden states with the head not yet applied (``kernels/head_loss.py``), None where they are logits."""
+    import torch
+
+    if not packing:
+        return module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep], None
+    from .kernels.packed_attention import packed_rows
+
+    # The head and the loss run together on slices of the final hidden states, never holding the full positions x
+    # vocabulary logits, wherever the head is a plain linear layer.
+    head = head_of(module)
+    fused = type(head) is torch.nn.Linear and head.bias is None
+    with packed_rows(module), hidden_instead_of_logits(head) if fused else contextlib.nullcontext():
+        # each example's attention block alone, not the whole row's
+        out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
+                     use_cache=False, logits_to_keep=keep)
+    return out.logits.reshape(-1, out.logits.shape[-1]), (head if fused else None)
+
+
 def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     """Sum of the token losses over the batch's loss tokens (and how many there are): next-token cross-entropy,
     and where the batch carries teacher targets and ``distill`` > 0, (1 - w) x that + w x the cross-entropy
@@ -138,28 +168,11 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     import torch
     import torch.nn.functional as F
 
-    labels = batch["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != IGNORE  # logits at t predict token t+1
-    targets = labels[:, 1:][keep[:, :-1]]
+    keep, targets = loss_positions(batch["labels"])
     teacher = batch.get("teacher") if distill > 0 else None
-    if packing:
-        from .kernels.packed_attention import packed_rows
-
-        # The head and the loss run together on slices of the final hidden states (kernels/head_loss.py), never holding
-        # the full positions x vocabulary logits, wherever the head is a plain linear layer.
-        head = head_of(module)
-        fused = type(head) is torch.nn.Linear and head.bias is None
-        with packed_rows(module), hidden_instead_of_logits(head) if fused else contextlib.nullcontext():
-            # each example's attention block alone, not the whole row's
-            out = module(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
-                         use_cache=False, logits_to_keep=keep)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])  # the final hidden states where the head is fused
-        if fused:
-            return fused_head_loss(logits, head.weight, targets, teacher, distill), int(targets.numel())
-    else:
-        out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits[keep]
+    logits, head = outputs_at(module, batch, keep, packing)
+    if head is not None:
+        return fused_head_loss(logits, head.weight, targets, teacher, distill), int(targets.numel())
     if teacher is None:
         return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
     t_ids, t_lp, has = teacher

@@ -1,62 +1,71 @@
-"""What a checkpoint is judged by: validation loss, and the share of held-out facts' questions it answers.
+"""What a checkpoint is judged by: validation loss, and the share of held-out facts' questions it answers, both read
+from one forward over the validation rows.
 """
 
 from __future__ import annotations
 
-from ..config import TrainConfig
 from ..models import end_of_turn
 from .data import IGNORE, Example
-from .packing import Row, collate, loss_sum
-
-
-def evaluate_loss(module, val_rows: list[Row], cfg: TrainConfig, pad_id: int, packing: bool, device) -> float | None:
-    import torch
-
-    if not val_rows:
-        return None
-    was_training = module.training
-    module.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val_rows), cfg.micro_batch):
-            s, n = loss_sum(module, collate(val_rows[i:i + cfg.micro_batch], pad_id, packing, device), packing)
-            total, count = total + float(s), count + n
-    module.train(was_training)
-    return total / max(1, count)
-
+from .kernels.head_loss import CHUNK
+from .packing import Row, collate, loss_positions, outputs_at
 
 ANSWER_HEAD = 8  # answer tokens that must come out right for a held-out question to count as answered
 
 
-def answered_share(module, examples: list[Example], tokenizer, device, batch: int = 8) -> float | None:
-    """Share of the held-out questions whose answer greedy decoding gives, closed-book: the model's most likely
-    token is the answer's at each of its first ``ANSWER_HEAD`` positions, read from one teacher-forced
-    forward per batch, so it costs a validation pass, not a generation. Choosing the checkpoint by it picks the
-    memory that answers facts it was never quizzed on, which item loss does not measure. None without questions."""
-    import torch
-
+def answer_span(example: Example, n_end: int, seq_len: int) -> tuple[int, int] | None:
+    """The token positions [start, stop) of a held-out question's answer that greedy decoding must give: its first
+    ``ANSWER_HEAD`` tokens (a long completion's tail is not the fact), no end of turn. None for an example that asks
+    nothing (its loss is not one tail after a prompt) or whose answer is cut off at ``seq_len``."""
     from .distill import first_loss_index
 
-    asks = [e for e in examples if (first_loss_index(e.labels, IGNORE) or 0) > 1]
-    if not asks:
+    j = first_loss_index(example.labels, IGNORE)
+    if j is None or j <= 1:
         return None
+    stop = min(max(j + 1, len(example.ids) - n_end), j + ANSWER_HEAD)
+    return (j, stop) if stop <= min(seq_len, len(example.ids)) else None
+
+
+def evaluate(module, rows: list[Row], examples: list[Example], tokenizer, *, micro_batch: int, seq_len: int,
+             packing: bool, device) -> tuple[float | None, float | None]:
+    """(validation loss, share of held-out questions answered) of ``rows``, the validation ``examples`` packed (or one
+    per row) in their order. A question counts as answered when the model's most likely token is the answer's at each
+    position of its ``answer_span``: greedy decoding closed-book, read from the same teacher-forced forward as the
+    loss, so judging a checkpoint costs one validation pass, not a generation. Choosing the checkpoint by it picks the
+    memory that answers facts it was never quizzed on, which item loss does not measure. (None, None) without rows;
+    the share is None without questions."""
+    import torch
+    import torch.nn.functional as F
+
+    if not rows:
+        return None, None
     n_end = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"])
+    # each example starts where its positions restart at 0: (row, offset) in the order the examples were packed
+    starts = [(r, t) for r, row in enumerate(rows) for t, p in enumerate(row.positions) if p == 0]
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for (r, t), example in zip(starts, examples):
+        if (span := answer_span(example, n_end, seq_len)) is not None:
+            spans.setdefault(r, []).append((t + span[0], t + span[1]))
     was_training = module.training
     module.eval()
-    right = 0
+    total, count, right = 0.0, 0, 0
     with torch.no_grad():
-        for b in range(0, len(asks), batch):
-            part = asks[b:b + batch]
-            width = max(len(e.ids) for e in part)
-            ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(part), width), dtype=torch.long)
-            for i, e in enumerate(part):
-                ids[i, :len(e.ids)], mask[i, :len(e.ids)] = torch.tensor(e.ids), 1
-            guess = module(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
-            for i, e in enumerate(part):
-                j = first_loss_index(e.labels, IGNORE)
-                # the answer's first ANSWER_HEAD tokens (a long completion's tail is not the fact), no end of turn
-                stop = min(max(j + 1, len(e.ids) - n_end), j + ANSWER_HEAD)
-                right += int(torch.equal(guess[i, j - 1:stop - 1], torch.tensor(e.ids[j:stop])))
+        for first in range(0, len(rows), micro_batch):
+            batch = collate(rows[first:first + micro_batch], tokenizer.pad_token_id, packing, device)
+            keep, targets = loss_positions(batch["labels"])
+            outputs, head = outputs_at(module, batch, keep, packing)
+            guesses = []
+            for a in range(0, len(outputs), CHUNK):
+                logits = outputs[a:a + CHUNK] if head is None else F.linear(outputs[a:a + CHUNK], head.weight)
+                total += float(F.cross_entropy(logits.float(), targets[a:a + CHUNK], reduction="sum"))
+                guesses.append(logits.argmax(-1))
+            count += int(targets.numel())
+            guess = torch.cat(guesses)
+            at = keep.flatten().cumsum(0).view(keep.shape) - 1  # index into guess of each kept position
+            for i in range(keep.shape[0]):
+                for start, stop in spans.get(first + i, []):
+                    # logits at t predict token t + 1: the answer's tokens start..stop-1 are read at start-1..stop-2
+                    said = guess[at[i, start - 1:stop - 1]]
+                    right += int(torch.equal(said, batch["labels"][i, start:stop]))
     module.train(was_training)
-    return right / len(asks)
+    asked = sum(len(v) for v in spans.values())
+    return total / max(1, count), (right / asked if asked else None)
