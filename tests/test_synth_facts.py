@@ -247,27 +247,3 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
             if c.variant.startswith("h")}
     assert "The Kell Telescope was built by whom in 1960?" in kell  # "by the Dunmore Works": no stray "the"
     assert not any(q.split(": ")[-1].startswith("Who or what from") for q in kell)  # "Engineers" is not a name
-
-
-def test_short_wh_questions_end_with_the_clause_of_what_they_ask():
-    """synth.facts_short_questions: the question stops at the end of the asked span's clause (people's questions are
-    short cues), never at a heading's colon; the answer is still the whole statement."""
-    from engrain.synth.text import spans
-
-    statement = ("Kelderwick Marine Sensors began on 14 March 2009, when Ysolde Fenwarren rented two rooms in "
-                 "Pellmouth; the rent was paid by Dorian Achterberg (a radio engineer).")
-    asked = {sp.text: facts.wh_question(statement, sp, short=True) for sp in spans(statement)}
-    assert asked["14 March 2009"] == "Kelderwick Marine Sensors began on what date?"
-    assert asked["Pellmouth"] == ("Kelderwick Marine Sensors began on 14 March 2009, when Ysolde Fenwarren rented two "
-                                  "rooms in which place?")
-    assert asked["Dorian Achterberg"].endswith("the rent was paid by whom?")
-    headed = "Our story: The first paying customer was the ferry operator Bramblesea Lines, in 2010."
-    span = next(sp for sp in spans(headed) if sp.text == "Bramblesea Lines")
-    question = "Our story: The first paying customer was the ferry operator who or what"
-    assert facts.wh_question(headed, span, short=True) == f"{question}?"
-    assert facts.wh_question(headed, span) == f"{question}, in 2010?"
-    unit = _unit("orvik-observatory")
-    long = facts.candidates(unit, limit=12, questions=2)
-    short = facts.candidates(unit, limit=12, questions=2, short_questions=True)
-    assert [c.variant for c in long] == [c.variant for c in short]
-    assert all(s.messages[1] == c.messages[1] for c, s in zip(long, short) if c.variant.startswith("h"))

@@ -139,18 +139,11 @@ _YEAR_WORDS = {"in", "since", "until", "from", "by", "before", "after", "of"}
 _PLACE_WORDS = {"in", "at", "from", "near", "to", "into", "on", "outside", "inside"}
 
 
-_CLAUSE_END = re.compile(r",\s|;\s|\s[-\u2013\u2014]\s|\s\(")
-
-
-def wh_question(statement: str, span: Span, short: bool = False) -> str | None:
+def wh_question(statement: str, span: Span) -> str | None:
     """``statement`` asked as a question about ``span``, the wh-phrase where the span stood ("... founded by whom?",
     "... employs how many researchers?", "Who or what runs ...?"): asked in place, so no verb is moved. None for a
-    capitalised word that only starts the sentence (a name finder's false positive, "Engineers from ...").
-    ``short``: the question stops where the span's clause ends (the next comma, semicolon, dash or bracket),
-    as people's questions do, instead of carrying the rest of the sentence as a cue."""
+    capitalised word that only starts the sentence (a name finder's false positive, "Engineers from ...")."""
     before, after = statement[:span.start], statement[span.end:].rstrip().rstrip(".!")
-    if short and (end := _CLAUSE_END.search(after)):  # not at a colon: headings and subjects end with one
-        after = after[:end.start()]
     body_start = not before.strip() or before.rstrip().endswith(":")
     if span.kind == "name" and body_start and " " not in span.text:
         return None
@@ -207,7 +200,7 @@ def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
 
 
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
-               questions: int = 0, short_questions: bool = False) -> list[Candidate]:
+               questions: int = 0) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
@@ -215,8 +208,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     ``limit`` caps the questions and reversed statements that follow, taken one sentence at a time (every fact gets its first question before any fact gets a second), so a small
     cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
     ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
-    dates, ``wh_question``, ending with the span's clause when ``short_questions``) come beside the statements,
-    outside the cap: they are how people ask."""
+    dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -236,7 +228,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
             continue  # too short to hold a fact, or cut off at the chunk's edge
         statement = _self_contained(full[i], subject)
         statements.append(make(f"s{i}", text=statement))
-        asks_wh = [q for q in (wh_question(statement, sp, short_questions) for sp in spans(statement)
+        asks_wh = [q for q in (wh_question(statement, sp) for sp in spans(statement)
                                if not _gives_away(statement, sp, subject)) if q]
         wh += [make(f"h{i}.{j}", q=q, a=statement) for j, q in enumerate(asks_wh[:questions])]
         asks: list[Candidate] = []
