@@ -158,7 +158,7 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
 
     from engrain.models import chat_messages, chat_prompt, end_of_turn
     from engrain.train.data import IGNORE, Example, encode_item
-    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
+    from engrain.train.packing import collate, loss_sum, pack
     from engrain.train.validation import evaluate
 
     tok = tiny_lm.tokenizer
@@ -177,9 +177,8 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
     wrong = example(ids[n:-1] + [(ids[-1] + 1) % len(tok)], "wrong")
     text_only = encode_item(tok, {"text": "A statement, not a question."}, "t")
 
-    def judge(examples: list[Example], packing: bool, micro_batch: int = 2):
-        rows = pack(examples, 256) if packing else unpacked_rows(examples, 256)
-        return evaluate(tiny_lm.model, rows, examples, tok, micro_batch=micro_batch, seq_len=256, packing=packing,
+    def judge(examples: list[Example], packing: bool, micro_batch: int = 2, seq_len: int = 256):
+        return evaluate(tiny_lm.model, examples, tok, micro_batch=micro_batch, seq_len=seq_len, packing=packing,
                         device="cpu")
 
     for packing in (True, False):
@@ -193,9 +192,7 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
         s, count = loss_sum(tiny_lm.model, collate(rows, tok.pad_token_id, True, "cpu"), True)
     assert judge(examples, True, micro_batch=1)[0] == pytest.approx(float(s) / count, rel=1e-4)
     # an answer cut off by the row length is not judged
-    cut = evaluate(tiny_lm.model, pack([right], n + 2), [right], tok, micro_batch=1, seq_len=n + 2, packing=True,
-                   device="cpu")
-    assert cut[1] is None
+    assert judge([right], True, seq_len=n + 2)[1] is None
 
 
 def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path, tiny_model_dir):

@@ -36,8 +36,6 @@ from .packing import (
     collate,
     global_batches,
     loss_sum,
-    pack,
-    unpacked_rows,
 )
 from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
@@ -247,7 +245,6 @@ class Run:
         """Optimizer steps until the plan's end or early stopping, evaluating, logging and checkpointing."""
         cfg, plan = self.cfg, self.plan
         self.model = self.accelerator.prepare(self.module)  # DDP under `accelerate launch`; the module otherwise
-        self.val_rows = (pack(plan.val, cfg.seq_len) if self.packing else unpacked_rows(plan.val, cfg.seq_len))
         stream = global_batches(plan.train, cfg, plan.rows_per_step, self.packing)
         eval_every = cfg.eval_every or max(1, plan.steps_per_epoch // 4)
         for _ in range(self.start_step):  # the same data order as an uninterrupted run
@@ -257,7 +254,7 @@ class Run:
             while self.step < plan.steps:
                 epoch, batch = next(stream)
                 record = self.optimizer_step(epoch, batch)
-                if (self.step % eval_every == 0 or self.step == plan.steps) and self.val_rows:
+                if (self.step % eval_every == 0 or self.step == plan.steps) and plan.val:
                     self.evaluate(record)
                 self.log(record, progress)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < plan.steps \
@@ -311,9 +308,8 @@ class Run:
 
         inner = self.accelerator.unwrap_model(self.model)
         with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
-            val, answered = evaluate(inner, self.val_rows, self.plan.val, self.lm.tokenizer,
-                                     micro_batch=self.cfg.micro_batch, seq_len=self.cfg.seq_len,
-                                     packing=self.packing, device=self.device)
+            val, answered = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
+                                     seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
         record["val_loss"] = round(val, 5)
         if answered is not None:
             record["val_answered"] = round(answered, 4)

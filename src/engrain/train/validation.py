@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..models import end_of_turn
 from .data import IGNORE, Example
 from .kernels.head_loss import CHUNK
-from .packing import Row, collate, loss_positions, outputs_at
+from .packing import collate, loss_positions, outputs_at, pack, unpacked_rows
 
 ANSWER_HEAD = 8  # answer tokens that must come out right for a held-out question to count as answered
 
@@ -22,22 +22,23 @@ def answer_span(example: Example, n_end: int, seq_len: int) -> tuple[int, int] |
     if j is None or j <= 1:
         return None
     stop = min(max(j + 1, len(example.ids) - n_end), j + ANSWER_HEAD)
-    return (j, stop) if stop <= min(seq_len, len(example.ids)) else None
+    return (j, stop) if stop <= seq_len else None
 
 
-def evaluate(module, rows: list[Row], examples: list[Example], tokenizer, *, micro_batch: int, seq_len: int,
-             packing: bool, device) -> tuple[float | None, float | None]:
-    """(validation loss, share of held-out questions answered) of ``rows``, the validation ``examples`` packed (or one
-    per row) in their order. A question counts as answered when the model's most likely token is the answer's at each
+def evaluate(module, examples: list[Example], tokenizer, *, micro_batch: int, seq_len: int, packing: bool,
+             device) -> tuple[float | None, float | None]:
+    """(validation loss, share of held-out questions answered) of the validation ``examples``, packed as training packs
+    them (or one per row). A question counts as answered when the model's most likely token is the answer's at each
     position of its ``answer_span``: greedy decoding closed-book, read from the same teacher-forced forward as the
     loss, so judging a checkpoint costs one validation pass, not a generation. Choosing the checkpoint by it picks the
-    memory that answers facts it was never quizzed on, which item loss does not measure. (None, None) without rows;
-    the share is None without questions."""
+    memory that answers facts it was never quizzed on, which item loss does not measure. (None, None) without
+    examples; the share is None without questions."""
     import torch
     import torch.nn.functional as F
 
-    if not rows:
+    if not examples:
         return None, None
+    rows = pack(examples, seq_len) if packing else unpacked_rows(examples, seq_len)
     n_end = len(tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"])
     # each example starts where its positions restart at 0: (row, offset) in the order the examples were packed
     starts = [(r, t) for r, row in enumerate(rows) for t, p in enumerate(row.positions) if p == 0]
