@@ -129,3 +129,19 @@ def test_prompt_cache_keeps_its_byte_budget_dropping_the_least_recently_used():
     n, layers = cache.match(c[:9] + [5, 5])
     assert n == 9 and layers[0][0].shape == (1, 2, 9, 4)
     assert cache.match(a[:5] + [1, 2, 3]) == (0, None)  # fewer than MIN_TOKENS shared
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_apart():
+    """On a CPU a prefill group pads to its longest prompt by at most PAD_SLACK more tokens than it holds: similar
+    lengths share a group, a short prompt is not padded to a long one, and every prompt lands in exactly one group."""
+    from engrain.models import fastgen
+
+    prompts = {0: [1] * 800, 1: [1] * 300, 2: [1] * 470, 3: [1] * 500, 4: [1] * 480, 5: [1] * 310}
+    groups = fastgen.length_groups(prompts)
+    assert [sorted(g) for g in groups] == [[1, 5], [2, 3, 4], [0]]
+    for g in groups:
+        lengths = [len(p) for p in g.values()]
+        assert max(lengths) * len(lengths) <= (1 + fastgen.PAD_SLACK) * sum(lengths)
+    # Tokens a cached start covers are not prefilled, so they do not count: 20 and 60 own tokens pad too much.
+    assert [sorted(g) for g in fastgen.length_groups({0: [1] * 520, 1: [1] * 560}, skip=500)] == [[0], [1]]
+    assert fastgen.length_groups({}) == []

@@ -470,9 +470,42 @@ def test_compile_decode_compiles_every_served_model_before_the_first_request(ws,
     logs = []
     plain = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8")
     serve_app._warm_up(Engine(ws, plain), logs.append)
-    assert not ran and not logs
+    assert not ran and not any("compil" in line for line in logs)
     lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8", compile_decode=True)
     engine = Engine(ws, lm)
     serve_app._warm_up(engine, logs.append)
     assert {id(m) for m in ran} == {id(lm.model), id(engine.modules["lora"])}
     assert "compiled for base, lora" in logs[-1]
+
+
+def test_decode_weights_and_retrieval_are_built_before_the_first_request(ws, tiny_model_dir, monkeypatch):
+    """The server builds each served module's quantized decode weights and opens retrieval at start, so the first
+    requests do not queue behind them: answering afterwards builds nothing."""
+    from engrain.models import decode_weights, load_model
+    from engrain.serve import app as serve_app
+    from engrain.serve.engine import Engine
+    from engrain.serve.scheduler import Job, Scheduler
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32", decode_weights="int8")
+    engine = Engine(ws, lm)
+    logs = []
+    serve_app._warm_up(engine, logs.append)
+    assert "base decode weights, lora decode weights, retrieval" in logs[0]
+    built = []
+    real = decode_weights.build
+    monkeypatch.setattr(decode_weights, "build", lambda *a, **k: built.append(a) or real(*a, **k))
+    scheduler = Scheduler(engine)
+    try:
+        for name in ("base", "lora"):
+            events = []
+            served = engine.get(f"{engine.prefix}:{name}")
+            job = Job(served=served, prompt_ids=engine.chat_ids([{"role": "user", "content": QUESTION}]),
+                      max_tokens=4, temperature=0.0, top_p=1.0, emit=events.append)
+            scheduler.submit(job)
+            deadline = time.time() + 60
+            while not any(e["type"] in ("done", "error") for e in events) and time.time() < deadline:
+                time.sleep(0.05)
+            assert any(e["type"] == "done" for e in events), events
+    finally:
+        scheduler.close(30)
+    assert built == []

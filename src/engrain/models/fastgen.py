@@ -311,6 +311,28 @@ def common_start(prompts: list[list[int]]) -> int:
     return n if len(prompts) > 1 and n >= MIN_TOKENS else 0
 
 
+# How many more tokens than it holds a CPU prefill group may pad to (``length_groups``).
+PAD_SLACK = 0.25
+
+
+def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int, list[int]]]:
+    """``prompts`` split, shortest first, into groups that pad (each prompt's tokens after ``skip``) to their longest
+    with at most ``PAD_SLACK`` more tokens than they hold. On a CPU a prefill costs about as much per token for one
+    prompt as for many (``python bench/bench_prefill.py`` runs both), so padding is time lost there, while prompts of
+    similar length still share one read of the weights. A server's rag prompts differ by hundreds of tokens."""
+    groups: list[dict[int, list[int]]] = []
+    group: dict[int, list[int]] = {}
+    tokens = 0
+    for handle in sorted(prompts, key=lambda h: len(prompts[h])):
+        n = len(prompts[handle]) - skip
+        if group and n * (len(group) + 1) > (1 + PAD_SLACK) * (tokens + n):
+            groups.append(group)
+            group, tokens = {}, 0
+        group[handle] = prompts[handle]
+        tokens += n
+    return groups + [group] if group else groups
+
+
 def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
     """One batch from running rows ``a`` and newly prefilled rows ``b``: both histories right-aligned to a
     common column, then ``room`` free columns for the steps to come. Columns no row of ``a`` still attends
@@ -430,16 +452,22 @@ class Stream:
         left = [self.budget[h] - n for h, n in zip(self.rows.ids.tolist(), self.rows.n_out.tolist())] \
             if self.rows is not None else []
         room = max(left + budgets)  # for the longest budget still to run
-        for n, shared, group in self._by_cached_start(dict(zip(handles, prompts))):
+        for n, shared, cached in self._by_cached_start(dict(zip(handles, prompts))):
             # What the cache leaves to run is often a few tokens: those read the quantized weights, as a decode step
             # does.
-            new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
-                           self.device, shared, self.quant)
-            if self.prompt_cache is not None:
-                for row, prompt in enumerate(group.values()):
-                    self.prompt_cache.add(prompt, _row_kv(new, row))
-            self.rows = _merge(self.rows, new, room)
+            for group in length_groups(cached, n) if self.device.type == "cpu" else [cached]:
+                self._prefill_group(n, shared, group, room)
         return handles
+
+    def _prefill_group(self, n: int, shared, group: dict[int, list[int]], room: int) -> None:
+        """Prefill one group of prompts (their first ``n`` tokens' KV is ``shared``), keep their KV in the prompt
+        cache, and add their rows to the batch."""
+        new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
+                       self.device, shared, self.quant)
+        if self.prompt_cache is not None:
+            for row, prompt in enumerate(group.values()):
+                self.prompt_cache.add(prompt, _row_kv(new, row))
+        self.rows = _merge(self.rows, new, room)
 
     def _by_cached_start(self, prompts: dict[int, list[int]]):
         """(tokens reused, their KV or None, the prompts by handle) per group of prompts that start as the same

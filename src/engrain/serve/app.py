@@ -368,6 +368,9 @@ def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | N
 def _warm_up(engine: Engine, log) -> None:
     from ..models import compiled_decode
 
+    started = time.perf_counter()
+    if built := engine.prepare():
+        log(f"engrain serve: built {', '.join(built)} in {time.perf_counter() - started:.1f} s")
     if not compiled_decode.wanted(engine.lm.model):
         return
     log("engrain serve: compiling the decode step (model.compile_decode); kernels are cached for the next start")

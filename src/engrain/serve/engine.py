@@ -258,6 +258,22 @@ class Engine:
     def max_context(self) -> int:
         return self.lm.max_context
 
+    def prepare(self) -> list[str]:
+        """Build now what the first requests would otherwise wait for (seconds on a CPU, every request queued behind
+        it): each served module's quantized decode weights (``decode_weights.for_model``, cached per module) and the
+        retriever's embedding model. Returns what was built."""
+        from ..models import decode_weights, fastgen
+
+        built = []
+        for name in ["base", *self.modules]:
+            with self.weights(name) as m:
+                if decode_weights.for_model(fastgen.decoder(m)) is not None:
+                    built.append(f"{name} decode weights")
+        if self.rag is not None:
+            self.rag.retriever.retrieve(["engrain"], 1)
+            built.append("retrieval")
+        return built
+
     def warm_up(self) -> list[str]:
         """Compile the decode step of every module that decodes compiled (``model.compile_decode``), before a
         request would wait for it. Returns the names warmed."""
