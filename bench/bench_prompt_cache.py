@@ -1,4 +1,4 @@
-"""First token of a retrieval-sized prompt through the server's decode loop (``fastgen.Stream``), without and with
+"""First token of a retrieval-sized prompt through the server's decode loop (``stream.Stream``), without and with
 the prompt cache (``src/engrain/models/prompt_cache.py``), in one run:
 
     python bench/bench_prompt_cache.py [--repeats 5]    # prints a table, writes bench/out/prompt_cache.json
@@ -27,6 +27,7 @@ from bench_answer_speed import OUT, long_prompt  # noqa: E402
 
 from engrain.models import fastgen, load_model  # noqa: E402
 from engrain.models.prompt_cache import PromptCache  # noqa: E402
+from engrain.models.stream import Stream  # noqa: E402
 
 QUESTION, OTHER = "Who founded the company?", "Where is the company based?"
 
@@ -35,8 +36,8 @@ def first_token_s(lm, prompt: list[int], cache_with: list[int] | None, cached: b
     """Seconds from admitting ``prompt`` to its first token; the cache (when ``cached``) holds ``cache_with``."""
     cache = PromptCache() if cached else None
     if cache is not None and cache_with is not None:
-        fastgen.Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache).admit([cache_with], [1])
-    stream = fastgen.Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
+        Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache).admit([cache_with], [1])
+    stream = Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
     t0 = time.perf_counter()
     stream.admit([prompt], [1])
     stream.step()

@@ -28,12 +28,13 @@ def test_every_row_names_a_committed_config_and_results_file():
             if row.get("config"):
                 assert (ROOT / row["config"]).is_file(), row["config"]
                 assert row["config"] in row["command"]
-            if row.get("prepare"):  # a committed script (the experiment's own or a shared one), run first
-                script = shlex.split(row["prepare"])
-                own, shared = f"experiments/{manifest.parent.name}/", "experiments/"
-                assert script[0] == "python" and (script[1].startswith(own) or script[1].count("/") == 1
-                                                  and script[1].startswith(shared))
-                assert (ROOT / script[1]).is_file(), row["prepare"]
+            for key in ("prepare", "then"):  # committed scripts (the experiment's own or shared), run before/after
+                if row.get(key):
+                    script = shlex.split(row[key])
+                    own, shared = f"experiments/{manifest.parent.name}/", "experiments/"
+                    assert script[0] == "python" and (script[1].startswith(own) or script[1].count("/") == 1
+                                                      and script[1].startswith(shared))
+                    assert (ROOT / script[1]).is_file(), row[key]
             args = shlex.split(row["command"])
             assert args[:2] == ["engrain", "compare"] or args[:2] == ["engrain", "demo"], row["command"]
             if args[:2] == ["engrain", "demo"]:  # the demo writes into its workspace; the row says what was copied
@@ -55,4 +56,4 @@ def test_run_script_prints_each_rows_command():
     for i, row in enumerate(yaml.safe_load((ROOT / "experiments/knowledge/rows.yaml").read_text())["rows"], 1):
         out = subprocess.run([sys.executable, str(ROOT / "experiments/run.py"), "knowledge", str(i), "--print"],
                              capture_output=True, text=True, check=True).stdout.strip()
-        assert out == "\n".join(" ".join(row[k].split()) for k in ("prepare", "command") if row.get(k))
+        assert out == "\n".join(" ".join(row[k].split()) for k in ("prepare", "command", "then") if row.get(k))

@@ -14,7 +14,7 @@ rotary embeddings are the model's own) with:
     every row's cache, not prefilled again for each prompt;
   - in bf16 on a CPU, attention as two matmuls around an fp32 softmax (``_plain_attend``) instead of SDPA,
     whose bf16 kernels are slower there (``bench/bench_attention_forms.py``);
-  - ``Stream``: the same loop for a server, rows joining and leaving as requests come and go;
+  - ``stream.Stream`` runs the same loop for a server, rows joining and leaving as requests come and go;
   - where the model was loaded to (``decode_weights.py``), steps of a few rows read a quantized copy of the linear
     layers (4-bit groups where the weights are 4-bit already, int8 rows elsewhere), q|k|v and gate|up fused, with a
     fused RMSNorm and one rotary pass over q and k; their attention is SDPA's for one row over a short cache and the
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..train.kernels.packed_attention import uses_plain_attention
 from . import compiled_decode, decode_weights
-from .prompt_cache import MIN_TOKENS, PromptCache
+from .prompt_cache import MIN_TOKENS
 from .stops import stop_index
 
 SUPPORTED_TYPES = {"llama"}
@@ -59,7 +59,7 @@ def decoder(model):
 
 def trained_prefix(model) -> list | None:
     """A trained KV prefix memory's per-layer (K, V), each (1, kv_heads, P, head_dim) in the model's dtype: what
-    ``generate_many`` and ``Stream`` take as ``prefix``, so every row attends it without a copy per row. None for
+    ``generate_many`` and ``stream.Stream`` take as ``prefix``, so every row attends it without a copy per row. None for
     any other model."""
     if not callable(getattr(model, "prefix_kv", None)):
         return None
@@ -311,28 +311,6 @@ def common_start(prompts: list[list[int]]) -> int:
     return n if len(prompts) > 1 and n >= MIN_TOKENS else 0
 
 
-# How many more tokens than it holds a CPU prefill group may pad to (``length_groups``).
-PAD_SLACK = 0.25
-
-
-def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int, list[int]]]:
-    """``prompts`` split, shortest first, into groups that pad (each prompt's tokens after ``skip``) to their longest
-    with at most ``PAD_SLACK`` more tokens than they hold. On a CPU a prefill costs about as much per token for one
-    prompt as for many (``python bench/bench_prefill.py`` runs both), so padding is time lost there, while prompts of
-    similar length still share one read of the weights. A server's rag prompts differ by hundreds of tokens."""
-    groups: list[dict[int, list[int]]] = []
-    group: dict[int, list[int]] = {}
-    tokens = 0
-    for handle in sorted(prompts, key=lambda h: len(prompts[h])):
-        n = len(prompts[handle]) - skip
-        if group and n * (len(group) + 1) > (1 + PAD_SLACK) * (tokens + n):
-            groups.append(group)
-            group, tokens = {}, 0
-        group[handle] = prompts[handle]
-        tokens += n
-    return groups + [group] if group else groups
-
-
 def _merge(a: _Rows | None, b: _Rows, room: int) -> _Rows:
     """One batch from running rows ``a`` and newly prefilled rows ``b``: both histories right-aligned to a
     common column, then ``room`` free columns for the steps to come. Columns no row of ``a`` still attends
@@ -420,96 +398,3 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
         rows.next_pos = rows.next_pos + 1
         rows.col += 1
     return [seq[:stop_index(seq, stop_ids) + 1] for seq in out.tolist()]  # through the stop token, if any
-
-
-class Stream:
-    """Continuous batching for a server: rows join whenever the caller admits them and leave when the caller
-    says they are done (their own stop strings, token budgets, a client gone); each ``step`` gives one token
-    per live row. Same modules and greedy tokens as ``generate_many`` (one row's tokens do not depend on the
-    rows beside it, up to floating-point rounding: left padding is masked)."""
-
-    def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None,
-                 prompt_cache: PromptCache | None = None) -> None:
-        prefix = prefix if prefix is not None else trained_prefix(model)
-        self.prompt_cache = prompt_cache  # this model's recent prompts' KV (prompt_cache.py), reused and added to
-        self.model = decoder(model)
-        self.quant = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
-        self.device = self.model.model.embed_tokens.weight.device
-        self.pad_id, self.temperature, self.top_p, self.prefix = pad_id, temperature, top_p, prefix
-        self.rows: _Rows | None = None
-        self.budget: dict[int, int] = {}  # row handle -> most tokens it may produce
-        self._next = 0
-
-    def __len__(self) -> int:
-        return 0 if self.rows is None else int((~self.rows.done).sum())
-
-    @torch.inference_mode()
-    def admit(self, prompts: list[list[int]], budgets: list[int]) -> list[int]:
-        """Prefill ``prompts`` and add them to the batch; returns their handles."""
-        handles = list(range(self._next, self._next + len(prompts)))
-        self._next += len(prompts)
-        self.budget.update(zip(handles, budgets))
-        left = [self.budget[h] - n for h, n in zip(self.rows.ids.tolist(), self.rows.n_out.tolist())] \
-            if self.rows is not None else []
-        room = max(left + budgets)  # for the longest budget still to run
-        for n, shared, cached in self._by_cached_start(dict(zip(handles, prompts))):
-            # What the cache leaves to run is often a few tokens: those read the quantized weights, as a decode step
-            # does.
-            for group in length_groups(cached, n) if self.device.type == "cpu" else [cached]:
-                self._prefill_group(n, shared, group, room)
-        return handles
-
-    def _prefill_group(self, n: int, shared, group: dict[int, list[int]], room: int) -> None:
-        """Prefill one group of prompts (their first ``n`` tokens' KV is ``shared``), keep their KV in the prompt
-        cache, and add their rows to the batch."""
-        new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
-                       self.device, shared, self.quant)
-        if self.prompt_cache is not None:
-            for row, prompt in enumerate(group.values()):
-                self.prompt_cache.add(prompt, _row_kv(new, row))
-        self.rows = _merge(self.rows, new, room)
-
-    def _by_cached_start(self, prompts: dict[int, list[int]]):
-        """(tokens reused, their KV or None, the prompts by handle) per group of prompts that start as the same
-        cached prompt does; one group, nothing reused, without a cache."""
-        if self.prompt_cache is None:
-            return [(0, None, prompts)]
-        groups: dict[tuple, tuple] = {}
-        for handle, prompt in prompts.items():
-            n, shared = self.prompt_cache.match(prompt)
-            groups.setdefault(tuple(prompt[:n]), (n, shared, {}))[2][handle] = prompt
-        return list(groups.values())
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[int, int]]:
-        """Sample each live row's next token: (handle, token) pairs. Then ``advance`` with the rows now done."""
-        rows = self.rows
-        tok = _sample(rows.logits, self.temperature, self.top_p, None)
-        live = ~rows.done
-        rows.n_out += live.long()
-        self._tok = tok
-        return [(h, t) for h, t, on in zip(rows.ids.tolist(), tok.tolist(), live.tolist()) if on]
-
-    @torch.inference_mode()
-    def advance(self, finished: set[int]) -> None:
-        """Mark ``finished`` handles (and rows at their budget) done, drop them once a quarter of the batch has
-        finished, and run the next forward step for the rows still live."""
-        rows = self.rows
-        ids, n_out = rows.ids.tolist(), rows.n_out.tolist()
-        for i, (h, n) in enumerate(zip(ids, n_out)):
-            if h in finished or n >= self.budget[h]:
-                rows.done[i] = True
-        tok = self._tok
-        if int(rows.done.sum()) * 4 >= len(ids):
-            for h in rows.ids[rows.done].tolist():
-                self.budget.pop(h, None)
-            tok, self.rows = tok[~rows.done], rows.keep(~rows.done)
-            rows = self.rows
-            if len(rows.ids) == 0:
-                self.rows = None
-                return
-        tok = torch.where(rows.done, torch.full_like(tok, self.pad_id), tok)
-        rows.logits = _step(self.model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col,
-                            rows.key_mask, self.prefix, self.quant)
-        rows.next_pos = rows.next_pos + 1
-        rows.col += 1

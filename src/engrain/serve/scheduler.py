@@ -270,12 +270,11 @@ class Scheduler:
     def _stream(self, module, batch: list[Job], started: float) -> None:
         """Continuous batching: the rows decode together; once a quarter of them have finished, queued jobs of
         the same key take their places (``_join``), so a new request waits for a few tokens, not a whole batch."""
-        from ..models import fastgen
+        from ..models.stream import Stream
 
         first = batch[0]
-        stream = fastgen.Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
-                                top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights,
-                                                                                             PromptCache()))
+        stream = Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
+                        top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights, PromptCache()))
         rows: dict[int, _Row] = {}
         total = 0
         while batch:

@@ -1,7 +1,9 @@
-"""The server's continuous batching (``fastgen.Stream``): rows joining a running batch and leaving it get the
+"""The server's continuous batching (``stream.Stream``): rows joining a running batch and leaving it get the
 greedy tokens they get alone."""
 
 from __future__ import annotations
+
+from engrain.models import stream as stream_mod
 
 
 def test_rows_joining_and_leaving_get_their_tokens_alone(tiny_lm):
@@ -14,7 +16,7 @@ def test_rows_joining_and_leaving_get_their_tokens_alone(tiny_lm):
     budgets = [3, 9, 5, 7, 2, 6]
     alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, max_new_tokens=n, stop_ids=[-1],
                                    pad_id=tok.pad_token_id)[0] for p, n in zip(prompts, budgets)]
-    stream = fastgen.Stream(tiny_lm.model, pad_id=tok.pad_token_id)
+    stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id)
     got: dict[int, list[int]] = {}
     order: dict[int, int] = {}
     waiting = list(range(len(prompts)))
@@ -101,7 +103,7 @@ def test_prompts_starting_as_earlier_ones_reuse_their_kv_and_get_their_tokens_al
     cache = PromptCache()
     got = []
     for batch in ([0], [1, 2, 3]):  # a second request joins later, as a server's do
-        stream = fastgen.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
+        stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
         got += _decode_all(stream, [prompts[i] for i in batch], 6)
     assert got == alone
     shared = fastgen.common_start([prompts[0], prompts[1]])
@@ -134,14 +136,12 @@ def test_prompt_cache_keeps_its_byte_budget_dropping_the_least_recently_used():
 def test_prompts_of_very_different_lengths_are_prefilled_apart():
     """On a CPU a prefill group pads to its longest prompt by at most PAD_SLACK more tokens than it holds: similar
     lengths share a group, a short prompt is not padded to a long one, and every prompt lands in exactly one group."""
-    from engrain.models import fastgen
-
     prompts = {0: [1] * 800, 1: [1] * 300, 2: [1] * 470, 3: [1] * 500, 4: [1] * 480, 5: [1] * 310}
-    groups = fastgen.length_groups(prompts)
+    groups = stream_mod.length_groups(prompts)
     assert [sorted(g) for g in groups] == [[1, 5], [2, 3, 4], [0]]
     for g in groups:
         lengths = [len(p) for p in g.values()]
-        assert max(lengths) * len(lengths) <= (1 + fastgen.PAD_SLACK) * sum(lengths)
+        assert max(lengths) * len(lengths) <= (1 + stream_mod.PAD_SLACK) * sum(lengths)
     # Tokens a cached start covers are not prefilled, so they do not count: 20 and 60 own tokens pad too much.
-    assert [sorted(g) for g in fastgen.length_groups({0: [1] * 520, 1: [1] * 560}, skip=500)] == [[0], [1]]
-    assert fastgen.length_groups({}) == []
+    assert [sorted(g) for g in stream_mod.length_groups({0: [1] * 520, 1: [1] * 560}, skip=500)] == [[0], [1]]
+    assert stream_mod.length_groups({}) == []
