@@ -5,8 +5,8 @@
     python experiments/run.py knowledge 2 --print  # only print it
 
 A row may name a `prepare` command (a script under experiments/, e.g. one that derives a workspace from another
-row's); it runs first. The row's results.json is rewritten in place; `python experiments/tables.py` then regenerates
-docs/results.md.
+row's); it runs first. A `then` command (an analysis of the row's workspace) runs after it. The row's results.json
+is rewritten in place; `python experiments/tables.py` then regenerates docs/results.md.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     if not 1 <= args.row <= len(listed):
         sys.exit(f"row {args.row} does not exist: {args.experiment} has rows 1-{len(listed)}")
     row = listed[args.row - 1]
-    commands = [" ".join(row[key].split()) for key in ("prepare", "command") if row.get(key)]
+    commands = [" ".join(row[key].split()) for key in ("prepare", "command", "then") if row.get(key)]
     print("\n".join(commands))
     if not args.print:
         for command in commands:

@@ -49,7 +49,8 @@ def run_table(row: dict) -> list[str]:
     env = results.get("environment", {})
     lines = [f"### {row['title']}", "", row.get("note", "").strip(), "",
              (f"`{row['prepare']}`, then " if row.get("prepare") else "")
-             + f"`{row['command']}`" + (f" (config: `{row['config']}`)" if row.get("config") else ""), "",
+             + f"`{row['command']}`" + (f", then `{row['then']}`" if row.get("then") else "")
+             + (f" (config: `{row['config']}`)" if row.get("config") else ""), "",
              f"{results['n_questions']} questions of {results['bench']}, model {results['model']}, cloze probes asked "
              f"as {results.get('probe_form', 'chat')}; {env.get('device', '?')}, seed {env.get('seed', '?')}; "
              f"results: `{row['results']}`.", "",
