@@ -120,7 +120,8 @@ class TrainConfig(Section):
                                       description="self_distill and/or general_text")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
-                                                               "prompts engrain ships (None: all of them)")
+                                                               "prompts engrain ships (None: as many as the mix "
+                                                               "draws, up to all of them)")
     # Every document item ends its answer after a sentence or two. Whether that teaches a memory to stop early on
     # general questions too was measured in experiments/knowledge (the no-item-end row): it did not, so it stays on.
     item_end_loss: bool = Field(True, description="train the end of turn after the documents' chat answers (False: "

@@ -38,6 +38,11 @@ def replay_prompts() -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
+# Rows decoded together while answering the replay prompts: more than `answer`'s default, which batch-1 questions of
+# a benchmark keep; python bench/bench_answer_batch.py times the sizes side by side.
+REPLAY_BATCH = 64
+
+
 def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: int | None = None) -> list[dict]:
     """The base model's greedy answers to the first ``n_prompts`` general prompts (all when None), generated once
     per model: cached in the workspace and, for a model engrain keeps in ENGRAIN_HOME (the embedded model, hub
@@ -63,7 +68,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
         note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
              f"{caches[-1]})")
         # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
-        gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens)
+        gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens, batch_size=REPLAY_BATCH)
         position = {p: i for i, p in enumerate(every)}
         for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
             have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
@@ -102,10 +107,14 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
     """``replay_share`` of the final mix, drawn (seeded, cycling) from the enabled replay sources."""
     if cfg.replay_share <= 0 or n_train == 0:
         return []
+    want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
     pool: list[dict] = []
     for source in cfg.replay_sources:
         if source == "self_distill":
-            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens, cfg.replay_prompts)
+            # No more prompts answered than the mix draws: generating the base model's answers is a cost of its own
+            # (minutes for the shipped pool on a CPU), and a pool larger than the draw adds no prompt to it.
+            n_prompts = want if cfg.replay_prompts is None else min(cfg.replay_prompts, want)
+            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens, n_prompts)
         elif source == "general_text":
             pool += general_text_items()
         else:
@@ -114,7 +123,6 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
     if not pool:
         note("engrain: no replay data available (no shipped prompts or text); training without replay")
         return []
-    want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
     rng = random.Random(cfg.seed)
     order = list(range(len(pool)))
     rng.shuffle(order)
