@@ -109,11 +109,12 @@ def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, 
 
 
 def answer(lm: LM, questions: list[str], contexts: list[str | None] | None = None, *, max_new_tokens: int = 48,
-           batch_size: int = 16, system: str | None = DEFAULT_SYSTEM) -> list[Generation]:
-    """Answer questions with greedy decoding, each optionally with its own context in the prompt."""
+           batch_size: int = 16, system: str | None = DEFAULT_SYSTEM, progress=None) -> list[Generation]:
+    """Answer questions with greedy decoding, each optionally with its own context in the prompt. ``progress``: as
+    ``generate``'s."""
     contexts = contexts or [None] * len(questions)
     prompts = [chat_prompt(lm.tokenizer, chat_messages(q, c, system)) for q, c in zip(questions, contexts)]
-    return generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return generate(lm, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
 
 
 def cut_continuation(gen: Generation) -> Generation:

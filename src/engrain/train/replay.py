@@ -49,6 +49,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts
     not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
     from ..models import answer, answering_lm
+    from ..progress import Progress
 
     every = replay_prompts()
     prompts = every[:n_prompts]
@@ -68,7 +69,9 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
         note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
              f"{caches[-1]})")
         # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
-        gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens, batch_size=REPLAY_BATCH)
+        with Progress(True, len(missing), 0, "replay answers") as bar:
+            gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens, batch_size=REPLAY_BATCH,
+                          progress=bar.advance)
         position = {p: i for i, p in enumerate(every)}
         for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
             have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
