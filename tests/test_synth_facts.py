@@ -247,3 +247,18 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
             if c.variant.startswith("h")}
     assert "The Kell Telescope was built by whom in 1960?" in kell  # "by the Dunmore Works": no stray "the"
     assert not any(q.split(": ")[-1].startswith("Who or what from") for q in kell)  # "Engineers" is not a name
+
+
+def test_questions_ask_whole_names_and_days_not_heading_fragments():
+    """A name joined by "&" is one span (a blank over half of it asks for a fragment); a common word a PDF heading ran
+    into ("Outlook For 2024 ...") is not part of a name; a weekday is asked as a day, not as "who or what"."""
+    from engrain.synth.text import names, spans
+
+    assert "Pask & Dunmore" in names("The accounts were audited by Pask & Dunmore.")
+    assert names("Report 2023: Outlook For 2024 the board expects more.")[-1] == "Outlook"
+    assert names("Bank of Mars") == ["Bank of Mars"]
+    sentence = "The accounts for 2023 were audited by Pask & Dunmore."
+    assert facts.wh_question(sentence, spans(sentence)[-1]) == "The accounts for 2023 were audited by whom?"
+    sentence = "The open-door hour is every Tuesday at noon."
+    day = next(s for s in spans(sentence) if s.text == "Tuesday")
+    assert facts.wh_question(sentence, day) == "The open-door hour is on which day at noon?"

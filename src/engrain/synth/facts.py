@@ -136,6 +136,7 @@ def _reversals(sentence: str) -> list[tuple[str, str, str]]:
 
 
 _YEAR_WORDS = {"in", "since", "until", "from", "by", "before", "after", "of"}
+_DAY_NAMES = {"Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"}
 _PLACE_WORDS = {"in", "at", "from", "near", "to", "into", "on", "outside", "inside"}
 
 
@@ -157,6 +158,10 @@ def wh_question(statement: str, span: Span) -> str | None:
         wh = "how many" if re.match(r"\s+[a-z]", after) else "what number"
     elif prev == "by":
         wh = "whom"
+    elif span.text in _DAY_NAMES:
+        wh = "which day"
+        if prev == "every":  # "... every Tuesday at 09:00" -> "... on which day at 09:00"
+            before, wh = re.sub(r"\bevery\s+$", "", before), "on which day"
     else:
         wh = "which place" if prev in _PLACE_WORDS else "who or what"
     if body_start:

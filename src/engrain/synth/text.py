@@ -35,7 +35,8 @@ _SENT_END = re.compile(_ABBREV + r"(?<!\b[A-Z])([.!?][\"'”’)]?(?:\*\*|__|\*|
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*(?:%|\b)")
 _NAME_TOKEN = r"[A-Z]\w*(?:['’]\w+)*(?:[-–][A-Z]\w*)*"
-_NAME = re.compile(rf"\b{_NAME_TOKEN}(?:\s+(?:of|de|da|van|von|the|del|du|la|le)\s+{_NAME_TOKEN}|\s+{_NAME_TOKEN})*")
+# "Pask & Dunmore" is one name: a blank over half of it asks for a fragment.
+_NAME = re.compile(rf"\b{_NAME_TOKEN}(?:\s+(?:of|de|da|van|von|the|del|du|la|le|&)\s+{_NAME_TOKEN}|\s+{_NAME_TOKEN})*")
 _DATE = re.compile(
     rf"\b(?:\d{{1,2}}\s+(?:{'|'.join(MONTHS)})(?:\s+\d{{3,4}})?|(?:{'|'.join(MONTHS)})\s+\d{{1,2}}(?:,\s*\d{{3,4}})?"
     rf"|(?:{'|'.join(MONTHS)})\s+\d{{3,4}}|(?:in|since|by|until|from)\s+\d{{3,4}})\b")
@@ -100,7 +101,10 @@ def names(text: str) -> list[str]:
         while toks and toks[0].lower() in COMMON_WORDS:
             toks = toks[1:]
             at_start = False
-        while toks and toks[-1].lower() in {"of", "de", "the", "and", "da", "van", "von", "del", "du", "la", "le"}:
+        # A trailing common word is the next sentence's start run into a heading ("Outlook For 2024 the board ..."
+        # from a PDF whose heading line has no full stop), not part of the name.
+        while toks and (toks[-1].lower() in COMMON_WORDS or toks[-1] == "&"
+                        or toks[-1].lower() in {"de", "da", "van", "von", "del", "du", "la", "le"}):
             toks = toks[:-1]
         if not toks:
             continue
