@@ -250,12 +250,14 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
 
 
 def test_questions_ask_whole_names_and_days_not_heading_fragments():
-    """A name joined by "&" is one span (a blank over half of it asks for a fragment); a common word a PDF heading ran
-    into ("Outlook For 2024 ...") is not part of a name; a weekday is asked as a day, not as "who or what"."""
+    """A name joined by "&" is one span (a blank over half of it asks for a fragment); the function word a PDF heading
+    ran into ("Outlook For 2024 ...") is not part of a name, while a name ending in another common word keeps it; a
+    weekday is asked as a day, not as "who or what"."""
     from engrain.synth.text import names, spans
 
     assert "Pask & Dunmore" in names("The accounts were audited by Pask & Dunmore.")
     assert names("Report 2023: Outlook For 2024 the board expects more.")[-1] == "Outlook"
+    assert names("Theresa May spoke on BBC One.") == ["Theresa May", "BBC One"]
     assert names("Bank of Mars") == ["Bank of Mars"]
     sentence = "The accounts for 2023 were audited by Pask & Dunmore."
     assert facts.wh_question(sentence, spans(sentence)[-1]) == "The accounts for 2023 were audited by whom?"

@@ -6,8 +6,9 @@ asked in training, or because it learned them only in the words training asked t
 For each question of BENCH, the facts strategy's wh-questions in WS/synth whose answer (the statement) holds a gold
 answer, asked about that answer (it is not in the question), are the fact "asked in training"; a gold answer found
 only in other items is "stated"; found in none, "absent". The memory answered the benchmark's own wording in
-RESULTS (its `engrain compare` run on WS); here it is asked the first trained wording of each asked fact, closed-book
-as `engrain compare` asks, and the two wordings are paired on the same facts.
+RESULTS (its `engrain compare` run on WS); here its trained weights are asked the first trained wording of each asked
+fact, closed-book as `engrain compare` asks but without the relevance gate (which sends a few questions to the base
+weights), and the two wordings are paired on the same facts.
 """
 
 from __future__ import annotations
@@ -21,29 +22,37 @@ from engrain.evaluate.bench import load_bench
 from engrain.memory.base import ClosedBook
 from engrain.memory.parametric import TrainedMemory
 from engrain.models import load_model
+from engrain.synth.store import read_items
 from engrain.workspace import Workspace
 
 
-def synth_items(ws: Workspace) -> list[dict]:
-    return [json.loads(line) for path in sorted(ws.synth_dir.glob("*.jsonl")) for line in path.open()]
-
-
-def trained_wording(items: list[dict], answers: list[str]) -> tuple[str, str | None]:
-    """("asked", the first wh-question about a gold answer), ("stated", None) or ("absent", None)."""
-    golds = [metrics.normalize(a) for a in answers]
-
-    def holds(text: str) -> bool:
-        return any(g and g in metrics.normalize(text) for g in golds)
-
-    stated = False
+def normalised(items: list[dict]) -> list[tuple[str, str, str | None]]:
+    """Per synthetic item: (its question or text, its answer, both normalised as `metrics.contains` compares them)
+    and, for the facts strategy's wh-questions, the question as asked."""
+    out = []
     for item in items:
         if "messages" not in item:
-            stated = stated or holds(item.get("text", ""))
+            out.append((metrics.normalize(item.get("text", "")), "", None))
             continue
         question, answer = item["messages"][0]["content"], item["messages"][1]["content"]
-        if str(item.get("variant", "")).startswith("h") and holds(answer) and not holds(question):
-            return "asked", question
-        stated = stated or holds(question + " " + answer)
+        wh = question if str(item.get("variant", "")).startswith("h") else None
+        out.append((metrics.normalize(question), metrics.normalize(answer), wh))
+    return out
+
+
+def trained_wording(items: list[tuple[str, str, str | None]], answers: list[str]) -> tuple[str, str | None]:
+    """("asked", the first wh-question about a gold answer), ("stated", None) or ("absent", None); ``items`` as
+    ``normalised`` gives them."""
+    golds = [g for g in map(metrics.normalize, answers) if g]
+
+    def holds(text: str) -> bool:
+        return any(g in text for g in golds)
+
+    stated = False
+    for question, answer, wh in items:
+        if wh is not None and holds(answer) and not holds(question):
+            return "asked", wh
+        stated = stated or holds(question) or holds(answer)
     return ("stated" if stated else "absent"), None
 
 
@@ -56,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     ws = Workspace.at(args.workspace)
-    items = synth_items(ws)
+    items = normalised(read_items(ws.synth_dir))
     questions = load_bench(Path(args.bench)).questions
     theirs = {a["id"]: a["answer"] for a in json.loads(Path(args.results).read_text())["answers"][args.memory]}
     kinds = {q.id: trained_wording(items, q.answers) for q in questions}

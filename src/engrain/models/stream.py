@@ -17,7 +17,7 @@ def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int
     """``prompts`` split, shortest first, into groups that pad (each prompt's tokens after ``skip``) to their longest
     with at most ``PAD_SLACK`` more tokens than they hold. On a CPU a prefill costs about as much per token for one
     prompt as for many (``python bench/bench_prefill.py`` runs both), so padding is time lost there, while prompts of
-    similar length still share one read of the weights. A server's rag prompts differ by hundreds of tokens."""
+    similar length still share one read of the weights."""
     groups: list[dict[int, list[int]]] = []
     group: dict[int, list[int]] = {}
     tokens = 0
@@ -29,7 +29,6 @@ def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int
         group[handle] = prompts[handle]
         tokens += n
     return groups + [group] if group else groups
-
 
 
 class Stream:
@@ -63,15 +62,14 @@ class Stream:
             if self.rows is not None else []
         room = max(left + budgets)  # for the longest budget still to run
         for n, shared, cached in self._by_cached_start(dict(zip(handles, prompts))):
-            # What the cache leaves to run is often a few tokens: those read the quantized weights, as a decode step
-            # does.
             for group in length_groups(cached, n) if self.device.type == "cpu" else [cached]:
                 self._prefill_group(n, shared, group, room)
         return handles
 
     def _prefill_group(self, n: int, shared, group: dict[int, list[int]], room: int) -> None:
         """Prefill one group of prompts (their first ``n`` tokens' KV is ``shared``), keep their KV in the prompt
-        cache, and add their rows to the batch."""
+        cache, and add their rows to the batch. What the cache leaves to run is often a few tokens: those read the
+        quantized weights, as a decode step does."""
         new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
                        self.device, shared, self.quant)
         if self.prompt_cache is not None:

@@ -259,9 +259,9 @@ class Engine:
         return self.lm.max_context
 
     def prepare(self) -> list[str]:
-        """Build now what the first requests would otherwise wait for (seconds on a CPU, every request queued behind
-        it): each served module's quantized decode weights (``decode_weights.for_model``, cached per module) and the
-        retriever's embedding model. Returns what was built."""
+        """Build now what the first requests would otherwise wait for, every request queued behind it: each served
+        module's quantized decode weights (``decode_weights.for_model``, cached per module) and the retriever's
+        embedding model. Returns what was built."""
         from ..models import decode_weights, fastgen
 
         built = []

@@ -88,6 +88,12 @@ def _sentence_starts(text: str) -> set[int]:
     return starts
 
 
+# Words a name never ends with: the connectors inside names, and the function words a sentence starts with.
+_RUN_IN = {"of", "de", "da", "van", "von", "del", "du", "la", "le", "the", "a", "an", "and", "or", "but", "for", "in",
+           "on", "at", "by", "to", "from", "with", "as", "if", "when", "while", "this", "that", "these", "those", "it",
+           "its", "he", "she", "his", "her", "they", "their", "we", "our", "you", "your"}
+
+
 def names(text: str) -> list[str]:
     """Capitalized spans that look like names ("Hayden Smith", "Bank of Mars", "Zorgon–Calidus").
 
@@ -101,10 +107,9 @@ def names(text: str) -> list[str]:
         while toks and toks[0].lower() in COMMON_WORDS:
             toks = toks[1:]
             at_start = False
-        # A trailing common word is the next sentence's start run into a heading ("Outlook For 2024 the board ..."
-        # from a PDF whose heading line has no full stop), not part of the name.
-        while toks and (toks[-1].lower() in COMMON_WORDS or toks[-1] == "&"
-                        or toks[-1].lower() in {"de", "da", "van", "von", "del", "du", "la", "le"}):
+        # A trailing function word is the next sentence's first word run into a heading ("Outlook For 2024 the board
+        # ..." from a PDF whose heading line has no full stop), not part of the name; "Theresa May" keeps its "May".
+        while toks and toks[-1].lower() in _RUN_IN:
             toks = toks[:-1]
         if not toks:
             continue

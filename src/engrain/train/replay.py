@@ -38,8 +38,8 @@ def replay_prompts() -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-# Rows decoded together while answering the replay prompts: more than `answer`'s default, which batch-1 questions of
-# a benchmark keep; python bench/bench_answer_batch.py times the sizes side by side.
+# Rows decoded together while answering the replay prompts, more than `answer`'s default (which `engrain compare`
+# keeps, so that its answers compare across runs): python bench/bench_answer_batch.py times the sizes side by side.
 REPLAY_BATCH = 64
 
 
@@ -114,8 +114,8 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
     pool: list[dict] = []
     for source in cfg.replay_sources:
         if source == "self_distill":
-            # No more prompts answered than the mix draws: generating the base model's answers is a cost of its own
-            # (minutes for the shipped pool on a CPU), and a pool larger than the draw adds no prompt to it.
+            # No more prompts answered than the mix draws: the base model's answers cost generation time of their own
+            # (bench/bench_answer_batch.py), and a pool larger than the draw adds no prompt to it.
             n_prompts = want if cfg.replay_prompts is None else min(cfg.replay_prompts, want)
             pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens, n_prompts)
         elif source == "general_text":
