@@ -264,36 +264,3 @@ def test_questions_ask_whole_names_and_days_not_heading_fragments():
     sentence = "The open-door hour is every Tuesday at noon."
     day = next(s for s in spans(sentence) if s.text == "Tuesday")
     assert facts.wh_question(sentence, day) == "The open-door hour is on which day at noon?"
-
-
-def test_a_section_heading_that_names_a_thing_is_the_subject_of_its_sentences():
-    """In a catalogue the heading says which product a sentence is about ("Our first buoy, introduced in 2013"
-    under "Tidebrace T4"): the section's name, not the document's title, is the subject its facts are stated and
-    asked with. A heading that only titles a part ("Working hours", "Overview") or a dateline leaves the
-    document's subject in place."""
-    from engrain.synth.base import section_name
-
-    text = ("Product catalogue\n\nTidebrace T4\n\nOur first buoy, introduced in 2013. It weighs 38 kg.\n\n"
-            "Working hours\n\nCore hours are 10:00 to 15:00 every weekday.\n\nDriftwren\n\nWeight: 310 g.")
-    doc = Document(id="products", path="products.md", format="md", text=text, sha256="d", title="Product catalogue")
-    chunk = Chunk(id="products#0", doc_id="products", text=text, start=0, end=len(text), sha256="c")
-    unit = Unit(chunk, doc, document_subject(doc, chunk))
-    assert unit.subject == "Product catalogue"
-    about = dict(zip(unit.sentences, unit.subjects))
-    assert [about[s] for s in ("Our first buoy, introduced in 2013.", "It weighs 38 kg.",
-                               "Core hours are 10:00 to 15:00 every weekday.", "Weight: 310 g.")] == [
-        "Tidebrace T4", "Tidebrace T4", "Product catalogue", "Driftwren"]
-    items = facts.candidates(unit, limit=12, questions=1)
-    texts = [c.text for c in items if c.text is not None]
-    asked = [c.messages[0]["content"] for c in items if c.messages]
-    assert "Tidebrace T4: Our first buoy, introduced in 2013." in texts
-    assert "Tidebrace T4 weighs 38 kg." in texts
-    assert "Product catalogue: Core hours are 10:00 to 15:00 every weekday." in texts
-    assert "Driftwren: Weight: 310 g." in texts  # a labelled value is a fact, short as it is
-    assert "Tidebrace T4: Our first buoy, introduced in what year?" in asked
-    # A chunk that starts inside a section takes the section's name from its heading path.
-    rest = Chunk(id="products#1", doc_id="products", text="It is rated to 600 m depth.", start=0, end=27,
-                 sha256="e", heading_path=["Product catalogue", "Driftwren"])
-    assert Unit(rest, doc, "Product catalogue").subjects == ["Driftwren"]
-    assert [section_name(h) for h in ("Bank of Varra", "Overview", "Marrowby, 9 November 2022", "MEDAL WON")] == [
-        "Bank of Varra", "", "", ""]

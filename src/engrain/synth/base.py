@@ -28,25 +28,8 @@ class Unit:
 
     @property
     def sentences(self) -> list[str]:
-        return [sentence for _, sentence in self._sections()]
-
-    @property
-    def subjects(self) -> list[str]:
-        """Whom or what each of ``sentences`` is about: the name a section heading gives ("Tidebrace T4" in a
-        product catalogue) where one is in force, else the document's subject. A sentence such as "Our first buoy,
-        introduced in 2013" says which buoy only through its heading."""
-        return [section or self.subject for section, _ in self._sections()]
-
-    def _sections(self) -> list[tuple[str, str]]:
-        # Paragraph by paragraph, so a heading line stays apart from the sentence below it. A chunk that starts inside
-        # a section takes its name from the chunk's heading path.
-        section = section_name(self.chunk.heading_path[-1]) if self.chunk.heading_path else ""
-        out: list[tuple[str, str]] = []
-        for para in re.split(r"\n\s*\n", self.chunk.text):
-            if is_heading(para):
-                section = section_name(para.strip())
-            out += [(section, sentence) for sentence in split_sentences(para)]
-        return out
+        # Paragraph by paragraph, so a heading line stays apart from the sentence below it.
+        return [s for para in re.split(r"\n\s*\n", self.chunk.text) for s in split_sentences(para)]
 
 
 @dataclass
@@ -81,38 +64,6 @@ class Candidate:
         if self.text is not None:
             return self.text
         return "\n".join(m["content"] for m in self.messages or [])
-
-
-def is_heading(paragraph: str) -> bool:
-    """A paragraph that is a heading: one line of a few words that ends no sentence."""
-    text = paragraph.strip()
-    return bool(text) and "\n" not in text and len(text.split()) <= 8 and not re.search(r"[.!?:;,]$", text)
-
-
-# Headings that title a part of any document rather than name what it is about.
-_GENERIC_SECTIONS = set("""
-introduction overview background history summary conclusion conclusions outlook results discussion methods method
-references contents abstract notes contact details description features specifications pricing cause causes
-facilities requirements benefits location appendix glossary faq news updates related
-""".split())
-_NAME_JOINERS = {"of", "the", "and", "&", "de", "da", "van", "von", "del", "du", "la", "le", "for"}
-
-
-def section_name(heading: str) -> str:
-    """``heading`` when it names a thing ("Tidebrace T4", "Bank of Varra"): every word capitalised or a number
-    (joiners aside), no comma (a dateline), not shouted in capitals, not a generic title ("Overview", "Working
-    hours"); else ""."""
-    from .text import COMMON_WORDS
-
-    tokens = heading.strip().strip("*_#").split()
-    if not tokens or len(tokens) > 5 or "," in heading or (heading.isupper() and len(heading) > 3):
-        return ""
-    content = [t for t in tokens if t.lower() not in _NAME_JOINERS]
-    if not content or any(not (t[0].isupper() or t[0].isdigit()) for t in content):
-        return ""
-    if all(t.lower().strip("()") in COMMON_WORDS | _GENERIC_SECTIONS for t in content):
-        return ""
-    return " ".join(tokens)
 
 
 def _named_instead(title: str, text: str) -> str:

@@ -4,9 +4,8 @@ Per chunk (``synth.facts_orders`` > 0): the passage as written, and its self-con
 shuffled orders (knowledge augmentation: each fact seen in several contexts, named in full).
 
 Per sentence of a chunk:
-  - the sentence made self-contained: a leading "It"/"Its" becomes its subject (the name its section heading
-    gives, "Tidebrace T4" in a catalogue, else the document's), and a sentence that does not name the subject is
-    prefixed with it (a fact lifted out of its document stays findable);
+  - the sentence made self-contained: a leading "It"/"Its" becomes the document's subject, and a sentence
+    that does not name the subject is prefixed with it (a fact lifted out of its document stays findable);
   - fill-in-the-blank pairs over its names, numbers and dates, and a "complete the sentence" pair whose
     answer continues from the blanked span (the shape of cloze probes), optionally in several instruction
     wordings (``synth.facts_wordings``): a memory layer trained in one wording reaches the fact mostly
@@ -48,7 +47,6 @@ _RELATION_OF = re.compile(rf"^(?P<a>{_N})(?:\s*\([^)]*\))?,?\s+(?P<be>is|was|are
 _PASSIVE_BY = re.compile(rf"^(?P<a>{_N})(?:\s*\([^)]*\))?\b.*?\b(?:was|were|is|are|,)\s*(?:\w+\s+)?"
                          rf"(?P<part>[a-z]+(?:ed|en|lt|ld|wn|ng|on|de|ot))\s+by\s+(?P<b>(?:the\s+)?{_N}(?:\s+and\s+{_N})?)")
 _BLANK = "____"
-_LABELLED = re.compile(r"^[A-Z][\w ]{0,30}: \S")
 COMPLETE = "Complete the sentence about {subject}: {start}"
 # Further wordings of a sentence completion, taken in this order (none is the wording `engrain compare` asks in).
 WORDINGS = ["Finish this sentence on {subject}: {start}", "{subject}. Continue: {start}", "What comes next? {start}",
@@ -219,7 +217,8 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
-    starts: dict[str, tuple[str, str]] = {}  # sentence completion's variant -> (subject, the start to complete)
+    starts: dict[str, str] = {}  # sentence completion's variant -> the sentence start it asks to complete
+    subject = unit.subject
     src = unit.chunk.text
 
     def make(variant: str, *, text: str | None = None, q: str | None = None, a: str | None = None) -> Candidate:
@@ -229,13 +228,9 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
                                                        {"role": "assistant", "content": a}], check=a or "")
 
     full = named_in_full(unit.sentences)
-    subjects = unit.subjects
     for i, sent in enumerate(unit.sentences):
-        # A labelled value ("Weight: 41 kg.") holds a fact in three words.
-        short = len(words(sent)) < 4 and not _LABELLED.match(sent)
-        if short or not re.search(r"[.!?][\"'”’)]?$", sent):
+        if len(words(sent)) < 4 or not re.search(r"[.!?][\"'”’)]?$", sent):
             continue  # too short to hold a fact, or cut off at the chunk's edge
-        subject = subjects[i]
         statement = _self_contained(full[i], subject)
         statements.append(make(f"s{i}", text=statement))
         asks_wh = [q for q in (wh_question(statement, sp) for sp in spans(statement)
@@ -248,7 +243,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
             blanked = sent[:sp.start] + _BLANK + sent[sp.end:]
             prefix = sent[:sp.start].rstrip()
             if len(words(prefix)) >= 5:
-                starts[f"k{i}.{j}"] = (subject, prefix)
+                starts[f"k{i}.{j}"] = prefix
                 asks.append(make(f"k{i}.{j}", q=COMPLETE.format(subject=subject, start=prefix),
                                  a=sent[sp.start:].strip()))
             asks.append(make(f"c{i}.{j}", q=f"Fill in the blank ({subject}): {blanked}", a=sp.text))
@@ -263,8 +258,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     rounds = [sent[r] for r in range(max(map(len, per_sentence), default=0)) for sent in per_sentence if r < len(sent)]
     kept = statements + shuffled + wh + rounds[:limit]
     for cand in [c for c in kept if c.variant in starts]:
-        about, start = starts[cand.variant]
-        kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=about, start=start),
+        kept += [make(f"{cand.variant}w{n}", q=wording.format(subject=subject, start=starts[cand.variant]),
                       a=cand.messages[1]["content"]) for n, wording in enumerate(WORDINGS[:wordings - 1], start=1)]
     return kept
 
