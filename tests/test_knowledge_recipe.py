@@ -153,6 +153,32 @@ def test_replay_kl_weight_mixes_the_base_distribution_into_the_loss(tiny_lm):
     assert plain == pytest.approx(hard, rel=1e-5)
 
 
+def test_replay_targets_run_in_batches_equal_one_example_at_a_time(tiny_lm):
+    """self_targets batches examples by length with their shared template start run once: in fp32 each example's
+    targets are those of its own forward; a repeated example is run once and an example without one loss tail has
+    none."""
+    from engrain.train.data import IGNORE, Example, encode_item
+    from engrain.train.distill import _run_group, first_loss_index, self_targets
+
+    tok = tiny_lm.tokenizer
+    asks = ["Name a colour.", "What is two plus two? Answer in a word.", "Say hello.",
+            "Write one short sentence about the moon and the tides."]
+    examples = [encode_item(tok, {"messages": [{"role": "user", "content": q},
+                                               {"role": "assistant", "content": f"An answer to: {q}"}]},
+                            f"r{i}", "replay") for i, q in enumerate(asks)]
+    examples.append(encode_item(tok, {"messages": [{"role": "user", "content": asks[1]},
+                                                   {"role": "assistant", "content": f"An answer to: {asks[1]}"}]},
+                                "again", "replay"))
+    examples.append(Example([1, 2, 3], [IGNORE, IGNORE, IGNORE], "none", "replay"))
+    got = self_targets(tiny_lm, examples, top_k=4, ignore=IGNORE)
+    assert got[-1] is None and got[4].ids == got[1].ids
+    for ex, target in zip(examples[:4], got):
+        j = first_loss_index(ex.labels, IGNORE)
+        [alone] = _run_group(tiny_lm.model, [(ex.key, ex.ids[:j], ex.ids[j:])], 4, tok.pad_token_id)
+        assert target.ids == alone.ids
+        assert max(abs(a - b) for ra, rb in zip(target.logprobs, alone.logprobs) for a, b in zip(ra, rb)) < 1e-3
+
+
 def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(tiny_lm):
     import torch
 

@@ -175,23 +175,29 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     return result
 
 
-def self_targets(lm: LM, examples: list, top_k: int, ignore: int) -> list[Teacher | None]:
+def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = False) -> list[Teacher | None]:
     """The base model's own top-k at every loss position of each example, with nothing added to its prompt: the
     target that keeps a trained memory's answers to general requests where the base model's were (the KL-to-base
     term on replay, ``train.replay_kl``). Computed before the memory is attached; examples repeating one item
-    (replay cycles through a small pool) are run once."""
+    (replay cycles through a small pool) are run once.
+
+    The examples run ``BATCH`` at a time in order of length (little padding), their shared chat-template start once,
+    and with ``bf16`` under bf16 autocast: the precision the run trains in, so the target is the distribution the
+    student starts from. ``bench/bench_self_targets.py`` times this against one example at a time in fp32."""
     import torch
+
+    from .loop import bf16_autocast
 
     model, was_training = lm.model, lm.model.training
     model.eval()
-    by_ids: dict[tuple, Teacher | None] = {}
-    with torch.no_grad():
-        for ex in examples:
-            key = tuple(ex.ids)
-            if key in by_ids:
-                continue
-            j = first_loss_index(ex.labels, ignore)
-            by_ids[key] = None if j is None else _run_group(model, [(ex.key, ex.ids[:j], ex.ids[j:])], top_k,
-                                                            lm.tokenizer.pad_token_id)[0]
+    jobs: dict[tuple, tuple[str, list[int], list[int]]] = {}
+    for ex in examples:
+        j = first_loss_index(ex.labels, ignore)
+        if j is not None:
+            jobs.setdefault(tuple(ex.ids), (ex.key, ex.ids[:j], ex.ids[j:]))
+    ordered = sorted(jobs.values(), key=lambda job: len(job[1]) + len(job[2]))
+    device = str(next(model.parameters()).device)
+    with torch.no_grad(), bf16_autocast(device, bf16):
+        done = {key: t for (key, _, _), t in zip(ordered, _run_group(model, ordered, top_k, lm.tokenizer.pad_token_id))}
     model.train(was_training)
-    return [by_ids[tuple(ex.ids)] for ex in examples]
+    return [done[jobs[tuple(ex.ids)][0]] if tuple(ex.ids) in jobs else None for ex in examples]

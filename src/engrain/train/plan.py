@@ -76,8 +76,10 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
     replay = replay_examples(ws, lm, cfg, len(train))
     if replay and cfg.replay_kl > 0 and teacher:
         from .distill import self_targets
+        from .loop import use_bf16
 
-        for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE)):
+        bf16 = use_bf16(cfg.bf16, str(next(lm.model.parameters()).device))
+        for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE, bf16)):
             ex.teacher, ex.teacher_weight = target, cfg.replay_kl
         extra["replay_kl"] = cfg.replay_kl
     train = train + replay
