@@ -175,7 +175,8 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     return result
 
 
-def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = False) -> list[Teacher | None]:
+def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = False,
+                 show: bool = False) -> list[Teacher | None]:
     """The base model's own top-k at every loss position of each example, with nothing added to its prompt: the
     target that keeps a trained memory's answers to general requests where the base model's were (the KL-to-base
     term on replay, ``train.replay_kl``). Computed before the memory is attached; examples repeating one item
@@ -197,7 +198,13 @@ def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = F
             jobs.setdefault(tuple(ex.ids), (ex.key, ex.ids[:j], ex.ids[j:]))
     ordered = sorted(jobs.values(), key=lambda job: len(job[1]) + len(job[2]))
     device = str(next(model.parameters()).device)
-    with torch.no_grad(), bf16_autocast(device, bf16):
-        done = {key: t for (key, _, _), t in zip(ordered, _run_group(model, ordered, top_k, lm.tokenizer.pad_token_id))}
+    done: dict[str, Teacher] = {}
+    step = BATCH * 4  # examples per progress update
+    with Progress(show, len(ordered), 0, "replay targets") as bar, torch.no_grad(), bf16_autocast(device, bf16):
+        for b in range(0, len(ordered), step):
+            part = ordered[b:b + step]
+            done.update((key, t) for (key, _, _), t in zip(part, _run_group(model, part, top_k,
+                                                                            lm.tokenizer.pad_token_id)))
+            bar.update(b + len(part))
     model.train(was_training)
     return [done[jobs[tuple(ex.ids)][0]] if tuple(ex.ids) in jobs else None for ex in examples]

@@ -79,7 +79,7 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
         from .loop import use_bf16
 
         bf16 = use_bf16(cfg.bf16, str(next(lm.model.parameters()).device))
-        for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE, bf16)):
+        for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE, bf16, show)):
             ex.teacher, ex.teacher_weight = target, cfg.replay_kl
         extra["replay_kl"] = cfg.replay_kl
     train = train + replay
