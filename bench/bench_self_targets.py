@@ -21,7 +21,7 @@ from engrain.config import TrainConfig
 from engrain.models import answer, answering_lm, load_model
 from engrain.train.data import IGNORE, encode_item
 from engrain.train.distill import _run_group, first_loss_index, self_targets
-from engrain.train.loop import use_bf16
+from engrain.train.precision import use_bf16
 from engrain.train.replay import REPLAY_BATCH, replay_prompts
 
 

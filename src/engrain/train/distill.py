@@ -187,7 +187,7 @@ def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = F
     student starts from. ``bench/bench_self_targets.py`` times this against one example at a time in fp32."""
     import torch
 
-    from .loop import bf16_autocast
+    from .precision import bf16_autocast
 
     model, was_training = lm.model, lm.model.training
     model.eval()

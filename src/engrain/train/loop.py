@@ -37,6 +37,7 @@ from .packing import (
     global_batches,
     loss_sum,
 )
+from .precision import bf16_autocast, use_bf16
 from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
 
@@ -59,14 +60,6 @@ def run_config(cfg: TrainConfig, lm: LM) -> dict:
     return {**{k: v for k, v in cfg.model_dump().items() if k not in UPDATE_KEYS}, "base_model": lm.name}
 
 
-def bf16_autocast(device: str, enabled: bool):
-    import torch
-
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the system at once.
 
@@ -86,17 +79,6 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-
-
-def use_bf16(setting: str, device: str) -> bool:
-    from ..models import bf16_supported
-
-    if setting == "on":
-        return True
-    if setting == "off":
-        return False
-    # auto: only where bf16 is native (CUDA Ampere+, CPUs with AMX/AVX512-BF16); elsewhere it is emulated and slower.
-    return bf16_supported(str(device))
 
 
 def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, name: str | None = None,

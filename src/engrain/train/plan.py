@@ -76,7 +76,7 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
     replay = replay_examples(ws, lm, cfg, len(train))
     if replay and cfg.replay_kl > 0 and teacher:
         from .distill import self_targets
-        from .loop import use_bf16
+        from .precision import use_bf16
 
         bf16 = use_bf16(cfg.bf16, str(next(lm.model.parameters()).device))
         for ex, target in zip(replay, self_targets(lm, replay, cfg.distill_top_k, IGNORE, bf16, show)):
