@@ -4,10 +4,14 @@ all queries, alternately in one process on the same random prompts:
     python bench/bench_prefill.py          # prints a table, writes bench/out/prefill.json
 
 Shapes: one 477-token prompt (a rag prompt's first token) and 16 prompts of 500 tokens (a batch of `engrain
-compare`'s rag questions). Best of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the
+compare`'s rag questions). Then one prompt of 16 to 256 tokens, fitted as a fixed cost per forward plus a cost per
+token: the fixed part, in tokens, is how much padding a prefill group may take before a second forward costs more
+(``stream.PAD_TOKENS``). Last, the same lengths and the 477-token prompt with the weights packed once for oneDNN
+(``packed_weights``, built with the decode weights) against the plain weights, alternately, logits compared. Best of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the
 logits of the two forms are compared too (they must agree: the same attention in another order).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,17 +28,18 @@ from engrain.models import fastgen, load_model
 OUT = ROOT / "bench" / "out"
 
 
-def prefill(model, ids: torch.Tensor) -> torch.Tensor:
-    """The decode loop's own prefill of equal-length prompts (no padding); their last positions' logits."""
-    return fastgen._prefill(model, ids.tolist(), list(range(len(ids))), 0, None, "cpu").logits
+def prefill(model, ids: torch.Tensor, quant=None) -> torch.Tensor:
+    """The decode loop's own prefill of equal-length prompts (no padding); their last positions' logits. ``quant``:
+    the decode weights, whose packed copy (``packed_weights``) the prefill then reads."""
+    return fastgen._prefill(model, ids.tolist(), list(range(len(ids))), 0, None, "cpu", quant=quant).logits
 
 
-def best_of(model, ids: torch.Tensor, block: int, repeats: int) -> tuple[float, torch.Tensor]:
+def best_of(model, ids: torch.Tensor, block: int, repeats: int, quant=None) -> tuple[float, torch.Tensor]:
     fastgen.QUERY_BLOCK = block
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        logits = prefill(model, ids)
+        logits = prefill(model, ids, quant)
         times.append(time.perf_counter() - t0)
     return min(times), logits
 
@@ -62,12 +67,65 @@ def main() -> None:
             rows_out.append({"prompts": rows, "tokens": width, "one_block_s": whole, "query_blocks_s": split,
                              "logits_max_diff": diff})
     fastgen.QUERY_BLOCK = blocked
+    by_length = cost_by_length(model, generator, args.repeats)
+    packing = packed_against_plain(model, generator, args.repeats)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prefill.json").write_text(json.dumps(
-        {"rows": rows_out, "query_block": blocked, "repeats": args.repeats, "dtype": str(model.dtype),
+        {"rows": rows_out, "by_length": by_length, "packed": packing, "query_block": blocked, "repeats": args.repeats, "dtype": str(model.dtype),
          "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
          "torch": torch.__version__}, indent=2))
     print(f"wrote {OUT / 'prefill.json'}")
+
+
+def cost_by_length(model, generator, repeats: int) -> dict:
+    """Seconds of one prompt's prefill at a few lengths, and the least-squares line through them."""
+    lengths = [16, 32, 64, 128, 256]
+    seconds = []
+    with torch.inference_mode():
+        for n in lengths:
+            ids = torch.randint(100, 20000, (1, n), generator=generator)
+            prefill(model, ids)
+            seconds.append(best_of(model, ids, fastgen.QUERY_BLOCK, repeats)[0])
+    mean_n, mean_s = sum(lengths) / len(lengths), sum(seconds) / len(seconds)
+    per_token = sum((n - mean_n) * (t - mean_s) for n, t in zip(lengths, seconds)) / \
+        sum((n - mean_n) ** 2 for n in lengths)
+    fixed = mean_s - per_token * mean_n
+    print("| prompt tokens | " + " | ".join(map(str, lengths)) + " |")
+    print("| --- |" + " --- |" * len(lengths))
+    print("| prefill (ms) | " + " | ".join(f"{t * 1000:.0f}" for t in seconds) + " |")
+    print(f"fitted: {fixed * 1000:.1f} ms per forward + {per_token * 1000:.2f} ms per token; the fixed part is "
+          f"{fixed / per_token:.0f} tokens' worth")
+    return {"lengths": lengths, "seconds": seconds, "fixed_s": fixed, "per_token_s": per_token,
+            "fixed_in_tokens": fixed / per_token}
+
+
+def packed_against_plain(model, generator, repeats: int) -> list[dict]:
+    """One prompt's prefill through the packed weights and through the plain ones, best of ``repeats`` each."""
+    from engrain.models import decode_weights, packed_weights
+
+    quant = decode_weights.for_model(model)
+    if quant is None or quant.packed is None:
+        print(f"no packed weights here (decode weights {getattr(model, decode_weights.ATTRIBUTE, 'model')}, "
+              f"packing available: {packed_weights.available()})")
+        return []
+    plain = dataclasses.replace(quant, packed=None)
+    print("| prompt tokens | plain weights (ms) | packed (ms) | speed-up | logits max diff |")
+    print("| --- | --- | --- | --- | --- |")
+    out = []
+    with torch.inference_mode():
+        for n in (16, 32, 64, 128, 256, 477):
+            ids = torch.randint(100, 20000, (1, n), generator=generator)
+            prefill(model, ids, quant)
+            best = {"plain": float("inf"), "packed": float("inf")}
+            for _ in range(repeats):
+                for name, q in (("plain", plain), ("packed", quant)):
+                    t, _ = best_of(model, ids, fastgen.QUERY_BLOCK, 1, q)
+                    best[name] = min(best[name], t)
+            diff = (prefill(model, ids, quant) - prefill(model, ids, plain)).abs().max().item()
+            print(f"| {n} | {best['plain'] * 1000:.0f} | {best['packed'] * 1000:.0f} | "
+                  f"{best['plain'] / best['packed']:.2f}x | {diff:.3g} |")
+            out.append({"tokens": n, "plain_s": best["plain"], "packed_s": best["packed"], "logits_max_diff": diff})
+    return out
 
 
 if __name__ == "__main__":

@@ -134,14 +134,19 @@ def test_prompt_cache_keeps_its_byte_budget_dropping_the_least_recently_used():
 
 
 def test_prompts_of_very_different_lengths_are_prefilled_apart():
-    """On a CPU a prefill group pads to its longest prompt by at most PAD_SLACK more tokens than it holds: similar
-    lengths share a group, a short prompt is not padded to a long one, and every prompt lands in exactly one group."""
+    """On a CPU a prefill group pads to its longest prompt by at most PAD_SLACK more tokens than it holds, or
+    PAD_TOKENS where that is more: similar lengths share a group, a short prompt is not padded to a long one, short
+    prompts share one forward, and every prompt lands in exactly one group."""
     prompts = {0: [1] * 800, 1: [1] * 300, 2: [1] * 470, 3: [1] * 500, 4: [1] * 480, 5: [1] * 310}
     groups = stream_mod.length_groups(prompts)
     assert [sorted(g) for g in groups] == [[1, 5], [2, 3, 4], [0]]
     for g in groups:
         lengths = [len(p) for p in g.values()]
-        assert max(lengths) * len(lengths) <= (1 + stream_mod.PAD_SLACK) * sum(lengths)
+        padding = max(lengths) * len(lengths) - sum(lengths)
+        assert padding <= max(stream_mod.PAD_TOKENS, stream_mod.PAD_SLACK * sum(lengths))
     # Tokens a cached start covers are not prefilled, so they do not count: 20 and 60 own tokens pad too much.
     assert [sorted(g) for g in stream_mod.length_groups({0: [1] * 520, 1: [1] * 560}, skip=500)] == [[0], [1]]
+    # Short prompts share one forward though one is twice the other: a forward's fixed cost outweighs the padding.
+    short = {0: [1] * 12, 1: [1] * 25, 2: [1] * 18}
+    assert [sorted(g) for g in stream_mod.length_groups(short)] == [[0, 1, 2]]
     assert stream_mod.length_groups({}) == []

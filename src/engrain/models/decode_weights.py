@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import packed_weights
+
 ATTRIBUTE = "engrain_decode_weights"  # on the model: "int4", "int8" or "model"
 QUANTIZED = ("int4", "int8")
 GROUP = 32  # inputs per 4-bit group: a Q4_1 block's size
@@ -122,6 +124,7 @@ class Block:
 class DecodeWeights:
     blocks: list[Block]
     head: Int8Linear | Int4Linear | None
+    packed: list | None = None  # per block, packed_weights.PackedBlock (or None): bf16 models on a CPU only
 
 
 def _plain(*modules) -> bool:
@@ -149,7 +152,8 @@ def build(model, mode: str = "int8") -> DecodeWeights:
                             gate_up=_quantized([m.gate_proj, m.up_proj], dtype, mode) if mlp_ok else None,
                             down=_quantized([m.down_proj], dtype, mode) if mlp_ok else None))
     head = _quantized([model.lm_head], dtype, mode) if _plain(model.lm_head) else None
-    return DecodeWeights(blocks, head)
+    packed = packed_weights.build(model) if dtype == torch.bfloat16 and packed_weights.available() else None
+    return DecodeWeights(blocks, head, packed)
 
 
 def _weights(model) -> list[torch.Tensor]:
@@ -185,22 +189,26 @@ def for_model(model) -> DecodeWeights | None:
     return cached[1]
 
 
-def mlp(layer, x: torch.Tensor, block: Block | None) -> torch.Tensor:
-    """The block's MLP on ``x``: fused quantized gate|up then down where the block has them, else the model's module."""
+def mlp(layer, x: torch.Tensor, block: Block | None, packed=None) -> torch.Tensor:
+    """The block's MLP on ``x``: fused quantized gate|up then down where the block has them, else the model's own
+    weights (``packed``: the block's ``packed_weights.PackedBlock``, the same products without a reorder per call)."""
+    if (block is None or block.gate_up is None) and packed is not None:
+        return packed.down(layer.mlp.act_fn(packed.gate(x)) * packed.up(x))
     if block is None or block.gate_up is None:
         return layer.mlp(x)
     gate, up = block.gate_up(x).chunk(2, dim=-1)
     return block.down(layer.mlp.act_fn(gate) * up)
 
 
-def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Block | None):
+def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Block | None, packed=None):
     """q and k of ``x`` (B, T, hidden) with the rotary embedding applied, and v: each (B, heads, T, head_dim)."""
     bsz, t, _ = x.shape
     hd = attn.head_dim
     if block is None or block.qkv is None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        q, k, v = (p(x).view(bsz, t, -1, hd).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj) if packed is None else (packed.q, packed.k, packed.v)
+        q, k, v = (p(x).view(bsz, t, -1, hd).transpose(1, 2) for p in projections)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
     heads = attn.q_proj.out_features // hd
@@ -223,8 +231,10 @@ def norm(module, x: torch.Tensor, lean: bool) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
 
 
-def out(attn, x: torch.Tensor, block: Block | None) -> torch.Tensor:
-    return attn.o_proj(x) if block is None or block.o is None else block.o(x)
+def out(attn, x: torch.Tensor, block: Block | None, packed=None) -> torch.Tensor:
+    if block is not None and block.o is not None:
+        return block.o(x)
+    return attn.o_proj(x) if packed is None else packed.o(x)
 
 
 def head(model, x: torch.Tensor, weights: DecodeWeights | None) -> torch.Tensor:

@@ -79,13 +79,14 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
     return hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and hasattr(inner, "embed_tokens")
 
 
-def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None):
+def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None, packed=None):
     """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
     ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row.
-    ``block``: the block's quantized decode weights (``decode_weights.Block``), or None for the model's own."""
+    ``block``: the block's quantized decode weights (``decode_weights.Block``), or None for the model's own, read
+    through ``packed`` (``packed_weights.PackedBlock``) where given."""
     attn = layer.self_attn
     bsz, t, _ = x.shape
-    q, k, v = decode_weights.qkv(attn, x, cos, sin, block)
+    q, k, v = decode_weights.qkv(attn, x, cos, sin, block, packed)
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
@@ -100,7 +101,7 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
                                              enable_gqa=keys.shape[1] != q.shape[1])
     else:
         out = _attend_with_prefix(q, keys, values, prefix, attn_mask, attn.scaling)
-    return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block)
+    return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block, packed)
 
 
 QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill.py times blocks against none)
@@ -186,13 +187,16 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
     # Steps of a few tokens per forward read every weight for little compute: those read the quantized copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
     fast = quant if bsz * t <= decode_weights.MAX_ROWS else None
+    # The others run the model's own weights, packed once for oneDNN where that applies (the same products).
+    packed = quant.packed if fast is None and quant is not None else None
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(inner.layers, caches)):
         shared = prefix[i] if prefix is not None else None
         block = fast.blocks[i] if fast is not None else None
+        own = packed[i] if packed is not None else None
         lean = block is not None
         normed = decode_weights.norm(layer.input_layernorm, x, lean)
-        x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block)
-        x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block)
+        x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block, own)
+        x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block, own)
     x = decode_weights.norm(inner.norm, x[:, -1:], fast is not None)
     return decode_weights.head(model, x, fast)[:, -1].float()
 
@@ -369,13 +373,14 @@ def generate_many(model, prompts: list[list[int]], *, batch_size: int, max_new_t
     # The prompts' common start (the chat template's opening and system prompt) is run once, not once per row.
     shared, common = None, (common_start(prompts) if prefix is None else 0)
     if common:
-        shared = _prefill(model, [prompts[0][:common]], [0], pad_id, None, device).caches
+        shared = _prefill(model, [prompts[0][:common]], [0], pad_id, None, device, quant=quant).caches
         prompts = [p[common:] for p in prompts]
     while True:
         live = 0 if rows is None else len(rows.ids)
         if queue and live * 4 <= batch_size * 3:
             admit, queue = queue[:batch_size - live], queue[batch_size - live:]
-            rows = _merge(rows, _prefill(model, prompts, admit, pad_id, prefix, device, shared), max_new_tokens)
+            rows = _merge(rows, _prefill(model, prompts, admit, pad_id, prefix, device, shared, quant),
+                          max_new_tokens)
         if rows is None or len(rows.ids) == 0:
             break
         tok = _sample(rows.logits, temperature, top_p, gen)

@@ -9,21 +9,27 @@ from . import decode_weights
 from .fastgen import _merge, _prefill, _row_kv, _Rows, _sample, _step, decoder, trained_prefix
 from .prompt_cache import PromptCache
 
-# How many more tokens than it holds a CPU prefill group may pad to (``length_groups``).
+# How much padding a CPU prefill group may take (``length_groups``): a share of the tokens it holds, or a number of
+# tokens where that is more. A CPU forward costs a fixed part (every weight read once) plus a part per token; the
+# fixed part is worth a few dozen tokens here (``python bench/bench_prefill.py`` fits both), so a second forward for
+# short prompts costs more than padding them together.
 PAD_SLACK = 0.25
+PAD_TOKENS = 32
 
 
 def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int, list[int]]]:
     """``prompts`` split, shortest first, into groups that pad (each prompt's tokens after ``skip``) to their longest
-    with at most ``PAD_SLACK`` more tokens than they hold. On a CPU a prefill costs about as much per token for one
-    prompt as for many (``python bench/bench_prefill.py`` runs both), so padding is time lost there, while prompts of
-    similar length still share one read of the weights."""
+    with at most ``PAD_SLACK`` more tokens than they hold, or ``PAD_TOKENS`` where that is more. On a CPU a long
+    prefill costs about as much per token for one prompt as for many (``python bench/bench_prefill.py`` runs both),
+    so padding a short rag prompt to a long one is time lost, while short prompts (a chat question after a cached
+    system prompt) are cheaper in one forward than in several."""
     groups: list[dict[int, list[int]]] = []
     group: dict[int, list[int]] = {}
     tokens = 0
     for handle in sorted(prompts, key=lambda h: len(prompts[h])):
         n = len(prompts[handle]) - skip
-        if group and n * (len(group) + 1) > (1 + PAD_SLACK) * (tokens + n):
+        padding = n * (len(group) + 1) - (tokens + n)
+        if group and padding > max(PAD_TOKENS, PAD_SLACK * (tokens + n)):
             groups.append(group)
             group, tokens = {}, 0
         group[handle] = prompts[handle]
