@@ -44,11 +44,13 @@ class PackedBlock:
 
 def available() -> bool:
     """Whether this PyTorch build packs bf16 weights for oneDNN on a CPU that computes bf16 natively."""
-    from . import bf16_supported
-
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise") and bf16_supported("cpu"))
+    try:  # as load.bf16_supported asks it for a CPU
+        native = bool(ops._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return (torch.backends.mkldnn.is_available() and native and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
 
 
 def _pack(module: torch.nn.Linear) -> PackedLinear:
