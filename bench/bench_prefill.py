@@ -7,8 +7,9 @@ Shapes: one 477-token prompt (a rag prompt's first token) and 16 prompts of 500 
 compare`'s rag questions). Then one prompt of 16 to 256 tokens, fitted as a fixed cost per forward plus a cost per
 token: the fixed part, in tokens, is how much padding a prefill group may take before a second forward costs more
 (``stream.PAD_TOKENS``). Last, the same lengths and the 477-token prompt with the weights packed once for oneDNN
-(``packed_weights``, built with the decode weights) against the plain weights, alternately, logits compared. Best of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the
-logits of the two forms are compared too (they must agree: the same attention in another order).
+(``packed_weights``, built with the decode weights) against the plain weights, alternately, logits compared. Best
+of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the logits of the two forms are compared
+too (they must agree: the same attention, or the same products, in another order).
 """
 import argparse
 import dataclasses
@@ -71,7 +72,8 @@ def main() -> None:
     packing = packed_against_plain(model, generator, args.repeats)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prefill.json").write_text(json.dumps(
-        {"rows": rows_out, "by_length": by_length, "packed": packing, "query_block": blocked, "repeats": args.repeats, "dtype": str(model.dtype),
+        {"rows": rows_out, "by_length": by_length, "packed": packing, "query_block": blocked, "repeats": args.repeats,
+         "dtype": str(model.dtype),
          "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
          "torch": torch.__version__}, indent=2))
     print(f"wrote {OUT / 'prefill.json'}")

@@ -24,12 +24,11 @@ def bf16_supported(device: str) -> bool:
     """Whether this device computes in bfloat16 natively (CUDA: Ampere+; CPU: AVX512-BF16 or AMX)."""
     import torch
 
+    from .packed_weights import native_bf16_cpu
+
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return native_bf16_cpu()
 
 
 def pick_dtype(device: str, dtype: str = "auto"):

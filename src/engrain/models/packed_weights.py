@@ -42,15 +42,18 @@ class PackedBlock:
     down: PackedLinear
 
 
+def native_bf16_cpu() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (AVX512-BF16 or AMX); ``load.bf16_supported`` asks it."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def available() -> bool:
     """Whether this PyTorch build packs bf16 weights for oneDNN on a CPU that computes bf16 natively."""
     ops = torch.ops.mkldnn
-    try:  # as load.bf16_supported asks it for a CPU
-        native = bool(ops._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-    return (torch.backends.mkldnn.is_available() and native and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
+    return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
 def _pack(module: torch.nn.Linear) -> PackedLinear:
@@ -65,6 +68,5 @@ def build(model) -> list[PackedBlock | None]:
         a, m = layer.self_attn, layer.mlp
         modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         plain = type(m).__name__ == "LlamaMLP" and all(type(x) is torch.nn.Linear and x.bias is None for x in modules)
-        out.append(PackedBlock(*map(_pack, (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj,
-                                             m.down_proj))) if plain else None)
+        out.append(PackedBlock(*map(_pack, modules)) if plain else None)
     return out

@@ -207,4 +207,5 @@ def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = F
                                                                             lm.tokenizer.pad_token_id)))
             bar.update(b + len(part))
     model.train(was_training)
-    return [done[jobs[tuple(ex.ids)][0]] if tuple(ex.ids) in jobs else None for ex in examples]
+    keys = [jobs.get(tuple(ex.ids), (None,))[0] for ex in examples]
+    return [done[key] if key is not None else None for key in keys]
