@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from engrain.models.fastgen import DECODE_SDPA_KEYS, _plain_attend
+from engrain.models.fastgen import DECODE_SDPA_KEYS, _plain_attend, mask_bias
 
 HQ, HKV, D = 9, 3, 64
 
@@ -44,7 +44,8 @@ def main() -> None:
                 mask = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
                 sdpa = best_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5,
                                                                       enable_gqa=True))
-                plain = best_us(lambda: _plain_attend(q, k, v, mask, D ** -0.5))
+                bias = mask_bias(mask, q.dtype)  # the decode loop makes it once per step, for all layers
+                plain = best_us(lambda: _plain_attend(q, k, v, bias, D ** -0.5))
                 print(f"| {rows} | {keys} | {sdpa:.0f} | {plain:.0f} | {sdpa / plain:.2f} |")
 
 

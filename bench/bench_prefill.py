@@ -9,7 +9,9 @@ token: the fixed part, in tokens, is how much padding a prefill group may take b
 (``stream.PAD_TOKENS``). Last, the same lengths and the 477-token prompt with the weights packed once for oneDNN
 (``packed_weights``, built with the decode weights) against the plain weights, alternately, logits compared. Best
 of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the logits of the two forms are compared
-too (they must agree: the same attention, or the same products, in another order).
+too (they must agree: the same attention, or the same products, in another order). Then the attention's mask added as
+a bias (``fastgen.mask_bias``, the plain form at any length in bf16) against the form before it (``masked_fill`` on
+the scores, SDPA past 512 tokens), with the packed weights, alternately, logits compared.
 """
 import argparse
 import dataclasses
@@ -70,9 +72,10 @@ def main() -> None:
     fastgen.QUERY_BLOCK = blocked
     by_length = cost_by_length(model, generator, args.repeats)
     packing = packed_against_plain(model, generator, args.repeats)
+    masking = mask_forms(model, generator, args.repeats)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prefill.json").write_text(json.dumps(
-        {"rows": rows_out, "by_length": by_length, "packed": packing, "query_block": blocked, "repeats": args.repeats,
+        {"rows": rows_out, "by_length": by_length, "packed": packing, "mask_forms": masking, "query_block": blocked, "repeats": args.repeats,
          "dtype": str(model.dtype),
          "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
          "torch": torch.__version__}, indent=2))
@@ -127,6 +130,61 @@ def packed_against_plain(model, generator, repeats: int) -> list[dict]:
             print(f"| {n} | {best['plain'] * 1000:.0f} | {best['packed'] * 1000:.0f} | "
                   f"{best['plain'] / best['packed']:.2f}x | {diff:.3g} |")
             out.append({"tokens": n, "plain_s": best["plain"], "packed_s": best["packed"], "logits_max_diff": diff})
+    return out
+
+
+def _masked_fill_attend(q, keys, values, attn_mask, scale: float):
+    """The plain attention before ``fastgen.mask_bias``: the scaled scores ``masked_fill``-ed block by block, and
+    SDPA for prefills past 512 tokens."""
+    import torch.nn.functional as F
+
+    t, s = q.shape[2], keys.shape[2]
+    if t > 512:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=scale, enable_gqa=True)
+    bsz, heads, _, hd = q.shape
+    kv = keys.shape[1]
+    out = []
+    for a in range(0, t, fastgen.QUERY_BLOCK):
+        qb, end = q[:, :, a:a + fastgen.QUERY_BLOCK], s - t + a + fastgen.QUERY_BLOCK
+        n = qb.shape[2]
+        scores = torch.matmul(qb.reshape(bsz, kv, heads // kv * n, hd), keys[:, :, :end].transpose(2, 3)) * scale
+        allowed = attn_mask[:, :, a:a + n, :end]
+        scores = scores.view(bsz, kv, heads // kv, n, -1).masked_fill(~allowed[:, :, None], torch.finfo(q.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out.append(torch.matmul(probs.view(bsz, kv, heads // kv * n, -1), values[:, :, :end]).view(bsz, heads, n, hd))
+    return torch.cat(out, dim=2)
+
+
+def mask_forms(model, generator, repeats: int) -> list[dict]:
+    """Prefill with the mask as a bias (now) and with ``masked_fill`` and SDPA past 512 tokens (before), best of
+    ``repeats`` each, alternately, through the packed weights where the model has them."""
+    from engrain.models import decode_weights
+
+    quant = decode_weights.for_model(model)
+    now = (fastgen._plain_attend, fastgen.mask_bias)
+    before = (_masked_fill_attend, lambda allowed, dtype: allowed)  # the boolean mask, passed on as it is
+
+    def use(forms) -> None:
+        fastgen._plain_attend, fastgen.mask_bias = forms
+
+    print("| prompts | masked_fill, SDPA past 512 (s) | mask as a bias (s) | speed-up | logits max diff |")
+    print("| --- | --- | --- | --- | --- |")
+    out = []
+    with torch.inference_mode():
+        for rows, n in ((1, 477), (1, 800), (4, 800)):
+            ids = torch.randint(100, 20000, (rows, n), generator=generator)
+            best, logits = {"before": float("inf"), "now": float("inf")}, {}
+            for _ in range(repeats):
+                for name, forms in (("before", before), ("now", now)):
+                    use(forms)
+                    t, logits[name] = best_of(model, ids, fastgen.QUERY_BLOCK, 1, quant)
+                    best[name] = min(best[name], t)
+            use(now)
+            diff = (logits["before"] - logits["now"]).abs().max().item()
+            print(f"| {rows} x {n} | {best['before']:.3f} | {best['now']:.3f} | {best['before'] / best['now']:.2f}x | "
+                  f"{diff:.3g} |")
+            out.append({"prompts": rows, "tokens": n, "before_s": best["before"], "now_s": best["now"],
+                        "logits_max_diff": diff})
     return out
 
 

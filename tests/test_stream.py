@@ -44,18 +44,42 @@ def test_plain_attention_equals_sdpa_and_gives_padding_rows_no_nan():
     import torch
     import torch.nn.functional as F
 
-    from engrain.models.fastgen import _plain_attend
+    from engrain.models.fastgen import _plain_attend, mask_bias
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     mask = torch.ones(5, 7, dtype=torch.bool).tril(diagonal=2)[None, None].repeat(2, 1, 1, 1)
     mask[1, :, :, :3] = False  # row 1: three padding keys on the left
     mask[1, :, 0] = False  # and a padding query that sees nothing at all
-    got = _plain_attend(q, k, v, mask, 0.3)
+    got = _plain_attend(q, k, v, mask_bias(mask, q.dtype), 0.3)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     seen = mask.any(-1).expand(2, 6, 5)
     torch.testing.assert_close(got[seen], ref[seen], atol=1e-5, rtol=1e-5)
     assert torch.isfinite(got).all()
+
+
+def test_plain_attention_bias_and_scaled_queries_give_masked_fills_exact_result():
+    """The mask added as a bias, and a power-of-two scale applied to the queries, give bit for bit what masked_fill
+    on the scaled scores gives, in bf16 and fp32, with a padding query that sees nothing (one query block: the
+    blocks are held to SDPA below)."""
+    import torch
+
+    from engrain.models import fastgen
+
+    torch.manual_seed(0)
+    t, s = 40, 49
+    mask = torch.ones(t, s, dtype=torch.bool).tril(diagonal=s - t)[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :4] = False
+    mask[1, :, 0] = False
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.randn(2, 6, t, 64).to(dtype)
+        k, v = torch.randn(2, 2, s, 64).to(dtype), torch.randn(2, 2, s, 64).to(dtype)
+        got = fastgen._plain_attend(q, k, v, fastgen.mask_bias(mask, dtype), 64 ** -0.5)
+        scores = torch.matmul(q.reshape(2, 2, 3 * t, 64), k.transpose(2, 3)) * 64 ** -0.5
+        scores = scores.view(2, 2, 3, t, s).masked_fill(~mask[:, :, None], torch.finfo(dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        want = torch.matmul(probs.view(2, 2, 3 * t, s), v).view(2, 6, t, 64)
+        assert torch.equal(got, want), dtype
 
 
 def test_plain_attention_in_query_blocks_equals_sdpa(monkeypatch):
@@ -72,7 +96,7 @@ def test_plain_attention_in_query_blocks_equals_sdpa(monkeypatch):
     q, k, v = torch.randn(2, 6, t, 8), torch.randn(2, 2, start + t, 8), torch.randn(2, 2, start + t, 8)
     mask = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)[None, None].repeat(2, 1, 1, 1)
     mask[1, :, :, start:start + 2] = False  # row 1: two padding tokens after the shared start
-    got = fastgen._plain_attend(q, k, v, mask, 0.3)
+    got = fastgen._plain_attend(q, k, v, fastgen.mask_bias(mask, q.dtype), 0.3)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 

@@ -30,13 +30,13 @@ architectures, stop strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..train.kernels.packed_attention import uses_plain_attention
 from . import compiled_decode, decode_weights
 from .prompt_cache import MIN_TOKENS
 from .stops import stop_index
@@ -79,8 +79,10 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
     return hasattr(inner, "layers") and hasattr(inner, "rotary_emb") and hasattr(inner, "embed_tokens")
 
 
-def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None, packed=None):
+def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None, packed=None,
+            bias=None):
     """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
+    ``bias``: ``attn_mask`` as ``mask_bias`` makes it, for the plain form (made once per forward, not per layer).
     ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row.
     ``block``: the block's quantized decode weights (``decode_weights.Block``), or None for the model's own, read
     through ``packed`` (``packed_weights.PackedBlock``) where given."""
@@ -90,12 +92,13 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
     keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
-    if block is None:  # prefill: the long rows uses_plain_attention was timed on
-        plain = uses_plain_attention(t, q.dtype != torch.float32)
+    if block is None:  # prefill: the plain form in low precision at any length (its query blocks bound its memory)
+        plain = q.dtype != torch.float32
     else:  # a decode step: SDPA's kernel wins only for one row over a short cache
         plain = bsz > 1 or keys.shape[2] > DECODE_SDPA_KEYS
     if prefix is None and q.device.type == "cpu" and plain:
-        out = _plain_attend(q, keys, values, attn_mask, attn.scaling)
+        bias = bias if bias is not None else mask_bias(attn_mask, q.dtype)
+        out = _plain_attend(q, keys, values, bias, attn.scaling)
     elif prefix is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
                                              enable_gqa=keys.shape[1] != q.shape[1])
@@ -110,32 +113,44 @@ QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill
 DECODE_SDPA_KEYS = 128
 
 
-def _plain_attend(q, keys, values, attn_mask, scale: float):
+def mask_bias(allowed, dtype):
+    """A boolean attention mask (True: attend) as a bias to add to the scores: 0 where allowed, the dtype's lowest
+    value elsewhere. Adding it gives exactly what ``masked_fill`` with that value gives (a score is far smaller than
+    the lowest value's rounding step, so the sum rounds to the lowest value), and on a CPU an add is vectorised for
+    bf16 where ``masked_fill`` and ``where`` are not (``python bench/bench_prefill.py`` times both)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _plain_attend(q, keys, values, bias, scale: float):
     """Masked attention as two matmuls around an fp32 softmax, the query heads of one KV head laid end to end (no
-    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels for up to 512 new
-    tokens (``uses_plain_attention`` in train/kernels/packed_attention.py has the timings); longer prefills keep
-    SDPA, whose scores need not all be in memory at once. Masked scores take the
-    dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN.
+    copy of the keys per query head). In bf16 on a CPU this beats SDPA's kernels (``python bench/bench_prefill.py``
+    and ``bench/bench_decode_attention.py`` time both). ``bias``: the mask as ``mask_bias`` makes it; masked scores
+    take the dtype's lowest value, not -inf: a padding query that sees no key gets a finite average, never NaN.
 
     A prefill runs in blocks of ``QUERY_BLOCK`` queries, each against the keys up to its last query: the mask is
     causal, so the keys after a block are never attended, and a block's scores stay small enough to be reused from
-    cache by the softmax and the second matmul."""
+    cache by the softmax and the second matmul. A scale that is a power of two (a head size of 64) multiplies the
+    queries, not the far larger scores: the products are then exactly the same."""
+    if math.frexp(scale)[0] == 0.5:  # exact: only the exponent changes
+        q, scale = q * scale, 1.0
     t, s = q.shape[2], keys.shape[2]
     if t <= QUERY_BLOCK:
-        return _plain_block(q, keys, values, attn_mask, scale)
+        return _plain_block(q, keys, values, bias, scale)
     start = s - t  # columns before the new tokens: every query may attend them
     return torch.cat([_plain_block(q[:, :, a:a + QUERY_BLOCK], keys[:, :, :start + a + QUERY_BLOCK],
                                    values[:, :, :start + a + QUERY_BLOCK],
-                                   attn_mask[:, :, a:a + QUERY_BLOCK, :start + a + QUERY_BLOCK], scale)
+                                   bias[:, :, a:a + QUERY_BLOCK, :start + a + QUERY_BLOCK], scale)
                       for a in range(0, t, QUERY_BLOCK)], dim=2)
 
 
-def _plain_block(q, keys, values, attn_mask, scale: float):
+def _plain_block(q, keys, values, bias, scale: float):
     bsz, heads, t, hd = q.shape
     kv, s = keys.shape[1], keys.shape[2]
     g = heads // kv
-    scores = torch.matmul(q.reshape(bsz, kv, g * t, hd), keys.transpose(2, 3)) * scale
-    scores = scores.view(bsz, kv, g, t, s).masked_fill(~attn_mask[:, :, None], torch.finfo(scores.dtype).min)
+    scores = torch.matmul(q.reshape(bsz, kv, g * t, hd), keys.transpose(2, 3))
+    if scale != 1.0:
+        scores = scores * scale
+    scores = scores.view(bsz, kv, g, t, s).add_(bias[:, :, None])
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.matmul(probs.view(bsz, kv, g * t, s), values).view(bsz, heads, t, hd)
 
@@ -186,6 +201,7 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
     mask = causal[None, None] & key_mask[:, None, None, :total]
     # Steps of a few tokens per forward read every weight for little compute: those read the quantized copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
+    bias = mask_bias(mask, x.dtype) if ids.device.type == "cpu" else None  # once for every layer's plain attention
     fast = quant if bsz * t <= decode_weights.MAX_ROWS else None
     # The others run the model's own weights, packed once for oneDNN where that applies (the same products).
     packed = quant.packed if fast is None and quant is not None else None
@@ -195,7 +211,7 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
         own = packed[i] if packed is not None else None
         lean = block is not None
         normed = decode_weights.norm(layer.input_layernorm, x, lean)
-        x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block, own)
+        x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block, own, bias)
         x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block, own)
     x = decode_weights.norm(inner.norm, x[:, -1:], fast is not None)
     return decode_weights.head(model, x, fast)[:, -1].float()
