@@ -49,6 +49,17 @@ def test_local_folder_loads(tiny_model_dir):
     assert lm.tokenizer.pad_token != lm.tokenizer.eos_token
 
 
+def test_loaded_models_run_no_hub_kernels(tiny_model_dir):
+    """transformers would swap some layers for kernel code fetched from the Hugging Face Hub when a model trains on a
+    GPU (found on one: offline, training failed there); engrain loads every model with its own modules."""
+    from engrain.models import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    assert lm.model.use_kernels is False
+    lm.model.train()  # where kernels are on, this is when transformers fetches them
+    assert lm.model.use_kernels is False
+
+
 def test_chat_template_is_one_source_of_truth(tokenizer):
     messages = chat_messages("Who founded Veltrix?", context="Veltrix was founded by Mara Olsen.")
     prompt = chat_prompt(tokenizer, messages)

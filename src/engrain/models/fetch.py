@@ -144,7 +144,8 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     t0 = time.time()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     use_kernels=False)
     except Exception as exc:  # a truncated or foreign file fails deep inside gguf parsing
         raise EngrainError(f"Could not read the GGUF file {gguf}: {exc}",
                            hint="Check that the file is complete (re-copy it) and is a llama-family GGUF.") from exc

@@ -118,7 +118,9 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     for attempt in range(2):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            # No hub kernels: transformers would fetch and run kernel code from the network for some layers on a
+            # GPU (and fail offline); engrain answers and trains with the model's own modules everywhere.
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_kernels=False)
             break
         except OSError as exc:
             if name == EMBEDDED_NAME and attempt == 0:
