@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: on this CPU-only setup 2.13.0 is the CPU build; any recent torch works elsewhere.
+# torch first, pinned: on this CPU-only setup 2.13.0 is the CPU build; elsewhere pyproject.toml says which work.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
