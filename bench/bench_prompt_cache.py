@@ -7,6 +7,11 @@ Rows: a prompt with no cache (what every prompt paid before the cache); a new pr
 cache's own cost: keeping the prompt's KV); a new question over the chunks an earlier prompt had in view (the
 same chunks retrieved again); the same prompt again. The prompt is acme's documents in view as rag asks (about
 ``PROMPT_TOKENS`` tokens, ``bench_answer_speed.long_prompt``), the model at its defaults. Median of ``--repeats``.
+
+Then one admission as a server under load makes it: chat questions asked before (their whole prompts cached) and
+new ones (only the system prompt cached) join six rows half way through their answers: together, each after its own
+cached start, in one forward per group of similar lengths (what ``Stream.admit`` does), against one forward for
+each cached start (what it did before), to the next token of every row.
 """
 
 from __future__ import annotations
@@ -25,11 +30,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_answer_speed import OUT, long_prompt  # noqa: E402
 
-from engrain.models import fastgen, load_model  # noqa: E402
+from engrain.models import chat_messages, chat_prompt, fastgen, load_model  # noqa: E402
 from engrain.models.prompt_cache import PromptCache  # noqa: E402
 from engrain.models.stream import Stream  # noqa: E402
 
 QUESTION, OTHER = "Who founded the company?", "Where is the company based?"
+# A server under 8 clients admits two or three requests at a time into the rows still decoding.
+ASKED = ["What is the capital of France?", "Name three primary colours."]  # asked before: whole prompts cached
+NEW = ["Why is the sky blue?"]  # not asked before: only the system prompt is cached
+RUNNING = ["How do plants drink water?", "What is the opposite of cold?", "What does a bee make?",
+           "Who wrote Romeo and Juliet?", "What is the largest ocean?", "What colour is grass?"]  # decoding
 
 
 def first_token_s(lm, prompt: list[int], cache_with: list[int] | None, cached: bool) -> float:
@@ -42,6 +52,45 @@ def first_token_s(lm, prompt: list[int], cache_with: list[int] | None, cached: b
     stream.admit([prompt], [1])
     stream.step()
     return time.perf_counter() - t0
+
+
+def admission_s(lm, groups: list[list[list[int]]], cached: list[list[int]], running: list[list[int]]) -> float:
+    """Seconds to admit ``groups`` (one ``admit`` call, so one prefill forward, each) into a stream already decoding
+    ``running`` and make the next token of all, with ``cached`` prompts in the cache beforehand."""
+    cache = PromptCache()
+    Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache).admit(cached, [1] * len(cached))
+    stream = Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
+    stream.admit(running, [48] * len(running))
+    for _ in range(24):  # the running rows are half way through their answers
+        stream.step()
+        stream.advance(set())
+    t0 = time.perf_counter()
+    for group in groups:
+        stream.admit(group, [1] * len(group))
+    stream.step()
+    return time.perf_counter() - t0
+
+
+def admissions(lm, repeats: int) -> dict:
+    """One admission of ``ASKED`` and ``NEW`` questions: together after their own cached starts, against one forward
+    per cached start; median seconds of ``repeats``, alternately."""
+    chat = [lm.tokenizer(chat_prompt(lm.tokenizer, chat_messages(q)), add_special_tokens=False)["input_ids"]
+            for q in ASKED + NEW + RUNNING]
+    asked, new, running = chat[:len(ASKED)], chat[len(ASKED):len(ASKED) + len(NEW)], chat[len(ASKED) + len(NEW):]
+    forms = {"together, forwards by length": [asked + new], "one forward per cached start": [[p] for p in asked] + [new]}
+    seconds = {name: [] for name in forms}
+    with torch.inference_mode():
+        admission_s(lm, forms["together, forwards by length"], asked, running)  # warm-up
+        for _ in range(repeats):
+            for name, groups in forms.items():
+                seconds[name].append(admission_s(lm, groups, asked, running))
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    print(f"one admission: {len(asked)} questions asked before, {len(new)} new; {len(running)} rows running")
+    print("| admission | seconds to the first tokens | x one forward per start |")
+    print("| --- | --- | --- |")
+    for name, s in median.items():
+        print(f"| {name} | {s:.3f} | {s / median['one forward per cached start']:.2f} |")
+    return {"median_s": median, "seconds": seconds, "asked": len(asked), "new": len(new), "running": len(running)}
 
 
 def main() -> None:
@@ -67,9 +116,10 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, s in median.items():
         print(f"| {name} | {s:.3f} | {s / median['no cache']:.2f} |")
+    admission = admissions(lm, args.repeats)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prompt_cache.json").write_text(json.dumps(
-        {"first_token_s": median, "seconds": seconds, "prompt_tokens": len(first), "shared_tokens": shared,
+        {"first_token_s": median, "admission": admission, "seconds": seconds, "prompt_tokens": len(first), "shared_tokens": shared,
          "repeats": args.repeats, "dtype": str(lm.model.dtype), "threads": torch.get_num_threads(),
          "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         indent=2))

@@ -136,6 +136,37 @@ def test_prompts_starting_as_earlier_ones_reuse_their_kv_and_get_their_tokens_al
     assert len(cache.entries) == 3  # prompts 0, 1 and 3 (prompt 2 is prompt 0 again)
 
 
+def test_prompts_after_different_cached_starts_share_one_forward_and_get_their_tokens_alone(tiny_lm, monkeypatch):
+    """Prompts that continue different cached prompts (a whole earlier question, only its system prompt, nothing)
+    are prefilled in one forward, each after its own start, and decode the greedy tokens they get alone (fp32). The
+    cache columns no row attends hold zeros: fresh buffers full of NaN do not reach any token."""
+    from engrain.models import fastgen
+    from engrain.models.prompt_cache import PromptCache
+
+    tok = tiny_lm.tokenizer
+    system = "You answer questions about the lighthouse, the harbour and the mill of Tessly, in one sentence. "
+    other = "You are a careful archivist of the Orvane records and you answer briefly and plainly. "
+    texts = [system + "Who kept the log?", other + "Where are the maps?", system + "Who kept the log?",
+             system + "When was the pier built?", other + "Where are the maps?", "Hi there, who are you today?"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    alone = [fastgen.generate_many(tiny_lm.model, [p], batch_size=1, max_new_tokens=6, stop_ids=[-1],
+                                   pad_id=tok.pad_token_id)[0] for p in prompts]
+    empty = fastgen._empty_caches
+    monkeypatch.setattr(fastgen, "_empty_caches", lambda *a: [(k.fill_(float("nan")), v.fill_(float("nan")))
+                                                              for k, v in empty(*a)])
+    calls = []
+    real = stream_mod.prefill_after_starts
+    monkeypatch.setattr(stream_mod, "prefill_after_starts", lambda model, group, *a, **k: calls.append(len(group))
+                        or real(model, group, *a, **k))
+    cache = PromptCache()
+    stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
+    got = _decode_all(stream, prompts[:2], 6)
+    got += _decode_all(stream, prompts[2:], 6)  # after a whole earlier prompt, a system prompt, a whole one, nothing
+    assert got == alone
+    assert calls == [2, 4]  # one forward per admission
+    assert cache.stats["hits"] == 3
+
+
 def test_prompt_cache_keeps_its_byte_budget_dropping_the_least_recently_used():
     import torch
 
@@ -168,8 +199,8 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart():
         lengths = [len(p) for p in g.values()]
         padding = max(lengths) * len(lengths) - sum(lengths)
         assert padding <= max(stream_mod.PAD_TOKENS, stream_mod.PAD_SLACK * sum(lengths))
-    # Tokens a cached start covers are not prefilled, so they do not count: 20 and 60 own tokens pad too much.
-    assert [sorted(g) for g in stream_mod.length_groups({0: [1] * 520, 1: [1] * 560}, skip=500)] == [[0], [1]]
+    # 20 and 60 tokens (what is left of two prompts after their cached starts) pad too much for one forward.
+    assert [sorted(g) for g in stream_mod.length_groups({0: [1] * 20, 1: [1] * 60})] == [[0], [1]]
     # Short prompts share one forward though one is twice the other: a forward's fixed cost outweighs the padding.
     short = {0: [1] * 12, 1: [1] * 25, 2: [1] * 18}
     assert [sorted(g) for g in stream_mod.length_groups(short)] == [[0, 1, 2]]

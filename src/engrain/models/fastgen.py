@@ -295,24 +295,45 @@ def _empty_caches(model, rows: int, width: int, device) -> list:
 def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefix, device, shared=None,
              quant=None) -> _Rows:
     """Run a left-padded batch of prompts; the rows come back with their first logits pending.
-    ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``common_start``); it is copied
-    into the first columns of each row's cache, so the rows' layout is [shared start | padding | own tokens].
-    ``quant``: the model's quantized decode weights, read (as a decode step reads them) when the batch is a few
-    tokens."""
-    tokens, mask = left_pad([prompts[i] for i in ids], pad_id)
+    ``shared``: per layer (K, V) of a prompt start every prompt continues (see ``common_start``), placed before each
+    row's own tokens. ``quant``: the model's quantized decode weights, read (as a decode step reads them) when the
+    batch is a few tokens."""
+    start = (0, None) if shared is None else (shared[0][0].shape[2], shared)
+    return prefill_after_starts(model, {i: prompts[i] for i in ids}, dict.fromkeys(ids, start), pad_id, prefix,
+                                device, quant)
+
+
+def prefill_after_starts(model, rest: dict[int, list[int]], starts: dict[int, tuple[int, list | None]],
+                         pad_id: int, prefix, device, quant=None) -> _Rows:
+    """Prefill the tokens ``rest`` holds (by row id), each after its own start: ``starts[h]`` is (n, per layer the
+    (K, V) of the prompt's first n tokens, each (1, kv_heads, n, head_dim), or None when n is 0). Each row's start is right-aligned against its own tokens, so the
+    rows' layout is [zeros | cached start | padding | own tokens], and each row's positions count on from its start.
+    A server's prompts start as different cached prompts did (the system prompt, a whole earlier question), and
+    one forward for all of them costs a fraction of one forward per start."""
+    handles = list(rest)
+    tokens, mask = left_pad([rest[h] for h in handles], pad_id)
     tokens, mask = tokens.to(device), mask.bool().to(device)
-    n, width = tokens.shape
-    start = 0 if shared is None else shared[0][0].shape[2]
-    caches = _empty_caches(model, n, start + width, device)
-    for (k, v), (sk, sv) in zip(caches, shared or []):
-        k[:, :, :start], v[:, :, :start] = sk, sv
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + start
+    rows, width = tokens.shape
+    lead = max(starts[h][0] for h in handles)
+    caches = _empty_caches(model, rows, lead + width, device)
+    key_mask = torch.zeros((rows, lead + width), dtype=torch.bool, device=device)
+    key_mask[:, lead:] = mask
+    for k, v in caches:  # columns no row attends still meet the scores and values: they must hold numbers
+        k[:, :, :lead], v[:, :, :lead] = 0, 0
+    for row, h in enumerate(handles):
+        n, kv = starts[h]
+        if n:
+            key_mask[row, lead - n:lead] = True
+            for (k, v), (sk, sv) in zip(caches, kv):
+                k[row, :, lead - n:lead], v[row, :, lead - n:lead] = sk[0], sv[0]
+    own_start = torch.tensor([starts[h][0] for h in handles], device=device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + own_start[:, None]
     if prefix is not None:
         positions = positions + prefix[0][0].shape[2]
-    key_mask = torch.cat([torch.ones((n, start), dtype=torch.bool, device=device), mask], dim=1)
-    logits = _forward(model, tokens, positions, caches, start, key_mask, prefix, quant)
-    return _Rows(caches, key_mask, start + width, torch.tensor(ids, device=device), positions[:, -1] + 1, logits,
-                 torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.bool, device=device))
+    logits = _forward(model, tokens, positions, caches, lead, key_mask, prefix, quant)
+    zeros = torch.zeros(rows, dtype=torch.long, device=device)
+    return _Rows(caches, key_mask, lead + width, torch.tensor(handles, device=device), positions[:, -1] + 1, logits,
+                 zeros, zeros.bool())
 
 
 def _row_kv(rows: _Rows, row: int) -> list:

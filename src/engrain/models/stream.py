@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import decode_weights
-from .fastgen import _merge, _prefill, _row_kv, _Rows, _sample, _step, decoder, trained_prefix
+from .fastgen import _merge, _row_kv, _Rows, _sample, _step, decoder, prefill_after_starts, trained_prefix
 from .prompt_cache import PromptCache
 
 # How much padding a CPU prefill group may take (``length_groups``): a share of the tokens it holds, or a number of
@@ -17,17 +17,17 @@ PAD_SLACK = 0.25
 PAD_TOKENS = 32
 
 
-def length_groups(prompts: dict[int, list[int]], skip: int = 0) -> list[dict[int, list[int]]]:
-    """``prompts`` split, shortest first, into groups that pad (each prompt's tokens after ``skip``) to their longest
-    with at most ``PAD_SLACK`` more tokens than they hold, or ``PAD_TOKENS`` where that is more. On a CPU a long
-    prefill costs about as much per token for one prompt as for many (``python bench/bench_prefill.py`` runs both),
-    so padding a short rag prompt to a long one is time lost, while short prompts (a chat question after a cached
-    system prompt) are cheaper in one forward than in several."""
+def length_groups(prompts: dict[int, list[int]]) -> list[dict[int, list[int]]]:
+    """``prompts`` (the tokens each must prefill) split, shortest first, into groups that pad to their longest with at
+    most ``PAD_SLACK`` more tokens than they hold, or ``PAD_TOKENS`` where that is more. On a CPU a long prefill costs
+    about as much per token for one prompt as for many (``python bench/bench_prefill.py`` runs both), so padding a
+    short rag prompt to a long one is time lost, while short prompts (a chat question after a cached system prompt)
+    are cheaper in one forward than in several."""
     groups: list[dict[int, list[int]]] = []
     group: dict[int, list[int]] = {}
     tokens = 0
     for handle in sorted(prompts, key=lambda h: len(prompts[h])):
-        n = len(prompts[handle]) - skip
+        n = len(prompts[handle])
         padding = n * (len(group) + 1) - (tokens + n)
         if group and padding > max(PAD_TOKENS, PAD_SLACK * (tokens + n)):
             groups.append(group)
@@ -67,32 +67,24 @@ class Stream:
         left = [self.budget[h] - n for h, n in zip(self.rows.ids.tolist(), self.rows.n_out.tolist())] \
             if self.rows is not None else []
         room = max(left + budgets)  # for the longest budget still to run
-        for n, shared, cached in self._by_cached_start(dict(zip(handles, prompts))):
-            for group in length_groups(cached, n) if self.device.type == "cpu" else [cached]:
-                self._prefill_group(n, shared, group, room)
+        by_handle = dict(zip(handles, prompts))
+        starts = {h: self.prompt_cache.match(p) if self.prompt_cache is not None else (0, None)
+                  for h, p in by_handle.items()}
+        rest = {h: p[starts[h][0]:] for h, p in by_handle.items()}
+        for group in length_groups(rest) if self.device.type == "cpu" else [rest]:
+            self._prefill_group({h: by_handle[h] for h in group}, starts, room)
         return handles
 
-    def _prefill_group(self, n: int, shared, group: dict[int, list[int]], room: int) -> None:
-        """Prefill one group of prompts (their first ``n`` tokens' KV is ``shared``), keep their KV in the prompt
-        cache, and add their rows to the batch. What the cache leaves to run is often a few tokens: those read the
-        quantized weights, as a decode step does."""
-        new = _prefill(self.model, {h: p[n:] for h, p in group.items()}, list(group), self.pad_id, self.prefix,
-                       self.device, shared, self.quant)
+    def _prefill_group(self, group: dict[int, list[int]], starts: dict[int, tuple], room: int) -> None:
+        """Prefill one group of prompts after their cached starts, keep their KV in the prompt cache, and add their
+        rows to the batch. What the cache leaves to run is often a few tokens: those read the quantized weights, as a
+        decode step does."""
+        new = prefill_after_starts(self.model, {h: p[starts[h][0]:] for h, p in group.items()}, starts, self.pad_id,
+                                   self.prefix, self.device, self.quant)
         if self.prompt_cache is not None:
             for row, prompt in enumerate(group.values()):
                 self.prompt_cache.add(prompt, _row_kv(new, row))
         self.rows = _merge(self.rows, new, room)
-
-    def _by_cached_start(self, prompts: dict[int, list[int]]):
-        """(tokens reused, their KV or None, the prompts by handle) per group of prompts that start as the same
-        cached prompt does; one group, nothing reused, without a cache."""
-        if self.prompt_cache is None:
-            return [(0, None, prompts)]
-        groups: dict[tuple, tuple] = {}
-        for handle, prompt in prompts.items():
-            n, shared = self.prompt_cache.match(prompt)
-            groups.setdefault(tuple(prompt[:n]), (n, shared, {}))[2][handle] = prompt
-        return list(groups.values())
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:
