@@ -16,13 +16,14 @@ needs_packing = pytest.mark.skipif(not packed_weights.available(),
 
 
 @needs_packing
-def test_a_packed_weight_gives_the_products_of_the_plain_one():
+def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_side_by_side():
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 160, bias=False).to(torch.bfloat16)
-    packed = packed_weights._pack(linear)
+    linear, other = (torch.nn.Linear(96, n, bias=False).to(torch.bfloat16) for n in (160, 48))
+    packed, stacked = packed_weights._pack(linear), packed_weights._pack(linear, other)
     for rows in (1, 7, 40):
         x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
         assert torch.equal(packed(x), linear(x))
+        assert torch.equal(stacked(x), torch.cat([linear(x), other(x)], dim=-1))
 
 
 @needs_packing

@@ -193,7 +193,8 @@ def mlp(layer, x: torch.Tensor, block: Block | None, packed=None) -> torch.Tenso
     """The block's MLP on ``x``: fused quantized gate|up then down where the block has them, else the model's own
     weights (``packed``: the block's ``packed_weights.PackedBlock``, the same products without a reorder per call)."""
     if (block is None or block.gate_up is None) and packed is not None:
-        return packed.down(layer.mlp.act_fn(packed.gate(x)) * packed.up(x))
+        gate, up = packed.gate_up(x).chunk(2, dim=-1)
+        return packed.down(layer.mlp.act_fn(gate) * up)
     if block is None or block.gate_up is None:
         return layer.mlp(x)
     gate, up = block.gate_up(x).chunk(2, dim=-1)
@@ -207,8 +208,12 @@ def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Bloc
     if block is None or block.qkv is None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj) if packed is None else (packed.q, packed.k, packed.v)
-        q, k, v = (p(x).view(bsz, t, -1, hd).transpose(1, 2) for p in projections)
+        if packed is None:
+            outputs = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        else:  # one product, split into q, k and v (views)
+            outputs = packed.qkv(x).split((attn.q_proj.out_features, attn.k_proj.out_features,
+                                           attn.v_proj.out_features), dim=-1)
+        q, k, v = (y.view(bsz, t, -1, hd).transpose(1, 2) for y in outputs)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
     heads = attn.q_proj.out_features // hd

@@ -31,14 +31,13 @@ class PackedLinear:
 
 @dataclass
 class PackedBlock:
-    """One transformer block's projections, packed; a block whose modules are not plain linear layers has none."""
+    """One transformer block's projections, packed; a block whose modules are not plain linear layers has none.
+    q|k|v and gate|up are each one product on the weights stacked: the same numbers as the products apart (a test
+    holds them equal), for fewer calls, which is most of a short prefill's fixed cost."""
 
-    q: PackedLinear
-    k: PackedLinear
-    v: PackedLinear
+    qkv: PackedLinear
     o: PackedLinear
-    gate: PackedLinear
-    up: PackedLinear
+    gate_up: PackedLinear
     down: PackedLinear
 
 
@@ -56,8 +55,10 @@ def available() -> bool:
     return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-def _pack(module: torch.nn.Linear) -> PackedLinear:
-    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64))
+def _pack(*modules: torch.nn.Linear) -> PackedLinear:
+    """``modules``' weights stacked (their outputs side by side, in this order) and packed."""
+    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight, 64))
 
 
 def build(model) -> list[PackedBlock | None]:
@@ -68,5 +69,6 @@ def build(model) -> list[PackedBlock | None]:
         a, m = layer.self_attn, layer.mlp
         modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         plain = type(m).__name__ == "LlamaMLP" and all(type(x) is torch.nn.Linear and x.bias is None for x in modules)
-        out.append(PackedBlock(*map(_pack, modules)) if plain else None)
+        out.append(PackedBlock(_pack(a.q_proj, a.k_proj, a.v_proj), _pack(a.o_proj), _pack(m.gate_proj, m.up_proj),
+                               _pack(m.down_proj)) if plain else None)
     return out
