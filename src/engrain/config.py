@@ -64,6 +64,8 @@ class SynthConfig(Section):
                                                            "(docs/experiments.md)")
     facts_questions: int = Field(2, ge=0, le=4, description="wh-questions per sentence, asked as people ask (\"... "
                                                              "founded in what year?\"), answered by the statement")
+    facts_short_answers: bool = Field(False, description="answer the wh-questions with the asked name, number or date "
+                                                         "alone instead of the whole statement")
     # 1, not more: experiments/knowledge's open-book rows measured the gain, each sentence costs two chunks of context
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "

@@ -205,7 +205,7 @@ def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
 
 
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
-               questions: int = 0) -> list[Candidate]:
+               questions: int = 0, short_answers: bool = False) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
@@ -213,7 +213,8 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     ``limit`` caps the questions and reversed statements that follow, taken one sentence at a time (every fact gets its first question before any fact gets a second), so a small
     cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
     ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
-    dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask."""
+    dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask; answered by the
+    statement, or with ``short_answers`` by the asked span alone."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -233,9 +234,10 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
             continue  # too short to hold a fact, or cut off at the chunk's edge
         statement = _self_contained(full[i], subject)
         statements.append(make(f"s{i}", text=statement))
-        asks_wh = [q for q in (wh_question(statement, sp) for sp in spans(statement)
-                               if not _gives_away(statement, sp, subject)) if q]
-        wh += [make(f"h{i}.{j}", q=q, a=statement) for j, q in enumerate(asks_wh[:questions])]
+        asks_wh = [(q, sp.text) for q, sp in ((wh_question(statement, sp), sp) for sp in spans(statement)
+                                              if not _gives_away(statement, sp, subject)) if q]
+        wh += [make(f"h{i}.{j}", q=q, a=span if short_answers else statement)
+               for j, (q, span) in enumerate(asks_wh[:questions])]
         asks: list[Candidate] = []
         for j, sp in enumerate(spans(sent)[:4]):
             if _gives_away(sent, sp, subject):

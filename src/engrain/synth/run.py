@@ -282,7 +282,8 @@ class Synthesizer:
     def _fact_candidates(self, unit: Unit, neighbours: list[Unit]) -> list[Candidate]:
         """The facts strategy's items for one chunk, open-book ones included, a chunk of ``neighbours`` beside it."""
         cfg = self.cfg
-        cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, cfg.facts_questions)
+        cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, cfg.facts_questions,
+                                 cfg.facts_short_answers)
         if cfg.facts_reading:
             cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
                                      cfg.facts_reading)
