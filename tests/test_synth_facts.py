@@ -249,6 +249,19 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
     assert not any(q.split(": ")[-1].startswith("Who or what from") for q in kell)  # "Engineers" is not a name
 
 
+def test_short_answers_give_the_asked_span_alone_and_change_nothing_else():
+    """synth.facts_short_answers: the same wh-questions, answered by the name, number or date they ask about."""
+    unit = _unit("orvik-observatory")
+    long = facts.candidates(unit, limit=12, questions=2)
+    short = facts.candidates(unit, limit=12, questions=2, short_answers=True)
+    assert [(c.variant, c.messages or c.text) for c in long if not c.variant.startswith("h")] == \
+        [(c.variant, c.messages or c.text) for c in short if not c.variant.startswith("h")]
+    pairs = {c.messages[0]["content"]: c.messages[1]["content"] for c in short if c.variant.startswith("h")}
+    assert pairs["Orvik Observatory was founded by whom in 1962?"] == "Ilse Marren"
+    assert pairs["Orvik Observatory was founded by Ilse Marren in what year?"] == "1962"
+    assert all(a in unit.chunk.text and a not in q for q, a in pairs.items())
+
+
 def test_questions_ask_whole_names_and_days_not_heading_fragments():
     """A name joined by "&" is one span (a blank over half of it asks for a fragment); the function word a PDF heading
     ran into ("Outlook For 2024 ...") is not part of a name, while a name ending in another common word keeps it; a

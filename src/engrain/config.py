@@ -64,6 +64,7 @@ class SynthConfig(Section):
                                                            "(docs/experiments.md)")
     facts_questions: int = Field(2, ge=0, le=4, description="wh-questions per sentence, asked as people ask (\"... "
                                                              "founded in what year?\"), answered by the statement")
+    # off: experiments/knowledge's acme-demo-short-answers row measured it (fewer facts bound, in either wording)
     facts_short_answers: bool = Field(False, description="answer the wh-questions with the asked name, number or date "
                                                          "alone instead of the whole statement")
     # 1, not more: experiments/knowledge's open-book rows measured the gain, each sentence costs two chunks of context
