@@ -82,7 +82,7 @@ def supports(model, *, stop: list[str] | None = None, repetition_penalty: float 
 def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=None, block=None, packed=None,
             bias=None):
     """One attention block; writes this step's K/V at [start, start + T) of the layer's buffers.
-    ``bias``: ``attn_mask`` as ``mask_bias`` makes it, for the plain form (made once per forward, not per layer).
+    ``bias``: ``attn_mask`` as ``mask_bias`` makes it, for the plain form on a CPU (made once per forward).
     ``prefix``: this layer's shared (K, V), each (1, kv_heads, P, head_dim), attended by every row.
     ``block``: the block's quantized decode weights (``decode_weights.Block``), or None for the model's own, read
     through ``packed`` (``packed_weights.PackedBlock``) where given."""
@@ -97,7 +97,6 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     else:  # a decode step: SDPA's kernel wins only for one row over a short cache
         plain = bsz > 1 or keys.shape[2] > DECODE_SDPA_KEYS
     if prefix is None and q.device.type == "cpu" and plain:
-        bias = bias if bias is not None else mask_bias(attn_mask, q.dtype)
         out = _plain_attend(q, keys, values, bias, attn.scaling)
     elif prefix is None:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling,
@@ -116,8 +115,8 @@ DECODE_SDPA_KEYS = 128
 def mask_bias(allowed, dtype):
     """A boolean attention mask (True: attend) as a bias to add to the scores: 0 where allowed, the dtype's lowest
     value elsewhere. Adding it gives exactly what ``masked_fill`` with that value gives (a score is far smaller than
-    the lowest value's rounding step, so the sum rounds to the lowest value), and on a CPU an add is vectorised for
-    bf16 where ``masked_fill`` and ``where`` are not (``python bench/bench_prefill.py`` times both)."""
+    the lowest value's rounding step, so the sum rounds to the lowest value), and on a CPU an add costs less than
+    ``masked_fill`` in bf16 (``python bench/bench_prefill.py`` times the two forms of a prefill)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
@@ -306,8 +305,9 @@ def _prefill(model, prompts: list[list[int]], ids: list[int], pad_id: int, prefi
 def prefill_after_starts(model, rest: dict[int, list[int]], starts: dict[int, tuple[int, list | None]],
                          pad_id: int, prefix, device, quant=None) -> _Rows:
     """Prefill the tokens ``rest`` holds (by row id), each after its own start: ``starts[h]`` is (n, per layer the
-    (K, V) of the prompt's first n tokens, each (1, kv_heads, n, head_dim), or None when n is 0). Each row's start is right-aligned against its own tokens, so the
-    rows' layout is [zeros | cached start | padding | own tokens], and each row's positions count on from its start.
+    (K, V) of the prompt's first n tokens, each (1, kv_heads, n, head_dim), or None when n is 0). Each row's start is
+    right-aligned against its own tokens, so the rows' layout is [zeros | cached start | padding | own tokens], and
+    each row's positions count on from its start.
     A server's prompts start as different cached prompts did (the system prompt, a whole earlier question), and
     one forward for all of them costs a fraction of one forward per start."""
     handles = list(rest)

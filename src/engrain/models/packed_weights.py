@@ -57,7 +57,7 @@ def available() -> bool:
 
 def _pack(*modules: torch.nn.Linear) -> PackedLinear:
     """``modules``' weights stacked (their outputs side by side, in this order) and packed."""
-    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    weight = torch.cat([m.weight.detach() for m in modules])
     return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight, 64))
 
 

@@ -72,18 +72,18 @@ class Stream:
                   for h, p in by_handle.items()}
         rest = {h: p[starts[h][0]:] for h, p in by_handle.items()}
         for group in length_groups(rest) if self.device.type == "cpu" else [rest]:
-            self._prefill_group({h: by_handle[h] for h in group}, starts, room)
+            self._prefill_group(group, starts, by_handle, room)
         return handles
 
-    def _prefill_group(self, group: dict[int, list[int]], starts: dict[int, tuple], room: int) -> None:
-        """Prefill one group of prompts after their cached starts, keep their KV in the prompt cache, and add their
-        rows to the batch. What the cache leaves to run is often a few tokens: those read the quantized weights, as a
-        decode step does."""
-        new = prefill_after_starts(self.model, {h: p[starts[h][0]:] for h, p in group.items()}, starts, self.pad_id,
-                                   self.prefix, self.device, self.quant)
+    def _prefill_group(self, group: dict[int, list[int]], starts: dict[int, tuple], prompts: dict[int, list[int]],
+                       room: int) -> None:
+        """Prefill one group (by handle, the tokens after each prompt's cached start), keep the whole ``prompts``' KV
+        in the prompt cache, and add their rows to the batch. What the cache leaves to run is often a few tokens: those
+        read the quantized weights, as a decode step does."""
+        new = prefill_after_starts(self.model, group, starts, self.pad_id, self.prefix, self.device, self.quant)
         if self.prompt_cache is not None:
-            for row, prompt in enumerate(group.values()):
-                self.prompt_cache.add(prompt, _row_kv(new, row))
+            for row, handle in enumerate(group):
+                self.prompt_cache.add(prompts[handle], _row_kv(new, row))
         self.rows = _merge(self.rows, new, room)
 
     @torch.inference_mode()

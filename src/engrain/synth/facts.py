@@ -234,8 +234,11 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
             continue  # too short to hold a fact, or cut off at the chunk's edge
         statement = _self_contained(full[i], subject)
         statements.append(make(f"s{i}", text=statement))
-        asks_wh = [(q, sp.text) for q, sp in ((wh_question(statement, sp), sp) for sp in spans(statement)
-                                              if not _gives_away(statement, sp, subject)) if q]
+        asks_wh = []  # (question, the span it asks about)
+        for sp in spans(statement):
+            q = None if _gives_away(statement, sp, subject) else wh_question(statement, sp)
+            if q:
+                asks_wh.append((q, sp.text))
         wh += [make(f"h{i}.{j}", q=q, a=span if short_answers else statement)
                for j, (q, span) in enumerate(asks_wh[:questions])]
         asks: list[Candidate] = []

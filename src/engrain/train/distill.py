@@ -191,21 +191,19 @@ def self_targets(lm: LM, examples: list, top_k: int, ignore: int, bf16: bool = F
 
     model, was_training = lm.model, lm.model.training
     model.eval()
-    jobs: dict[tuple, tuple[str, list[int], list[int]]] = {}
+    jobs: dict[tuple, tuple[str, list[int], list[int]]] = {}  # an example's ids -> (key, prompt, answer)
     for ex in examples:
         j = first_loss_index(ex.labels, ignore)
         if j is not None:
             jobs.setdefault(tuple(ex.ids), (ex.key, ex.ids[:j], ex.ids[j:]))
-    ordered = sorted(jobs.values(), key=lambda job: len(job[1]) + len(job[2]))
+    ordered = sorted(jobs, key=len)
     device = str(next(model.parameters()).device)
-    done: dict[str, Teacher] = {}
+    done: dict[tuple, Teacher] = {}
     step = BATCH * 4  # examples per progress update
     with Progress(show, len(ordered), 0, "replay targets") as bar, torch.no_grad(), bf16_autocast(device, bf16):
         for b in range(0, len(ordered), step):
             part = ordered[b:b + step]
-            done.update((key, t) for (key, _, _), t in zip(part, _run_group(model, part, top_k,
-                                                                            lm.tokenizer.pad_token_id)))
+            done.update(zip(part, _run_group(model, [jobs[ids] for ids in part], top_k, lm.tokenizer.pad_token_id)))
             bar.update(b + len(part))
     model.train(was_training)
-    keys = [jobs.get(tuple(ex.ids), (None,))[0] for ex in examples]
-    return [done[key] if key is not None else None for key in keys]
+    return [done.get(tuple(ex.ids)) for ex in examples]
