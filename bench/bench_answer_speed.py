@@ -11,7 +11,9 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
 - batch-1 decode of a LoRA memory merged into its copy of the weights (what ``TrainedMemory`` and ``engrain serve``
   answer with), as a ratio to base; the adapter has random weights (speed does not depend on what it learned);
 - first token for a retrieval-sized prompt (about 460 tokens: acme chunks in view, as rag asks), retrieval left out;
-- ``engrain serve`` under N concurrent clients, 24-token answers, base and rag in turn: requests/s;
+- ``engrain serve`` under N concurrent clients, 24-token answers, base and rag in turn: requests/s; and rag again
+  with ``--reuse-chunks`` (retrieved chunks' KV reused wherever they come back, approximate attention: what it does to
+  answers is measured by ``experiments/answering/reuse_chunks.py``);
 - the same for llama.cpp (``llama-cpp-python``, on PyPI, built from source here) on the GGUF the embedded model is
   converted from, and its OpenAI-compatible server under the same clients, when the package is installed.
 
@@ -181,7 +183,11 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
     apply_settings(ws / "engrain.yaml", settings)
     command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
     rows = serve_load(command, [f"{ws.name}:base", f"{ws.name}:rag"], clients, seconds, f"engrain-{dtype}")
-    return {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
+    out = {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
+    if dtype != "float32":  # the opt-in approximate path: chunks' KV reused wherever they come back
+        reused = serve_load(command + ["--reuse-chunks"], [f"{ws.name}:rag"], clients, seconds, "engrain-chunks")
+        out["rag_reuse_chunks"] = reused[f"{ws.name}:rag"]
+    return out
 
 
 # llama.cpp's extra buffer types repack weights for the CPU's special units (AMX among them). On an Intel Xeon with
@@ -289,6 +295,11 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         row(f"{clients} clients, {model}, p50 latency (s)", ref["serve"][model]["p50_ms"] / 1000,
             fast["serve"][model]["p50_ms"] / 1000, llama and llama["base"]["p50_ms"] / 1000 if model == "base"
             else None, ".2f", higher_better=False)
+    if "rag_reuse_chunks" in fast["serve"]:
+        reused = fast["serve"]["rag_reuse_chunks"]
+        lines.append(f"| {clients} clients, rag, chunks' KV reused (--reuse-chunks; requests/s, p50 s) | | "
+                     f"{reused['rps']:.2f}, {reused['p50_ms'] / 1000:.2f} | "
+                     f"{reused['rps'] / ref['serve']['rag']['rps']:.2f}x | - | - |")
     lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
                  f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
     if fast["decode_base_own_weights"]:

@@ -156,6 +156,24 @@ def test_a_question_asked_again_reuses_its_prompt_and_gets_the_same_answer(clien
     assert after["tokens_reused"] - before["tokens_reused"] == again.usage.prompt_tokens - 1
 
 
+def test_reuse_chunks_serves_later_questions_from_their_chunks_kv(ws, tiny_model_dir):
+    """``engrain serve --reuse-chunks``: a new question over chunks an earlier one had in view, in whatever order,
+    takes their KV from the chunk cache (counted in /health) and is answered; the same question twice gets the same
+    answer."""
+    from engrain.serve.app import build, create_app
+
+    engine, scheduler = build(ws.root, str(tiny_model_dir), device="cpu", reuse_chunks=True)
+    with ThreadServer(create_app(engine, scheduler, api_key=KEY, max_tokens_limit=64)) as srv:
+        chat = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        first = ask(chat, "acme:rag", QUESTION)
+        later = ask(chat, "acme:rag", "What does the Varn lighthouse keeper write every night?")
+        again = ask(chat, "acme:rag", QUESTION)
+        stats = httpx.get(srv.url + "/health").json()["prompt_cache"]["chunk_kv"]
+    assert first.model_extra["engrain"]["chunks"] and later.usage.completion_tokens > 0
+    assert stats["chunk_hits"] >= 1 and stats["tokens_reused"] > 0
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
 @pytest.mark.parametrize("model", ["acme:lora", "acme:rag"])
 def test_streaming_matches_the_full_answer(client, model):
     full = ask(client, model, max_tokens=20)

@@ -453,15 +453,15 @@ def serve(
     model: ModelOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="most requests of one memory in a forward pass")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens-limit", help="largest max_tokens a request may ask")] = 512,
-    lora_adapters: Annotated[bool, typer.Option("--lora-adapters", help="LoRA memories as adapters of one model: less "
-                                                                        "memory, slower answers (default: merged)")] = False,
+    lora_adapters: Annotated[bool, typer.Option("--lora-adapters", help="LoRA memories as adapters of one model: less memory, slower answers (default: merged)")] = False,
+    reuse_chunks: Annotated[bool, typer.Option("--reuse-chunks", help="reuse retrieved chunks' KV anywhere: faster rag, approximate (docs/performance.md)")] = False,
 ) -> None:
     """Serve every memory of the workspace as an OpenAI-compatible API, with a playground page at /."""
     from .serve.app import check_bind, serve as run_server
 
     check_bind(host, api_key)
     run_server(workspace, model_spec(workspace, model), host=host, port=port, api_key=api_key, max_batch=max_batch,
-               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False), lora_adapters=lora_adapters)
+               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False), lora_adapters=lora_adapters, reuse_chunks=reuse_chunks)
 
 
 def main() -> None:

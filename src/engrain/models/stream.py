@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import decode_weights
+from .chunk_cache import ChunkCache, assemble
 from .fastgen import _merge, _row_kv, _Rows, _sample, _step, decoder, prefill_after_starts, trained_prefix
 from .prompt_cache import PromptCache
 
@@ -44,9 +45,10 @@ class Stream:
     rows beside it, up to floating-point rounding: left padding is masked)."""
 
     def __init__(self, model, *, pad_id: int, temperature: float = 0.0, top_p: float = 1.0, prefix=None,
-                 prompt_cache: PromptCache | None = None) -> None:
+                 prompt_cache: PromptCache | None = None, chunk_cache: ChunkCache | None = None) -> None:
         prefix = prefix if prefix is not None else trained_prefix(model)
         self.prompt_cache = prompt_cache  # this model's recent prompts' KV (prompt_cache.py), reused and added to
+        self.chunk_cache = chunk_cache  # retrieved chunks' KV, placed wherever they come back (chunk_cache.py)
         self.model = decoder(model)
         self.quant = decode_weights.for_model(self.model)  # a server's weights do not change under a stream
         self.device = self.model.model.embed_tokens.weight.device
@@ -59,8 +61,11 @@ class Stream:
         return 0 if self.rows is None else int((~self.rows.done).sum())
 
     @torch.inference_mode()
-    def admit(self, prompts: list[list[int]], budgets: list[int]) -> list[int]:
-        """Prefill ``prompts`` and add them to the batch; returns their handles."""
+    def admit(self, prompts: list[list[int]], budgets: list[int],
+              segments: list[list[tuple[int, int]]] | None = None) -> list[int]:
+        """Prefill ``prompts`` and add them to the batch; returns their handles. ``segments`` gives each prompt's
+        retrieved chunks as token ranges (``chunk_cache.chunk_segments``; [] for none): with a chunk cache their KV
+        is reused wherever they appear."""
         handles = list(range(self._next, self._next + len(prompts)))
         self._next += len(prompts)
         self.budget.update(zip(handles, budgets))
@@ -70,10 +75,44 @@ class Stream:
         by_handle = dict(zip(handles, prompts))
         starts = {h: self.prompt_cache.match(p) if self.prompt_cache is not None else (0, None)
                   for h, p in by_handle.items()}
+        if self.chunk_cache is not None and segments:
+            chunked = {h: s for h, s in zip(handles, segments) if s and starts[h][0] < s[-1][1]}
+            starts.update(self._chunk_starts({h: by_handle[h] for h in chunked}, chunked))
         rest = {h: p[starts[h][0]:] for h, p in by_handle.items()}
-        for group in length_groups(rest) if self.device.type == "cpu" else [rest]:
+        for group in self._groups(rest):
             self._prefill_group(group, starts, by_handle, room)
         return handles
+
+    def _groups(self, rest: dict[int, list[int]]) -> list[dict[int, list[int]]]:
+        return length_groups(rest) if self.device.type == "cpu" else [rest]
+
+    def _chunk_starts(self, prompts: dict[int, list[int]], segments: dict[int, list[tuple[int, int]]]) -> dict:
+        """Each prompt's start assembled from its head's and its chunks' KV (``chunk_cache.assemble``), after
+        computing, in one forward per length group, the chunks not cached yet, each after its prompt's head alone."""
+        cache = self.chunk_cache
+        found: dict[tuple, tuple] = {}
+        todo: dict[tuple, list[int]] = {}
+        for h, segs in segments.items():
+            head = prompts[h][:segs[0][0]]
+            for a, b in segs:
+                key = (tuple(head), tuple(prompts[h][a:b]))
+                if key not in found and key not in todo:
+                    entry = cache.get(key)
+                    if entry is None:
+                        todo[key] = head + prompts[h][a:b]
+                    else:
+                        found[key] = entry
+        keys = list(todo)
+        starts = {i: self.prompt_cache.match(todo[key]) if self.prompt_cache is not None else (0, None)
+                  for i, key in enumerate(keys)}
+        rest = {i: todo[key][starts[i][0]:] for i, key in enumerate(keys)}
+        for group in self._groups(rest):
+            new = prefill_after_starts(self.model, group, starts, self.pad_id, self.prefix, self.device, self.quant)
+            for row, i in enumerate(group):
+                head, chunk = keys[i]
+                found[keys[i]] = cache.add(list(head), list(chunk), _row_kv(new, row))
+        return {h: assemble(self.model, prompts[h], segs, cache.heads[tuple(prompts[h][:segs[0][0]])], found)
+                for h, segs in segments.items()}
 
     def _prefill_group(self, group: dict[int, list[int]], starts: dict[int, tuple], prompts: dict[int, list[int]],
                        room: int) -> None:

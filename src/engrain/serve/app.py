@@ -349,7 +349,7 @@ def latest_report(reports_dir: Path) -> Path | None:
 
 
 def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | None = None, max_batch: int = 8,
-          log=None, lora_adapters: bool = False) -> tuple[Engine, Scheduler]:
+          log=None, lora_adapters: bool = False, reuse_chunks: bool = False) -> tuple[Engine, Scheduler]:
     """Load the model and every memory of the workspace, and start the worker. LoRA memories are merged into
     their own copy of the weights unless ``lora_adapters`` (engine.py says what each costs)."""
     from ..models import load_for_workspace
@@ -362,7 +362,7 @@ def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | N
     lm = load_for_workspace(ws.root, model_spec, device)
     engine = Engine(ws, lm, log=log, lora_adapters=lora_adapters)
     _warm_up(engine, log or (lambda msg: None))
-    return engine, Scheduler(engine, max_batch=max_batch)
+    return engine, Scheduler(engine, max_batch=max_batch, reuse_chunks=reuse_chunks)
 
 
 def _warm_up(engine: Engine, log) -> None:
@@ -382,13 +382,14 @@ def _warm_up(engine: Engine, log) -> None:
 
 def serve(ws_root: Path | str, model_spec: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-          log=print, lora_adapters: bool = False) -> None:
+          log=print, lora_adapters: bool = False, reuse_chunks: bool = False) -> None:
     """Run the server until interrupted (SIGINT/SIGTERM: open requests and queued jobs are finished first)."""
     import uvicorn
 
     api_key = api_key or None
     check_bind(host, api_key)  # before loading anything: a refused start should be instant
-    engine, scheduler = build(ws_root, model_spec, max_batch=max_batch, log=log, lora_adapters=lora_adapters)
+    engine, scheduler = build(ws_root, model_spec, max_batch=max_batch, log=log, lora_adapters=lora_adapters,
+                              reuse_chunks=reuse_chunks)
     app = create_app(engine, scheduler, api_key=api_key, max_tokens_limit=max_tokens_limit)
     for s in engine.models():
         log(f"engrain serve: {s.model_id}")

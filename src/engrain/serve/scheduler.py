@@ -23,7 +23,9 @@ from typing import Callable
 
 from ..errors import EngrainError
 from ..models import stop_token_ids
+from ..models.chunk_cache import ChunkCache, chunk_segments
 from ..models.prompt_cache import PromptCache
+from ..models.prompts import render_chunks
 from .engine import Engine, Served
 
 
@@ -45,6 +47,7 @@ class Job:
     cancelled: bool = False  # set by the request when its client disconnects
     submitted: float = field(default_factory=time.perf_counter)
     chunks: list[str] = field(default_factory=list)
+    segments: list[tuple[int, int]] = field(default_factory=list)  # rag: the chunks' token ranges (reuse_chunks)
     gated_to_base: bool = False  # a trained memory's relevance gate sent this question to the base weights
 
     @property
@@ -152,9 +155,10 @@ def _stopping(rows: list[_Row], width: int):
 class Scheduler:
     """One queue, one worker thread, batches of same-weights jobs."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 8, reuse_chunks: bool = False) -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.reuse_chunks = reuse_chunks  # retrieved chunks' KV reused wherever they come back (chunk_cache.py)
         self.queue: deque[Job] = deque()
         self.cond = threading.Condition()
         self.closing = False
@@ -164,6 +168,7 @@ class Scheduler:
         self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
         self.stop_ids = set(stop_token_ids(engine.tokenizer))
         self.prompt_caches: dict[str, PromptCache] = {}  # weights name -> its recent prompts' KV (prompt_cache.py)
+        self.chunk_caches: dict[str, ChunkCache] = {}  # weights name -> its retrieved chunks' KV (reuse_chunks)
         self.thread = threading.Thread(target=self._loop, name="engrain-serve-worker", daemon=True)
         self.thread.start()
 
@@ -274,11 +279,13 @@ class Scheduler:
 
         first = batch[0]
         stream = Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
-                        top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights, PromptCache()))
+                        top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights, PromptCache()),
+                        chunk_cache=self.chunk_caches.setdefault(first.weights, ChunkCache()) if self.reuse_chunks else None)
         rows: dict[int, _Row] = {}
         total = 0
         while batch:
-            handles = stream.admit([j.prompt_ids for j in batch], [j.max_tokens for j in batch])
+            handles = stream.admit([j.prompt_ids for j in batch], [j.max_tokens for j in batch],
+                                   [j.segments for j in batch])
             self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
             total += len(batch)
@@ -301,6 +308,12 @@ class Scheduler:
         for cache in list(self.prompt_caches.values()):
             for key in total:
                 total[key] += cache.stats[key]
+        if self.reuse_chunks:
+            chunks = {"chunks": 0, "chunk_hits": 0, "tokens_reused": 0}
+            for cache in list(self.chunk_caches.values()):
+                for key in chunks:
+                    chunks[key] += cache.stats[key]
+            total["chunk_kv"] = chunks
         return total
 
     def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> tuple[list[Job], float]:
@@ -363,8 +376,14 @@ class Scheduler:
                 job.emit({"type": "error", "status": 400, "message": exc.message, "code": "context_length_exceeded"})
                 job.cancelled = True
                 continue
-            job.prompt_ids = self.engine.encode(prompt)
             job.chunks = [h.chunk_id for h in kept]
+            if self.reuse_chunks:
+                enc = self.engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+                job.prompt_ids = enc["input_ids"]
+                pieces = [render_chunks([(h.chunk_id, h.text)]) for h in kept]
+                job.segments = chunk_segments(enc["offset_mapping"], prompt, pieces)
+            else:
+                job.prompt_ids = self.engine.encode(prompt)
         return [j for j in batch if not j.cancelled]
 
     def _inputs(self, batch: list[Job]):
