@@ -382,3 +382,7 @@ def test_cli_json_and_exit_status(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["unchanged"] == 3
     r = _cli("ingest", str(tmp_path / "missing"), "-w", str(ws), cwd=tmp_path)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    # An option the command does not have is a usage error naming it, not "a bug in engrain".
+    r = _cli("ingest", str(docs), "-w", str(ws), "--config", "x.yaml", cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "No such option: --config" in out and "bug in engrain" not in out

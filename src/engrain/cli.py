@@ -485,7 +485,7 @@ def main() -> None:
     except Exception as exc:  # click usage errors and anything unexpected
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, getattr(typer, "TyperException", click.ClickException)) and hasattr(exc, "show"):  # typer vendors click now
             exc.show()
             sys.exit(2)
         if os.environ.get("ENGRAIN_DEBUG"):
