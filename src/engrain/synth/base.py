@@ -68,11 +68,14 @@ class Candidate:
 
 def _named_instead(title: str, text: str) -> str:
     """A section heading such as "Our story" or "Visitor information" names nothing the text goes on to mention;
-    the name of two or more words the document repeats most (twice or more) is then its subject. A title the text repeats
-    stays."""
+    the name of two or more words the document repeats most (twice or more) is then its subject. A title the text
+    mentions stays, once is enough ("The Dunmore Works is a glass company ..."); the title as the text's own first
+    line is its heading, not a mention."""
     from .text import names
 
-    if len(re.findall(re.escape(title.lower()), text.lower())) >= 2:
+    mentions = len(re.findall(re.escape(title.lower()), text.lower()))
+    heading = text.strip().split("\n", 1)[0].strip("#*_ \t").lower() == title.lower()
+    if mentions - heading >= 1:
         return title
     counts: dict[str, int] = {}
     for name in names(text):
