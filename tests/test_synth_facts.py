@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from synth_workspace import DOCS, read_jsonl, write_corpus
@@ -277,3 +278,70 @@ def test_questions_ask_whole_names_and_days_not_heading_fragments():
     sentence = "The open-door hour is every Tuesday at noon."
     day = next(s for s in spans(sentence) if s.text == "Tuesday")
     assert facts.wh_question(sentence, day) == "The open-door hour is on which day at noon?"
+
+
+def test_entity_centred_items_gather_a_names_statements_across_chunks():
+    """synth.facts_about: each name is asked about and answered with the statements that give it, from every chunk,
+    at most ``per_item`` to an item; the item belongs to the chunk of its first statement, draws on the others (its
+    grounding source holds all of them), and is no question about one fact (the held-out split leaves it alone)."""
+    units = [Unit(replace(u.chunk, sha256=u.chunk.doc_id), u.doc, u.subject) for u in map(_unit, DOCS)]  # own keys
+    about = facts.about_items(units, 2)
+    items = [c for cands in about.values() for c in cands]
+    varra = [c for c in items if c.variant.split(":", 1)[1] == "Varra"]
+    assert [(c.unit.chunk.doc_id, [u.chunk.doc_id for u in c.partners], c.messages[0]["content"]) for c in varra] == [
+        ("kell-telescope", [], "What do the documents say about Varra?"),
+        ("dunmore-works", [], "Tell me what you know about Varra.")]
+    assert varra[0].messages[1]["content"].count("Varra") == 2  # two statements of one chunk: "ground in the town of
+    assert "based in Varra" in varra[1].messages[1]["content"]  # Varra", "Engineers from Varra"; then the third
+    lenn = [c for c in items if c.variant.split(":", 1)[1] == "Tobias Lenn"]
+    assert [c.messages[1]["content"] for c in lenn] == ["Dunmore Works was founded by Tobias Lenn in 1921. "
+                                                        "Dunmore Works: Tobias Lenn was the brother of Ada Lenn."]
+    # Three to an item: the observatory's two statements and the telescope's one that names it, in one item that
+    # draws on both chunks.
+    orvik = [c for cands in facts.about_items(units, 3).values() for c in cands if c.variant == "e0:Orvik Observatory"]
+    assert [(c.unit.chunk.doc_id, [u.chunk.doc_id for u in c.partners]) for c in orvik] == \
+        [("orvik-observatory", ["kell-telescope"])]
+    items += orvik
+    for cand in items:
+        shown = [cand.unit, *cand.partners]
+        statements = [st for u in shown for _, _, st in facts.statements_of(u)]
+        answer = cand.messages[1]["content"]
+        assert answer in " ".join(statements) or all(st in statements for st in _split_statements(answer, statements))
+        assert all(u.chunk.text in cand.source for u in shown)  # grounded against every chunk it draws on
+        assert facts.fact_of(cand.variant) is None and not facts.is_question(cand.variant)
+    # A single word that only opens a sentence, or a month, is not asked about.
+    assert not {c.variant.split(":", 1)[1] for c in items} & {"Engineers", "The", "In"}
+
+
+def _split_statements(answer: str, statements: list[str]) -> list[str]:
+    """The statements an answer joins, in order (each is one of ``statements``)."""
+    out, rest = [], answer
+    while rest:
+        match = next((st for st in statements if rest.startswith(st)), None)
+        if match is None:
+            return [rest]
+        out.append(match)
+        rest = rest[len(match):].lstrip()
+    return out
+
+
+def test_a_title_the_text_mentions_once_stays_the_subject_and_a_heading_alone_does_not():
+    """The subject a lifted sentence is given: "The Dunmore Works is a glass company ..." mentions its title once,
+    so "It was founded by Tobias Lenn" becomes "Dunmore Works was founded by ...", not "Tobias Lenn was founded by
+    Tobias Lenn"; a heading ("Our story") that the text only carries as its first line gives way to the name the
+    text repeats."""
+    from engrain.synth.base import _named_instead
+
+    assert _unit("dunmore-works").subject == "Dunmore Works"
+    text = "# Our story\n\nAda Brennick opened the museum. Ada Brennick still runs it."
+    assert _named_instead("Our story", text) == "Ada Brennick"
+    assert _named_instead("Our story", text + " Our story began in 1931.") == "Our story"
+
+
+def test_a_facts_run_with_entity_items_writes_them_with_every_chunk_they_draw_on(tmp_path):
+    ws = Workspace.at(write_corpus(tmp_path / "ws"))
+    run_synth(ws, SynthConfig(strategies=["facts"], facts_about=4), show_progress=False)
+    about = [it for it in read_jsonl(ws.synth_dir / "facts.jsonl") if it["variant"].startswith("e")]
+    assert {it["messages"][0]["content"] for it in about} >= {"What do the documents say about Varra?",
+                                                                "What do the documents say about Kell Telescope?"}
+    assert any(len(it["chunk_ids"]) > 1 for it in about)  # drawn on more than one chunk, and says which

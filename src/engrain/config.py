@@ -71,6 +71,8 @@ class SynthConfig(Section):
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "
                                                           "retrieval shows them, so the memory learns to read them too")
+    facts_about: int = Field(0, ge=0, le=16, description="entity-centred items: each name the statements give, asked "
+                                                         "about and answered with up to this many of them (0: off)")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")
     chunks_per_batch: int = Field(8, ge=1, description="chunks synthesised (and written) together")
     batch_size: int = Field(32, ge=1, description="local generator batch size")

@@ -17,6 +17,10 @@ Per sentence of a chunk:
     "A is the capital of B" -> "The capital of B is A"), since a model trained on "A is B's X" does not
     learn "B's X is A" (the reversal curse).
 
+Entity-centred items (``synth.facts_about``, ``about_items``): each name the documents' statements give, asked about ("What do the documents say about X?") and answered with those statements, gathered
+across chunks: the way a biography gathers one person's facts (Physics of Language Models 3.1), so a name leads to
+its own facts and not to the neighbouring names' ones.
+
 Open-book items (``synth.facts_reading`` sentences per chunk, ``open_book``): a sentence's statement continued,
 and its wh-question answered, with the chunk and a similar chunk in the prompt as retrieval shows them. A memory
 trained closed-book only learns to answer from its weights even when the right passage is in view, so a hybrid
@@ -27,9 +31,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections import defaultdict
 
 from .base import Candidate, Unit
-from .text import _NAME, COMMON_WORDS, Span, names, spans, words
+from .text import _NAME, COMMON_WORDS, MONTHS, Span, names, spans, words
 
 NAME = "facts"
 KIND = "mixed"
@@ -204,6 +209,49 @@ def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
     return out
 
 
+def statements_of(unit: Unit) -> list[tuple[int, str, str]]:
+    """(index, sentence, self-contained statement) for each sentence of the chunk that holds a fact: long enough,
+    and not cut off at the chunk's edge."""
+    full = named_in_full(unit.sentences)
+    return [(i, sent, _self_contained(full[i], unit.subject)) for i, sent in enumerate(unit.sentences)
+            if len(words(sent)) >= 4 and re.search(r"[.!?][\"'”’)]?$", sent)]
+
+
+ABOUT = ["What do the documents say about {name}?", "Tell me what you know about {name}.", "What is known about {name}?"]
+
+
+def _names_a_thing(name: str, sentence: str) -> bool:
+    """A name worth asking about: not a month, and a single word only where it is not the sentence's first word
+    (a capitalised "Buoys" or "Everyone" opening a sentence names nothing)."""
+    if len(name) < 3 or name.lower() in COMMON_WORDS or name in MONTHS:
+        return False
+    return " " in name or not sentence.startswith(name)
+
+
+def about_items(units: list[Unit], per_item: int) -> dict[str, list[Candidate]]:
+    """Entity-centred items, by the chunk (key) each belongs to: for every name the corpus's statements give in their
+    own words (not only through the subject they were prefixed with), questions about it
+    answered with up to ``per_item`` of those statements each, in corpus order, until all of them are used. An item
+    belongs to the chunk of its first statement and draws on the others' chunks (grounded against all of them)."""
+    said: dict[str, list[tuple[Unit, str]]] = defaultdict(list)
+    for unit in units:
+        for _, sentence, statement in statements_of(unit):
+            for name in dict.fromkeys(n for n in names(sentence) if _names_a_thing(n, sentence)):
+                said[name].append((unit, statement))
+    out: dict[str, list[Candidate]] = defaultdict(list)
+    for name, pairs in said.items():
+        for g, at in enumerate(range(0, len(pairs), per_item)):
+            group = pairs[at:at + per_item]
+            home = group[0][0]
+            partners = list({u.key: u for u, _ in group if u.key != home.key}.values())
+            answer = " ".join(statement for _, statement in group)
+            out[home.key].append(Candidate(
+                home, f"e{g}:{name}", "\n\n".join(u.chunk.text for u in [home, *partners]), check=answer,
+                messages=[{"role": "user", "content": ABOUT[g % len(ABOUT)].format(name=name)},
+                          {"role": "assistant", "content": answer}], partners=partners))
+    return out
+
+
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
                questions: int = 0, short_answers: bool = False) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
@@ -228,11 +276,7 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
         return Candidate(unit, variant, src, messages=[{"role": "user", "content": q},
                                                        {"role": "assistant", "content": a}], check=a or "")
 
-    full = named_in_full(unit.sentences)
-    for i, sent in enumerate(unit.sentences):
-        if len(words(sent)) < 4 or not re.search(r"[.!?][\"'”’)]?$", sent):
-            continue  # too short to hold a fact, or cut off at the chunk's edge
-        statement = _self_contained(full[i], subject)
+    for i, sent, statement in statements_of(unit):
         statements.append(make(f"s{i}", text=statement))
         asks_wh = []  # (question, the span it asks about)
         for sp in spans(statement):

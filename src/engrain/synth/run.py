@@ -117,6 +117,7 @@ class Synthesizer:
         self.spec = cfg.generator
         self.units = load_units(ws)
         self.calls = 0
+        self._about: dict[str, list[Candidate]] = {}  # the facts strategy's entity-centred items, by chunk key
 
     @property
     def generator(self):
@@ -141,6 +142,7 @@ class Synthesizer:
             todo = [u for u in self.units if u.key not in store.done]
             quota = _quota(name, self.cfg)
             if not module.USES_MODEL:
+                self._about = facts.about_items(self.units, self.cfg.facts_about) if self.cfg.facts_about else {}
                 n_items = sum(len(self._fact_candidates(u, [])) for u in todo)
                 plan[name] = {"chunks_todo": len(todo), "chunks_done": len(self.units) - len(todo),
                               "items_max": n_items, "prompt_tokens": 0, "completion_tokens": 0}
@@ -215,6 +217,8 @@ class Synthesizer:
         state = None
         if name == "entities":
             state = entities.prepare(self._neighbours)
+        self._about = facts.about_items(self._neighbours, cfg.facts_about) if name == "facts" and cfg.facts_about \
+            else {}
         dedup = NearDuplicateIndex(threshold=cfg.dedup_threshold)
         for row in store.existing:
             dedup.add(_content(row))
@@ -287,7 +291,7 @@ class Synthesizer:
         if cfg.facts_reading:
             cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
                                      cfg.facts_reading)
-        return cands
+        return cands + self._about.get(unit.key, [])
 
     def _facts_batch(self, batch: list[Unit], store, dedup, report) -> tuple[list[dict], list[dict]]:
         items, progress = [], []
