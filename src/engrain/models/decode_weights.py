@@ -194,7 +194,7 @@ def mlp(layer, x: torch.Tensor, block: Block | None, packed=None) -> torch.Tenso
     weights (``packed``: the block's ``packed_weights.PackedBlock``, the same products without a reorder per call)."""
     if (block is None or block.gate_up is None) and packed is not None:
         gate, up = packed.gate_up(x).chunk(2, dim=-1)
-        return packed.down(layer.mlp.act_fn(gate) * up)
+        return packed.down(layer.mlp.act_fn(gate).mul_(up))  # in place: the activation is a fresh tensor
     if block is None or block.gate_up is None:
         return layer.mlp(x)
     gate, up = block.gate_up(x).chunk(2, dim=-1)
@@ -205,20 +205,16 @@ def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Bloc
     """q and k of ``x`` (B, T, hidden) with the rotary embedding applied, and v: each (B, heads, T, head_dim)."""
     bsz, t, _ = x.shape
     hd = attn.head_dim
-    if block is None or block.qkv is None:
+    if (block is None or block.qkv is None) and packed is None:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        if packed is None:
-            outputs = (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-        else:  # one product, split into q, k and v (views)
-            outputs = packed.qkv(x).split((attn.q_proj.out_features, attn.k_proj.out_features,
-                                           attn.v_proj.out_features), dim=-1)
-        q, k, v = (y.view(bsz, t, -1, hd).transpose(1, 2) for y in outputs)
+        q, k, v = (p(x).view(bsz, t, -1, hd).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
     heads = attn.q_proj.out_features // hd
     kv = attn.k_proj.out_features // hd
-    fused = block.qkv(x).view(bsz, t, heads + 2 * kv, hd).transpose(1, 2)
+    product = block.qkv if block is not None and block.qkv is not None else packed.qkv  # q|k|v side by side
+    fused = product(x).view(bsz, t, heads + 2 * kv, hd).transpose(1, 2)
     # The rotary embedding of q and k in one pass (they sit side by side in the fused output), as
     # apply_rotary_pos_emb computes it: x * cos + rotate_half(x) * sin.
     qk, v = fused[:, :heads + kv], fused[:, heads + kv:]
