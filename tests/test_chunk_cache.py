@@ -5,6 +5,7 @@ before it, and the question sees everything."""
 from __future__ import annotations
 
 import torch
+from stream_loop import decode_all
 
 from engrain.models import stream as stream_mod
 from engrain.models.chunk_cache import ChunkCache, chunk_segments, rotate_keys
@@ -108,10 +109,4 @@ def test_one_chunk_after_the_head_is_exact_and_prompts_without_chunks_are_untouc
     alone = [fastgen.generate_many(model, [p], batch_size=1, max_new_tokens=6, stop_ids=[-1],
                                    pad_id=tok.pad_token_id)[0] for p in (ids, plain)]
     stream = stream_mod.Stream(model, pad_id=tok.pad_token_id, chunk_cache=ChunkCache())
-    handles = stream.admit([ids, plain], [6, 6], [segs, []])
-    got: dict[int, list[int]] = {h: [] for h in handles}
-    while len(stream):
-        for h, t in stream.step():
-            got[h].append(t)
-        stream.advance(set())
-    assert [got[h] for h in handles] == alone
+    assert decode_all(stream, [ids, plain], 6, [segs, []]) == alone

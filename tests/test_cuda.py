@@ -8,6 +8,7 @@ the GPU that then answers from it.
 from __future__ import annotations
 
 import pytest
+from stream_loop import decode_all
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -53,13 +54,7 @@ def test_server_stream_on_the_gpu_matches_the_decode_loop(tiny_model_dir):
     want = fastgen.generate_many(lm.model, PROMPTS, batch_size=3, max_new_tokens=10, stop_ids=[-1], pad_id=pad)
     stream = Stream(lm.model, pad_id=pad, prompt_cache=PromptCache())
     for _ in range(2):  # the second time the prompts' KV comes from the prompt cache
-        handles = stream.admit(PROMPTS, [10] * len(PROMPTS))
-        out: dict[int, list[int]] = {h: [] for h in handles}
-        while len(stream):
-            for handle, token in stream.step():
-                out[handle].append(token)
-            stream.advance(set())
-        assert [out[h] for h in handles] == want
+        assert decode_all(stream, PROMPTS, 10) == want
 
 
 def test_lora_trains_on_the_gpu_and_answers_from_it(tmp_path, tiny_model_dir):

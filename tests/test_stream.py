@@ -3,6 +3,8 @@ greedy tokens they get alone."""
 
 from __future__ import annotations
 
+from stream_loop import decode_all
+
 from engrain.models import stream as stream_mod
 
 
@@ -101,16 +103,6 @@ def test_plain_attention_in_query_blocks_equals_sdpa(monkeypatch):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def _decode_all(stream, prompts: list[list[int]], budget: int) -> list[list[int]]:
-    handles = stream.admit(prompts, [budget] * len(prompts))
-    out: dict[int, list[int]] = {h: [] for h in handles}
-    while len(stream):
-        for handle, token in stream.step():
-            out[handle].append(token)
-        stream.advance(set())
-    return [out[h] for h in handles]
-
-
 def test_prompts_starting_as_earlier_ones_reuse_their_kv_and_get_their_tokens_alone(tiny_lm):
     """With a prompt cache, a prompt that starts as an earlier one did runs only the rest of itself (the earlier
     prompt's KV fills the start) and decodes the greedy tokens it gets alone (fp32: exact)."""
@@ -128,7 +120,7 @@ def test_prompts_starting_as_earlier_ones_reuse_their_kv_and_get_their_tokens_al
     got = []
     for batch in ([0], [1, 2, 3]):  # a second request joins later, as a server's do
         stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
-        got += _decode_all(stream, [prompts[i] for i in batch], 6)
+        got += decode_all(stream, [prompts[i] for i in batch], 6)
     assert got == alone
     shared = fastgen.common_start([prompts[0], prompts[1]])
     assert cache.stats["hits"] == 2  # prompts 1 and 2 start as prompt 0; prompt 3 shares nothing with any
@@ -160,8 +152,8 @@ def test_prompts_after_different_cached_starts_share_one_forward_and_get_their_t
                         or real(model, group, *a, **k))
     cache = PromptCache()
     stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=cache)
-    got = _decode_all(stream, prompts[:2], 6)
-    got += _decode_all(stream, prompts[2:], 6)  # after a whole earlier prompt, a system prompt, a whole one, nothing
+    got = decode_all(stream, prompts[:2], 6)
+    got += decode_all(stream, prompts[2:], 6)  # after a whole earlier prompt, a system prompt, a whole one, nothing
     assert got == alone
     assert calls == [2, 4]  # one forward per admission
     assert cache.stats["hits"] == 3

@@ -151,6 +151,7 @@ def compare(
 ) -> None:
     """Compare methods side by side on a benchmark; writes results.json, report.md and report.html."""
     from .evaluate.compare import check_probe_form
+    from .evaluate.report import print_results
     from .evaluate.run import parse_methods, run_compare
     from .models import load_for_workspace
     from .workspace import Workspace
@@ -172,7 +173,7 @@ def compare(
     results = run_compare(bench, ws, parse_methods(methods), out_dir, lm, limit=limit, latency_sample=latency_sample,
                           seed=seed, rebuild=rebuild, measure_forgetting=not no_forgetting,
                           scaling=scaling, docs=docs, probe_form=probe_form, arrivals=arrivals)
-    print_results(results, out_dir)
+    print_results(results, out_dir, console)
     if against is not None:
         from .atomic import write_json
         from .evaluate.bench import load_bench
@@ -187,22 +188,6 @@ def compare(
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html"),
                    "methods": {k: {"contains": v["contains"], "contains_ci": v["contains_ci"], "f1": v["f1"],
                                    "latency_ms_p50": v["latency_ms_p50"]} for k, v in results["methods"].items()}})
-
-
-def print_results(results: dict, out_dir: Path) -> None:
-    from rich.table import Table
-
-    from .evaluate.report import fmt_paired, results_table
-
-    table = Table(title=f"{results['bench']}: {results['n_questions']} questions, model {results['model']}")
-    for col in ("method", "contains (95% CI)", "EM", "F1", "p50 ms", "prompt tok", "build s", "vs base (paired)"):
-        table.add_column(col)
-    for r in results_table(results):
-        table.add_row(r["method"], f"{r['contains']:.3f} [{r['contains_ci'][0]:.2f}, {r['contains_ci'][1]:.2f}]",
-                      f"{r['em']:.3f}", f"{r['f1']:.3f}", f"{r['p50_ms']:.0f}", f"{r['prompt_tokens']:.0f}",
-                      f"{r['build_s']:.0f}", fmt_paired(r["vs_base"]))
-    console.print(table)
-    console.print(f"report: {out_dir / 'report.html'}")
 
 
 @app.command()
@@ -236,6 +221,7 @@ def demo(
 ) -> None:
     """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
     from .evaluate.compare import check_probe_form
+    from .evaluate.report import print_results
     from .evaluate.run import parse_methods, run_compare
     from .models import load_for_workspace
     from .workspace import Workspace
@@ -249,7 +235,7 @@ def demo(
     lm = load_for_workspace(workspace, model)
     results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm,
                           latency_sample=DEMO_LATENCY_SAMPLE, probe_form=probe_form)
-    print_results(results, out_dir)
+    print_results(results, out_dir, console)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})
 
@@ -453,15 +439,18 @@ def serve(
     model: ModelOpt = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="most requests of one memory in a forward pass")] = 8,
     max_tokens: Annotated[int, typer.Option("--max-tokens-limit", help="largest max_tokens a request may ask")] = 512,
-    lora_adapters: Annotated[bool, typer.Option("--lora-adapters", help="LoRA memories as adapters of one model: less memory, slower answers (default: merged)")] = False,
-    reuse_chunks: Annotated[bool, typer.Option("--reuse-chunks", help="reuse retrieved chunks' KV anywhere: faster rag, approximate (docs/performance.md)")] = False,
+    lora_adapters: Annotated[bool, typer.Option("--lora-adapters", help="LoRA memories as adapters of one model: less "
+                                                                        "memory, slower answers (default: merged)")] = False,
+    reuse_chunks: Annotated[bool, typer.Option("--reuse-chunks", help="reuse retrieved chunks' KV in any order: "
+                                                                      "faster rag, approximate (docs/serving.md)")] = False,
 ) -> None:
     """Serve every memory of the workspace as an OpenAI-compatible API, with a playground page at /."""
     from .serve.app import check_bind, serve as run_server
 
     check_bind(host, api_key)
     run_server(workspace, model_spec(workspace, model), host=host, port=port, api_key=api_key, max_batch=max_batch,
-               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False), lora_adapters=lora_adapters, reuse_chunks=reuse_chunks)
+               max_tokens_limit=max_tokens, log=lambda msg: console.print(msg, markup=False), lora_adapters=lora_adapters,
+               reuse_chunks=reuse_chunks)
 
 
 def main() -> None:
@@ -485,7 +474,8 @@ def main() -> None:
     except Exception as exc:  # click usage errors and anything unexpected
         import click
 
-        if isinstance(exc, getattr(typer, "TyperException", click.ClickException)) and hasattr(exc, "show"):  # typer vendors click now
+        # typer now vendors click: its usage errors derive from typer.TyperException, no longer click's
+        if isinstance(exc, getattr(typer, "TyperException", click.ClickException)) and hasattr(exc, "show"):
             exc.show()
             sys.exit(2)
         if os.environ.get("ENGRAIN_DEBUG"):

@@ -365,3 +365,18 @@ def write_report(results: dict, out_dir: Path) -> dict[str, Path]:
     write_text(paths["html"], f"<!doctype html><html><head><meta charset='utf-8'><title>engrain report: "
                f"{html.escape(results['bench'])}</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return paths
+
+
+def print_results(results: dict, out_dir: Path, console) -> None:
+    """The comparison as a table on ``console`` (rich), and where its report was written."""
+    from rich.table import Table
+
+    table = Table(title=f"{results['bench']}: {results['n_questions']} questions, model {results['model']}")
+    for col in ("method", "contains (95% CI)", "EM", "F1", "p50 ms", "prompt tok", "build s", "vs base (paired)"):
+        table.add_column(col)
+    for r in results_table(results):
+        table.add_row(r["method"], f"{r['contains']:.3f} [{r['contains_ci'][0]:.2f}, {r['contains_ci'][1]:.2f}]",
+                      f"{r['em']:.3f}", f"{r['f1']:.3f}", f"{r['p50_ms']:.0f}", f"{r['prompt_tokens']:.0f}",
+                      f"{r['build_s']:.0f}", fmt_paired(r["vs_base"]))
+    console.print(table)
+    console.print(f"report: {out_dir / 'report.html'}")

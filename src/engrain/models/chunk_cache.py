@@ -10,8 +10,8 @@ It is approximate, and that is the trade: a chunk's tokens do not attend to the 
 (position-independent caching, as in EPIC, or CacheBlend without its partial recompute). The question and the
 answer attend to every chunk as before. What it costs in answers is measured by
 ``experiments/answering/reuse_chunks.py`` (rag with and without it, paired); what it saves by
-``python bench/bench_answer_speed.py``. Each chunk's KV depends only on the head and the chunk, so the same
-question gets the same prompt KV whatever was asked before it.
+``python bench/bench_answer_speed.py``. Each chunk's KV depends only on the head and the chunk, not on what was asked
+before; in bf16 its rounding still depends on which chunks were computed in the same forward.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import OrderedDict
 
 import torch
 
+from .decode_weights import rope
 from .prompt_cache import Layers, _bytes
 
 MAX_BYTES = 256 * 2**20  # per served model: a few hundred chunks of a small model (a judgement, as the prompt cache's)
@@ -53,13 +54,7 @@ def rotate_keys(model, layers: Layers, delta: int) -> Layers:
     inner = model.model
     cos, sin = inner.rotary_emb(k0.float(), torch.tensor([[delta]], device=k0.device))
     cos, sin = cos[:, None], sin[:, None]  # (1, 1, 1, head_dim): one move for every head and token
-    half = k0.shape[-1] // 2
-    out = []
-    for k, v in layers:
-        kf = k.float()
-        moved = kf * cos + torch.cat((-kf[..., half:], kf[..., :half]), dim=-1) * sin
-        out.append((moved.to(k.dtype), v))
-    return out
+    return [(rope(k.float(), cos, sin).to(k.dtype), v) for k, v in layers]
 
 
 def assemble(model, prompt: list[int], segments: list[tuple[int, int]], head_kv: Layers,

@@ -215,13 +215,17 @@ def qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: Bloc
     kv = attn.k_proj.out_features // hd
     product = block.qkv if block is not None and block.qkv is not None else packed.qkv  # q|k|v side by side
     fused = product(x).view(bsz, t, heads + 2 * kv, hd).transpose(1, 2)
-    # The rotary embedding of q and k in one pass (they sit side by side in the fused output), as
-    # apply_rotary_pos_emb computes it: x * cos + rotate_half(x) * sin.
+    # The rotary embedding of q and k in one pass (they sit side by side in the fused output).
     qk, v = fused[:, :heads + kv], fused[:, heads + kv:]
-    half = hd // 2
-    cos, sin = cos[:, None], sin[:, None]
-    qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+    qk = rope(qk, cos[:, None], sin[:, None])
     return qk[:, :heads], qk[:, heads:], v
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of ``x`` (..., head_dim) as ``apply_rotary_pos_emb`` computes it: x * cos +
+    rotate_half(x) * sin, with ``cos`` and ``sin`` broadcast against ``x``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def norm(module, x: torch.Tensor, lean: bool) -> torch.Tensor:

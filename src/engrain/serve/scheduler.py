@@ -152,6 +152,15 @@ def _stopping(rows: list[_Row], width: int):
     return RowsDone()
 
 
+def _summed(caches: dict, keys: tuple[str, ...]) -> dict[str, int]:
+    """``keys`` of the caches' stats, summed over every served model's cache."""
+    total = dict.fromkeys(keys, 0)
+    for cache in list(caches.values()):  # a copy: the worker may add a cache meanwhile
+        for key in keys:
+            total[key] += cache.stats[key]
+    return total
+
+
 class Scheduler:
     """One queue, one worker thread, batches of same-weights jobs."""
 
@@ -304,16 +313,9 @@ class Scheduler:
 
     def prompt_cache_stats(self) -> dict:
         """Prompt lookups, hits and tokens whose prefill a cached prompt's KV saved, over every served model."""
-        total = {"lookups": 0, "hits": 0, "tokens_reused": 0}
-        for cache in list(self.prompt_caches.values()):
-            for key in total:
-                total[key] += cache.stats[key]
+        total = _summed(self.prompt_caches, ("lookups", "hits", "tokens_reused"))
         if self.reuse_chunks:
-            chunks = {"chunks": 0, "chunk_hits": 0, "tokens_reused": 0}
-            for cache in list(self.chunk_caches.values()):
-                for key in chunks:
-                    chunks[key] += cache.stats[key]
-            total["chunk_kv"] = chunks
+            total["chunk_kv"] = _summed(self.chunk_caches, ("chunks", "chunk_hits", "tokens_reused"))
         return total
 
     def _decode(self, stream, rows: dict[int, _Row], key: tuple) -> tuple[list[Job], float]:
