@@ -67,6 +67,10 @@ class SynthConfig(Section):
     # off: experiments/knowledge's acme-demo-short-answers row measured it (fewer facts bound, in either wording)
     facts_short_answers: bool = Field(False, description="answer the wh-questions with the asked name, number or date "
                                                          "alone instead of the whole statement")
+    # off until experiments/knowledge measures it (the acme-demo-fronted row)
+    facts_fronted: bool = Field(False, description="ask each fact's wh-questions a second time with the wh-phrase in "
+                                                   "front and the verb inverted (\"In what year did ... move?\"), "
+                                                   "where the sentence allows it")
     # 1, not more: experiments/knowledge's open-book rows measured the gain, each sentence costs two chunks of context
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "

@@ -34,6 +34,7 @@ import re
 from collections import defaultdict
 
 from .base import Candidate, Unit
+from .fronted import fronted_question
 from .text import _NAME, COMMON_WORDS, MONTHS, Span, names, spans, words
 
 NAME = "facts"
@@ -174,14 +175,14 @@ def wh_question(statement: str, span: Span) -> str | None:
     return f"{before}{wh}{after}?"
 
 
-QUESTION_PREFIXES = ("c", "k", "q", "h", "a")  # variants asked as questions; "s", "r", "o", "b" are statements
+QUESTION_PREFIXES = ("c", "k", "q", "h", "f", "a")  # variants asked as questions; "s", "r", "o", "b" are statements
 
 
 def fact_of(variant: str) -> str | None:
     """The sentence (fact) a facts variant is about, e.g. "k3.1w2" -> "3"; None for items spanning a whole chunk
     (shuffled orders) or not made by this strategy. Every question about one sentence shares it, so a held-out
     fact can keep all its question wordings out of training."""
-    m = re.fullmatch(r"([sckrqhab])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
+    m = re.fullmatch(r"([sckrqhfab])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
     return m.group(2) if m else None
 
 
@@ -253,7 +254,7 @@ def about_items(units: list[Unit], per_item: int) -> dict[str, list[Candidate]]:
 
 
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
-               questions: int = 0, short_answers: bool = False) -> list[Candidate]:
+               questions: int = 0, short_answers: bool = False, fronted: bool = False) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
@@ -262,7 +263,8 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
     ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
     dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask; answered by the
-    statement, or with ``short_answers`` by the asked span alone."""
+    statement, or with ``short_answers`` by the asked span alone. With ``fronted``, up to ``questions`` more per
+    sentence ask with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``)."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -282,9 +284,13 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
         for sp in spans(statement):
             q = None if _gives_away(statement, sp, subject) else wh_question(statement, sp)
             if q:
-                asks_wh.append((q, sp.text))
-        wh += [make(f"h{i}.{j}", q=q, a=span if short_answers else statement)
-               for j, (q, span) in enumerate(asks_wh[:questions])]
+                asks_wh.append((q, sp))
+        wh += [make(f"h{i}.{j}", q=q, a=sp.text if short_answers else statement)
+               for j, (q, sp) in enumerate(asks_wh[:questions])]
+        if fronted:
+            asked = [(sp, fronted_question(statement, sp)) for _, sp in asks_wh]
+            wh += [make(f"f{i}.{j}", q=q, a=sp.text if short_answers else statement)
+                   for j, (sp, q) in enumerate([(sp, q) for sp, q in asked if q][:questions])]
         asks: list[Candidate] = []
         for j, sp in enumerate(spans(sent)[:4]):
             if _gives_away(sent, sp, subject):
