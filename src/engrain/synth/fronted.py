@@ -64,13 +64,15 @@ def _wh(span: Span, prev: str, following: list[str]) -> tuple[str, bool, int] | 
     asking about ``span``; None where no phrase fits."""
     year = re.fullmatch(r"1\d{3}|20\d{2}", span.text)
     if span.kind == "date" or year:
-        when = "what year" if year else "what date"
-        return (f"{prev} {when}", True, 0) if prev in _TIME_PREPS else ("When", False, 0)
+        if prev in ("on", "from", "until", "since", "by", "before", "after") or prev == "in" and year:
+            return f"{prev} {'what year' if year else 'what date'}", True, 0
+        return ("When", True, 0) if prev in _TIME_PREPS else None  # "in March 2019", "during the winter of 2011"
     if span.kind == "number":
         taken = 0
         while taken < len(following) and following[taken] in _UNITS:
             taken += 1  # "3.5 million euros" -> "how many million euros"
-        if taken < len(following) and re.fullmatch(r"[a-z]+", following[taken]) and following[taken] not in _NOT_NOUNS:
+        noun = following[taken] if taken < len(following) else ""
+        if re.fullmatch(r"[a-z]+", noun) and noun not in _NOT_NOUNS and _maybe_noun(noun):
             return "How many " + " ".join(following[:taken + 1]), False, taken + 1
         return None
     if following and re.fullmatch(r"[a-z]+", following[0]) and following[0] not in _NOT_NOUNS:
@@ -78,6 +80,12 @@ def _wh(span: Span, prev: str, following: list[str]) -> tuple[str, bool, int] | 
     if prev in _PLACE_PREPS:
         return "Where", True, 0
     return ("Who" if prev == "by" else "Who or what"), False, 0
+
+
+def _maybe_noun(word: str) -> bool:
+    """Not a word known only as another part of speech ("9 electric vans" counts vans, not electric)."""
+    lemmas = getAllLemmas(word)
+    return not lemmas or "NOUN" in lemmas
 
 
 def _subject_ok(subject: list[str]) -> bool:
@@ -99,12 +107,13 @@ def _lowered(subject: list[str]) -> str:
     return " ".join([word if common or dictionary else subject[0], *subject[1:]])
 
 
-def _inverted(subject: list[str], verb: str, rest: str) -> str | None:
+def _inverted(subject: list[str], verb: str, form: tuple[str, str], rest: str) -> str | None:
     """The question's inverted part, "did the office move inland", from the clause's subject words, its finite
-    verb and what follows the verb; None where the subject is not one to move."""
+    verb (with its form and lemma, ``_finite``) and what follows the verb; None where the subject is not one to
+    move."""
     if not _subject_ok(subject):
         return None
-    kind, lemma = _verb(verb) or ("", "")
+    kind, lemma = form
     following = rest.split()
     if kind == "aux" and verb in _HAVE and not (following and _is_participle(following[0])):
         return " ".join([_HAVE[verb], _lowered(subject), "have", rest])  # "has 40 staff": do-support for have
@@ -119,23 +128,29 @@ def _clause(text: str) -> str:
     return text[:m.start()] if m else text
 
 
-def _split_at_verb(text: str) -> tuple[list[str], str, str] | None:
-    """(subject words, finite verb, the rest) of a clause: the verb is the first word after the first one that
-    can be a finite verb."""
-    tokens = text.split()
-    for i, tok in enumerate(tokens[1:], start=1):
-        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
-        if _verb(tok) or _present_before_object(tok, nxt):
-            return tokens[:i], tok, " ".join(tokens[i + 1:])
+def _finite(word: str, following: str) -> tuple[str, str] | None:
+    """(form, lemma) of ``word`` as a clause's finite verb, given the word after it; None if it is not one. A
+    present form that is also a plural noun ("holds", "leads") counts only when an object follows it at once
+    ("holds a master's degree", "leads 12 engineers")."""
+    form = _verb(word)
+    if form or not (word.isalpha() and word.islower()):
+        return form
+    if following.lower() in _DETERMINERS or following[:1].isdigit():
+        for lemma in getAllLemmas(word).get("VERB", ()):
+            if word in getInflection(lemma, "VBZ"):
+                return "present", lemma
     return None
 
 
-def _present_before_object(word: str, following: str) -> bool:
-    """A present form that is also a plural noun ("holds", "leads") is taken as the verb only when an object
-    follows it at once ("holds a master's degree", "leads 12 engineers")."""
-    lemmas = getAllLemmas(word) if word.isalpha() and word.islower() else {}
-    present = any(word in getInflection(lemma, "VBZ") for lemma in lemmas.get("VERB", ()))
-    return present and (following.lower() in _DETERMINERS or following[:1].isdigit())
+def _split_at_verb(text: str, then: str = "") -> tuple[list[str], str, tuple[str, str], str] | None:
+    """(subject words, finite verb, its form, the rest) of a clause: the verb is the first word after the first
+    one that can be a finite verb; ``then`` is the word that follows ``text`` in the sentence."""
+    tokens = text.split()
+    for i, tok in enumerate(tokens[1:], start=1):
+        form = _finite(tok, tokens[i + 1] if i + 1 < len(tokens) else then)
+        if form:
+            return tokens[:i], tok, form, " ".join(tokens[i + 1:])
+    return None
 
 
 def _tidy(text: str) -> str:
@@ -167,11 +182,11 @@ def fronted_question(statement: str, span: Span) -> str | None:
         parts = _split_at_verb(_clause(after.lstrip(" ,")))
         inverted = parts and _inverted(*parts)
         return head + _tidy(f"{phrase} {inverted}") if inverted else None
-    parts = _split_at_verb(before)
+    parts = _split_at_verb(before, span.text)
     if not parts:
         return None  # no verb before the span: it is in the subject, where asking in place already fronts it
-    subject, verb, middle = parts
-    if span.kind != "date" and not takes_prev and middle.split() and prev in _PREPOSITIONS and after.strip():
+    subject, verb, form, middle = parts
+    if span.kind != "date" and not takes_prev and middle.split() and prev in _PREPOSITIONS and after.strip(" .!?"):
         return None  # a preposition left behind mid-sentence ("... the successor to under the codename ...")
     if span.kind == "name" and middle.split() and prev not in _PREPOSITIONS:
         return None  # a name after a noun ("the ferry operator Kessling Sound Lines") is not the verb's object
@@ -179,5 +194,5 @@ def fronted_question(statement: str, span: Span) -> str | None:
         return None  # the span sits in a clause of its own ("..., 11.1 metres, was measured")
     if span.kind == "name" and middle.split() and middle.split()[-1].lower() == "of":
         return None  # "the island of Carrowmede": a name inside a noun phrase
-    inverted = _inverted(subject, verb, f"{middle} {after}")
+    inverted = _inverted(subject, verb, form, f"{middle} {after}")
     return head + _tidy(f"{phrase} {inverted}") if inverted else None
