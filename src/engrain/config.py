@@ -71,6 +71,12 @@ class SynthConfig(Section):
     facts_fronted: bool = Field(False, description="ask each fact's wh-questions a second time with the wh-phrase in "
                                                    "front and the verb inverted (\"In what year did ... move?\"), "
                                                    "where the sentence allows it")
+    # off until experiments/knowledge measures it (the acme-demo-spelled-numbers row)
+    facts_spelled_numbers: bool = Field(False, description="ask about numbers written as words (\"nine years\") as "
+                                                           "about digits: blanks and wh-questions")
+    # off until experiments/knowledge measures it (the acme-demo-bare-questions row)
+    facts_bare_questions: bool = Field(False, description="ask the wh-questions without the \"Subject: \" their "
+                                                          "statement was prefixed with, as a person asks")
     # 1, not more: experiments/knowledge's open-book rows measured the gain, each sentence costs two chunks of context
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "

@@ -111,6 +111,15 @@ def named_in_full(sentences: list[str]) -> list[str]:
     return out
 
 
+def _unprefixed(question: str, subject: str) -> str:
+    """``question`` without the "Subject: " that ``_self_contained`` put before its statement."""
+    lead = f"{subject}: "
+    if not subject or not question.startswith(lead) or len(question) <= len(lead):
+        return question
+    rest = question[len(lead):]
+    return rest[0].upper() + rest[1:]
+
+
 def _gives_away(sentence: str, span: Span, subject: str) -> bool:
     """Whether asking about ``span`` shows its answer anyway: the same words elsewhere in the sentence, or in the
     subject the prompt names."""
@@ -254,7 +263,8 @@ def about_items(units: list[Unit], per_item: int) -> dict[str, list[Candidate]]:
 
 
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
-               questions: int = 0, short_answers: bool = False, fronted: bool = False) -> list[Candidate]:
+               questions: int = 0, short_answers: bool = False, fronted: bool = False,
+               spelled: bool = False, bare: bool = False) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
@@ -264,7 +274,9 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
     dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask; answered by the
     statement, or with ``short_answers`` by the asked span alone. With ``fronted``, up to ``questions`` more per
-    sentence ask with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``)."""
+    sentence ask with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``).
+    With ``spelled``, numbers written as words ("nine years") are asked about as digits are. With ``bare``, the
+    wh-questions leave out the "Subject: " their statement was prefixed with, as a person's question would."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -281,18 +293,18 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     for i, sent, statement in statements_of(unit):
         statements.append(make(f"s{i}", text=statement))
         asks_wh = []  # (question, the span it asks about)
-        for sp in spans(statement):
+        for sp in spans(statement, spelled):
             q = None if _gives_away(statement, sp, subject) else wh_question(statement, sp)
             if q:
                 asks_wh.append((q, sp))
-        wh += [make(f"h{i}.{j}", q=q, a=sp.text if short_answers else statement)
+        wh += [make(f"h{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)
                for j, (q, sp) in enumerate(asks_wh[:questions])]
         if fronted:
             asked = [(sp, fronted_question(statement, sp)) for _, sp in asks_wh]
-            wh += [make(f"f{i}.{j}", q=q, a=sp.text if short_answers else statement)
+            wh += [make(f"f{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)
                    for j, (sp, q) in enumerate([(sp, q) for sp, q in asked if q][:questions])]
         asks: list[Candidate] = []
-        for j, sp in enumerate(spans(sent)[:4]):
+        for j, sp in enumerate(spans(sent, spelled)[:4]):
             if _gives_away(sent, sp, subject):
                 continue  # the answer is visible elsewhere in the prompt: a give-away, not a test
             blanked = sent[:sp.start] + _BLANK + sent[sp.end:]

@@ -134,8 +134,17 @@ class Span:
     end: int
 
 
-def spans(sentence: str) -> list[Span]:
-    """Non-overlapping names, numbers and dates in one sentence, dates first (they contain numbers)."""
+_UNITS_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+                "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety").split()
+_SPELLED_NUMBER = re.compile(
+    rf"\b(?i:{'|'.join(_UNITS_WORDS)})(?:[- ](?:{'|'.join(_UNITS_WORDS[:9])}))?(?:\s+(?:hundred|thousand|million))?"
+    r"(?=\s+(?!of\b|another\b|or\b|and\b|to\b|in\b|at\b|by\b|more\b|less\b|than\b)[a-z]{2,})")
+
+
+def spans(sentence: str, spelled: bool = False) -> list[Span]:
+    """Non-overlapping names, numbers and dates in one sentence, dates first (they contain numbers). With
+    ``spelled``, numbers written as words count too where a noun follows them ("nine years", "Forty kilometres"),
+    not in "one of" or "one another"."""
     found: list[Span] = []
     taken: list[tuple[int, int]] = []
 
@@ -147,7 +156,8 @@ def spans(sentence: str) -> list[Span]:
         a = m.end() - len(text)
         found.append(Span("date", text, a, m.end()))
         taken.append((a, m.end()))
-    for m in _NUMBER.finditer(sentence):
+    numbers = list(_NUMBER.finditer(sentence)) + (list(_SPELLED_NUMBER.finditer(sentence)) if spelled else [])
+    for m in numbers:
         if free(m.start(), m.end()):
             found.append(Span("number", m.group(), m.start(), m.end()))
             taken.append((m.start(), m.end()))
