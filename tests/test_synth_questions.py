@@ -1,4 +1,5 @@
-"""Fronted wh-questions: the wh-phrase in front, the verb inverted, and None wherever the sentence cannot be read."""
+"""How the facts strategy words its questions: fronted wh-questions (the wh-phrase in front, the verb inverted, None
+wherever the sentence cannot be read), numbers written as words, questions without their statement's header."""
 
 from __future__ import annotations
 
@@ -70,3 +71,26 @@ def test_candidates_add_fronted_questions_about_the_same_fact():
         assert facts.is_question(c.variant)
         statement = next(s for s in with_fronted if s.variant == f"s{facts.fact_of(c.variant)}")
         assert c.messages[1]["content"] == statement.text  # answered by its own fact's statement
+
+
+def test_spelled_numbers_are_spans_only_when_asked_and_before_a_noun():
+    sentence = "Marit Engvold worked for nine years as an auditor; one of them was abroad."
+    assert [s.text for s in spans(sentence)] == ["Marit Engvold"]
+    assert [(s.kind, s.text) for s in spans(sentence, spelled=True)] == [("name", "Marit Engvold"),
+                                                                         ("number", "nine")]
+    assert [s.text for s in spans("Forty-two kilometres lie between them.", spelled=True)] == ["Forty-two"]
+
+
+def test_bare_questions_leave_the_header_out_and_keep_the_statement():
+    text = "The station sits on the island of Carrowmede. It opened in 1994."
+    doc = Document(id="d", path="d.txt", format="txt", text=text, sha256="d", title="Field station")
+    unit = Unit(Chunk("d#0", "d", text, 0, len(text), sha256="c"), doc, "Field station")
+    headed = {c.variant: c for c in facts.candidates(unit, questions=2) if c.variant.startswith("h")}
+    bare = {c.variant: c for c in facts.candidates(unit, questions=2, bare=True) if c.variant.startswith("h")}
+    assert headed.keys() == bare.keys() and headed
+    for variant, item in bare.items():
+        question, answer = item.messages[0]["content"], item.messages[1]["content"]
+        assert not question.startswith("Field station: ")  # "It opened" -> "Field station opened" is no header
+        assert headed[variant].messages[0]["content"].lower().endswith(question.lower())
+        assert answer == headed[variant].messages[1]["content"]  # the statement still names its subject
+    assert any(q.messages[1]["content"].startswith("Field station") for q in bare.values())
