@@ -77,6 +77,9 @@ class SynthConfig(Section):
     # off until experiments/knowledge measures it (the acme-demo-bare-questions row)
     facts_bare_questions: bool = Field(False, description="ask the wh-questions without the \"Subject: \" their "
                                                           "statement was prefixed with, as a person asks")
+    # off until experiments/knowledge measures it (the acme-demo-reworded row)
+    facts_reworded: bool = Field(False, description="ask each wh-question again with up to two words replaced by "
+                                                    "WordNet synonyms, as people word a fact differently")
     # 1, not more: experiments/knowledge's open-book rows measured the gain, each sentence costs two chunks of context
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "

@@ -34,6 +34,7 @@ import re
 from collections import defaultdict
 
 from .base import Candidate, Unit
+from . import synonyms
 from .fronted import fronted_question
 from .text import _NAME, COMMON_WORDS, MONTHS, Span, names, spans, words
 
@@ -264,7 +265,7 @@ def about_items(units: list[Unit], per_item: int) -> dict[str, list[Candidate]]:
 
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
                questions: int = 0, short_answers: bool = False, fronted: bool = False,
-               spelled: bool = False, bare: bool = False) -> list[Candidate]:
+               spelled: bool = False, bare: bool = False, reworded: bool = False) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
@@ -276,7 +277,8 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
     statement, or with ``short_answers`` by the asked span alone. With ``fronted``, up to ``questions`` more per
     sentence ask with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``).
     With ``spelled``, numbers written as words ("nine years") are asked about as digits are. With ``bare``, the
-    wh-questions leave out the "Subject: " their statement was prefixed with, as a person's question would."""
+    wh-questions leave out the "Subject: " their statement was prefixed with, as a person's question would. With
+    ``reworded``, each wh-question comes again with up to two words replaced by synonyms (``synonyms.py``)."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -299,6 +301,9 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
                 asks_wh.append((q, sp))
         wh += [make(f"h{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)
                for j, (q, sp) in enumerate(asks_wh[:questions])]
+        if reworded:
+            wh += [make(f"{c.variant}w1", q=q, a=c.messages[1]["content"]) for c in wh[-len(asks_wh[:questions]):]
+                   if asks_wh and (q := synonyms.reworded(c.messages[0]["content"]))]
         if fronted:
             asked = [(sp, fronted_question(statement, sp)) for _, sp in asks_wh]
             wh += [make(f"f{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)

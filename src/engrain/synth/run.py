@@ -288,7 +288,7 @@ class Synthesizer:
         cfg = self.cfg
         cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, cfg.facts_questions,
                                  cfg.facts_short_answers, cfg.facts_fronted, cfg.facts_spelled_numbers,
-                                 cfg.facts_bare_questions)
+                                 cfg.facts_bare_questions, cfg.facts_reworded)
         if cfg.facts_reading:
             cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
                                      cfg.facts_reading)
