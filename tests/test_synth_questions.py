@@ -1,5 +1,6 @@
 """How the facts strategy words its questions: fronted wh-questions (the wh-phrase in front, the verb inverted, None
-wherever the sentence cannot be read), numbers written as words, questions without their statement's header."""
+wherever the sentence cannot be read), numbers written as words, questions without their statement's header, and
+questions reworded with synonyms."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from engrain.corpus.schema import Chunk, Document
 from engrain.synth import facts
 from engrain.synth.base import Unit
 from engrain.synth.fronted import fronted_question
+from engrain.synth.synonyms import reworded, synonym
 from engrain.synth.text import spans
 
 
@@ -94,3 +96,31 @@ def test_bare_questions_leave_the_header_out_and_keep_the_statement():
         assert headed[variant].messages[0]["content"].lower().endswith(question.lower())
         assert answer == headed[variant].messages[1]["content"]  # the statement still names its subject
     assert any(q.messages[1]["content"].startswith("Field station") for q in bare.values())
+
+
+def test_synonyms_take_a_used_word_of_the_most_used_sense():
+    assert synonym("begin", "v") == "start"
+    assert synonym("year", "n") is None  # its synonyms are "yr" and "twelvemonth": an abbreviation and a rarity
+
+
+def test_reworded_keeps_header_names_and_asking_words():
+    assert reworded("When did the company begin trading?") == "When did the company start trading?"
+    assert reworded("Minutes: The board approved a plant at which place?") == \
+        "Minutes: The board sanctioned a plant at which place?"
+    assert reworded("Who or what is Kelderwick?") is None  # nothing to replace
+    assert reworded("Where did they report the fault?") is None  # "report" is a noun too: its sense needs context
+
+
+def test_candidates_add_reworded_questions_about_the_same_fact():
+    text = "The Orvane Archive began its work in 1962 with 12 volumes."
+    doc = Document(id="d", path="d.txt", format="txt", text=text, sha256="d", title="The Orvane Archive")
+    unit = Unit(Chunk("d#0", "d", text, 0, len(text), sha256="c"), doc, "The Orvane Archive")
+    plain = {c.variant: c for c in facts.candidates(unit, questions=2)}
+    items = {c.variant: c for c in facts.candidates(unit, questions=2, reworded=True)}
+    added = {v: c for v, c in items.items() if v not in plain}
+    assert added and all(v.endswith("w1") and facts.is_question(v) for v in added)
+    for variant, item in added.items():
+        original = plain[variant[:-2]]
+        assert "start" in item.messages[0]["content"] and "began" in original.messages[0]["content"]
+        assert item.messages[1]["content"] == original.messages[1]["content"]
+        assert facts.fact_of(variant) == facts.fact_of(original.variant)  # held out together with its fact
