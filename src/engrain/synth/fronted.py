@@ -30,6 +30,9 @@ _DETERMINERS = {"a", "an", "the", "its", "his", "her", "their", "our", "my", "yo
                 "those", "every", "each", "all", "some", "two", "three", "four", "five", "six"}
 _TIME_PREPS = {"in", "on", "since", "until", "by", "from", "before", "after", "during"}
 _PLACE_PREPS = {"in", "at"}
+_BREAK = re.compile(r"[,;]|\s(?:and|but|that|which|who|when|where|while|after|before|because|so)\s")  # clause breaks
+_UNITS = {"million", "billion", "thousand", "hundred", "per"}  # words between a number and what it counts
+_NOT_NOUNS = _PREPOSITIONS | {"and", "or", "than", "more", "less", "about", "to"}
 
 
 @lru_cache(maxsize=4096)
@@ -54,9 +57,6 @@ def _is_participle(word: str) -> bool:
     return any(word in getInflection(lemma, "VBN") for lemma in getAllLemmas(word).get("VERB", ()))
 
 
-_BREAK = re.compile(r"[,;]|\s(?:and|but|that|which|who|when|where|while|after|before|because|so)\s")
-_UNITS = {"million", "billion", "thousand", "hundred", "per"}
-_NOT_NOUNS = _PREPOSITIONS | {"and", "or", "than", "more", "less", "about", "to"}
 
 
 def _wh(span: Span, prev: str, following: list[str]) -> tuple[str, bool, int] | None:
