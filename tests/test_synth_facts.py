@@ -234,7 +234,7 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
     answer is the statement, so nothing outside the chunk is claimed. Off (0) adds nothing."""
     unit = _unit("orvik-observatory")
     plain = facts.candidates(unit, limit=12)
-    asked = facts.candidates(unit, limit=12, questions=2)
+    asked = facts.candidates(unit, limit=12, asking=facts.Asking(questions=2))
     assert [c.variant for c in plain] == [c.variant for c in asked if not c.variant.startswith("h")]
     pairs = {c.messages[0]["content"]: c.messages[1]["content"] for c in asked if c.variant.startswith("h")}
     assert pairs["Orvik Observatory was founded by whom in 1962?"] == "Orvik Observatory was founded by Ilse Marren in 1962."
@@ -244,7 +244,8 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
     for q, a in pairs.items():  # the answer is never in the question, and every question is about one sentence
         assert q.endswith("?") and a not in q
     assert all(facts.is_question(c.variant) and facts.fact_of(c.variant) for c in asked if c.variant.startswith("h"))
-    kell = {c.messages[0]["content"] for c in facts.candidates(_unit("kell-telescope"), limit=0, questions=2)
+    kell = {c.messages[0]["content"]
+            for c in facts.candidates(_unit("kell-telescope"), limit=0, asking=facts.Asking(questions=2))
             if c.variant.startswith("h")}
     assert "The Kell Telescope was built by whom in 1960?" in kell  # "by the Dunmore Works": no stray "the"
     assert not any(q.split(": ")[-1].startswith("Who or what from") for q in kell)  # "Engineers" is not a name
@@ -253,8 +254,8 @@ def test_wh_questions_are_asked_in_place_and_answered_by_the_statement():
 def test_short_answers_give_the_asked_span_alone_and_change_nothing_else():
     """synth.facts_short_answers: the same wh-questions, answered by the name, number or date they ask about."""
     unit = _unit("orvik-observatory")
-    long = facts.candidates(unit, limit=12, questions=2)
-    short = facts.candidates(unit, limit=12, questions=2, short_answers=True)
+    long = facts.candidates(unit, limit=12, asking=facts.Asking(questions=2))
+    short = facts.candidates(unit, limit=12, asking=facts.Asking(questions=2, short_answers=True))
     assert [(c.variant, c.messages or c.text) for c in long if not c.variant.startswith("h")] == \
         [(c.variant, c.messages or c.text) for c in short if not c.variant.startswith("h")]
     pairs = {c.messages[0]["content"]: c.messages[1]["content"] for c in short if c.variant.startswith("h")}

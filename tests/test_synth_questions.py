@@ -38,7 +38,8 @@ def _ask(statement: str, span_text: str) -> str | None:
     ("Operating profit was 3.5 million euros.", "3.5", "How many million euros was operating profit?"),
     # "has" with an object takes do-support; a present form that is also a noun is the verb before an object
     ("The field station has 14 staff.", "14", "How many staff does the field station have?"),
-    ("Sabine Kettleby holds 3 patents on buoy moorings.", "3", "How many patents does Sabine Kettleby hold on buoy moorings?"),
+    ("Sabine Kettleby holds 3 patents on buoy moorings.", "3",
+     "How many patents does Sabine Kettleby hold on buoy moorings?"),
 ])
 def test_fronted_forms(statement, span, question):
     assert _ask(statement, span) == question
@@ -62,8 +63,8 @@ def test_candidates_add_fronted_questions_about_the_same_fact():
     text = "The Orvane Archive opened in 1962. In 1975 the archive moved to Harlow Quay."
     doc = Document(id="d", path="d.txt", format="txt", text=text, sha256="d", title="The Orvane Archive")
     unit = Unit(Chunk("d#0", "d", text, 0, len(text), sha256="c"), doc, "The Orvane Archive")
-    without = facts.candidates(unit, questions=2)
-    with_fronted = facts.candidates(unit, questions=2, fronted=True)
+    without = facts.candidates(unit, asking=facts.Asking(questions=2))
+    with_fronted = facts.candidates(unit, asking=facts.Asking(questions=2, fronted=True))
     added = [c for c in with_fronted if c.variant.startswith("f")]
     assert {c.variant for c in without} < {c.variant for c in with_fronted}
     asked = {c.variant: c.messages[0]["content"] for c in added}
@@ -87,8 +88,9 @@ def test_bare_questions_leave_the_header_out_and_keep_the_statement():
     text = "The station sits on the island of Carrowmede. It opened in 1994."
     doc = Document(id="d", path="d.txt", format="txt", text=text, sha256="d", title="Field station")
     unit = Unit(Chunk("d#0", "d", text, 0, len(text), sha256="c"), doc, "Field station")
-    headed = {c.variant: c for c in facts.candidates(unit, questions=2) if c.variant.startswith("h")}
-    bare = {c.variant: c for c in facts.candidates(unit, questions=2, bare=True) if c.variant.startswith("h")}
+    headed = {c.variant: c for c in facts.candidates(unit, asking=facts.Asking(questions=2)) if c.variant[0] == "h"}
+    bare = {c.variant: c for c in facts.candidates(unit, asking=facts.Asking(questions=2, bare=True))
+            if c.variant[0] == "h"}
     assert headed.keys() == bare.keys() and headed
     for variant, item in bare.items():
         question, answer = item.messages[0]["content"], item.messages[1]["content"]
@@ -115,8 +117,8 @@ def test_candidates_add_reworded_questions_about_the_same_fact():
     text = "The Orvane Archive began its work in 1962 with 12 volumes."
     doc = Document(id="d", path="d.txt", format="txt", text=text, sha256="d", title="The Orvane Archive")
     unit = Unit(Chunk("d#0", "d", text, 0, len(text), sha256="c"), doc, "The Orvane Archive")
-    plain = {c.variant: c for c in facts.candidates(unit, questions=2)}
-    items = {c.variant: c for c in facts.candidates(unit, questions=2, reworded=True)}
+    plain = {c.variant: c for c in facts.candidates(unit, asking=facts.Asking(questions=2))}
+    items = {c.variant: c for c in facts.candidates(unit, asking=facts.Asking(questions=2, reworded=True))}
     added = {v: c for v, c in items.items() if v not in plain}
     assert added and all(v.endswith("w1") and facts.is_question(v) for v in added)
     for variant, item in added.items():

@@ -30,6 +30,7 @@ trained closed-book only learns to answer from its weights even when the right p
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 import re
 from collections import defaultdict
 
@@ -263,22 +264,52 @@ def about_items(units: list[Unit], per_item: int) -> dict[str, list[Candidate]]:
     return out
 
 
+@dataclass(frozen=True)
+class Asking:
+    """How a sentence's facts are asked as people ask (the ``synth.facts_*`` settings of the same names).
+
+    ``questions`` wh-questions per sentence (about its first names, numbers or dates, ``wh_question``), answered by
+    the statement, or with ``short_answers`` by the asked span alone. With ``fronted``, up to ``questions`` more ask
+    with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``). With
+    ``spelled``, numbers written as words ("nine years") are blanked and asked about as digits are. With ``bare``,
+    the wh-questions leave out the "Subject: " their statement was prefixed with. With ``reworded``, each in-place
+    wh-question comes again with up to two words replaced by synonyms (``synonyms.py``)."""
+
+    questions: int = 0
+    short_answers: bool = False
+    fronted: bool = False
+    spelled: bool = False
+    bare: bool = False
+    reworded: bool = False
+
+
+def _wh_items(i: int, statement: str, subject: str, asking: Asking, make) -> list[Candidate]:
+    """The wh-question items of sentence ``i``: in place (``h``), their rewordings (``h...w1``), fronted (``f``)."""
+    asked = [sp for sp in spans(statement, asking.spelled) if not _gives_away(statement, sp, subject)]
+    in_place = [(sp, q) for sp in asked if (q := wh_question(statement, sp))]
+    fronted = [(sp, q) for sp, _ in in_place if (q := fronted_question(statement, sp))] if asking.fronted else []
+
+    def item(variant: str, span: Span, question: str) -> Candidate:
+        question = _unprefixed(question, subject) if asking.bare else question
+        return make(variant, q=question, a=span.text if asking.short_answers else statement)
+
+    out = [item(f"h{i}.{j}", sp, q) for j, (sp, q) in enumerate(in_place[:asking.questions])]
+    if asking.reworded:
+        out += [make(f"{c.variant}w1", q=q, a=c.messages[1]["content"]) for c in list(out)
+                if (q := synonyms.reworded(c.messages[0]["content"]))]
+    return out + [item(f"f{i}.{j}", sp, q) for j, (sp, q) in enumerate(fronted[:asking.questions])]
+
+
 def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
-               questions: int = 0, short_answers: bool = False, fronted: bool = False,
-               spelled: bool = False, bare: bool = False, reworded: bool = False) -> list[Candidate]:
+               asking: Asking = Asking()) -> list[Candidate]:
     """Every fact item of one chunk, in a fixed order (so variant names, and ids, are stable).
 
     Statements come first and are always kept: each sentence made self-contained (``s``), then, when
     ``orders`` > 0, the passage as written (``d``) and the statements in ``orders`` shuffled orders (``o``).
     ``limit`` caps the questions and reversed statements that follow, taken one sentence at a time (every fact gets its first question before any fact gets a second), so a small
     cap still covers the whole chunk. With ``wordings`` > 1 each kept sentence completion comes again in
-    ``wordings - 1`` other wordings. ``questions`` wh-questions per sentence (about its first names, numbers or
-    dates, ``wh_question``) come beside the statements, outside the cap: they are how people ask; answered by the
-    statement, or with ``short_answers`` by the asked span alone. With ``fronted``, up to ``questions`` more per
-    sentence ask with the wh-phrase in front and the verb inverted, where the sentence allows it (``fronted.py``).
-    With ``spelled``, numbers written as words ("nine years") are asked about as digits are. With ``bare``, the
-    wh-questions leave out the "Subject: " their statement was prefixed with, as a person's question would. With
-    ``reworded``, each wh-question comes again with up to two words replaced by synonyms (``synonyms.py``)."""
+    ``wordings - 1`` other wordings. The wh-questions ``asking`` asks for come beside the statements, outside the
+    cap: they are how people ask."""
     statements: list[Candidate] = []
     per_sentence: list[list[Candidate]] = []
     wh: list[Candidate] = []
@@ -294,22 +325,9 @@ def candidates(unit: Unit, limit: int = 64, wordings: int = 1, orders: int = 0,
 
     for i, sent, statement in statements_of(unit):
         statements.append(make(f"s{i}", text=statement))
-        asks_wh = []  # (question, the span it asks about)
-        for sp in spans(statement, spelled):
-            q = None if _gives_away(statement, sp, subject) else wh_question(statement, sp)
-            if q:
-                asks_wh.append((q, sp))
-        wh += [make(f"h{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)
-               for j, (q, sp) in enumerate(asks_wh[:questions])]
-        if reworded:
-            wh += [make(f"{c.variant}w1", q=q, a=c.messages[1]["content"]) for c in wh[-len(asks_wh[:questions]):]
-                   if asks_wh and (q := synonyms.reworded(c.messages[0]["content"]))]
-        if fronted:
-            asked = [(sp, fronted_question(statement, sp)) for _, sp in asks_wh]
-            wh += [make(f"f{i}.{j}", q=_unprefixed(q, subject) if bare else q, a=sp.text if short_answers else statement)
-                   for j, (sp, q) in enumerate([(sp, q) for sp, q in asked if q][:questions])]
+        wh += _wh_items(i, statement, subject, asking, make)
         asks: list[Candidate] = []
-        for j, sp in enumerate(spans(sent, spelled)[:4]):
+        for j, sp in enumerate(spans(sent, asking.spelled)[:4]):
             if _gives_away(sent, sp, subject):
                 continue  # the answer is visible elsewhere in the prompt: a give-away, not a test
             blanked = sent[:sp.start] + _BLANK + sent[sp.end:]

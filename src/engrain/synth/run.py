@@ -286,9 +286,9 @@ class Synthesizer:
     def _fact_candidates(self, unit: Unit, neighbours: list[Unit]) -> list[Candidate]:
         """The facts strategy's items for one chunk, open-book ones included, a chunk of ``neighbours`` beside it."""
         cfg = self.cfg
-        cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, cfg.facts_questions,
-                                 cfg.facts_short_answers, cfg.facts_fronted, cfg.facts_spelled_numbers,
-                                 cfg.facts_bare_questions, cfg.facts_reworded)
+        asking = facts.Asking(cfg.facts_questions, cfg.facts_short_answers, cfg.facts_fronted,
+                              cfg.facts_spelled_numbers, cfg.facts_bare_questions, cfg.facts_reworded)
+        cands = facts.candidates(unit, cfg.facts_per_chunk, cfg.facts_wordings, cfg.facts_orders, asking)
         if cfg.facts_reading:
             cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
                                      cfg.facts_reading)
