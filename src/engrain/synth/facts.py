@@ -30,14 +30,15 @@ trained closed-book only learns to answer from its weights even when the right p
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 import re
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .base import Candidate, Unit
 from . import synonyms
+from .base import Candidate, Unit
 from .fronted import fronted_question
-from .text import _NAME, COMMON_WORDS, MONTHS, Span, names, spans, words
+from .text import _NAME, COMMON_WORDS, MONTHS, YEAR, Span, names, spans, words
 
 NAME = "facts"
 KIND = "mixed"
@@ -168,7 +169,7 @@ def wh_question(statement: str, span: Span) -> str | None:
     if span.kind == "name" and re.search(r"\bthe\s+$", before):
         before = re.sub(r"\bthe\s+$", "", before)  # "by the Dunmore Works" -> "by whom"
     prev = (words(before) or [""])[-1].lower()
-    year = re.fullmatch(r"1\d{3}|20\d{2}", span.text) and (prev in _YEAR_WORDS or not re.match(r"\s+[a-z]", after))
+    year = YEAR.fullmatch(span.text) and (prev in _YEAR_WORDS or not re.match(r"\s+[a-z]", after))
     if span.kind == "date" or year:
         wh = "what year" if re.fullmatch(r"\d{3,4}", span.text) else "what date"
     elif span.kind == "number":
@@ -283,7 +284,8 @@ class Asking:
     reworded: bool = False
 
 
-def _wh_items(i: int, statement: str, subject: str, asking: Asking, make) -> list[Candidate]:
+def _wh_items(i: int, statement: str, subject: str, asking: Asking,
+              make: Callable[..., Candidate]) -> list[Candidate]:
     """The wh-question items of sentence ``i``: in place (``h``), their rewordings (``h...w1``), fronted (``f``)."""
     asked = [sp for sp in spans(statement, asking.spelled) if not _gives_away(statement, sp, subject)]
     in_place = [(sp, q) for sp in asked if (q := wh_question(statement, sp))]

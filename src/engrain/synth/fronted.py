@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from lemminflect import getAllLemmas, getInflection
 
-from .text import COMMON_WORDS, Span
+from .text import COMMON_WORDS, YEAR, Span, split_header
 
 _AUX = {"is", "are", "was", "were", "has", "have", "had", "will", "would", "can", "could", "should", "may", "might",
         "must", "does", "do", "did"}
@@ -44,27 +44,23 @@ def _verb(word: str) -> tuple[str, str] | None:
         return "aux", word
     if not word.isalpha() or not word.islower():
         return None
-    lemmas = getAllLemmas(word)
-    for lemma in lemmas.get("VERB", ()):
-        if word in getInflection(lemma, "VBD"):
-            return "past", lemma
-        if word in getInflection(lemma, "VBZ") and "NOUN" not in lemmas:
-            return "present", lemma
-    return None
+    if past := _lemma_of(word, "VBD"):
+        return "past", past
+    present = _lemma_of(word, "VBZ")
+    return ("present", present) if present and "NOUN" not in getAllLemmas(word) else None
 
 
-def _is_participle(word: str) -> bool:
-    return any(word in getInflection(lemma, "VBN") for lemma in getAllLemmas(word).get("VERB", ()))
-
-
+def _lemma_of(word: str, tag: str) -> str | None:
+    """The verb whose ``tag`` form (lemminflect's Penn tags: VBD, VBZ, VBN) ``word`` is, or None."""
+    return next((lemma for lemma in getAllLemmas(word).get("VERB", ()) if word in getInflection(lemma, tag)), None)
 
 
 def _wh(span: Span, prev: str, following: list[str]) -> tuple[str, bool, int] | None:
     """(wh-phrase, whether the preposition before the span moves with it, how many words after the span do) for
     asking about ``span``; None where no phrase fits."""
-    year = re.fullmatch(r"1\d{3}|20\d{2}", span.text)
+    year = YEAR.fullmatch(span.text)
     if span.kind == "date" or year:
-        if prev in ("on", "from", "until", "since", "by", "before", "after") or prev == "in" and year:
+        if prev in _TIME_PREPS and prev != "during" and (prev != "in" or year):
             return f"{prev} {'what year' if year else 'what date'}", True, 0
         return ("When", True, 0) if prev in _TIME_PREPS else None  # "in March 2019", "during the winter of 2011"
     if span.kind == "number":
@@ -94,8 +90,8 @@ def _subject_ok(subject: list[str]) -> bool:
     if not 1 <= len(subject) <= 10 or subject[0].lower() in _PREPOSITIONS:
         return False
     function_words = _PREPOSITIONS | _LOWER_FIRST
-    return not any(w.endswith((",", ";", ":")) or (w[:1].isupper() and w.lower() in function_words)
-                   for w in subject[1:]) and not subject[0].endswith((",", ";", ":"))
+    return not (any(w.endswith((",", ";", ":")) for w in subject)
+                or any(w[:1].isupper() and w.lower() in function_words for w in subject[1:]))
 
 
 def _lowered(subject: list[str]) -> str:
@@ -115,7 +111,7 @@ def _inverted(subject: list[str], verb: str, form: tuple[str, str], rest: str) -
         return None
     kind, lemma = form
     following = rest.split()
-    if kind == "aux" and verb in _HAVE and not (following and _is_participle(following[0])):
+    if kind == "aux" and verb in _HAVE and not (following and _lemma_of(following[0], "VBN")):
         return " ".join([_HAVE[verb], _lowered(subject), "have", rest])  # "has 40 staff": do-support for have
     if kind == "aux":
         return " ".join([verb, _lowered(subject), rest])
@@ -135,11 +131,8 @@ def _finite(word: str, following: str) -> tuple[str, str] | None:
     form = _verb(word)
     if form or not (word.isalpha() and word.islower()):
         return form
-    if following.lower() in _DETERMINERS or following[:1].isdigit():
-        for lemma in getAllLemmas(word).get("VERB", ()):
-            if word in getInflection(lemma, "VBZ"):
-                return "present", lemma
-    return None
+    present = _lemma_of(word, "VBZ") if following.lower() in _DETERMINERS or following[:1].isdigit() else None
+    return ("present", present) if present else None
 
 
 def _split_at_verb(text: str, then: str = "") -> tuple[list[str], str, tuple[str, str], str] | None:
@@ -164,8 +157,7 @@ def fronted_question(statement: str, span: Span) -> str | None:
     the first clause break after the span, keeping any "Subject: " the statement was prefixed with. None where the
     sentence's shape is not one this can invert: the span in the subject or in a clause of its own, an opening
     adverbial that is not the span's, a name that only modifies a noun, no verb found."""
-    cut = statement.rfind(": ", 0, span.start)
-    head, body = (statement[:cut + 2], statement[cut + 2:]) if cut >= 0 else ("", statement)
+    head, body = split_header(statement, span.start)
     before, after = body[:span.start - len(head)], body[span.end - len(head):]
     if span.kind == "name":
         before = re.sub(r"\bthe\s+$", "", before)  # "at the Brisvale Institute" asks about the institute
@@ -186,13 +178,14 @@ def fronted_question(statement: str, span: Span) -> str | None:
     if not parts:
         return None  # no verb before the span: it is in the subject, where asking in place already fronts it
     subject, verb, form, middle = parts
-    if span.kind != "date" and not takes_prev and middle.split() and prev in _PREPOSITIONS and after.strip(" .!?"):
+    between = middle.split()  # the words from the verb to the span
+    if span.kind != "date" and not takes_prev and between and prev in _PREPOSITIONS and after.strip(" .!?"):
         return None  # a preposition left behind mid-sentence ("... the successor to under the codename ...")
-    if span.kind == "name" and middle.split() and prev not in _PREPOSITIONS:
+    if span.kind == "name" and between and prev not in _PREPOSITIONS:
         return None  # a name after a noun ("the ferry operator Kessling Sound Lines") is not the verb's object
-    if _BREAK.search(f" {middle} ") or any(w in _AUX for w in middle.split()):
+    if _BREAK.search(f" {middle} ") or any(w in _AUX for w in between):
         return None  # the span sits in a clause of its own ("..., 11.1 metres, was measured")
-    if span.kind == "name" and middle.split() and middle.split()[-1].lower() == "of":
+    if span.kind == "name" and between and between[-1].lower() == "of":
         return None  # "the island of Carrowmede": a name inside a noun phrase
     inverted = _inverted(subject, verb, form, f"{middle} {after}")
     return head + _tidy(f"{phrase} {inverted}") if inverted else None

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lemminflect import getAllInflections, getAllLemmas, getInflection
 
-from .text import COMMON_WORDS
+from .text import COMMON_WORDS, split_header
 
 _POS = {"n": ("noun", "1", "NOUN"), "v": ("verb", "2", "VERB")}  # WordNet file, sense-key digit, lemminflect tag
 _MIN_USES = 3  # times a sense is tagged in WordNet's sense-tagged corpus before it counts as a used sense
@@ -102,8 +102,7 @@ def _replacement(word: str) -> str | None:
 def reworded(question: str) -> str | None:
     """``question`` with up to two of its content words replaced by synonyms; the "Subject: " header, names,
     numbers and the asking words ("what year") stay. None where no word has a synonym to take."""
-    cut = question.rfind(": ")
-    head, body = (question[:cut + 2], question[cut + 2:]) if cut >= 0 else ("", question)
+    head, body = split_header(question)
     out, changed = [], 0
     for m in re.finditer(r"[A-Za-z]+|[^A-Za-z]+", body):
         token = m.group()

@@ -134,11 +134,21 @@ class Span:
     end: int
 
 
-_UNITS_WORDS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-                "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety").split()
+# Number words a spelled-out count starts with: NUMBER_WORDS' 1 to 90, with the teens and tens it leaves out.
+_COUNT_WORDS = [w for w, n in NUMBER_WORDS.items() if 1 <= n < 100] + (
+    "thirteen fourteen fifteen sixteen seventeen eighteen nineteen sixty seventy eighty ninety").split()
+_ONES = [w for w, n in NUMBER_WORDS.items() if 1 <= n <= 9]
 _SPELLED_NUMBER = re.compile(
-    rf"\b(?i:{'|'.join(_UNITS_WORDS)})(?:[- ](?:{'|'.join(_UNITS_WORDS[:9])}))?(?:\s+(?:hundred|thousand|million))?"
+    rf"\b(?i:{'|'.join(_COUNT_WORDS)})(?:[- ](?:{'|'.join(_ONES)}))?(?:\s+(?:hundred|thousand|million))?"
     r"(?=\s+(?!of\b|another\b|or\b|and\b|to\b|in\b|at\b|by\b|more\b|less\b|than\b)[a-z]{2,})")
+YEAR = re.compile(r"1\d{3}|20\d{2}")  # a number read as a year when asked about
+
+
+def split_header(text: str, end: int | None = None) -> tuple[str, str]:
+    """(the "Subject: " header a statement or question was prefixed with, up to its last ": " before ``end``; the
+    rest). The header is "" where there is none."""
+    cut = text.rfind(": ", 0, len(text) if end is None else end)
+    return (text[:cut + 2], text[cut + 2:]) if cut >= 0 else ("", text)
 
 
 def spans(sentence: str, spelled: bool = False) -> list[Span]:
