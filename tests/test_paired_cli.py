@@ -50,3 +50,42 @@ def test_paired_names_a_bad_run(tmp_path):
         # `engrain` (cli.main) prints an EngrainError as a message with exit status 2; the runner hands it back raw
         assert isinstance(res.exception, EngrainError), res.output
         assert words in str(res.exception)
+
+
+def test_sign_flip_p_is_mcnemar_on_one_pair_and_keeps_a_question_together_across_pairs():
+    from engrain.evaluate.metrics import mcnemar_p, sign_flip_p
+
+    for wins, losses in ((12, 7), (17, 0), (6, 6), (0, 0)):
+        assert sign_flip_p([1] * wins + [-1] * losses + [0] * 20) == mcnemar_p(wins, losses)
+    # the same 6 questions won in both seeds: 6 flips of +-2, not 12 independent ones
+    assert sign_flip_p([2] * 6) == 2 / 2**6 == mcnemar_p(6, 0)
+    assert sign_flip_p([2] * 6) > mcnemar_p(12, 0)
+
+
+def test_pooled_tests_each_pair_and_all_pairs_as_one(tmp_path):
+    bench = make_bench(tmp_path / "bench")
+    seed0 = write_run(tmp_path / "t0" / "results.json", "lora", set(range(9))) + "=" + \
+        write_run(tmp_path / "c0" / "results.json", "lora", {0})
+    seed1 = write_run(tmp_path / "t1" / "results.json", "lora", set(range(1, 9))) + "=" + \
+        write_run(tmp_path / "c1" / "results.json", "lora", {9})
+    res = CliRunner().invoke(app, ["pooled", str(bench), seed0, seed1, "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [(p["vs_control"]["wins"], p["vs_control"]["losses"]) for p in table["pairs"]] == [(8, 0), (8, 1)]
+    pooled = table["pooled"]
+    assert (pooled["wins"], pooled["losses"]) == (16, 1)
+    assert abs(pooled["diff"] - (8 / 12 + 7 / 12) / 2) < 1e-9
+    # per question summed over seeds: q0 0, q1..q8 +2, q9 -1; of 2**9 sign patterns only q9's two signs with
+    # every +2 kept on one side reach the observed |15|
+    assert pooled["p_value"] == 4 / 2**9
+    text = CliRunner().invoke(app, ["pooled", str(bench), seed0, seed1]).stdout
+    assert "| pooled |" in text and "16 / 1" in text
+
+
+def test_pooled_names_a_bad_pair(tmp_path):
+    bench = make_bench(tmp_path / "bench")
+    run = write_run(tmp_path / "a" / "results.json", "base", {0})
+    for spec, words in ((run, "does not name a pair"), (f"{run}=no-method", "does not name a run")):
+        res = CliRunner().invoke(app, ["pooled", str(bench), spec])
+        assert isinstance(res.exception, EngrainError), res.output
+        assert words in str(res.exception)

@@ -212,6 +212,27 @@ def paired(
 
 
 @app.command()
+def pooled(
+    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered")],
+    pairs: Annotated[list[str], typer.Argument(help="TREATED=CONTROL, each FILE:METHOD: a change and its control "
+                                                     "trained with the same seed; one pair per seed")],
+    docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A change measured on several seeds, each against its own control, tested as one: each pair's paired test,
+    then the mean difference over all pairs with an exact sign-flip p that keeps each question's runs together."""
+    from .evaluate.bench import load_bench
+    from .evaluate.paired import pooled as test, pooled_markdown
+
+    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+    table = test(pairs, questions)
+    if as_json:
+        emit_json(table)
+    else:
+        print(pooled_markdown(table))
+
+
+@app.command()
 def demo(
     workspace: WorkspaceOpt = Path("engrain-demo"),
     methods: Annotated[Optional[str], typer.Option("--methods", help="default: every method this version can build")] = None,

@@ -80,6 +80,21 @@ def mcnemar_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def sign_flip_p(diffs: list[int]) -> float:
+    """Exact two-sided randomisation test of integer per-question differences: the chance that flipping the sign of
+    each at random gives a total at least as far from zero, if neither method were better. On 0/1 scores of one pair
+    of runs it is McNemar's exact test; on sums over several pairs (seeds) it keeps a question's runs together."""
+    counts = {0: 1}  # total -> number of sign patterns reaching it
+    for d in (abs(d) for d in diffs if d):
+        nxt: dict[int, int] = {}
+        for total, ways in counts.items():
+            for step in (d, -d):
+                nxt[total + step] = nxt.get(total + step, 0) + ways
+        counts = nxt
+    observed = abs(sum(diffs))
+    return sum(w for t, w in counts.items() if abs(t) >= observed) / sum(counts.values())
+
+
 def paired_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
     """``a`` minus ``b``, scored on the same questions in the same order: the mean difference, its 95% paired
     bootstrap interval (questions resampled, both methods kept together), the questions each got right alone

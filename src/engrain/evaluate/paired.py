@@ -1,5 +1,5 @@
 """Methods from separate runs tested question by question against one reference (``engrain paired``, and
-``engrain compare --against``).
+``engrain compare --against``), and pairs of runs repeated with other seeds pooled into one test (``engrain pooled``).
 
 A run is named ``FILE:METHOD``: a results.json and a method in it. Every run must have answered the same benchmark
 questions (the same ``--docs``). Answers are rescored here from their text against the benchmark's gold answers, so
@@ -113,3 +113,53 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
     asked = [q for q in questions if q.id in answered]
     runs = [score_answers(answers_of(results, m, "this run"), asked, m) for m in results["methods"]]
     return against(reference_spec, runs, asked)
+
+
+def split_pair(spec: str) -> tuple[str, str]:
+    """``A/results.json:lora=B/results.json:lora`` -> (treated, control)."""
+    treated, sep, control = spec.partition("=")
+    if not sep or not treated or not control:
+        raise EngrainError(f"'{spec}' does not name a pair of runs.",
+                           hint="Write TREATED=CONTROL, each FILE:METHOD, e.g. new/results.json:lora=old/results.json:lora.")
+    return treated, control
+
+
+def pooled(pairs: list[str], questions: list[Question]) -> dict:
+    """Pairs of runs (``TREATED=CONTROL``), each a treatment and its control trained with the same seed, tested as
+    one: each pair's paired difference, then over all pairs the mean difference, its 95% bootstrap interval with a
+    question's runs resampled together, the questions won and lost summed, and an exact sign-flip p on each
+    question's summed difference (``metrics.sign_flip_p``; a question answered differently in two seeds counts
+    once, not twice, as summing McNemar's counts would)."""
+    if not pairs:
+        raise EngrainError("No pairs of runs given.", hint="Name at least one TREATED=CONTROL pair.")
+    rows, sums = [], [0] * len(questions)
+    for spec in pairs:
+        treated, control = (read_run(s, questions) for s in split_pair(spec))
+        rows.append({"treated": treated.label, "control": control.label,
+                     "treated_contains": sum(treated.scores) / max(1, len(questions)),
+                     "control_contains": sum(control.scores) / max(1, len(questions)),
+                     "vs_control": metrics.paired_difference(treated.scores, control.scores)})
+        sums = [t + round(a - b) for t, a, b in zip(sums, treated.scores, control.scores)]
+    per_question = [t / len(pairs) for t in sums]
+    return {"n_questions": len(questions), "pairs": rows,
+            "pooled": {"diff": sum(per_question) / max(1, len(per_question)),
+                       "diff_ci": list(metrics.bootstrap_ci(per_question)),
+                       "wins": sum(r["vs_control"]["wins"] for r in rows),
+                       "losses": sum(r["vs_control"]["losses"] for r in rows),
+                       "p_value": metrics.sign_flip_p(sums), "n": len(questions)}}
+
+
+def pooled_markdown(table: dict) -> str:
+    """The table ``pooled`` returns, as markdown."""
+    from .report import fmt_paired
+
+    lines = [f"{table['n_questions']} questions, {len(table['pairs'])} pairs", "",
+             "| treated | control | contains, treated / control | difference [95% paired CI] p | won / lost |",
+             "|---|---|---|---|---|"]
+    for r in table["pairs"]:
+        d = r["vs_control"]
+        lines.append(f"| {r['treated']} | {r['control']} | {r['treated_contains']:.3f} / {r['control_contains']:.3f} "
+                     f"| {fmt_paired(d)} | {d['wins']} / {d['losses']} |")
+    d = table["pooled"]
+    lines.append(f"| pooled | | | {fmt_paired(d)} | {d['wins']} / {d['losses']} |")
+    return "\n".join(lines)
