@@ -179,8 +179,10 @@ def test_replay_targets_run_in_batches_equal_one_example_at_a_time(tiny_lm):
         assert max(abs(a - b) for ra, rb in zip(target.logprobs, alone.logprobs) for a, b in zip(ra, rb)) < 1e-3
 
 
-def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(tiny_lm):
+def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(tiny_lm, monkeypatch):
     import torch
+
+    from engrain.train import validation
 
     from engrain.models import chat_messages, chat_prompt, end_of_turn
     from engrain.train.data import IGNORE, Example, encode_item
@@ -199,6 +201,14 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
     def example(answer: list[int], key: str) -> Example:
         return Example(ids[:n] + answer + end, [IGNORE] * n + answer + end, key)
 
+    # The tiny model's greedy tokens repeat the prompt's, which answer_positions leaves unjudged (its own test below):
+    # here every answer token is judged, to test how they are read from the forward.
+    def every_answer_token(ex, n_end, seq_len):
+        j = next(i for i, x in enumerate(ex.labels) if x != IGNORE)
+        stop = len(ex.ids) - n_end
+        return list(range(j, stop)) if j > 1 and stop <= seq_len else None  # a text item asks nothing
+
+    monkeypatch.setattr(validation, "answer_positions", every_answer_token)
     right = example(ids[n:], "right")
     wrong = example(ids[n:-1] + [(ids[-1] + 1) % len(tok)], "wrong")
     text_only = encode_item(tok, {"text": "A statement, not a question."}, "t")
@@ -219,6 +229,23 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
     assert judge(examples, True, micro_batch=1)[0] == pytest.approx(float(s) / count, rel=1e-4)
     # an answer cut off by the row length is not judged
     assert judge([right], True, seq_len=n + 2)[1] is None
+
+
+def test_a_held_out_answer_is_judged_on_the_tokens_its_question_does_not_hold():
+    from engrain.train.data import IGNORE, Example
+    from engrain.train.validation import ANSWER_HEAD, answer_positions
+
+    def example(question: list[int], answer: list[int], end: int = 99) -> Example:
+        return Example(question + answer + [end], [IGNORE] * len(question) + answer + [end], "k")
+
+    question = [5, 6, 7, 8]  # "When was the pier rebuilt?"
+    # "The pier was rebuilt in 1987.": the restated words are not judged, the year is
+    assert answer_positions(example(question, [6, 7, 40, 41, 8]), 1, 256) == [6, 7]
+    assert answer_positions(example(question, [6, 7, 8]), 1, 256) is None  # the question holds the whole answer
+    assert answer_positions(example(question, [40, 41]), 1, 5) is None  # the judged tokens are cut off
+    long = answer_positions(example(question, list(range(100, 120))), 1, 256)
+    assert long == list(range(4, 4 + ANSWER_HEAD))  # the fact's first tokens, not a long completion's tail
+    assert answer_positions(Example([1, 2], [IGNORE, IGNORE], "none"), 1, 256) is None  # asks nothing
 
 
 def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path, tiny_model_dir):
