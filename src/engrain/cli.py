@@ -241,6 +241,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
+    from .demo import DEMO_LATENCY_SAMPLE, DEMO_METHODS, example_bench, write_demo_config
     from .evaluate.compare import check_probe_form
     from .evaluate.report import print_results
     from .evaluate.run import parse_methods, run_compare
@@ -259,40 +260,6 @@ def demo(
     print_results(results, out_dir, console)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})
-
-
-DEMO_METHODS = "base,context,rag,lora"  # add lora+rag with --methods (about 4 more minutes)
-DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
-
-
-def write_demo_config(path: Path) -> None:
-    """The demo's budgets: sized so the whole pipeline fits ~20 minutes on 2 CPU cores with the embedded model,
-    where training runs near the machine's matmul limit (``bench/bench_train.py`` measures it).
-    Synthesis by the model-free ``facts`` strategy (every sentence stated in full, the passage once more in one
-    shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, 4 per RAG prompt.
-    Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
-    items: experiments/knowledge's acme-open-book-1 row measures what those cost and give)."""
-    from .config import EngrainConfig, save_config
-
-    config = EngrainConfig()
-    config.ingest.chunk_tokens = 128
-    config.ingest.chunk_overlap = 16
-    config.synth.facts_per_chunk = 12
-    config.synth.facts_orders = 1
-    config.synth.facts_reading = 0
-    config.train.epochs = 2.0
-    save_config(config, path)
-
-
-def example_bench() -> Path:
-    """The example corpus: examples/acme in a source checkout."""
-    here = Path(__file__).resolve()
-    for root in (here.parents[2], Path.cwd()):
-        candidate = root / "examples" / "acme"
-        if (candidate / "questions.jsonl").is_file():
-            return candidate
-    raise EngrainError("The example corpus (examples/acme) was not found.",
-                       hint="Run `engrain demo` from an engrain source checkout, or use `engrain compare BENCH`.")
 
 
 @app.command()
