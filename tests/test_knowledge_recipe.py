@@ -182,9 +182,8 @@ def test_replay_targets_run_in_batches_equal_one_example_at_a_time(tiny_lm):
 def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(tiny_lm, monkeypatch):
     import torch
 
-    from engrain.train import validation
-
     from engrain.models import chat_messages, chat_prompt, end_of_turn
+    from engrain.train import validation
     from engrain.train.data import IGNORE, Example, encode_item
     from engrain.train.packing import collate, loss_sum, pack
     from engrain.train.validation import evaluate

@@ -200,10 +200,9 @@ def paired(
 ) -> None:
     """Methods from separate runs tested question by question against one reference: paired bootstrap interval of
     the difference, questions won and lost, McNemar's exact p."""
-    from .evaluate.bench import load_bench
-    from .evaluate.paired import against as test, markdown, read_run
+    from .evaluate.paired import against as test, bench_questions, markdown, read_run
 
-    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+    questions = bench_questions(bench, docs)
     table = test(against, [read_run(spec, questions) for spec in runs], questions)
     if as_json:
         emit_json(table)
@@ -221,10 +220,9 @@ def pooled(
 ) -> None:
     """A change measured on several seeds, each against its own control, tested as one: each pair's paired test,
     then the mean difference over all pairs with an exact sign-flip p that keeps each question's runs together."""
-    from .evaluate.bench import load_bench
-    from .evaluate.paired import pooled as test, pooled_markdown
+    from .evaluate.paired import bench_questions, pooled as test, pooled_markdown
 
-    questions = (load_bench(bench).first_docs(docs) if docs else load_bench(bench)).questions
+    questions = bench_questions(bench, docs)
     table = test(pairs, questions)
     if as_json:
         emit_json(table)

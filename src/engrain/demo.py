@@ -7,13 +7,14 @@ from pathlib import Path
 
 from .errors import EngrainError
 
-DEMO_METHODS = "base,context,rag,lora"  # add lora+rag with --methods (about 4 more minutes)
+DEMO_METHODS = "base,context,rag,lora"  # add lora+rag with --methods (one more method to answer with)
 DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
 
 
 def write_demo_config(path: Path) -> None:
-    """The demo's budgets: sized so the whole pipeline fits ~20 minutes on 2 CPU cores with the embedded model,
-    where training runs near the machine's matmul limit (``bench/bench_train.py`` measures it).
+    """The demo's budgets: sized so the whole pipeline fits the demo's time on 2 CPU cores with the embedded model
+    (experiments/knowledge's acme-demo rows time it), where training runs near the machine's matmul limit
+    (``bench/bench_train.py`` measures it).
     Synthesis by the model-free ``facts`` strategy (every sentence stated in full, the passage once more in one
     shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, 4 per RAG prompt.
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book

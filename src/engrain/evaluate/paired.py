@@ -115,6 +115,14 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
     return against(reference_spec, runs, asked)
 
 
+def bench_questions(bench: Path, docs: int | None = None) -> list[Question]:
+    """The questions of the benchmark folder ``bench``, cut to its first ``docs`` documents' as the runs were."""
+    from .bench import load_bench
+
+    loaded = load_bench(bench)
+    return (loaded.first_docs(docs) if docs else loaded).questions
+
+
 def split_pair(spec: str) -> tuple[str, str]:
     """``A/results.json:lora=B/results.json:lora`` -> (treated, control)."""
     treated, sep, control = spec.partition("=")

@@ -17,8 +17,9 @@ def answer_positions(example: Example, n_end: int, seq_len: int) -> list[int] | 
     ``ANSWER_HEAD`` of those whose token the question does not already hold, no end of turn. A wh-question is
     answered by its whole statement, which restates the question's words: judged on all of its first tokens, a
     memory that only repeats the question counts as answering it (experiments/knowledge's acme-demo-2.75-epochs row:
-    its training log beside its results shows how many did so early on). None for an example that asks nothing (its loss is not one tail after a prompt), whose answer the
-    question holds whole, or whose judged tokens are cut off at ``seq_len``."""
+    its training log beside its results shows how many did so early on). None for an example that asks nothing (its
+    loss is not one tail after a prompt), whose answer the question holds whole, or whose judged tokens are cut off
+    at ``seq_len``."""
     from .distill import first_loss_index
 
     j = first_loss_index(example.labels, IGNORE)
