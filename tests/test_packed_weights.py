@@ -19,7 +19,7 @@ needs_packing = pytest.mark.skipif(not packed_weights.available(),
 def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_side_by_side():
     torch.manual_seed(0)
     linear, other = (torch.nn.Linear(96, n, bias=False).to(torch.bfloat16) for n in (160, 48))
-    packed, stacked = packed_weights._pack(linear), packed_weights._pack(linear, other)
+    packed, stacked = packed_weights.pack(linear), packed_weights.pack(linear, other)
     for rows in (1, 7, 40):
         x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
         assert torch.equal(packed(x), linear(x))
@@ -51,6 +51,18 @@ def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny
     for batch in (1, 3):
         assert fastgen.generate_many(model, prompts, batch_size=batch, **kw) == \
             fastgen.generate_many(reference, prompts, batch_size=batch, **kw)
+
+
+@needs_packing
+def test_a_packed_bf16_model_decodes_its_head_from_the_packed_weight_exactly(tiny_lm):
+    """Where the layers are packed, the head is too (not int8 rows): a decode step's logits carry no quantization."""
+    model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    setattr(model, decode_weights.ATTRIBUTE, "int8")
+    quant = decode_weights.for_model(model)
+    assert isinstance(quant.head, packed_weights.PackedLinear)
+    x = torch.randn(3, 1, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(decode_weights.head(model, x, quant), model.lm_head(x))
 
 
 def test_the_plain_reference_path_packs_nothing(tiny_lm):

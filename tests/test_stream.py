@@ -197,3 +197,36 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart():
     short = {0: [1] * 12, 1: [1] * 25, 2: [1] * 18}
     assert [sorted(g) for g in stream_mod.length_groups(short)] == [[0, 1, 2]]
     assert stream_mod.length_groups({}) == []
+
+
+def test_decode_steps_over_the_whole_cache_give_the_sliced_steps_logits(tiny_lm, monkeypatch):
+    """A decode step attends the cache's whole buffer while its unwritten tail is short (``WHOLE_CACHE_RATIO``), the
+    tail masked: the logits of every step are those of attending only the written columns, and a long tail (a large
+    budget after a short prompt) keeps the slice."""
+    import torch
+
+    from engrain.models import fastgen
+
+    assert fastgen.attended_columns(120, 100) == 120
+    assert fastgen.attended_columns(300, 40) == 40
+    tok = tiny_lm.tokenizer
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ["the lighthouse keeper wrote in his log every night", "Hi", "What is 2+2?"]]
+
+    def step_logits(ratio: float) -> list:
+        monkeypatch.setattr(fastgen, "WHOLE_CACHE_RATIO", ratio)
+        stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id)
+        stream.admit(prompts, [6, 6, 6])
+        out = []
+        while len(stream):
+            stream.step()
+            stream.advance(set())
+            if stream.rows is not None:
+                out.append(stream.rows.logits.clone())
+        return out
+
+    with torch.inference_mode():
+        sliced, whole = step_logits(0), step_logits(1e9)
+    assert len(sliced) == len(whole) == 5
+    for a, b in zip(sliced, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

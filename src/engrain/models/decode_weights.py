@@ -14,7 +14,8 @@ lies on 16 evenly spaced levels (a model converted from a GGUF of Q4_1 blocks, a
 as those levels, packed two to a byte, and read by PyTorch's 4-bit kernel
 (``torch.ops.aten._weight_int4pack_mm_for_cpu``); each group's level spacing and offset are fitted by least squares,
 so the copy reproduces the weights the GGUF holds up to the rounding of those two numbers to the activations' dtype.
-Any other weight (the embedded model's output head, a merged LoRA's layers) is quantized to int8 rows.
+Any other weight (a merged LoRA's layers) is quantized to int8 rows. The output head is int8 rows too, except where
+bf16 weights are packed for oneDNN (``packed_weights``): there it reads its packed bf16 weight, exact and no slower.
 
 Which weights a model decodes with is set when it is loaded (``load_model``'s ``decode_weights``;
 ``model.decode_weights`` in engrain.yaml) and carried on the model as ``engrain_decode_weights``: ``int4``,
@@ -123,7 +124,7 @@ class Block:
 @dataclass
 class DecodeWeights:
     blocks: list[Block]
-    head: Int8Linear | Int4Linear | None
+    head: Int8Linear | Int4Linear | packed_weights.PackedLinear | None
     packed: list | None = None  # per block, packed_weights.PackedBlock (or None): bf16 models on a CPU only
 
 
@@ -151,8 +152,13 @@ def build(model, mode: str = "int8") -> DecodeWeights:
                             o=_quantized([a.o_proj], dtype, mode) if attn_ok else None,
                             gate_up=_quantized([m.gate_proj, m.up_proj], dtype, mode) if mlp_ok else None,
                             down=_quantized([m.down_proj], dtype, mode) if mlp_ok else None))
-    head = _quantized([model.lm_head], dtype, mode) if _plain(model.lm_head) else None
     packed = packed_weights.build(model) if dtype == torch.bfloat16 and packed_weights.available() else None
+    head = None
+    if _plain(model.lm_head):
+        # Where bf16 weights are packed for oneDNN, the head keeps them: its product reads twice int8's bytes, yet
+        # runs as fast at one row and faster at several (int8's kernel is bound by unpacking, not by reading), and
+        # its logits carry no int8 rounding. ``python bench/bench_decode_step.py`` times both.
+        head = packed_weights.pack(model.lm_head) if packed is not None else _quantized([model.lm_head], dtype, mode)
     return DecodeWeights(blocks, head, packed)
 
 

@@ -91,7 +91,8 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     q, k, v = decode_weights.qkv(attn, x, cos, sin, block, packed)
     k_cache[:, :, start:start + t] = k
     v_cache[:, :, start:start + t] = v
-    keys, values = k_cache[:, :, :start + t], v_cache[:, :, :start + t]
+    span = attn_mask.shape[-1]  # the columns this forward attends (``attended_columns``)
+    keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
     if block is None:  # prefill: the plain form in low precision at any length (its query blocks bound its memory)
         plain = q.dtype != torch.float32
     else:  # a decode step: SDPA's kernel wins only for one row over a short cache
@@ -110,6 +111,21 @@ QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill
 # Cached keys up to which a one-row decode step attends through SDPA rather than the plain form; steps of several
 # rows always take the plain form. python bench/bench_decode_attention.py times both.
 DECODE_SDPA_KEYS = 128
+
+
+# A forward attends its cache's whole capacity, not only the columns written so far, while the capacity is at most
+# this many times those columns. The whole buffer is one contiguous tensor that a bf16 matmul reads in place; a slice
+# of it is copied first, and the copy costs more than the scores of the unwritten columns (``python
+# bench/bench_decode_step.py`` times a decode step both ways).
+WHOLE_CACHE_RATIO = 2
+
+
+def attended_columns(capacity: int, total: int) -> int:
+    """How many cache columns a forward attends when ``total`` of the cache's ``capacity`` columns are written by its
+    end: all of them when the unwritten tail is short (``WHOLE_CACHE_RATIO``), else the written ones. The tail holds
+    zeros (decode caches come from ``_merge``, which zeroes them; a prefill's cache has no tail) and the causal mask
+    keeps it out."""
+    return capacity if capacity <= WHOLE_CACHE_RATIO * total else total
 
 
 def mask_bias(allowed, dtype):
@@ -194,10 +210,11 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
     x = inner.embed_tokens(ids)
     cos, sin = inner.rotary_emb(x, positions)
     bsz, t = ids.shape
-    total = start + t
-    # Boolean mask (B, 1, T, total): causal within the new tokens, padding keys never attended.
-    causal = torch.ones(t, total, dtype=torch.bool, device=ids.device).tril(diagonal=start)
-    mask = causal[None, None] & key_mask[:, None, None, :total]
+    span = attended_columns(caches[0][0].shape[2], start + t)
+    # Boolean mask (B, 1, T, span): causal within the new tokens (which also keeps out the columns not yet
+    # written), padding keys never attended.
+    causal = torch.ones(t, span, dtype=torch.bool, device=ids.device).tril(diagonal=start)
+    mask = causal[None, None] & key_mask[:, None, None, :span]
     # Steps of a few tokens per forward read every weight for little compute: those read the quantized copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
     bias = mask_bias(mask, x.dtype) if ids.device.type == "cpu" else None  # once for every layer's plain attention

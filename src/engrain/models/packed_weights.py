@@ -55,7 +55,7 @@ def available() -> bool:
     return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-def _pack(*modules: torch.nn.Linear) -> PackedLinear:
+def pack(*modules: torch.nn.Linear) -> PackedLinear:
     """``modules``' weights stacked (their outputs side by side, in this order) and packed."""
     weight = torch.cat([m.weight.detach() for m in modules])
     return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight, 64))
@@ -69,6 +69,6 @@ def build(model) -> list[PackedBlock | None]:
         a, m = layer.self_attn, layer.mlp
         modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         plain = type(m).__name__ == "LlamaMLP" and all(type(x) is torch.nn.Linear and x.bias is None for x in modules)
-        out.append(PackedBlock(_pack(a.q_proj, a.k_proj, a.v_proj), _pack(a.o_proj), _pack(m.gate_proj, m.up_proj),
-                               _pack(m.down_proj)) if plain else None)
+        out.append(PackedBlock(pack(a.q_proj, a.k_proj, a.v_proj), pack(a.o_proj), pack(m.gate_proj, m.up_proj),
+                               pack(m.down_proj)) if plain else None)
     return out
