@@ -70,7 +70,7 @@ def test_int8_logits_stay_close_on_ordinary_weights(tiny_lm):
     ids = torch.tensor([tiny_lm.tokenizer("Once upon a time there was")["input_ids"]])
     n = ids.shape[1]
     with torch.inference_mode():
-        caches = fastgen._empty_caches(model, 1, n + 1, "cpu")
+        caches = fastgen._zero_caches(model, 1, n + 1, "cpu")
         mask = torch.ones(1, n + 1, dtype=torch.bool)
         fastgen._forward(model, ids[:, :-1], torch.arange(n - 1)[None], caches, 0, mask)
         step = (ids[:, -1:], torch.tensor([[n - 1]]), caches, n - 1, mask)

@@ -55,7 +55,8 @@ def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny
 
 @needs_packing
 def test_a_packed_bf16_model_decodes_its_head_from_the_packed_weight_exactly(tiny_lm):
-    """Where the layers are packed, the head is too (not int8 rows): a decode step's logits carry no quantization."""
+    """Where the layers are packed, the head is too (not int8 rows): a forward's logits carry no quantization, at any
+    number of rows; an int8 head serves only forwards of few rows."""
     model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
     setattr(model, decode_weights.ATTRIBUTE, "int8")
     quant = decode_weights.for_model(model)
@@ -63,6 +64,10 @@ def test_a_packed_bf16_model_decodes_its_head_from_the_packed_weight_exactly(tin
     x = torch.randn(3, 1, model.config.hidden_size, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(decode_weights.head(model, x, quant), model.lm_head(x))
+        assert torch.equal(decode_weights.head(model, x, quant, few_rows=False), model.lm_head(x))
+        int8 = dataclasses.replace(quant, head=decode_weights.quantize(model.lm_head.weight, model.dtype))
+        assert not torch.equal(decode_weights.head(model, x, int8), model.lm_head(x))  # int8's rounding
+        assert torch.equal(decode_weights.head(model, x, int8, few_rows=False), model.lm_head(x))  # many rows: own
 
 
 def test_the_plain_reference_path_packs_nothing(tiny_lm):

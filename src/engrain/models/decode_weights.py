@@ -248,7 +248,13 @@ def out(attn, x: torch.Tensor, block: Block | None, packed=None) -> torch.Tensor
     return attn.o_proj(x) if packed is None else packed.o(x)
 
 
-def head(model, x: torch.Tensor, weights: DecodeWeights | None) -> torch.Tensor:
-    return model.lm_head(x) if weights is None or weights.head is None else weights.head(x)
+def head(model, x: torch.Tensor, weights: DecodeWeights | None, few_rows: bool = True) -> torch.Tensor:
+    """The output head: the decode weights' copy in a forward of few rows (``few_rows``), and in any forward where
+    that copy is the packed bf16 weight (the model's own product without oneDNN's reorder per call); the model's own
+    head otherwise."""
+    product = weights.head if weights is not None else None
+    if product is None or not (few_rows or isinstance(product, packed_weights.PackedLinear)):
+        return model.lm_head(x)
+    return product(x)
 
 

@@ -123,7 +123,7 @@ WHOLE_CACHE_RATIO = 2
 def attended_columns(capacity: int, total: int) -> int:
     """How many cache columns a forward attends when ``total`` of the cache's ``capacity`` columns are written by its
     end: all of them when the unwritten tail is short (``WHOLE_CACHE_RATIO``), else the written ones. The tail holds
-    zeros (decode caches come from ``_merge``, which zeroes them; a prefill's cache has no tail) and the causal mask
+    zeros (``_zero_caches`` and ``_merge`` make every cache zeroed) and the causal mask
     keeps it out."""
     return capacity if capacity <= WHOLE_CACHE_RATIO * total else total
 
@@ -230,7 +230,7 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
         x = x + _attend(layer, normed, cos, sin, k_cache, v_cache, start, mask, shared, block, own, bias)
         x = x + decode_weights.mlp(layer, decode_weights.norm(layer.post_attention_layernorm, x, lean), block, own)
     x = decode_weights.norm(inner.norm, x[:, -1:], fast is not None)
-    return decode_weights.head(model, x, fast)[:, -1].float()
+    return decode_weights.head(model, x, quant, few_rows=fast is not None)[:, -1].float()
 
 
 def _step(model, ids, positions, caches, start: int, key_mask, prefix=None, quant=None):
@@ -298,13 +298,15 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _empty_caches(model, rows: int, width: int, device) -> list:
-    """Per layer an uninitialised (K, V) pair, each (rows, kv_heads, width, head_dim)."""
+def _zero_caches(model, rows: int, width: int, device) -> list:
+    """Per layer a zeroed (K, V) pair, each (rows, kv_heads, width, head_dim). Zeros, not uninitialised memory:
+    columns no row attends still meet the scores and values (left padding, a reused start shorter than another
+    row's, a decode step's unwritten tail: ``attended_columns``), so they must hold numbers."""
     config = model.config
     dtype = model.model.embed_tokens.weight.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = (rows, config.num_key_value_heads, width, head_dim)
-    return [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in model.model.layers]
 
 
@@ -332,11 +334,9 @@ def prefill_after_starts(model, rest: dict[int, list[int]], starts: dict[int, tu
     tokens, mask = tokens.to(device), mask.bool().to(device)
     rows, width = tokens.shape
     lead = max(starts[h][0] for h in handles)
-    caches = _empty_caches(model, rows, lead + width, device)
+    caches = _zero_caches(model, rows, lead + width, device)
     key_mask = torch.zeros((rows, lead + width), dtype=torch.bool, device=device)
     key_mask[:, lead:] = mask
-    for k, v in caches:  # columns no row attends still meet the scores and values: they must hold numbers
-        k[:, :, :lead], v[:, :, :lead] = 0, 0
     for row, h in enumerate(handles):
         n, kv = starts[h]
         if n:
