@@ -18,7 +18,7 @@ def write_demo_config(path: Path) -> None:
     Synthesis by the model-free ``facts`` strategy (every sentence stated in full, the passage once more in one
     shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, 4 per RAG prompt.
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
-    items: experiments/knowledge's acme-open-book-1 row measures what those cost and give)."""
+    items: experiments/knowledge's acme-demo-open-book rows measure what those cost and give at these budgets)."""
     from .config import EngrainConfig, save_config
 
     config = EngrainConfig()
