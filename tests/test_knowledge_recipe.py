@@ -185,6 +185,7 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
     from engrain.models import chat_messages, chat_prompt, end_of_turn
     from engrain.train import validation
     from engrain.train.data import IGNORE, Example, encode_item
+    from engrain.train.distill import first_loss_index
     from engrain.train.packing import collate, loss_sum, pack
     from engrain.train.validation import evaluate
 
@@ -203,9 +204,9 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
     # The tiny model's greedy tokens repeat the prompt's, which answer_positions leaves unjudged (its own test below):
     # here every answer token is judged, to test how they are read from the forward.
     def every_answer_token(ex, n_end, seq_len):
-        j = next(i for i, x in enumerate(ex.labels) if x != IGNORE)
+        j = first_loss_index(ex.labels, IGNORE)
         stop = len(ex.ids) - n_end
-        return list(range(j, stop)) if j > 1 and stop <= seq_len else None  # a text item asks nothing
+        return list(range(j, stop)) if j and j > 1 and stop <= seq_len else None  # a text item asks nothing
 
     monkeypatch.setattr(validation, "answer_positions", every_answer_token)
     right = example(ids[n:], "right")
