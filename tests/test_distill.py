@@ -96,7 +96,7 @@ def test_teacher_targets_are_cached_and_resume(tmp_path, tiny_lm, monkeypatch):
     exs, items = examples_of(ws, tiny_lm.tokenizer)
     calls = []
     real = distill._run_group
-    monkeypatch.setattr(distill, "_run_group", lambda m, jobs, k, p: calls.append(len(jobs)) or real(m, jobs, k, p))
+    monkeypatch.setattr(distill, "_run_group", lambda m, jobs, *a: calls.append(len(jobs)) or real(m, jobs, *a))
     first = distill.teacher_targets(ws, tiny_lm, exs, items, 4, IGNORE, show=False)
     assert sorted(calls) == [1, 3]  # one group for the chat items of the chunk, one for its text item
     calls.clear()
@@ -158,10 +158,95 @@ def test_training_with_distillation_records_it(tmp_path, tiny_lm):
     cfg = TrainConfig(memory="lora", seq_len=128, micro_batch=2, eval_every=0, save_every=0, replay_share=0.0,
                       epochs=1.0, distill=0.5, distill_top_k=8, val_fraction=0.0)
     summary = train(ws, cfg, str(tiny_lm.path), show_progress=False, lm=tiny_lm)
-    assert summary["data"]["distill"] == {"weight": 0.5, "top_k": 8, "items_with_chunks": 4,
+    assert summary["data"]["distill"] == {"weight": 0.5, "hidden_weight": 0.0, "top_k": 8, "items_with_chunks": 4,
                                           "examples_with_teacher": 4}
     assert summary["config"]["distill"] == 0.5
     assert (ws.root / "train" / "distill").is_dir()
     dry = train(ws, cfg.model_copy(update={"distill_top_k": 4}), str(tiny_lm.path), dry_run=True, show_progress=False)
     assert not distill.cache_path(ws, tiny_lm, 4).exists()  # a dry run computes nothing
     assert dry["distill"]["items_with_chunks"] == 4
+
+
+def test_teacher_hidden_states_are_the_blocks_outputs_and_are_cached(tmp_path, tiny_lm, monkeypatch):
+    """The hidden states kept for an example are its teacher sequence's block outputs at the loss positions; they
+    are read back from the workspace, and a missing file has its group computed again."""
+    import torch
+
+    from engrain.train import distill
+    from engrain.train.data import IGNORE
+
+    monkeypatch.setattr(distill, "HIDDEN_EVERY", 1)  # the tiny model's two blocks: the first one's output is checked
+    assert distill.hidden_blocks(2) == [0, 1]
+    ws = make_ws(tmp_path)
+    tok = tiny_lm.tokenizer
+    exs, items = examples_of(ws, tok)
+    targets = distill.teacher_targets(ws, tiny_lm, exs, items, 4, IGNORE, show=False, hidden=True)
+    for ex in exs:
+        if ex.key not in targets:
+            continue
+        j = distill.first_loss_index(ex.labels, IGNORE)
+        prefix = distill.teacher_prefix(tok, items[ex.key], ex.ids, j, f"[orvane#1]\n{CHUNK}")
+        with torch.no_grad():
+            out = tiny_lm.model(input_ids=torch.tensor([prefix + ex.ids[j:]]), output_hidden_states=True)
+        block0 = out.hidden_states[1][0, len(prefix) - 1:len(prefix) - 1 + ex.n_loss]
+        kept = targets[ex.key].hidden
+        assert kept.shape == (ex.n_loss, 2, 64) and kept.dtype == torch.bfloat16
+        assert torch.allclose(kept[:, 0].float(), block0, rtol=2e-2, atol=2e-2)
+
+    calls = []
+    real = distill._run_group
+    monkeypatch.setattr(distill, "_run_group", lambda m, jobs, *a: calls.append(len(jobs)) or real(m, jobs, *a))
+    again = distill.teacher_targets(ws, tiny_lm, exs, items, 4, IGNORE, show=False, hidden=True)
+    assert calls == []
+    assert all(torch.equal(again[k].hidden, targets[k].hidden) for k in targets)
+    next(distill.hidden_dir(ws, tiny_lm).glob("*.pt")).unlink()
+    distill.teacher_targets(ws, tiny_lm, exs, items, 4, IGNORE, show=False, hidden=True)
+    assert len(calls) == 1
+
+
+def test_teacher_hidden_states_line_up_with_packed_loss_positions(tiny_lm):
+    """A teacher whose hidden states are the student's own (each example run alone) adds next to nothing to the
+    loss, packed or not; the same states shifted by one position add a clear term."""
+    import torch
+
+    from engrain.train.distill import Teacher, block_outputs, hidden_blocks
+    from engrain.train.data import IGNORE, encode_item
+    from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
+
+    tok = tiny_lm.tokenizer
+    model = tiny_lm.model
+    items = [{"text": "Vault one opens with code 48."},
+             {"messages": [{"role": "user", "content": "Code of vault two?"}, {"role": "assistant", "content": "85"}]},
+             {"text": "The archive sits under the old harbour of Orvane."}]
+    exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
+    blocks = hidden_blocks(2)
+    with torch.no_grad():
+        for ex in exs[:2]:  # the third keeps no teacher
+            with block_outputs(model, blocks) as states:
+                model(input_ids=torch.tensor([ex.ids]))
+            at = [t for t in range(len(ex.ids) - 1) if ex.labels[t + 1] != IGNORE]
+            ex.teacher = Teacher([], [], torch.stack([h[0, at] for h in states], dim=1).to(torch.bfloat16))
+            ex.hidden_weight = 1.0
+        n_hidden = sum(e.n_loss for e in exs[:2])
+        for rows, packing in ((pack(exs, 256), True), (unpacked_rows(exs, 256), False)):
+            batch = collate(rows, tok.pad_token_id, packing, "cpu")
+            with_states = float(loss_sum(model, batch, packing)[0])
+            del batch["hidden"]
+            plain = float(loss_sum(model, batch, packing)[0])
+            assert 0 <= with_states - plain < 0.01 * n_hidden  # bf16 rounding of the stored states only
+        exs[1].teacher.hidden = exs[1].teacher.hidden.roll(1, dims=0)
+        batch = collate(pack(exs, 256), tok.pad_token_id, True, "cpu")
+        shifted = float(loss_sum(model, batch, True)[0])
+        assert shifted - plain > 0.05 * exs[1].n_loss
+
+
+def test_training_with_hidden_state_distillation(tmp_path, tiny_lm):
+    from engrain.train.loop import train
+
+    ws = make_ws(tmp_path)
+    cfg = TrainConfig(memory="lora", seq_len=128, micro_batch=2, eval_every=0, save_every=0, replay_share=0.0,
+                      epochs=1.0, distill_hidden=1.0, distill_top_k=8, val_fraction=0.0)
+    summary = train(ws, cfg, str(tiny_lm.path), show_progress=False, lm=tiny_lm)
+    assert summary["data"]["distill"]["hidden_weight"] == 1.0
+    assert summary["data"]["distill"]["examples_with_teacher"] == 4
+    assert any((ws.root / "train" / "distill").glob("*-hidden/*.pt"))

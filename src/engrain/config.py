@@ -150,6 +150,9 @@ class TrainConfig(Section):
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
                                                              "loss (0 = off, 1 = distillation alone)")
     distill_top_k: int = Field(32, ge=1, description="teacher tokens kept per position")
+    distill_hidden: float = Field(0.0, ge=0.0, description="weight of matching the teacher's hidden states at a few "
+                                                          "blocks on the answer tokens (L1 relative to the teacher's "
+                                                          "scale, added to the loss; 0 = off)")
     # `engrain update`: a trained memory taught the documents added or changed since it was trained
     update_epochs: float = Field(2.0, gt=0, description="passes over the new and changed documents' items")
     # Training on the new items alone pulls the weights toward them and overwrites what the memory knew; mixing

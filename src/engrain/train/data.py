@@ -29,6 +29,7 @@ class Example:
     kind: str = "synth"  # "synth" or "replay"
     teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position
     teacher_weight: float = 0.0  # share of the loss matched to the teacher (train.distill, or train.replay_kl)
+    hidden_weight: float = 0.0  # weight of matching the teacher's hidden states (train.distill_hidden)
 
     @property
     def n_loss(self) -> int:

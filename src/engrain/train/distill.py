@@ -13,16 +13,24 @@ An item without ``chunk_ids``, or whose chunks are no longer in the corpus, keep
 
 Items of one chunk share the start of their teacher prompts (system message and the chunk itself): that start runs
 once and its KV cache is reused for the items' own tokens.
+
+With ``train.distill_hidden`` > 0 the teacher's hidden states are kept too, at the outputs of a few blocks
+(``hidden_blocks``) on the same positions, for the trainer to match the student's against (Knowledge Modules' deep
+context distillation matches hidden states as well as logits). They are stored one file per example under
+``WS/train/distill/<model>-hidden/``, named by what the teacher saw, each written atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_bytes
 from ..jsonl import read_jsonl
 from ..models import LM, context_question, render_chunks
 from ..models.fastgen import common_start
@@ -31,14 +39,45 @@ from ..workspace import Workspace
 from .data import file_safe, render_messages
 
 BATCH = 16  # items per teacher forward
+HIDDEN_EVERY = 5  # hidden states matched at every fifth block's output and the last block's
 
 
 @dataclass
 class Teacher:
-    """The teacher's top-k token ids and log-probabilities at each loss position of one example."""
+    """The teacher's top-k token ids and log-probabilities at each loss position of one example, and with
+    ``train.distill_hidden`` its hidden states there: (positions, blocks, hidden size), bf16."""
 
     ids: list[list[int]]
     logprobs: list[list[float]]
+    hidden: object | None = None
+
+
+def hidden_blocks(n_blocks: int) -> list[int]:
+    """The blocks whose outputs hidden-state distillation matches: every ``HIDDEN_EVERY``-th and the last."""
+    return sorted({*range(HIDDEN_EVERY - 1, n_blocks, HIDDEN_EVERY), n_blocks - 1})
+
+
+@contextlib.contextmanager
+def block_outputs(model, blocks: list[int] | None):
+    """Collects the outputs of the model's decoder blocks ``blocks`` during the forwards run inside (a list, in
+    block order, filled by each forward); nothing is hooked when ``blocks`` is None."""
+    got: list = []
+    if not blocks:
+        yield got
+        return
+    from ..memory.memory_layer import decoder_layers
+
+    layers = decoder_layers(model)
+
+    def keep(_module, _args, output):
+        got.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layers[i].register_forward_hook(keep) for i in blocks]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()
 
 
 
@@ -68,6 +107,31 @@ def cache_path(ws: Workspace, lm: LM, top_k: int) -> Path:
     return ws.root / "train" / "distill" / f"{file_safe(lm.name)}-k{top_k}.jsonl"
 
 
+def hidden_dir(ws: Workspace, lm: LM) -> Path:
+    return ws.root / "train" / "distill" / f"{file_safe(lm.name)}-hidden"
+
+
+def _read_hidden(folder: Path, sig: str):
+    """The teacher hidden states stored for signature ``sig``; None when missing or unreadable."""
+    import torch
+
+    path = folder / f"{sig}.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu")
+    except Exception:  # a file from an older torch or damaged on disk: computed again
+        return None
+
+
+def _write_hidden(folder: Path, sig: str, hidden) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(hidden.clone(), buf)
+    write_bytes(folder / f"{sig}.pt", buf.getvalue())
+
+
 def _signature(prefix: list[int], tail: list[int]) -> str:
     """Identifies what the teacher saw: a changed item, chunk or template gives another signature."""
     return hashlib.sha1(json.dumps([prefix, tail]).encode()).hexdigest()[:20]
@@ -82,9 +146,11 @@ def _read_cache(path: Path) -> dict[str, dict]:
     return done
 
 
-def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, pad_id: int) -> list[Teacher]:
+def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, pad_id: int,
+               blocks: list[int] | None = None) -> list[Teacher]:
     """Teacher targets for items that share a prompt start: (key, prefix, tail) each; the logits needed start at
-    the last prefix token, so the shared start ends before it (``common_start`` of the prefixes)."""
+    the last prefix token, so the shared start ends before it (``common_start`` of the prefixes). With ``blocks``,
+    the hidden states those blocks output at the same positions as well."""
     import torch
 
     seqs = [p + t for _, p, t in jobs]
@@ -111,20 +177,26 @@ def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, 
             cache.batch_repeat_interleave(len(own))
             kwargs["cache"] = cache
         pos = torch.arange(shared, shared + width).expand(len(own), -1)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                       use_cache=start_cache is not None, **kwargs).logits
+        with block_outputs(model, blocks) as states:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=start_cache is not None, **kwargs).logits
         for i, ((_, prefix, tail), _) in enumerate(part):
             first = len(prefix) - 1 - shared  # the logit at the last prefix token predicts tail[0]
             lp = torch.log_softmax(logits[i, first:first + len(tail)].float(), dim=-1)
             top = lp.topk(top_k, dim=-1)
-            out.append(Teacher(top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()]))
+            hidden = None
+            if blocks:
+                hidden = torch.stack([h[i, first:first + len(tail)] for h in states], dim=1).to(torch.bfloat16).cpu()
+            out.append(Teacher(top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()],
+                               hidden))
     return out
 
 
 def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict], top_k: int, ignore: int,
-                    show: bool = True) -> dict[str, Teacher]:
+                    show: bool = True, hidden: bool = False) -> dict[str, Teacher]:
     """key -> Teacher for every example whose item names chunks still in the corpus (computed, or read from the
-    cache). ``items`` maps an example's key to its synthetic item."""
+    cache). ``items`` maps an example's key to its synthetic item. ``hidden``: with the teacher's hidden states at
+    ``hidden_blocks``."""
     import torch
 
     from ..corpus.schema import read_chunks
@@ -132,6 +204,12 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     chunks = {c.id: c for c in read_chunks(ws)} if ws.chunks_path.is_file() else {}
     path = cache_path(ws, lm, top_k)
     done = _read_cache(path)
+    folder = hidden_dir(ws, lm)
+    blocks = None
+    if hidden:
+        from ..memory.memory_layer import decoder_layers
+
+        blocks = hidden_blocks(len(decoder_layers(lm.model)))
     result: dict[str, Teacher] = {}
     groups: dict[tuple, list[tuple[str, list[int], list[int]]]] = {}
     sigs: dict[str, str] = {}
@@ -147,8 +225,9 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
         prefix, tail = teacher_prefix(lm.tokenizer, item, ex.ids, j, context), ex.ids[j:]
         sigs[ex.key] = _signature(prefix, tail)
         rec = done.get(ex.key)
-        if rec is not None and rec.get("sig") == sigs[ex.key]:
-            result[ex.key] = Teacher(rec["ids"], rec["logprobs"])
+        states = _read_hidden(folder, sigs[ex.key]) if hidden and rec is not None else None
+        if rec is not None and rec.get("sig") == sigs[ex.key] and (states is not None or not hidden):
+            result[ex.key] = Teacher(rec["ids"], rec["logprobs"], states)
         else:
             groups.setdefault((tuple(ids_), "messages" in item), []).append((ex.key, prefix, tail))
     todo = sum(len(g) for g in groups.values())
@@ -165,8 +244,10 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     finished = 0
     with Progress(show, todo, 0, "distill teacher") as bar, open(path, "a", encoding="utf-8") as f, torch.no_grad():
         for jobs in groups.values():
-            for (key, _, _), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id)):
+            for (key, _, _), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id, blocks)):
                 result[key] = t
+                if t.hidden is not None:  # before its line: a line read back always has its states on disk
+                    _write_hidden(folder, sigs[key], t.hidden)
                 f.write(json.dumps({"key": key, "sig": sigs[key], "ids": t.ids, "logprobs": t.logprobs}) + "\n")
             f.flush()  # a group at a time: a crash loses at most the group in flight
             finished += len(jobs)

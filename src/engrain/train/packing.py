@@ -3,7 +3,8 @@
 Examples are shuffled per epoch (seeded) and packed into rows of up to ``seq_len`` tokens with no padding; position
 ids restart at 0 for each example, and ``kernels.packed_attention`` computes each example's causal attention block
 alone, so attention never crosses examples. Logits are computed only where a loss is taken, and where an example has
-teacher targets (``distill.py``, beside this module) part of its loss matches the teacher's top-k.
+teacher targets (``distill.py``, beside this module) part of its loss matches the teacher's top-k, and with teacher
+hidden states (``train.distill_hidden``) a term matches the student's block outputs to the teacher's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import TrainConfig
 from .data import IGNORE, Example
+from .distill import block_outputs, hidden_blocks
 from .kernels.head_loss import fused_head_loss, head_of, hidden_instead_of_logits
 
 
@@ -25,6 +27,8 @@ class Row:
     positions: list[int]
     # the teacher's (top-k ids, log-probs) at each loss position in order, None where an example has no teacher
     teacher: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
+    # the teacher's hidden states (blocks, hidden size) and their weight at each loss position, None where none
+    hidden: list[tuple[object, float] | None] = field(default_factory=list)
 
     @property
     def n_loss(self) -> int:
@@ -39,6 +43,15 @@ def _teacher_entries(ex: Example, labels: list[int]) -> list[tuple[list[int], li
     if ex.teacher is None or ex.teacher_weight <= 0:
         return [None] * n
     return [(i, lp, ex.teacher_weight) for i, lp in zip(ex.teacher.ids[:n], ex.teacher.logprobs[:n])]
+
+
+def _hidden_entries(ex: Example, labels: list[int]) -> list[tuple[object, float] | None]:
+    """The teacher's hidden states (and their weight) for the loss positions left in ``labels``."""
+    n = sum(1 for x in labels if x != IGNORE)
+    states = getattr(ex.teacher, "hidden", None)
+    if states is None or ex.hidden_weight <= 0:
+        return [None] * n
+    return [(states[i], ex.hidden_weight) for i in range(n)]
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Row]:
@@ -61,6 +74,7 @@ def pack(examples: list[Example], seq_len: int) -> list[Row]:
         cur.labels.extend(labels)
         cur.positions.extend(range(len(ids)))
         cur.teacher.extend(_teacher_entries(ex, labels))
+        cur.hidden.extend(_hidden_entries(ex, labels))
     close()
     return rows
 
@@ -68,7 +82,7 @@ def pack(examples: list[Example], seq_len: int) -> list[Row]:
 def unpacked_rows(examples: list[Example], seq_len: int) -> list[Row]:
     """One example per row (for kinds that cannot take packed rows); padding happens at collation."""
     return [Row(e.ids[:seq_len], e.labels[:seq_len], list(range(min(len(e.ids), seq_len))),
-                _teacher_entries(e, e.labels[:seq_len])) for e in examples]
+                _teacher_entries(e, e.labels[:seq_len]), _hidden_entries(e, e.labels[:seq_len])) for e in examples]
 
 
 def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, packing: bool) -> list[Row]:
@@ -127,6 +141,13 @@ def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
             if t is not None:
                 t_ids[i], t_lp[i], has[i] = torch.tensor(t[0]), torch.tensor(t[1]), t[2]
         batch["teacher"] = (t_ids.to(device), t_lp.to(device), has.to(device))
+    hidden = [h for r in rows for h in r.hidden]
+    if any(h is not None for h in hidden):
+        shape = next(h for h in hidden if h is not None)[0].shape
+        zero = torch.zeros(shape, dtype=torch.bfloat16)
+        states = torch.stack([zero if h is None else h[0] for h in hidden])
+        weight = torch.tensor([0.0 if h is None else h[1] for h in hidden])
+        batch["hidden"] = (states.to(device), weight.to(device))
     return batch
 
 
@@ -164,21 +185,44 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     """Sum of the token losses over the batch's loss tokens (and how many there are): next-token cross-entropy,
     and where the batch carries teacher targets and ``distill`` > 0, (1 - w) x that + w x the cross-entropy
     against the teacher's top-k distribution (renormalised over its k tokens), w = ``distill`` x the position's
-    teacher weight (``collate``: train.distill on synthetic items, train.replay_kl on replay)."""
+    teacher weight (``collate``: train.distill on synthetic items, train.replay_kl on replay); plus, where the batch
+    carries teacher hidden states, their weighted ``hidden_loss``."""
     import torch
     import torch.nn.functional as F
 
     keep, targets = loss_positions(batch["labels"])
     teacher = batch.get("teacher") if distill > 0 else None
-    logits, head = outputs_at(module, batch, keep, packing)
+    hidden = batch.get("hidden")
+    blocks = None
+    if hidden is not None:
+        from ..memory.memory_layer import decoder_layers
+
+        blocks = hidden_blocks(len(decoder_layers(unwrap(module))))
+    with block_outputs(unwrap(module), blocks) as states:
+        logits, head = outputs_at(module, batch, keep, packing)
+    matched = hidden_loss(torch.stack([h[keep] for h in states], dim=1), *hidden) if hidden is not None else 0.0
     if head is not None:
-        return fused_head_loss(logits, head.weight, targets, teacher, distill), int(targets.numel())
+        return fused_head_loss(logits, head.weight, targets, teacher, distill) + matched, int(targets.numel())
     if teacher is None:
-        return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+        return F.cross_entropy(logits.float(), targets, reduction="sum") + matched, int(targets.numel())
     t_ids, t_lp, has = teacher
     w = distill * has.float()
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = -logp.gather(1, targets[:, None])[:, 0]
     soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
     mixed = (1 - w) * hard + w * soft
-    return mixed.sum(), int(targets.numel())
+    return mixed.sum() + matched, int(targets.numel())
+
+
+def hidden_loss(student, teacher, weight):
+    """Sum over positions of ``weight`` x the L1 distance of the student's block outputs from the teacher's,
+    relative to the teacher's mean magnitude in each block (blocks' scales differ by orders of magnitude), averaged
+    over the blocks. ``student`` and ``teacher``: (positions, blocks, hidden size)."""
+    t = teacher.float()
+    rel = (student.float() - t).abs().mean(-1) / t.abs().mean(-1).clamp_min(1e-6)
+    return (weight * rel.mean(-1)).sum()
+
+
+def unwrap(module):
+    """The model inside a distributed wrapper (which holds it as ``.module``)."""
+    return getattr(module, "module", module)

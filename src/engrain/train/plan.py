@@ -57,21 +57,23 @@ class Plan:
 def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool, *, teacher: bool = True,
               show: bool = True, items: list[tuple[str, dict]] | None = None) -> Plan:
     """The run's data and size: ``items`` (key, item), every synthetic item of the workspace when None. With
-    ``cfg.distill`` > 0 and ``teacher``, the training examples get their teacher targets (computed with ``lm``
-    before any memory is attached, or read from the workspace's cache)."""
+    ``cfg.distill`` or ``cfg.distill_hidden`` > 0 and ``teacher``, the training examples get their teacher targets
+    (computed with ``lm`` before any memory is attached, or read from the workspace's cache)."""
     items = read_synthetic(ws) if items is None else items
     examples = [encode_item(lm.tokenizer, item, key, end_loss=cfg.item_end_loss) for key, item in items]
     train, val = split_examples(examples, dict(items), cfg.val_fraction, cfg.val_max)
     extra = {}
-    if cfg.distill > 0:
+    if cfg.distill > 0 or cfg.distill_hidden > 0:
         with_chunks = sum(1 for key, item in items if item.get("chunk_ids"))
-        extra["distill"] = {"weight": cfg.distill, "top_k": cfg.distill_top_k, "items_with_chunks": with_chunks}
+        extra["distill"] = {"weight": cfg.distill, "hidden_weight": cfg.distill_hidden, "top_k": cfg.distill_top_k,
+                            "items_with_chunks": with_chunks}
         if teacher:
             from .distill import teacher_targets
 
-            targets = teacher_targets(ws, lm, train, dict(items), cfg.distill_top_k, IGNORE, show)
+            targets = teacher_targets(ws, lm, train, dict(items), cfg.distill_top_k, IGNORE, show,
+                                      hidden=cfg.distill_hidden > 0)
             for ex in train:
-                ex.teacher, ex.teacher_weight = targets.get(ex.key), cfg.distill
+                ex.teacher, ex.teacher_weight, ex.hidden_weight = targets.get(ex.key), cfg.distill, cfg.distill_hidden
             extra["distill"]["examples_with_teacher"] = len(targets)
     replay = replay_examples(ws, lm, cfg, len(train))
     if replay and cfg.replay_kl > 0 and teacher:
