@@ -87,6 +87,42 @@ def by_id(ws: Workspace, include_removed: bool = False) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def test_a_plain_text_title_line_is_the_documents_title(tmp_path, tokenizer):
+    """A short first line above the text (as Wikipedia exports and many notes have it) titles the document, and
+    so names its subject in synthetic items, instead of the file's slug; a first sentence does not."""
+    from engrain.synth.base import document_subject
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "sq1-black-death.txt").write_text("Black Death\n\n" + PARAGRAPH, encoding="utf-8")
+    (docs / "notes.txt").write_text("The harbour opened in 1901.\n\n" + PARAGRAPH, encoding="utf-8")
+    (docs / "one-line.txt").write_text("Black Death", encoding="utf-8")
+    ws = Workspace.at(tmp_path / "ws")
+    run(docs, ws, tokenizer)
+    documents = by_id(ws)
+    assert documents["sq1-black-death"].title == "Black Death"
+    assert documents["notes"].title == "notes" and documents["one-line"].title == "one-line"  # the file's stem
+    chunk = next(c for c in read_chunks(ws) if c.doc_id == "sq1-black-death")
+    assert document_subject(documents["sq1-black-death"], chunk) == "Black Death"
+
+
+def test_a_new_parser_version_parses_unchanged_files_again(tmp_path, tokenizer, monkeypatch):
+    from engrain.corpus import ingest as ingest_module
+    from engrain.corpus.parsers import text
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "sq1-black-death.txt").write_text("Black Death\n\n" + PARAGRAPH, encoding="utf-8")
+    ws = Workspace.at(tmp_path / "ws")
+    with monkeypatch.context() as m:  # a workspace ingested before plain-text titles
+        m.setattr(text, "title_line", lambda blocks: "")
+        m.setattr(ingest_module, "PARSER_VERSION", ingest_module.PARSER_VERSION - 1)
+        run(docs, ws, tokenizer)
+    assert by_id(ws)["sq1-black-death"].title == "sq1-black-death"
+    run(docs, ws, tokenizer)
+    assert by_id(ws)["sq1-black-death"].title == "Black Death"
+
+
 def test_formats_offsets_and_heading_paths(tmp_path, tokenizer):
     docs = good_folder(tmp_path)
     (docs / "report.pdf").write_bytes(make_pdf(["Quarterly report. Oxygen reserves rose by 4 percent."]))

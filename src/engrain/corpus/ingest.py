@@ -34,7 +34,7 @@ from .parsers import FORMATS
 from .scan import scan
 from .schema import Chunk, Document
 
-PARSER_VERSION = 2  # bump when parsers change their output, so every file is parsed again
+PARSER_VERSION = 3  # bump when parsers change their output, so every file is parsed again (3: plain-text titles)
 MANIFEST_NAME = "manifest.json"
 TOKENIZE_BATCH = 64  # documents per call to the fast tokenizer
 
@@ -214,6 +214,9 @@ class _Files:
         self.known_text = {d.sha256: d for d in prev.docs.values() if d.status == "ok"}
         self.formats = formats  # rel -> format
         self.summary = summary
+        # Files parsed by another parser version are parsed again even when unchanged; a failing one still keeps
+        # its last good version.
+        self.same_parser = prev.manifest.get("settings", {}).get("parser_version") == PARSER_VERSION
         self.state: dict[str, dict] = {}
         self.docs: dict[str, list[dict]] = {}
 
@@ -252,7 +255,7 @@ def _hash(files: list[tuple[str, Path, str]], cfg: IngestConfig, known: _Files,
                 known.fail(rel, f"over the size limit ({st.st_size / 2**20:.2f} MB > {cfg.max_file_mb:g} MB); "
                                 f"raise ingest.max_file_mb")
                 continue
-            prev = known.prev.get(rel)
+            prev = known.prev.get(rel) if known.same_parser else None
             if known.reusable(prev) and prev["bytes"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
                 known.keep(rel, prev)
                 continue

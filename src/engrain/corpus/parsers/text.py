@@ -122,6 +122,20 @@ def markdown_blocks(text: str) -> tuple[list[Block], str]:
     return blocks, title
 
 
+_SENTENCE_END = re.compile(r"[.!?:;,]$")
+
+
+def title_line(blocks: list[Block]) -> str:
+    """A plain-text file's first paragraph when it reads as a title: one line of at most 12 words that does not
+    end a sentence, with more text after it ("French and Indian War" above the article). Otherwise ""."""
+    if len(blocks) < 2:
+        return ""
+    first = blocks[0].text.strip()
+    if "\n" in first or not first or len(first.split()) > 12 or _SENTENCE_END.search(first):
+        return ""
+    return first
+
+
 def parse_text(data: bytes, markdown: bool = False) -> Parsed:
     text, encoding, warnings = decode(data)
     if not text.strip():
@@ -129,7 +143,8 @@ def parse_text(data: bytes, markdown: bool = False) -> Parsed:
     if markdown:
         blocks, title = markdown_blocks(text)
     else:
-        blocks, title = paragraphs(text), ""
+        blocks = paragraphs(text)
+        title = title_line(blocks)
     if not any(b.text.strip() for b in blocks):
         raise ParseError("empty file (no text after cleaning)")
     return Parsed(blocks, title=title, meta={"encoding": encoding}, warnings=warnings)
