@@ -209,7 +209,7 @@ def test_teacher_hidden_states_line_up_with_packed_loss_positions(tiny_lm):
     loss, packed or not; the same states shifted by one position add a clear term."""
     import torch
 
-    from engrain.train.distill import Teacher, block_outputs, hidden_blocks
+    from engrain.train.distill import Teacher, block_outputs
     from engrain.train.data import IGNORE, encode_item
     from engrain.train.packing import collate, loss_sum, pack, unpacked_rows
 
@@ -219,10 +219,9 @@ def test_teacher_hidden_states_line_up_with_packed_loss_positions(tiny_lm):
              {"messages": [{"role": "user", "content": "Code of vault two?"}, {"role": "assistant", "content": "85"}]},
              {"text": "The archive sits under the old harbour of Orvane."}]
     exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
-    blocks = hidden_blocks(2)
     with torch.no_grad():
         for ex in exs[:2]:  # the third keeps no teacher
-            with block_outputs(model, blocks) as states:
+            with block_outputs(model) as states:
                 model(input_ids=torch.tensor([ex.ids]))
             at = [t for t in range(len(ex.ids) - 1) if ex.labels[t + 1] != IGNORE]
             ex.teacher = Teacher([], [], torch.stack([h[0, at] for h in states], dim=1).to(torch.bfloat16))

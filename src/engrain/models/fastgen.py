@@ -123,8 +123,7 @@ WHOLE_CACHE_RATIO = 2
 def attended_columns(capacity: int, total: int) -> int:
     """How many cache columns a forward attends when ``total`` of the cache's ``capacity`` columns are written by its
     end: all of them when the unwritten tail is short (``WHOLE_CACHE_RATIO``), else the written ones. The tail holds
-    zeros (``_zero_caches`` and ``_merge`` make every cache zeroed) and the causal mask
-    keeps it out."""
+    zeros (``_zero_caches`` and ``_merge`` zero every cache) and the causal mask keeps it out."""
     return capacity if capacity <= WHOLE_CACHE_RATIO * total else total
 
 

@@ -58,16 +58,17 @@ def hidden_blocks(n_blocks: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def block_outputs(model, blocks: list[int] | None):
-    """Collects the outputs of the model's decoder blocks ``blocks`` during the forwards run inside (a list, in
-    block order, filled by each forward); nothing is hooked when ``blocks`` is None."""
+def block_outputs(model, on: bool = True):
+    """Collects the outputs of the model's ``hidden_blocks`` during the forwards run inside (a list, in block
+    order, filled by each forward); nothing is hooked when not ``on``. A distributed wrapper's model is looked into."""
     got: list = []
-    if not blocks:
+    if not on:
         yield got
         return
     from ..memory.memory_layer import decoder_layers
 
-    layers = decoder_layers(model)
+    layers = decoder_layers(getattr(model, "module", model))
+    blocks = hidden_blocks(len(layers))
 
     def keep(_module, _args, output):
         got.append(output[0] if isinstance(output, tuple) else output)
@@ -147,10 +148,10 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
 
 def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, pad_id: int,
-               blocks: list[int] | None = None) -> list[Teacher]:
+               hidden: bool = False) -> list[Teacher]:
     """Teacher targets for items that share a prompt start: (key, prefix, tail) each; the logits needed start at
-    the last prefix token, so the shared start ends before it (``common_start`` of the prefixes). With ``blocks``,
-    the hidden states those blocks output at the same positions as well."""
+    the last prefix token, so the shared start ends before it (``common_start`` of the prefixes). With ``hidden``,
+    the outputs of ``hidden_blocks`` at the same positions as well."""
     import torch
 
     seqs = [p + t for _, p, t in jobs]
@@ -177,18 +178,18 @@ def _run_group(model, jobs: list[tuple[str, list[int], list[int]]], top_k: int, 
             cache.batch_repeat_interleave(len(own))
             kwargs["cache"] = cache
         pos = torch.arange(shared, shared + width).expand(len(own), -1)
-        with block_outputs(model, blocks) as states:
+        with block_outputs(model, hidden) as states:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                            use_cache=start_cache is not None, **kwargs).logits
         for i, ((_, prefix, tail), _) in enumerate(part):
             first = len(prefix) - 1 - shared  # the logit at the last prefix token predicts tail[0]
             lp = torch.log_softmax(logits[i, first:first + len(tail)].float(), dim=-1)
             top = lp.topk(top_k, dim=-1)
-            hidden = None
-            if blocks:
-                hidden = torch.stack([h[i, first:first + len(tail)] for h in states], dim=1).to(torch.bfloat16).cpu()
+            kept = None
+            if hidden:
+                kept = torch.stack([h[i, first:first + len(tail)] for h in states], dim=1).to(torch.bfloat16).cpu()
             out.append(Teacher(top.indices.tolist(), [[round(v, 4) for v in row] for row in top.values.tolist()],
-                               hidden))
+                               kept))
     return out
 
 
@@ -205,11 +206,6 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     path = cache_path(ws, lm, top_k)
     done = _read_cache(path)
     folder = hidden_dir(ws, lm)
-    blocks = None
-    if hidden:
-        from ..memory.memory_layer import decoder_layers
-
-        blocks = hidden_blocks(len(decoder_layers(lm.model)))
     result: dict[str, Teacher] = {}
     groups: dict[tuple, list[tuple[str, list[int], list[int]]]] = {}
     sigs: dict[str, str] = {}
@@ -225,8 +221,9 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
         prefix, tail = teacher_prefix(lm.tokenizer, item, ex.ids, j, context), ex.ids[j:]
         sigs[ex.key] = _signature(prefix, tail)
         rec = done.get(ex.key)
-        states = _read_hidden(folder, sigs[ex.key]) if hidden and rec is not None else None
-        if rec is not None and rec.get("sig") == sigs[ex.key] and (states is not None or not hidden):
+        same = rec is not None and rec.get("sig") == sigs[ex.key]
+        states = _read_hidden(folder, sigs[ex.key]) if hidden and same else None
+        if same and (states is not None or not hidden):
             result[ex.key] = Teacher(rec["ids"], rec["logprobs"], states)
         else:
             groups.setdefault((tuple(ids_), "messages" in item), []).append((ex.key, prefix, tail))
@@ -244,7 +241,7 @@ def teacher_targets(ws: Workspace, lm: LM, examples: list, items: dict[str, dict
     finished = 0
     with Progress(show, todo, 0, "distill teacher") as bar, open(path, "a", encoding="utf-8") as f, torch.no_grad():
         for jobs in groups.values():
-            for (key, _, _), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id, blocks)):
+            for (key, _, _), t in zip(jobs, _run_group(model, jobs, top_k, lm.tokenizer.pad_token_id, hidden)):
                 result[key] = t
                 if t.hidden is not None:  # before its line: a line read back always has its states on disk
                     _write_hidden(folder, sigs[key], t.hidden)

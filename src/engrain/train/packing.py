@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import TrainConfig
 from .data import IGNORE, Example
-from .distill import block_outputs, hidden_blocks
+from .distill import block_outputs
 from .kernels.head_loss import fused_head_loss, head_of, hidden_instead_of_logits
 
 
@@ -193,12 +193,7 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     keep, targets = loss_positions(batch["labels"])
     teacher = batch.get("teacher") if distill > 0 else None
     hidden = batch.get("hidden")
-    blocks = None
-    if hidden is not None:
-        from ..memory.memory_layer import decoder_layers
-
-        blocks = hidden_blocks(len(decoder_layers(unwrap(module))))
-    with block_outputs(unwrap(module), blocks) as states:
+    with block_outputs(module, hidden is not None) as states:
         logits, head = outputs_at(module, batch, keep, packing)
     matched = hidden_loss(torch.stack([h[keep] for h in states], dim=1), *hidden) if hidden is not None else 0.0
     if head is not None:
@@ -221,8 +216,3 @@ def hidden_loss(student, teacher, weight):
     t = teacher.float()
     rel = (student.float() - t).abs().mean(-1) / t.abs().mean(-1).clamp_min(1e-6)
     return (weight * rel.mean(-1)).sum()
-
-
-def unwrap(module):
-    """The model inside a distributed wrapper (which holds it as ``.module``)."""
-    return getattr(module, "module", module)
