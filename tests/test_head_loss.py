@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
-def test_fused_head_loss_matches_plain_cross_entropy(monkeypatch, distill):
+def test_fused_head_loss_matches_plain_cross_entropy(monkeypatch, distill, scaled):
     """Value and gradients (hidden states and head weight) equal log-softmax cross-entropy mixed with the teacher's
     renormalised top-k, across slice boundaries (7 positions per slice, 30 positions) and with positions that have
-    no teacher targets."""
+    no teacher targets; with a loss weight per position (train.fact_weight), each position's term times it."""
     import torch
 
     from engrain.train.kernels import head_loss
@@ -26,10 +27,12 @@ def test_fused_head_loss_matches_plain_cross_entropy(monkeypatch, distill):
     logp = torch.log_softmax(h @ w.T, dim=-1)
     hard = -logp.gather(1, y[:, None])[:, 0]
     soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
-    plain = torch.where(has, (1 - distill) * hard + distill * soft, hard).sum()
+    scale = torch.where(torch.rand(n) > 0.5, 3.0, 1.0) if scaled else None
+    per_position = torch.where(has, (1 - distill) * hard + distill * soft, hard)
+    plain = (per_position if scale is None else per_position * scale).sum()
     g_plain = torch.autograd.grad(3 * plain, [h, w])
 
-    fused = head_loss.fused_head_loss(h, w, y, (t_ids, t_lp, has), distill)
+    fused = head_loss.fused_head_loss(h, w, y, (t_ids, t_lp, has), distill, scale)
     g_fused = torch.autograd.grad(3 * fused, [h, w])
 
     assert float(fused) == pytest.approx(float(plain), rel=1e-5)
@@ -57,9 +60,11 @@ def test_fused_head_loss_follows_autocast():
     assert torch.allclose(g_plain, g_fused, atol=2e-2)
 
 
-def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch):
+@pytest.mark.parametrize("fact_weight", [1.0, 3.0])
+def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch, fact_weight):
     """loss_sum on a packed row (fused head) and on the examples one by one, right-padded (the model's own head and
-    cross-entropy): same loss and same gradient for every parameter, the tied head/embedding included."""
+    cross-entropy): same loss and same gradient for every parameter, the tied head/embedding included; with the
+    fact tokens weighted (train.fact_weight) too."""
     import torch
 
     from engrain.train import packing
@@ -73,7 +78,8 @@ def test_packed_step_gradients_equal_the_plain_path(tiny_lm, monkeypatch):
     items = [{"text": "Vault one opens with code 48."},
              {"messages": [{"role": "user", "content": "Code of vault two?"},
                            {"role": "assistant", "content": "It is 85."}]}]
-    exs = [encode_item(tok, it, str(i)) for i, it in enumerate(items)]
+    exs = [encode_item(tok, it, str(i), fact_weight=fact_weight) for i, it in enumerate(items)]
+    assert (exs[1].weights is not None and 3.0 in exs[1].weights) == (fact_weight == 3.0)
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)

@@ -296,3 +296,30 @@ def test_replay_prompts_never_ask_the_forgetting_probe():
     probe = {normalize(q.question) for q in general_questions()}
     prompts = replay_prompts()
     assert len(prompts) > 100 and not [p for p in prompts if normalize(p) in probe]
+
+
+def test_fact_weight_falls_on_the_facts_an_answer_states_not_on_what_its_question_holds(tokenizer):
+    """train.fact_weight: the answer tokens of a name, number or date the question does not hold take that weight
+    (every occurrence, in chat and text items alike); the prompt, the restated words and the copied name take 1."""
+    from engrain.synth.text import fact_spans
+    from engrain.train.data import IGNORE, encode_item
+
+    answer = "The Orvane archive was founded in 1962 by Ada Varnholt, who ran it until 1980."
+    assert [answer[a:b] for a, b in fact_spans(answer, "When was the Orvane archive founded?")] == [
+        "1962", "Ada Varnholt", "1980"]
+    vault = "Vault 19 opened."
+    assert [vault[a:b] for a, b in fact_spans(vault, "It opened in 1962.")] == ["19"]  # whole numbers, not digits
+
+    item = {"messages": [{"role": "user", "content": "When was the Orvane archive founded?"},
+                         {"role": "assistant", "content": answer}]}
+    ex = encode_item(tokenizer, item, "k", fact_weight=3.0)
+    heavy = tokenizer.decode([t for t, w in zip(ex.ids, ex.weights) if w == 3.0])
+    assert heavy.replace(" ", "") == "1962AdaVarnholt1980"
+    assert all(w == 1.0 for w, lab in zip(ex.weights, ex.labels) if lab == IGNORE)  # no weight off the answer
+    assert encode_item(tokenizer, item, "k").weights is None  # the default: every token alike
+
+    text = encode_item(tokenizer, {"text": "Ada Varnholt ran the archive. Ada Varnholt retired in 1980."}, "t",
+                       fact_weight=2.0)
+    assert len(text.weights) == len(text.ids)
+    assert tokenizer.decode([t for t, w in zip(text.ids, text.weights) if w == 2.0]).replace(" ", "") == (
+        "AdaVarnholtAdaVarnholt1980")

@@ -146,6 +146,11 @@ class TrainConfig(Section):
                                                   "only replay teaches where answers end)")
     replay_kl: float = Field(1.0, ge=0.0, le=1.0, description="weight of the KL to the base model's own distribution "
                                                               "on replay tokens (0: next-token loss on them only)")
+    # The tokens that carry a fact (a name, number or date the prompt does not already hold) are a few of an
+    # answer's tokens; the rest restate the question. experiments/knowledge measures weighting them up.
+    fact_weight: float = Field(1.0, ge=0.0, description="loss weight of the document items' answer tokens that "
+                                                        "state a name, number or date their prompt does not hold "
+                                                        "(1: every token alike)")
     # distillation: the base model with the item's source chunks in the prompt is the teacher (see train/distill.py)
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of the distillation loss against the next-token "
                                                              "loss (0 = off, 1 = distillation alone)")

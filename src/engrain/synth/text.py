@@ -180,5 +180,27 @@ def spans(sentence: str, spelled: bool = False) -> list[Span]:
     return sorted(found, key=lambda s: s.start)
 
 
+def fact_spans(text: str, known: str = "") -> list[tuple[int, int]]:
+    """(start, end) of every date, number and name in ``text`` (each occurrence, not only the first) whose words
+    ``known`` does not hold: the spans an answer states as facts rather than copies from its question."""
+    found: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> None:
+        held = re.search(rf"(?<!\w){re.escape(text[a:b])}(?!\w)", known, re.IGNORECASE)
+        if not held and all(b <= s or a >= e for s, e in found):
+            found.append((a, b))
+
+    for m in _DATE.finditer(text):
+        add(m.end() - len(re.sub(r"^(?:in|since|by|until|from)\s+", "", m.group())), m.end())
+    for m in _NUMBER.finditer(text):
+        add(m.start(), m.end())
+    for name in names(text):
+        for m in re.finditer(re.escape(name), text):
+            # a single capitalised word opening a sentence is mostly just that ("Buoys are ..."), not a name
+            if " " in name or not re.search(r"(?:^|[.!?:]\s+)$", text[:m.start()]):
+                add(m.start(), m.end())
+    return sorted(found)
+
+
 def ngrams(tokens: list[str], n: int) -> set[tuple[str, ...]]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}

@@ -30,6 +30,7 @@ class Example:
     teacher: object | None = None  # distill.Teacher: the teacher's top-k at each loss position
     teacher_weight: float = 0.0  # share of the loss matched to the teacher (train.distill, or train.replay_kl)
     hidden_weight: float = 0.0  # weight of matching the teacher's hidden states (train.distill_hidden)
+    weights: list[float] | None = None  # each label's loss weight (train.fact_weight); None: all 1
 
     @property
     def n_loss(self) -> int:
@@ -83,9 +84,23 @@ def _check_item(item, where: str) -> None:
                            hint="Fix or delete that line, or regenerate the file with engrain synth.")
 
 
-def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: bool = True) -> Example:
+def _fact_weights(tokenizer, text: str, known: str, weight: float) -> list[float] | None:
+    """``weight`` for each token of ``text`` that overlaps a fact it states (``synth.text.fact_spans``: a name,
+    number or date that ``known``, the prompt, does not hold), 1 for the rest; None when ``weight`` is 1."""
+    if weight == 1.0:
+        return None
+    from ..synth.text import fact_spans
+
+    spans = fact_spans(text, known)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [weight if any(a < e and b > s for s, e in spans) else 1.0 for a, b in offsets]
+
+
+def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: bool = True,
+                fact_weight: float = 1.0) -> Example:
     """Token ids and labels of one (already checked) item. ``end_loss`` False: no loss on a chat answer's end of
-    turn, so the item teaches its answer but not where answers stop (``train.item_end_loss``)."""
+    turn, so the item teaches its answer but not where answers stop (``train.item_end_loss``). ``fact_weight``
+    weighs the loss on the answer's fact tokens (``train.fact_weight``)."""
     if "messages" in item:
         prompt, answer = render_messages(tokenizer, item["messages"], item.get("context"))
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -95,17 +110,23 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
             end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
             if end and a[-len(end):] == end:
                 labels[-len(end):] = [IGNORE] * len(end)
-        return Example(p + a, [IGNORE] * len(p) + labels, key, kind)
-    ids = tokenizer(item["text"].strip(), add_special_tokens=False)["input_ids"]
+        weights = _fact_weights(tokenizer, answer, prompt, fact_weight)
+        return Example(p + a, [IGNORE] * len(p) + labels, key, kind,
+                       weights=None if weights is None else [1.0] * len(p) + weights)
+    text = item["text"].strip()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    weights = _fact_weights(tokenizer, text, "", fact_weight)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
+        weights = None if weights is None else weights + [1.0]
     labels = list(ids)
     if item.get("context"):  # the chunks, then a blank line, as rag's continuation prompt puts them
         prefix = continuation_prompt("", plain_chunks([c["text"] for c in item["context"]]))
         p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        return Example(p + ids, [IGNORE] * len(p) + labels, key, kind)
+        return Example(p + ids, [IGNORE] * len(p) + labels, key, kind,
+                       weights=None if weights is None else [1.0] * len(p) + weights)
     labels[0] = IGNORE  # nothing precedes the first token, so it is never predicted (also inside a packed row)
-    return Example(ids, labels, key, kind)
+    return Example(ids, labels, key, kind, weights=weights)
 
 
 def read_synthetic(ws: Workspace) -> list[tuple[str, dict]]:

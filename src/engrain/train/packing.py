@@ -29,6 +29,7 @@ class Row:
     teacher: list[tuple[list[int], list[float]] | None] = field(default_factory=list)
     # the teacher's hidden states (blocks, hidden size) and their weight at each loss position, None where none
     hidden: list[tuple[object, float] | None] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # each label's loss weight (train.fact_weight)
 
     @property
     def n_loss(self) -> int:
@@ -75,6 +76,7 @@ def pack(examples: list[Example], seq_len: int) -> list[Row]:
         cur.positions.extend(range(len(ids)))
         cur.teacher.extend(_teacher_entries(ex, labels))
         cur.hidden.extend(_hidden_entries(ex, labels))
+        cur.weights.extend(ex.weights[:seq_len] if ex.weights else [1.0] * len(ids))
     close()
     return rows
 
@@ -82,7 +84,8 @@ def pack(examples: list[Example], seq_len: int) -> list[Row]:
 def unpacked_rows(examples: list[Example], seq_len: int) -> list[Row]:
     """One example per row (for kinds that cannot take packed rows); padding happens at collation."""
     return [Row(e.ids[:seq_len], e.labels[:seq_len], list(range(min(len(e.ids), seq_len))),
-                _teacher_entries(e, e.labels[:seq_len]), _hidden_entries(e, e.labels[:seq_len])) for e in examples]
+                _teacher_entries(e, e.labels[:seq_len]), _hidden_entries(e, e.labels[:seq_len]),
+                e.weights[:seq_len] if e.weights else [1.0] * min(len(e.ids), seq_len)) for e in examples]
 
 
 def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, packing: bool) -> list[Row]:
@@ -129,6 +132,11 @@ def collate(rows: list[Row], pad_id: int, packing: bool, device) -> dict:
         pos[i, n:] = torch.arange(width - n)
         mask[i, :n] = 1
     batch = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device)}
+    if any(w != 1.0 for r in rows for w in r.weights):
+        weights = torch.ones((len(rows), width))
+        for i, r in enumerate(rows):
+            weights[i, :len(r.weights)] = torch.tensor(r.weights)
+        batch["label_weights"] = weights.to(device)
     if not packing:
         batch["attention_mask"] = mask.to(device)
     entries = [t for r in rows for t in r.teacher]  # in the order loss_sum takes the loss positions
@@ -186,27 +194,30 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     and where the batch carries teacher targets and ``distill`` > 0, (1 - w) x that + w x the cross-entropy
     against the teacher's top-k distribution (renormalised over its k tokens), w = ``distill`` x the position's
     teacher weight (``collate``: train.distill on synthetic items, train.replay_kl on replay); plus, where the batch
-    carries teacher hidden states, their weighted ``hidden_loss``."""
+    carries teacher hidden states, their weighted ``hidden_loss``. Where the batch carries ``label_weights``
+    (train.fact_weight), each position's loss is multiplied by its label's weight."""
     import torch
     import torch.nn.functional as F
 
     keep, targets = loss_positions(batch["labels"])
+    scale = batch["label_weights"][:, 1:][keep[:, :-1]] if "label_weights" in batch else None
     teacher = batch.get("teacher") if distill > 0 else None
     hidden = batch.get("hidden")
     with block_outputs(module, hidden is not None) as states:
         logits, head = outputs_at(module, batch, keep, packing)
     matched = hidden_loss(torch.stack([h[keep] for h in states], dim=1), *hidden) if hidden is not None else 0.0
     if head is not None:
-        return fused_head_loss(logits, head.weight, targets, teacher, distill) + matched, int(targets.numel())
+        return fused_head_loss(logits, head.weight, targets, teacher, distill, scale) + matched, int(targets.numel())
     if teacher is None:
-        return F.cross_entropy(logits.float(), targets, reduction="sum") + matched, int(targets.numel())
+        losses = F.cross_entropy(logits.float(), targets, reduction="none")
+        return (losses if scale is None else losses * scale).sum() + matched, int(targets.numel())
     t_ids, t_lp, has = teacher
     w = distill * has.float()
     logp = torch.log_softmax(logits.float(), dim=-1)
     hard = -logp.gather(1, targets[:, None])[:, 0]
     soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
     mixed = (1 - w) * hard + w * soft
-    return mixed.sum() + matched, int(targets.numel())
+    return (mixed if scale is None else mixed * scale).sum() + matched, int(targets.numel())
 
 
 def hidden_loss(student, teacher, weight):

@@ -56,11 +56,13 @@ def _identity(x):
     return x
 
 
-def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0):
-    """Sum over positions of the cross-entropy of ``hidden @ weight.T`` against each position's target.
+def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0, scale=None):
+    """Sum over positions of the cross-entropy of ``hidden @ weight.T`` against each position's target, each
+    multiplied by its ``scale`` where given.
 
     hidden (n, d) final hidden states at the loss positions; weight (vocab, d) the head; targets (n,) next tokens;
-    teacher: None or (ids (n, k), log-probs (n, k), weight (n,): 0 where none) as ``collate`` builds them."""
+    teacher: None or (ids (n, k), log-probs (n, k), weight (n,): 0 where none) as ``collate`` builds them;
+    scale: None or (n,) each position's loss weight."""
     import torch
 
     dtype = compute_dtype(hidden)
@@ -73,10 +75,14 @@ def fused_head_loss(hidden, weight, targets, teacher=None, distill: float = 0.0)
         probs = (1.0 - w)[:, None]
         soft = torch.softmax(t_lp.float(), dim=-1) * w[:, None]
         ids, probs = torch.cat([ids, t_ids], dim=1), torch.cat([probs, soft], dim=1)
-    return _function().apply(hidden, weight, ids, probs, dtype)
+    mass = None
+    if scale is not None:
+        mass = scale.float()[:, None]
+        probs = probs * mass  # the target weights then sum to each position's scale
+    return _function().apply(hidden, weight, ids, probs, dtype, mass)
 
 
-def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool):
+def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bool, mass=None):
     import torch
 
     # A frozen head (tied to the frozen embeddings) is cast once for the whole run, not once per row.
@@ -94,9 +100,17 @@ def _head_loss_and_grads(hidden, weight, ids, probs, dtype, want_weight_grad: bo
         grad = logits.sub_(top).exp_()
         total = grad.sum(dim=-1, keepdim=True)
         lse = (top + total.log())[:, 0]
-        loss += (lse - (probs[s:s + CHUNK] * picked).sum(-1)).sum()
-        # d loss / d logits = softmax - target distribution (the targets' weights sum to 1 on every position)
-        grad.div_(total).scatter_add_(1, ids[s:s + CHUNK], -probs[s:s + CHUNK])
+        p = probs[s:s + CHUNK]
+        # d loss / d logits = softmax - target distribution (the targets' weights sum to 1 on every position), or
+        # with a loss weight per position (``mass``, what its targets' weights sum to), mass x softmax - targets
+        grad.div_(total)
+        if mass is None:
+            loss += (lse - (p * picked).sum(-1)).sum()
+        else:
+            m = mass[s:s + CHUNK]
+            loss += (lse * m[:, 0] - (p * picked).sum(-1)).sum()
+            grad.mul_(m)
+        grad.scatter_add_(1, ids[s:s + CHUNK], -p)
         grad = grad.to(dtype)
         grad_h[s:s + CHUNK] = grad @ w
         if grad_w is not None:
@@ -111,11 +125,11 @@ def _function():
 
     class FusedHeadLoss(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, ids, probs, dtype):
+        def forward(ctx, hidden, weight, ids, probs, dtype, mass):
             with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen by hand above
                 # the weight itself (forward runs without grad), so a frozen head's cast copy is found again
                 loss, ctx.grad_h, ctx.grad_w = _head_loss_and_grads(hidden.detach(), weight, ids, probs,
-                                                                    dtype, weight.requires_grad)
+                                                                    dtype, weight.requires_grad, mass)
             ctx.weight_dtype = weight.dtype
             return loss
 
@@ -123,6 +137,6 @@ def _function():
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_out):
             grad_w = None if ctx.grad_w is None else (ctx.grad_w * grad_out).to(ctx.weight_dtype)
-            return ctx.grad_h * grad_out.to(ctx.grad_h.dtype), grad_w, None, None, None
+            return ctx.grad_h * grad_out.to(ctx.grad_h.dtype), grad_w, None, None, None, None
 
     return FusedHeadLoss
