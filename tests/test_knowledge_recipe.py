@@ -317,6 +317,10 @@ def test_fact_weight_falls_on_the_facts_an_answer_states_not_on_what_its_questio
     assert heavy.replace(" ", "") == "1962AdaVarnholt1980"
     assert all(w == 1.0 for w, lab in zip(ex.weights, ex.labels) if lab == IGNORE)  # no weight off the answer
     assert encode_item(tokenizer, item, "k").weights is None  # the default: every token alike
+    assert fact_spans("Pellmouth.", "Which town?") == [(0, 9)]  # a one-word answer is a fact, not a sentence opening
+    town = encode_item(tokenizer, {"messages": [{"role": "user", "content": "Which town?"},
+                                                {"role": "assistant", "content": "Pellmouth"}]}, "p", fact_weight=3.0)
+    assert tokenizer.decode([t for t, w in zip(town.ids, town.weights) if w == 3.0]) == "Pellmouth"
 
     text = encode_item(tokenizer, {"text": "Ada Varnholt ran the archive. Ada Varnholt retired in 1980."}, "t",
                        fact_weight=2.0)

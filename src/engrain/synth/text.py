@@ -196,8 +196,10 @@ def fact_spans(text: str, known: str = "") -> list[tuple[int, int]]:
         add(m.start(), m.end())
     for name in names(text):
         for m in re.finditer(re.escape(name), text):
-            # a single capitalised word opening a sentence is mostly just that ("Buoys are ..."), not a name
-            if " " in name or not re.search(r"(?:^|[.!?:]\s+)$", text[:m.start()]):
+            # a single capitalised word opening a sentence is mostly just that ("Buoys are ..."), not a name,
+            # unless it is the whole answer ("Pellmouth.")
+            opens = re.search(r"(?:^|[.!?:]\s+)$", text[:m.start()])
+            if " " in name or not opens or text.strip(" .") == name:
                 add(m.start(), m.end())
     return sorted(found)
 

@@ -84,14 +84,15 @@ def _check_item(item, where: str) -> None:
                            hint="Fix or delete that line, or regenerate the file with engrain synth.")
 
 
-def _fact_weights(tokenizer, text: str, known: str, weight: float) -> list[float] | None:
+def _fact_weights(tokenizer, text: str, known: str, weight: float, stated: str | None = None) -> list[float] | None:
     """``weight`` for each token of ``text`` that overlaps a fact it states (``synth.text.fact_spans``: a name,
-    number or date that ``known``, the prompt, does not hold), 1 for the rest; None when ``weight`` is 1."""
+    number or date that ``known``, the prompt, does not hold), 1 for the rest; None when ``weight`` is 1. ``stated``:
+    the start of ``text`` the facts are looked for in (an answer without its end of turn)."""
     if weight == 1.0:
         return None
     from ..synth.text import fact_spans
 
-    spans = fact_spans(text, known)
+    spans = fact_spans(text if stated is None else stated, known)
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return [weight if any(a < e and b > s for s, e in spans) else 1.0 for a, b in offsets]
 
@@ -110,7 +111,7 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
             end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
             if end and a[-len(end):] == end:
                 labels[-len(end):] = [IGNORE] * len(end)
-        weights = _fact_weights(tokenizer, answer, prompt, fact_weight)
+        weights = _fact_weights(tokenizer, answer, prompt, fact_weight, item["messages"][-1]["content"].strip())
         return Example(p + a, [IGNORE] * len(p) + labels, key, kind,
                        weights=None if weights is None else [1.0] * len(p) + weights)
     text = item["text"].strip()
