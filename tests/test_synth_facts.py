@@ -32,6 +32,8 @@ def test_sentences_names_numbers():
     text = "Dr. Ada Lenn met Mr. Tobias Lenn in Varra. It cost 1,200 crowns! Was it 3.50 each? Yes."
     assert split_sentences(text) == ["Dr. Ada Lenn met Mr. Tobias Lenn in Varra.", "It cost 1,200 crowns!",
                                      "Was it 3.50 each?", "Yes."]
+    assert split_sentences("Mt. Pankino erupted. Prof. Ida Sollmann sailed.") == ["Mt. Pankino erupted.",
+                                                                                "Prof. Ida Sollmann sailed."]
     assert numbers(text) == {"1200", "3.5"}
     assert names("However, the Bank of Varra and Tobias Lenn's shop opened.") == ["Bank of Varra", "Tobias Lenn"]
     kinds = {(s.kind, s.text) for s in spans("The Kell Telescope was built on 4 March 1960 for 300 crowns.")}

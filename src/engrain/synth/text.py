@@ -29,7 +29,10 @@ NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
                 "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "twenty": 20, "thirty": 30,
                 "forty": 40, "fifty": 50, "hundred": 100, "thousand": 1000}
 
-_ABBREV = r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)(?<!\bNo)"
+# Titles and other abbreviations a name follows ("Mt. Pankino", "Prof. Sollmann"): no sentence ends after them.
+_ABBREVIATIONS = ["Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "vs", "e\\.g", "i\\.e", "No", "Mt", "Ft", "Prof", "Gen",
+                  "Capt", "Col", "Lt", "Sgt", "Gov", "Rev", "Sen", "Rep", "Adm", "Maj", "Hon"]
+_ABBREV = "".join(rf"(?<!\b{a})" for a in _ABBREVIATIONS)
 # Markdown emphasis may close after the full stop ("**Ada Lenn, Director.** Ada ...").
 _SENT_END = re.compile(_ABBREV + r"(?<!\b[A-Z])([.!?][\"'”’)]?(?:\*\*|__|\*|_)?)\s+(?=[\"'“‘(*_]*[A-Z0-9])")
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
