@@ -154,6 +154,11 @@ def split_header(text: str, end: int | None = None) -> tuple[str, str]:
     return (text[:cut + 2], text[cut + 2:]) if cut >= 0 else ("", text)
 
 
+def date_start(m: re.Match) -> int:
+    """Where a ``_DATE`` match's date starts, after the preposition it may begin with ("in 1962" -> "1962")."""
+    return m.end() - len(re.sub(r"^(?:in|since|by|until|from)\s+", "", m.group()))
+
+
 def spans(sentence: str, spelled: bool = False) -> list[Span]:
     """Non-overlapping names, numbers and dates in one sentence, dates first (they contain numbers). With
     ``spelled``, numbers written as words count too where a noun follows them ("nine years", "Forty kilometres"),
@@ -165,9 +170,8 @@ def spans(sentence: str, spelled: bool = False) -> list[Span]:
         return all(b <= s or a >= e for s, e in taken)
 
     for m in _DATE.finditer(sentence):
-        text = re.sub(r"^(?:in|since|by|until|from)\s+", "", m.group())
-        a = m.end() - len(text)
-        found.append(Span("date", text, a, m.end()))
+        a = date_start(m)
+        found.append(Span("date", sentence[a:m.end()], a, m.end()))
         taken.append((a, m.end()))
     numbers = list(_NUMBER.finditer(sentence)) + (list(_SPELLED_NUMBER.finditer(sentence)) if spelled else [])
     for m in numbers:
@@ -185,7 +189,8 @@ def spans(sentence: str, spelled: bool = False) -> list[Span]:
 
 def fact_spans(text: str, known: str = "") -> list[tuple[int, int]]:
     """(start, end) of every date, number and name in ``text`` (each occurrence, not only the first) whose words
-    ``known`` does not hold: the spans an answer states as facts rather than copies from its question."""
+    ``known`` does not hold: the spans an answer states as facts rather than copies from its question. Not ``spans``
+    filtered: there a span the question holds would still claim its place, and a name counts once."""
     found: list[tuple[int, int]] = []
 
     def add(a: int, b: int) -> None:
@@ -194,7 +199,7 @@ def fact_spans(text: str, known: str = "") -> list[tuple[int, int]]:
             found.append((a, b))
 
     for m in _DATE.finditer(text):
-        add(m.end() - len(re.sub(r"^(?:in|since|by|until|from)\s+", "", m.group())), m.end())
+        add(date_start(m), m.end())
     for m in _NUMBER.finditer(text):
         add(m.start(), m.end())
     for name in names(text):

@@ -84,17 +84,24 @@ def _check_item(item, where: str) -> None:
                            hint="Fix or delete that line, or regenerate the file with engrain synth.")
 
 
-def _fact_weights(tokenizer, text: str, known: str, weight: float, stated: str | None = None) -> list[float] | None:
-    """``weight`` for each token of ``text`` that overlaps a fact it states (``synth.text.fact_spans``: a name,
-    number or date that ``known``, the prompt, does not hold), 1 for the rest; None when ``weight`` is 1. ``stated``:
-    the start of ``text`` the facts are looked for in (an answer without its end of turn)."""
-    if weight == 1.0:
-        return None
+def _encode(tokenizer, text: str, fact_weight: float, stated: str = "",
+            known: str = "") -> tuple[list[int], list[float] | None]:
+    """(token ids of ``text``, each token's loss weight or None where ``fact_weight`` is 1). The weight falls on the
+    tokens overlapping a fact ``stated`` (the start of ``text`` the facts are looked for in, all of it when empty)
+    gives that ``known`` (the prompt) does not hold (``synth.text.fact_spans``); the rest weigh 1."""
+    if fact_weight == 1.0:
+        return tokenizer(text, add_special_tokens=False)["input_ids"], None
     from ..synth.text import fact_spans
 
-    spans = fact_spans(text if stated is None else stated, known)
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [weight if any(a < e and b > s for s, e in spans) else 1.0 for a, b in offsets]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = fact_spans(stated or text, known)
+    return enc["input_ids"], [fact_weight if any(a < e and b > s for s, e in spans) else 1.0
+                              for a, b in enc["offset_mapping"]]
+
+
+def _after(prompt: list[int], weights: list[float] | None) -> list[float] | None:
+    """The weights of a sequence whose ``prompt`` (weight 1) comes before the weighted tokens."""
+    return None if weights is None else [1.0] * len(prompt) + weights
 
 
 def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: bool = True,
@@ -105,18 +112,15 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
     if "messages" in item:
         prompt, answer = render_messages(tokenizer, item["messages"], item.get("context"))
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        # facts are looked for in the answer without its end of turn, so a one-word answer is the whole answer
+        a, weights = _encode(tokenizer, answer, fact_weight, item["messages"][-1]["content"].strip(), prompt)
         labels = list(a)
         if not end_loss:  # (rendering the template's end of turn costs a call per item: only when needed)
             end = tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
             if end and a[-len(end):] == end:
                 labels[-len(end):] = [IGNORE] * len(end)
-        weights = _fact_weights(tokenizer, answer, prompt, fact_weight, item["messages"][-1]["content"].strip())
-        return Example(p + a, [IGNORE] * len(p) + labels, key, kind,
-                       weights=None if weights is None else [1.0] * len(p) + weights)
-    text = item["text"].strip()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    weights = _fact_weights(tokenizer, text, "", fact_weight)
+        return Example(p + a, [IGNORE] * len(p) + labels, key, kind, weights=_after(p, weights))
+    ids, weights = _encode(tokenizer, item["text"].strip(), fact_weight)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
         weights = None if weights is None else weights + [1.0]
@@ -124,8 +128,7 @@ def encode_item(tokenizer, item: dict, key: str, kind: str = "synth", end_loss: 
     if item.get("context"):  # the chunks, then a blank line, as rag's continuation prompt puts them
         prefix = continuation_prompt("", plain_chunks([c["text"] for c in item["context"]]))
         p = tokenizer(prefix, add_special_tokens=False)["input_ids"]
-        return Example(p + ids, [IGNORE] * len(p) + labels, key, kind,
-                       weights=None if weights is None else [1.0] * len(p) + weights)
+        return Example(p + ids, [IGNORE] * len(p) + labels, key, kind, weights=_after(p, weights))
     labels[0] = IGNORE  # nothing precedes the first token, so it is never predicted (also inside a packed row)
     return Example(ids, labels, key, kind, weights=weights)
 

@@ -209,15 +209,17 @@ def loss_sum(module, batch: dict, packing: bool, distill: float = 0.0):
     if head is not None:
         return fused_head_loss(logits, head.weight, targets, teacher, distill, scale) + matched, int(targets.numel())
     if teacher is None:
-        losses = F.cross_entropy(logits.float(), targets, reduction="none")
-        return (losses if scale is None else losses * scale).sum() + matched, int(targets.numel())
-    t_ids, t_lp, has = teacher
-    w = distill * has.float()
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    hard = -logp.gather(1, targets[:, None])[:, 0]
-    soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
-    mixed = (1 - w) * hard + w * soft
-    return (mixed if scale is None else mixed * scale).sum() + matched, int(targets.numel())
+        per_position = F.cross_entropy(logits.float(), targets, reduction="none")
+    else:
+        t_ids, t_lp, has = teacher
+        w = distill * has.float()
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        hard = -logp.gather(1, targets[:, None])[:, 0]
+        soft = -(torch.softmax(t_lp, dim=-1) * logp.gather(1, t_ids)).sum(-1)
+        per_position = (1 - w) * hard + w * soft
+    if scale is not None:
+        per_position = per_position * scale
+    return per_position.sum() + matched, int(targets.numel())
 
 
 def hidden_loss(student, teacher, weight):

@@ -60,7 +60,8 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
     ``cfg.distill`` or ``cfg.distill_hidden`` > 0 and ``teacher``, the training examples get their teacher targets
     (computed with ``lm`` before any memory is attached, or read from the workspace's cache)."""
     items = read_synthetic(ws) if items is None else items
-    examples = [encode_item(lm.tokenizer, item, key, end_loss=cfg.item_end_loss, fact_weight=cfg.fact_weight) for key, item in items]
+    examples = [encode_item(lm.tokenizer, item, key, end_loss=cfg.item_end_loss, fact_weight=cfg.fact_weight)
+                for key, item in items]
     train, val = split_examples(examples, dict(items), cfg.val_fraction, cfg.val_max)
     extra = {}
     if cfg.distill > 0 or cfg.distill_hidden > 0:
