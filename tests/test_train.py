@@ -107,6 +107,22 @@ def test_packing_leaves_no_padding_between_examples():
     assert batch["labels"][1, -2:].tolist() == [-100, -100]
 
 
+def test_pack_tokens_makes_smaller_rows_and_keeps_long_examples_whole():
+    from engrain.train.data import Example
+    from engrain.train.packing import pack
+
+    exs = [Example(list(range(1, n + 1)), [-100] + list(range(2, n + 1)), f"e{n}") for n in (5, 7, 12, 3, 4)]
+    rows = pack(exs, seq_len=16, pack_tokens=8)
+    # rows of up to 8 tokens; the 12-token example is longer than that and fills a row alone, not cut
+    assert [len(r.ids) for r in rows] == [5, 7, 12, 7]
+    assert rows[2].ids == list(range(1, 13)) and sum(r.n_loss for r in rows) == sum(e.n_loss for e in exs)
+    # where no example is longer than pack_tokens, rows are those of seq_len = pack_tokens
+    short = [e for e in exs if len(e.ids) <= 8]
+    assert [r.ids for r in pack(short, seq_len=16, pack_tokens=8)] == [r.ids for r in pack(short, seq_len=8)]
+    with pytest.raises(ValueError, match="pack_tokens"):
+        TrainConfig(seq_len=512, pack_tokens=1024)
+
+
 @pytest.mark.parametrize("one_call", [False, True], ids=["per-example", "one-masked-call"])
 def test_packed_rows_do_not_attend_across_examples(tiny_lm, monkeypatch, one_call):
     """A packed row's loss equals the sum of each example's loss computed alone: the block-diagonal mask works

@@ -6,7 +6,7 @@ Each stage owns one section. CLI flags override what the file says; the file rec
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atomic import write_text
 from .errors import EngrainError
@@ -117,8 +117,13 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, description="cosine decays to lr * min_lr_ratio")
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    # batches: a row holds seq_len tokens of packed examples; global batch = micro_batch * grad_accum * processes
-    seq_len: int = 1024
+    # batches: a row holds up to pack_tokens (or seq_len) tokens of packed examples; global batch =
+    # micro_batch * grad_accum * processes rows
+    seq_len: int = Field(1024, description="the longest example trained, in tokens (longer ones are cut)")
+    # Fewer tokens per row mean more optimizer steps for the same tokens; experiments/knowledge's seq-512 rows measure
+    # what that is worth at the demo's budget.
+    pack_tokens: int | None = Field(None, ge=1, description="tokens packed into one row (None: seq_len); an example "
+                                                           "longer than this trains alone in its row")
     micro_batch: int = 1  # one row of seq_len tokens: more updates for the same compute
     grad_accum: int = 1
     packing: bool = True
@@ -181,6 +186,13 @@ class TrainConfig(Section):
     @classmethod
     def _current_option_names(cls, value: dict[str, dict]) -> dict[str, dict]:
         return {canonical(name): opts for name, opts in value.items()}
+
+    @model_validator(mode="after")
+    def _rows_within_seq_len(self) -> "TrainConfig":
+        if self.pack_tokens is not None and self.pack_tokens > self.seq_len:
+            raise ValueError(f"pack_tokens ({self.pack_tokens}) is above seq_len ({self.seq_len}): a row packs at "
+                             "most seq_len tokens; lower pack_tokens or raise seq_len")
+        return self
 
 
 class RagConfig(Section):

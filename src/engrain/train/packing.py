@@ -55,10 +55,12 @@ def _hidden_entries(ex: Example, labels: list[int]) -> list[tuple[object, float]
     return [(states[i], ex.hidden_weight) for i in range(n)]
 
 
-def pack(examples: list[Example], seq_len: int) -> list[Row]:
-    """Greedy packing in the given order: append examples to the current row until the next does not fit.
+def pack(examples: list[Example], seq_len: int, pack_tokens: int | None = None) -> list[Row]:
+    """Greedy packing in the given order: append examples (each cut at ``seq_len`` tokens) to the current row until
+    the next would take it past ``pack_tokens`` (default ``seq_len``); an example longer than that fills a row alone.
     Rows are not padded here: a row that is not full stays short, and collation pads a micro-batch only to its
     longest row (with one micro-batch row, nothing at all)."""
+    budget = pack_tokens or seq_len
     rows: list[Row] = []
     cur = Row([], [], [])
 
@@ -68,7 +70,7 @@ def pack(examples: list[Example], seq_len: int) -> list[Row]:
 
     for ex in examples:
         ids, labels = ex.ids[:seq_len], ex.labels[:seq_len]
-        if len(cur.ids) + len(ids) > seq_len:
+        if len(cur.ids) + len(ids) > budget:
             close()
             cur = Row([], [], [])
         cur.ids.extend(ids)
@@ -92,7 +94,7 @@ def epoch_rows(examples: list[Example], epoch: int, cfg: TrainConfig, packing: b
     order = list(range(len(examples)))
     random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
     shuffled = [examples[i] for i in order]
-    return pack(shuffled, cfg.seq_len) if packing else unpacked_rows(shuffled, cfg.seq_len)
+    return pack(shuffled, cfg.seq_len, cfg.pack_tokens) if packing else unpacked_rows(shuffled, cfg.seq_len)
 
 
 def global_batches(examples: list[Example], cfg: TrainConfig, rows_per_step: int, packing: bool):
