@@ -123,6 +123,17 @@ def test_pack_tokens_makes_smaller_rows_and_keeps_long_examples_whole():
         TrainConfig(seq_len=512, pack_tokens=1024)
 
 
+def test_lora_packs_its_own_row_size_unless_the_config_sets_one():
+    from engrain.memory.parametric import get_kind
+    from engrain.train.loop import with_kind_defaults
+
+    lora, prefix = get_kind("lora"), get_kind("prefix")
+    assert with_kind_defaults(TrainConfig(), lora).pack_tokens == lora.default_pack_tokens < TrainConfig().seq_len
+    assert with_kind_defaults(TrainConfig(pack_tokens=300), lora).pack_tokens == 300  # the config's own wins
+    assert with_kind_defaults(TrainConfig(seq_len=256), lora).pack_tokens == 256  # never above seq_len
+    assert with_kind_defaults(TrainConfig(), prefix).pack_tokens is None  # measured for LoRA only: seq_len
+
+
 @pytest.mark.parametrize("one_call", [False, True], ids=["per-example", "one-masked-call"])
 def test_packed_rows_do_not_attend_across_examples(tiny_lm, monkeypatch, one_call):
     """A packed row's loss equals the sum of each example's loss computed alone: the block-diagonal mask works

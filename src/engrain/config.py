@@ -120,11 +120,12 @@ class TrainConfig(Section):
     # batches: a row holds up to pack_tokens (or seq_len) tokens of packed examples; global batch =
     # micro_batch * grad_accum * processes rows
     seq_len: int = Field(1024, description="the longest example trained, in tokens (longer ones are cut)")
-    # Fewer tokens per row mean more optimizer steps for the same tokens; experiments/knowledge's seq-512 rows measure
-    # what that is worth at the demo's budget.
-    pack_tokens: int | None = Field(None, ge=1, description="tokens packed into one row (None: seq_len); an example "
-                                                           "longer than this trains alone in its row")
-    micro_batch: int = 1  # one row of seq_len tokens: more updates for the same compute
+    # Fewer tokens per row mean more optimizer steps for the same tokens; experiments/knowledge's seq-512 and pack-512
+    # rows measure what that is worth.
+    pack_tokens: int | None = Field(None, ge=1, description="tokens packed into one row (None: the memory's own "
+                                                           "default, else seq_len); an example longer than this "
+                                                           "trains alone in its row")
+    micro_batch: int = 1  # one packed row: more updates for the same compute
     grad_accum: int = 1
     packing: bool = True
     bf16: str = Field("auto", description="auto (only where bf16 is native) | on | off")

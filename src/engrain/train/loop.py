@@ -81,6 +81,15 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def with_kind_defaults(cfg: TrainConfig, kind) -> TrainConfig:
+    """``cfg`` with what it leaves to the memory kind filled in: rows packed to the kind's ``default_pack_tokens``
+    where ``train.pack_tokens`` is unset (fewer tokens per row, more updates for the same tokens)."""
+    rows = getattr(kind, "default_pack_tokens", None)
+    if cfg.pack_tokens is None and rows:
+        return cfg.model_copy(update={"pack_tokens": min(rows, cfg.seq_len)})
+    return cfg
+
+
 def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, name: str | None = None,
           force: bool = False, dry_run: bool = False, show_progress: bool = True, lm: LM | None = None) -> dict:
     """Train ``cfg.memory`` on the workspace's synthetic data; returns the run's summary (also in the memory's
@@ -92,6 +101,7 @@ def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, nam
     from ..models import load_model
 
     kind = get_kind(cfg.memory)
+    cfg = with_kind_defaults(cfg, kind)
     name = name or cfg.name or kind.name  # the kind's current name, even when cfg names it by an old one
     keep_freed_memory()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

@@ -258,11 +258,11 @@ def train_update(ws: Workspace, name: str, meta: dict, workspace_cfg: TrainConfi
     from accelerate import Accelerator
 
     from ..memory.parametric import get_kind
-    from .loop import Run, keep_freed_memory, resume_point, run_config
+    from .loop import Run, keep_freed_memory, resume_point, run_config, with_kind_defaults
     from .plan import make_plan
 
     kind = get_kind(meta.get("kind", name))
-    cfg = update_config(meta, workspace_cfg)
+    cfg = with_kind_defaults(update_config(meta, workspace_cfg), kind)
     keep_freed_memory()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
