@@ -251,7 +251,7 @@ def test_demo_writes_its_budgets_and_reports_on_the_example_corpus(tmp_path, tin
 
     ws = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "-w", str(ws), "--methods", "base,rag", "--model", str(tiny_model_dir),
-                                   "--json"])
+                                   "--rebuild", "--json"])  # --rebuild: what a memory of an earlier recipe needs
     assert res.exit_code == 0, res.output
     config = load_config(ws / "engrain.yaml")
     assert config.synth.strategies == ["facts"] and config.ingest.chunk_tokens == 128

@@ -81,6 +81,20 @@ def test_a_setting_added_later_matches_a_memory_trained_before_it_at_its_default
     assert config_diff(old, {**new, "item_end_loss": False}) == ["item_end_loss: True -> False"]
 
 
+def test_a_memory_trained_before_lora_packed_smaller_rows_differs_from_the_new_default_only():
+    from engrain.memory.parametric import get_kind
+    from engrain.train.checkpoints import config_diff
+    from engrain.train.loop import with_kind_defaults
+
+    old = {k: v for k, v in TrainConfig().model_dump().items() if k != "pack_tokens"}  # trained in rows of seq_len
+    now = with_kind_defaults(TrainConfig(), get_kind("lora")).model_dump()
+    assert config_diff(old, now) == [f"pack_tokens: 1024 -> {now['pack_tokens']}"]
+    # setting rows of seq_len in engrain.yaml keeps the memory as trained
+    kept = with_kind_defaults(TrainConfig(pack_tokens=1024), get_kind("lora")).model_dump()
+    assert config_diff(old, kept) == []
+    assert config_diff(old, TrainConfig().model_dump()) == []  # kinds without their own row size: as before
+
+
 def test_text_items_take_loss_on_every_predicted_token(tokenizer):
     from engrain.train.data import encode_item
 

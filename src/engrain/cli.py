@@ -236,6 +236,7 @@ def demo(
     methods: Annotated[Optional[str], typer.Option("--methods", help="default: every method this version can build")] = None,
     model: ModelOpt = None,
     probe_form: ProbeFormOpt = "continuation",
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="rebuild memories even if the workspace has them")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on the bundled example corpus with the embedded model, ending with the results table."""
@@ -254,7 +255,7 @@ def demo(
     out_dir = ws.reports_dir / bench.name
     lm = load_for_workspace(workspace, model)
     results = run_compare(bench, ws, parse_methods(methods or DEMO_METHODS), out_dir, lm,
-                          latency_sample=DEMO_LATENCY_SAMPLE, probe_form=probe_form)
+                          latency_sample=DEMO_LATENCY_SAMPLE, probe_form=probe_form, rebuild=rebuild)
     print_results(results, out_dir, console)
     if as_json:
         emit_json({"results": str(out_dir / "results.json"), "report": str(out_dir / "report.html")})

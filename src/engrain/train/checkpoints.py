@@ -92,6 +92,9 @@ def config_diff(old: dict, new: dict) -> list[str]:
     defaults = TrainConfig().model_dump()
     keys = sorted((set(old) | set(new)) - OPERATIONAL_KEYS)
     before, after = ({k: d.get(k, defaults.get(k)) for k in keys} for d in (old, new))
+    for side in (before, after):  # rows of seq_len is what an unset pack_tokens trained with, whatever the kind now
+        if "pack_tokens" in side and side["pack_tokens"] is None:
+            side["pack_tokens"] = side.get("seq_len", defaults["seq_len"])
     return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in keys if before[k] != after[k]]
 
 

@@ -141,7 +141,9 @@ def already_trained(out_dir, runcfg: dict, show: bool) -> dict | None:
     diff = config_diff(meta.get("config", {}), runcfg)
     if diff:
         raise EngrainError(f"{out_dir} was trained with another config:\n  " + "\n  ".join(diff),
-                           hint="Pass --force to train it again with the new config (the old one is replaced).")
+                           hint="Train it again with the new config (the old one is replaced): --force with "
+                                "`engrain train`, --rebuild with `engrain compare` or `engrain demo`. Or set "
+                                "those settings back in engrain.yaml to keep it.")
     if show:
         note(f"engrain: {out_dir} is already trained with this config; nothing to do (--force to retrain)")
     return {**meta, "already_trained": True}
