@@ -352,6 +352,27 @@ def test_lora_trains_saves_peft_layout_and_loads(ws, tiny_model_dir, tiny_lm):
     assert mem.describe()["kind"] == "lora"
 
 
+def test_lora_plus_moves_b_by_its_ratio_and_a_not_at_all_in_the_first_step(tmp_path, tiny_model_dir):
+    """B starts at zero, so the first step's gradient reaches only B; Adam's first step moves each weight by about
+    its learning rate, so B moves ``lora_plus_ratio`` times as far as with one rate for both."""
+    from safetensors.torch import load_file
+
+    from engrain.train.loop import train
+
+    moved, a = {}, {}
+    for ratio in (1.0, 4.0):
+        w = Workspace.at(tmp_path / f"ws-{ratio}")
+        write_synth(w)
+        train(w, TrainConfig(memory="lora", max_steps=1, lora_rank=4, lr=1e-3, weight_decay=0.0,
+                             lora_plus_ratio=ratio, **FAST), str(tiny_model_dir), show_progress=False)
+        weights = load_file(str(w.memory_dir("lora") / "adapter_model.safetensors"))
+        moved[ratio] = sum(t.abs().sum().item() for n, t in weights.items() if "lora_B" in n)
+        a[ratio] = {n: t for n, t in weights.items() if "lora_A" in n}
+    assert moved[1.0] > 0
+    assert moved[4.0] / moved[1.0] == pytest.approx(4.0, rel=0.05)
+    assert a[1.0] and all((a[1.0][n] == a[4.0][n]).all() for n in a[1.0])  # the same seeded start, not moved
+
+
 def test_loading_onto_another_model_is_refused(ws, tiny_model_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

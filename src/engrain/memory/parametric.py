@@ -32,6 +32,8 @@ Details the trainer relies on:
   unset (``seq_len`` without it).
 - ``make_optimizer(module, lr, weight_decay)`` (optional): a kind needing a special optimizer (sparse updates must
   not let Adam momentum or weight decay move slots the batch did not read) returns it; AdamW otherwise.
+- ``param_groups(module, lr, cfg)`` (optional): the trainer's AdamW groups, for a kind whose weights train at
+  different rates (LoRA+'s larger rate for B); one group of every trained weight otherwise.
 - ``save`` writes into ``folder`` (already created); the trainer writes ``engrain_memory.json`` (``meta`` plus
   training metrics) after it, and a memory is complete only when that file exists.
 - ``load`` must not change ``model`` in a way visible to other users of it: ``TrainedMemory`` hands it a private
@@ -208,6 +210,15 @@ class LoraKind:
         # Training runs each LoRA layer as one fused function (train/kernels/lora_linear.py); saved adapters stay plain PEFT.
         fuse_lora_layers(module)
         return module
+
+    def param_groups(self, module, lr: float, cfg: dict) -> list[dict]:
+        """LoRA+: B's rate ``lora_plus_ratio`` times A's; one group when the ratio is 1."""
+        ratio = float(cfg.get("lora_plus_ratio") or 1.0)
+        trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if ratio == 1.0:
+            return [{"params": [p for _, p in trained]}]
+        return [{"params": [p for n, p in trained if "lora_B" not in n]},
+                {"params": [p for n, p in trained if "lora_B" in n], "lr": lr * ratio}]
 
     def save(self, module, folder: Path, meta: dict) -> None:
         module.peft_config["default"].base_model_name_or_path = meta.get("base_model_path") or meta.get("base_model")
