@@ -22,7 +22,8 @@ def write_demo_config(path: Path) -> None:
     rows), so only the demo sets it. Its steps take rows of 512 tokens (``train.pack_tokens``), twice the updates
     for the same tokens, which answered more on three seeds of acme (experiments/knowledge's seq-512 rows), and
     LoRA's B matrices train at four times A's rate (``train.lora_plus_ratio``, LoRA+), which answered more on three
-    seeds of acme and forgot more by the weights alone, not through the relevance gate (the lora-plus-4 rows).
+    seeds of acme and forgot more by the weights alone, not through the relevance gate; at the full defaults it did
+    not answer more (experiments/knowledge's lora-plus rows), so only the demo sets it.
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
     items: experiments/knowledge's acme-demo-open-book rows measure what those cost and give at these budgets)."""
     from .config import EngrainConfig, save_config
