@@ -175,8 +175,8 @@ class TrainConfig(Section):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
-    # LoRA+ (Hayou et al. 2024): B starts at zero and A at random, so at one learning rate B moves too slowly for
-    # the adapter to learn efficiently; a larger rate for B than for A fixes that.
+    # LoRA+ (Hayou et al. 2024): B starts at zero and A at random, so at one learning rate B moves slowly; LoRA+
+    # trains B at a larger rate than A. experiments/knowledge's lora-plus rows measure it (the demo sets it).
     lora_plus_ratio: float = Field(1.0, gt=0, description="learning rate of the LoRA B matrices over that of A "
                                                           "(1: one rate for both)")
     # settings of other memories, by memory name (e.g. options.prefix.length)
