@@ -212,8 +212,9 @@ class LoraKind:
         return module
 
     def param_groups(self, module, lr: float, cfg: dict) -> list[dict]:
-        """LoRA+: B's rate ``lora_plus_ratio`` times A's; one group when the ratio is 1."""
-        ratio = float(cfg.get("lora_plus_ratio") or 1.0)
+        """LoRA+: B's rate ``lora_plus_ratio`` times A's. One group when the ratio is 1, the optimizer state's layout
+        before the setting existed, so a checkpoint of such a run still resumes."""
+        ratio = float(cfg.get("lora_plus_ratio", 1.0))
         trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if ratio == 1.0:
             return [{"params": [p for _, p in trained]}]

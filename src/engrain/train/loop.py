@@ -201,13 +201,15 @@ class Run:
         self.runcfg, self.accelerator, self.packing, self.lr, self.show = runcfg, accelerator, packing, lr, show
         self.device = accelerator.device
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.module = kind.attach(lm.model, lm.tokenizer, cfg.model_dump(), ws)
+        settings = cfg.model_dump()
+        self.module = kind.attach(lm.model, lm.tokenizer, settings, ws)
         self.module.train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        make_opt, groups = getattr(kind, "make_optimizer", None), getattr(kind, "param_groups", None)
-        self.optimizer = (make_opt(self.module, lr, cfg.weight_decay) if make_opt else
-                          torch.optim.AdamW(groups(self.module, lr, cfg.model_dump()) if groups else self.params,
-                                            lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98)))
+        if hasattr(kind, "make_optimizer"):
+            self.optimizer = kind.make_optimizer(self.module, lr, cfg.weight_decay)
+        else:
+            groups = kind.param_groups(self.module, lr, settings) if hasattr(kind, "param_groups") else self.params
+            self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * plan.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, plan.steps, cfg.min_lr_ratio))
