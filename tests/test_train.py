@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
+import engrain
 from engrain.config import TrainConfig
 from engrain.errors import EngrainError
 from engrain.workspace import Workspace
@@ -453,6 +456,46 @@ def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
     mtime = cache[0].stat().st_mtime_ns
     make_plan(ws, tiny_lm, cfg, world=1, packing=True)
     assert cache[0].stat().st_mtime_ns == mtime  # generated once
+
+
+def test_self_prose_replay_is_half_the_replay_and_continues_the_shipped_openings(ws, tiny_lm):
+    """Two replay sources share the replay equally; self-prose items are plain text (no chat template) that start
+    with a shipped opening, under the replay's KL like the chat answers."""
+    from engrain.train.plan import make_plan
+    from engrain.train.replay import replay_openings, replay_prompts
+
+    cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0,
+                      replay_sources=["self_distill", "self_prose"])
+    plan = make_plan(ws, tiny_lm, cfg, world=1, packing=True)
+    assert plan.n_synth == 24 and plan.n_replay == 8
+    rows = [json.loads(x) for x in next((ws.root / "train" / "replay").glob("self-prose-*.jsonl")).read_text()
+            .splitlines()]
+    assert [r["opening"] for r in rows] == replay_openings()[:4]  # its half of the 8: no more openings continued
+    assert all(r["text"].startswith(r["opening"]) and "messages" not in r for r in rows)
+    chat = next((ws.root / "train" / "replay").glob("self-distill-*.jsonl")).read_text().splitlines()
+    assert [json.loads(x)["messages"][0]["content"] for x in chat] == replay_prompts()[:4]
+
+
+def test_replay_refuses_the_text_forgetting_is_measured_on(ws, tiny_lm):
+    from engrain.train.plan import make_plan
+
+    cfg = TrainConfig(replay_share=0.25, seq_len=128, val_fraction=0.0, replay_sources=["general_text"])
+    with pytest.raises(EngrainError, match="general_text.*forgetting"):
+        make_plan(ws, tiny_lm, cfg, world=1, packing=True)
+
+
+def test_replay_openings_and_prompts_stay_apart_from_what_forgetting_is_measured_on():
+    """No opening names a topic of the measured general text, and no replay text holds a general question."""
+    from engrain.evaluate.forgetting import general_text
+    from engrain.train.replay import replay_openings, replay_prompts
+
+    titles = [p.strip().lower() for p in general_text().split("\n\n") if p.strip() and len(p.strip()) < 40]
+    assert len(titles) >= 10
+    for opening in replay_openings():
+        assert not any(re.search(rf"\b{t.removeprefix('the ')}\b", opening.lower()) for t in titles), opening
+    questions = {json.loads(x)["question"].lower() for x in
+                 (Path(engrain.__file__).parent / "data" / "general_qa.jsonl").read_text().splitlines() if x.strip()}
+    assert not questions & {p.lower() for p in replay_prompts() + replay_openings()}
 
 
 def test_a_larger_replay_pool_answers_only_the_prompts_not_yet_answered(tmp_path, tiny_lm, monkeypatch):

@@ -141,7 +141,9 @@ class TrainConfig(Section):
     # replay against forgetting
     replay_share: float = Field(0.3, description="share of general data in the training mix (0 = none); experiments/knowledge measures what it keeps and costs")
     replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
-                                      description="self_distill and/or general_text")
+                                      description="self_distill (the base model's answers to general requests) "
+                                                  "and/or self_prose (its continuations of general prose openings), "
+                                                  "each an equal share of the replay")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: as many as the mix "

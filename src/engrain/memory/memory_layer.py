@@ -217,19 +217,12 @@ def add_memories(model, opts: MemoryLayerOptions, layer_ids: list[int]) -> list[
 
 
 def background_texts(tokenizer) -> list[str]:
-    """The package's general prompts in the chat template (a user's everyday requests) and its general text."""
+    """The package's general prompts in the chat template (a user's everyday requests) and its prose openings; not
+    the general text forgetting is measured on, which would pick slots to spare exactly what is measured."""
     from ..models import chat_messages, chat_prompt
+    from ..train.replay import replay_openings, replay_prompts
 
-    data = Path(__file__).resolve().parents[1] / "data"
-    texts = []
-    prompts = data / "replay_prompts.txt"
-    if prompts.is_file():
-        lines = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines()]
-        texts += [chat_prompt(tokenizer, chat_messages(ln)) for ln in lines if ln and not ln.startswith("#")]
-    general = data / "general_text.txt"
-    if general.is_file():
-        texts += [p.strip() for p in general.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    return texts
+    return [chat_prompt(tokenizer, chat_messages(p)) for p in replay_prompts()] + replay_openings()
 
 
 def background_ids(tokenizer) -> list[int]:

@@ -1,7 +1,7 @@
 """Replay against forgetting: general data mixed into every run.
 
-The base model's own greedy answers to general prompts (self-distillation, generated once and cached in the workspace)
-and, when enabled, the general text engrain ships; with ``train.replay_kl`` the replay tokens are trained toward the
+The base model's own greedy answers to general prompts (self-distillation) and, when enabled, its own continuations
+of general prose openings (self-prose), each generated once and cached; with ``train.replay_kl`` the replay tokens are trained toward the
 base model's top-k distribution (``distill.self_targets``).
 """
 
@@ -41,6 +41,7 @@ def replay_prompts() -> list[str]:
 # Rows decoded together while answering the replay prompts, more than `answer`'s default (which `engrain compare`
 # keeps, so that its answers compare across runs): python bench/bench_answer_batch.py times the sizes side by side.
 REPLAY_BATCH = 64
+PROSE_TEMPERATURE, PROSE_TOP_P = 0.8, 0.95  # self-prose continuations are sampled (see self_prose_items)
 
 
 def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: int | None = None) -> list[dict]:
@@ -49,38 +50,82 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts
     not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
     from ..models import answer, answering_lm
+
+    def make(lm_: LM, prompts: list[str], progress) -> list[str]:
+        # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
+        return [g.text for g in answer(answering_lm(lm_), prompts, max_new_tokens=max_new_tokens,
+                                       batch_size=REPLAY_BATCH, progress=progress)]
+
+    def row(i: int, prompt: str, text: str) -> dict:  # an empty answer is the model's behaviour too
+        return {"id": f"replay-sd-{i}", "strategy": "self-distill", "generator": lm.name,
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]}
+
+    return _base_outputs(ws, lm, f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl", replay_prompts(),
+                         n_prompts, make, row, lambda r: r["messages"][0]["content"], "self-distillation replay data",
+                         "replay answers")
+
+
+def replay_openings() -> list[str]:
+    """Openings of general prose the base model continues for self-prose replay (shipped with the package; its
+    topics are kept apart from the general text and questions forgetting is measured on)."""
+    path = _data_file("replay_openings.txt")
+    if path is None:
+        return []
+    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int | None = None) -> list[dict]:
+    """The base model's sampled continuations of the first ``n_openings`` prose openings, as plain text items (no
+    chat template): the document items teach the weights to continue text as the user's documents read, and these
+    hold them to the base model's own prose elsewhere. Generated once per model and cached as the self-distillation
+    answers are."""
+    from ..models import answering_lm, generate
+
+    def make(lm_: LM, starts: list[str], progress) -> list[str]:
+        # Sampled, not greedy: a small model's greedy prose falls into loops, text unlike what it reads elsewhere.
+        return [g.text for g in generate(answering_lm(lm_), starts, max_new_tokens=max_new_tokens,
+                                         temperature=PROSE_TEMPERATURE, top_p=PROSE_TOP_P, seed=0,
+                                         batch_size=REPLAY_BATCH, progress=progress)]
+
+    def row(i: int, start: str, text: str) -> dict:
+        return {"id": f"replay-sp-{i}", "strategy": "self-prose", "generator": lm.name, "opening": start,
+                "text": start + (text if text[:1] in ",.;:!?'\")" else f" {text}")}
+
+    return _base_outputs(ws, lm, f"self-prose-{file_safe(lm.name)}-{max_new_tokens}.jsonl", replay_openings(),
+                         n_openings, make, row, lambda r: r["opening"], "self-prose replay data", "replay prose")
+
+
+def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | None, make, row, key,
+                  what: str, label: str) -> list[dict]:
+    """Rows made by ``make`` (the base model's outputs for inputs) for the first ``n`` of ``every``, read from the
+    workspace's cache and ENGRAIN_HOME's where the model is one engrain keeps (``model_key``); only the inputs no
+    cache holds are generated, and both caches are rewritten with every row known, in ``every``'s order."""
     from ..progress import Progress
 
-    every = replay_prompts()
-    prompts = every[:n_prompts]
-    if not prompts:
+    wanted = every[:n]
+    if not wanted:
         return []
-    name = f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl"
     caches = [ws.root / "train" / "replay" / name]
-    if (key := model_key(lm)) is not None:
-        caches.append(engrain_home() / "replay" / key / name)
+    if (mk := model_key(lm)) is not None:
+        caches.append(engrain_home() / "replay" / mk / name)
     have: dict[str, dict] = {}
     for cache in caches:
         if cache.is_file():
-            for _, row in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
-                have.setdefault(row["messages"][0]["content"], row)
-    missing = [p for p in prompts if p not in have]
+            for _, r in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
+                have.setdefault(key(r), r)
+    missing = [x for x in wanted if x not in have]
     if missing:
-        note(f"engrain: generating self-distillation replay data ({len(missing)} general prompts, once; cached in "
-             f"{caches[-1]})")
-        # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
-        with Progress(True, len(missing), 0, "replay answers") as bar:
-            gens = answer(answering_lm(lm), missing, max_new_tokens=max_new_tokens, batch_size=REPLAY_BATCH,
-                          progress=bar.advance)
-        position = {p: i for i, p in enumerate(every)}
-        for p, g in zip(missing, gens):  # an empty answer is the model's behaviour too
-            have[p] = {"id": f"replay-sd-{position[p]}", "strategy": "self-distill", "generator": lm.name,
-                       "messages": [{"role": "user", "content": p}, {"role": "assistant", "content": g.text}]}
-    rows = [have[p] for p in every if p in have]
+        note(f"engrain: generating {what} ({len(missing)} inputs, once; cached in {caches[-1]})")
+        with Progress(True, len(missing), 0, label) as bar:
+            texts = make(lm, missing, bar.advance)
+        position = {x: i for i, x in enumerate(every)}
+        for x, text in zip(missing, texts):
+            have[x] = row(position[x], x, text)
+    rows = [have[x] for x in every if x in have]
     for cache in caches:
         if missing or not cache.is_file():
             write_jsonl(cache, rows)
-    return [have[p] for p in prompts]
+    return [have[x] for x in wanted]
 
 
 def model_key(lm: LM) -> str | None:
@@ -97,37 +142,36 @@ def model_key(lm: LM) -> str | None:
     return hashlib.sha1(json.dumps([str(folder), stats]).encode()).hexdigest()[:16]
 
 
-def general_text_items() -> list[dict]:
-    """Paragraphs of the general reference text the project ships (absent: none)."""
-    path = _data_file("general_text.txt")
-    if path is None:
-        return []
-    paras = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 40]
-    return [{"id": f"replay-gt-{i}", "strategy": "general-text", "text": p} for i, p in enumerate(paras)]
-
-
 def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> list[Example]:
     """``replay_share`` of the final mix, drawn (seeded, cycling) from the enabled replay sources."""
     if cfg.replay_share <= 0 or n_train == 0:
         return []
     want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
-    pool: list[dict] = []
-    for source in cfg.replay_sources:
+    sources = list(dict.fromkeys(cfg.replay_sources))
+    # Each source gets an equal share of the replay, so adding one does not depend on how large its pool is.
+    shares = [want // len(sources) + (1 if i < want % len(sources) else 0) for i in range(len(sources))]
+    picked: list[dict] = []
+    for source, share in zip(sources, shares):
         if source == "self_distill":
             # No more prompts answered than the mix draws: the base model's answers cost generation time of their own
             # (bench/bench_answer_batch.py), and a pool larger than the draw adds no prompt to it.
-            n_prompts = want if cfg.replay_prompts is None else min(cfg.replay_prompts, want)
-            pool += self_distill_items(ws, lm, cfg.replay_max_new_tokens, n_prompts)
+            n_prompts = share if cfg.replay_prompts is None else min(cfg.replay_prompts, share)
+            pool = self_distill_items(ws, lm, cfg.replay_max_new_tokens, n_prompts)
+        elif source == "self_prose":
+            pool = self_prose_items(ws, lm, cfg.replay_max_new_tokens, share)
         elif source == "general_text":
-            pool += general_text_items()
+            raise EngrainError("train.replay_sources names general_text, the text engrain measures forgetting on "
+                               "(its perplexity): training on it would hide what the memory forgets.",
+                               hint="Use self_prose: the base model's own continuations of general prose openings.")
         else:
             raise EngrainError(f"Unknown replay source '{source}' in train.replay_sources.",
-                               hint="Use self_distill and/or general_text.")
-    if not pool:
-        note("engrain: no replay data available (no shipped prompts or text); training without replay")
+                               hint="Use self_distill and/or self_prose.")
+        if pool:
+            rng = random.Random(cfg.seed)  # one source alone draws exactly as the single pool did before
+            order = list(range(len(pool)))
+            rng.shuffle(order)
+            picked += [pool[order[i % len(pool)]] for i in range(share)]
+    if not picked:
+        note("engrain: no replay data available (no shipped prompts or openings); training without replay")
         return []
-    rng = random.Random(cfg.seed)
-    order = list(range(len(pool)))
-    rng.shuffle(order)
-    picked = [pool[order[i % len(pool)]] for i in range(want)]
     return [encode_item(lm.tokenizer, item, f"{item['id']}#{i}", kind="replay") for i, item in enumerate(picked)]
