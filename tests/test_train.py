@@ -460,7 +460,8 @@ def test_replay_mixes_cached_self_distillation(ws, tiny_model_dir, tiny_lm):
 
 def test_self_prose_replay_is_half_the_replay_and_continues_the_shipped_openings(ws, tiny_lm):
     """Two replay sources share the replay equally; self-prose items are plain text (no chat template) that start
-    with a shipped opening, under the replay's KL like the chat answers."""
+    with a shipped opening, under the replay's KL like the chat answers; every opening is continued at once, so the
+    pool does not depend on how many a run draws."""
     from engrain.train.plan import make_plan
     from engrain.train.replay import replay_openings, replay_prompts
 
@@ -470,7 +471,9 @@ def test_self_prose_replay_is_half_the_replay_and_continues_the_shipped_openings
     assert plan.n_synth == 24 and plan.n_replay == 8
     rows = [json.loads(x) for x in next((ws.root / "train" / "replay").glob("self-prose-*.jsonl")).read_text()
             .splitlines()]
-    assert [r["opening"] for r in rows] == replay_openings()[:4]  # its half of the 8: no more openings continued
+    assert [r["opening"] for r in rows] == replay_openings()  # continued together, whatever the draw
+    drawn = [ex.key for ex in plan.train if ex.kind == "replay"]
+    assert sum(k.startswith("replay-sp-") for k in drawn) == sum(k.startswith("replay-sd-") for k in drawn) == 4
     assert all(r["text"].startswith(r["opening"]) and "messages" not in r for r in rows)
     chat = next((ws.root / "train" / "replay").glob("self-distill-*.jsonl")).read_text().splitlines()
     assert [json.loads(x)["messages"][0]["content"] for x in chat] == replay_prompts()[:4]

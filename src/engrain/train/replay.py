@@ -77,8 +77,8 @@ def replay_openings() -> list[str]:
 def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int | None = None) -> list[dict]:
     """The base model's sampled continuations of the first ``n_openings`` prose openings, as plain text items (no
     chat template): the document items teach the weights to continue text as the user's documents read, and these
-    hold them to the base model's own prose elsewhere. Generated once per model and cached as the self-distillation
-    answers are."""
+    hold them to the base model's own prose elsewhere. Generated once per model, every opening together, and cached
+    as the self-distillation answers are."""
     from ..models import answering_lm, generate
 
     def make(lm_: LM, starts: list[str], progress) -> list[str]:
@@ -91,8 +91,11 @@ def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int
         return {"id": f"replay-sp-{i}", "strategy": "self-prose", "generator": lm.name, "opening": start,
                 "text": start + (text if text[:1] in ",.;:!?'\")" else f" {text}")}
 
-    return _base_outputs(ws, lm, f"self-prose-{file_safe(lm.name)}-{max_new_tokens}.jsonl", replay_openings(),
-                         n_openings, make, row, lambda r: r["opening"], "self-prose replay data", "replay prose")
+    # All openings at once, whatever the draw: sampled text depends on what it was sampled beside, so a pool grown
+    # in steps would not be the one a fresh machine makes (there are few openings, and they continue in seconds).
+    rows = _base_outputs(ws, lm, f"self-prose-{file_safe(lm.name)}-{max_new_tokens}.jsonl", replay_openings(),
+                         None, make, row, lambda r: r["opening"], "self-prose replay data", "replay prose")
+    return rows[:n_openings]
 
 
 def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | None, make, row, key,
