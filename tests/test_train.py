@@ -6,11 +6,9 @@ import contextlib
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 
-import engrain
 from engrain.config import TrainConfig
 from engrain.errors import EngrainError
 from engrain.workspace import Workspace
@@ -489,15 +487,14 @@ def test_replay_refuses_the_text_forgetting_is_measured_on(ws, tiny_lm):
 
 def test_replay_openings_and_prompts_stay_apart_from_what_forgetting_is_measured_on():
     """No opening names a topic of the measured general text, and no replay text holds a general question."""
-    from engrain.evaluate.forgetting import general_text
+    from engrain.evaluate.forgetting import general_questions, general_text
     from engrain.train.replay import replay_openings, replay_prompts
 
     titles = [p.strip().lower() for p in general_text().split("\n\n") if p.strip() and len(p.strip()) < 40]
     assert len(titles) >= 10
     for opening in replay_openings():
         assert not any(re.search(rf"\b{t.removeprefix('the ')}\b", opening.lower()) for t in titles), opening
-    questions = {json.loads(x)["question"].lower() for x in
-                 (Path(engrain.__file__).parent / "data" / "general_qa.jsonl").read_text().splitlines() if x.strip()}
+    questions = {q.question.lower() for q in general_questions()}
     assert not questions & {p.lower() for p in replay_prompts() + replay_openings()}
 
 

@@ -24,8 +24,9 @@ Sparse updates, so that new facts interfere as little as possible with what the 
 2. of the rows read, only the ``top_t`` with the highest TF-IDF score are kept (``sparse_grad_hook``): TF = how
    often this batch read the slot, IDF = how rarely general text reads it. The general text is the package's
    general prompts in the chat template and its general prose openings (``background_texts``; never the text
-   forgetting is measured on), read once when the memory is attached. Slots that general requests lean on are thus left alone: that is what keeps forgetting low
-   in the sparse memory fine-tuning paper. ``top_t: 0`` keeps every row read.
+   forgetting is measured on), read once when the memory is attached. Slots that general requests lean on are
+   thus left alone: that is what keeps forgetting low in the sparse memory fine-tuning paper. ``top_t: 0`` keeps
+   every row read.
 
 Query projections and sub-keys are trained (densely) only with ``train_keys: true``. An update (``engrain
 update``) counts the reads of the documents learned before as background too (``memory/continued.py``). On disk:

@@ -1,8 +1,8 @@
 """Replay against forgetting: general data mixed into every run.
 
-The base model's own greedy answers to general prompts (self-distillation) and, when enabled, its own continuations
-of general prose openings (self-prose), each generated once and cached; with ``train.replay_kl`` the replay tokens are trained toward the
-base model's top-k distribution (``distill.self_targets``).
+The base model's own greedy answers to general prompts (self-distillation) and, when enabled, its own
+continuations of general prose openings (self-prose), each generated once and cached; with ``train.replay_kl``
+the replay tokens are trained toward the base model's top-k distribution (``distill.self_targets``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ def _data_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def replay_prompts() -> list[str]:
-    """General prompts for self-distillation (shipped with the package; distinct from any evaluation set)."""
-    path = _data_file("replay_prompts.txt")
+def _data_lines(name: str) -> list[str]:
+    """The non-blank, non-comment lines of a file the package ships (absent: none)."""
+    path = _data_file(name)
     if path is None:
         return []
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def replay_prompts() -> list[str]:
+    """General prompts for self-distillation (shipped with the package; distinct from any evaluation set)."""
+    return _data_lines("replay_prompts.txt")
 
 
 # Rows decoded together while answering the replay prompts, more than `answer`'s default (which `engrain compare`
@@ -51,9 +56,9 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
     from ..models import answer, answering_lm
 
-    def make(lm_: LM, prompts: list[str], progress) -> list[str]:
+    def make(prompts: list[str], progress) -> list[str]:
         # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
-        return [g.text for g in answer(answering_lm(lm_), prompts, max_new_tokens=max_new_tokens,
+        return [g.text for g in answer(answering_lm(lm), prompts, max_new_tokens=max_new_tokens,
                                        batch_size=REPLAY_BATCH, progress=progress)]
 
     def row(i: int, prompt: str, text: str) -> dict:  # an empty answer is the model's behaviour too
@@ -68,10 +73,7 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
 def replay_openings() -> list[str]:
     """Openings of general prose the base model continues for self-prose replay (shipped with the package; its
     topics are kept apart from the general text and questions forgetting is measured on)."""
-    path = _data_file("replay_openings.txt")
-    if path is None:
-        return []
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+    return _data_lines("replay_openings.txt")
 
 
 def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int | None = None) -> list[dict]:
@@ -81,9 +83,10 @@ def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int
     as the self-distillation answers are."""
     from ..models import answering_lm, generate
 
-    def make(lm_: LM, starts: list[str], progress) -> list[str]:
-        # Sampled, not greedy: a small model's greedy prose falls into loops, text unlike what it reads elsewhere.
-        return [g.text for g in generate(answering_lm(lm_), starts, max_new_tokens=max_new_tokens,
+    def make(starts: list[str], progress) -> list[str]:
+        # Sampled, not greedy: greedy continuations of the 135M model repeat themselves (a one-off look, not kept),
+        # and a loop is text unlike what the model reads elsewhere.
+        return [g.text for g in generate(answering_lm(lm), starts, max_new_tokens=max_new_tokens,
                                          temperature=PROSE_TEMPERATURE, top_p=PROSE_TOP_P, seed=0,
                                          batch_size=REPLAY_BATCH, progress=progress)]
 
@@ -100,7 +103,8 @@ def self_prose_items(ws: Workspace, lm: LM, max_new_tokens: int, n_openings: int
 
 def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | None, make, row, key,
                   what: str, label: str) -> list[dict]:
-    """Rows made by ``make`` (the base model's outputs for inputs) for the first ``n`` of ``every``, read from the
+    """Rows made by ``make`` (the base model's outputs for a list of inputs, given a progress callback) and ``row``
+    for the first ``n`` of ``every`` (``key`` gives a row's input back), read from the
     workspace's cache and ENGRAIN_HOME's where the model is one engrain keeps (``model_key``); only the inputs no
     cache holds are generated, and both caches are rewritten with every row known, in ``every``'s order."""
     from ..progress import Progress
@@ -120,7 +124,7 @@ def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | N
     if missing:
         note(f"engrain: generating {what} ({len(missing)} inputs, once; cached in {caches[-1]})")
         with Progress(True, len(missing), 0, label) as bar:
-            texts = make(lm, missing, bar.advance)
+            texts = make(missing, bar.advance)
         position = {x: i for i, x in enumerate(every)}
         for x, text in zip(missing, texts):
             have[x] = row(position[x], x, text)
