@@ -1,7 +1,7 @@
 """How fast engrain answers, against its fp32 reference path and against llama.cpp on the same model, in one run.
 
     python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama]
-        [--llama-extra-bufts]
+        [--llama-extra-bufts] [--rag-top-k K]
 
 Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruct:
 
@@ -13,7 +13,9 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
 - first token for a retrieval-sized prompt (about 460 tokens: acme chunks in view, as rag asks), retrieval left out;
 - ``engrain serve`` under N concurrent clients, 24-token answers, base and rag in turn: requests/s; and rag again
   with ``--reuse-chunks`` (retrieved chunks' KV reused wherever they come back, approximate attention: what it does to
-  answers is measured by ``experiments/answering/reuse_chunks.py``);
+  answers is measured by ``experiments/answering/reuse_chunks.py``); with ``--rag-top-k K``, rag once more with K
+  chunks in its prompts instead of the default ``rag.top_k`` (what the prompt's length costs under load; what the
+  number of chunks does to answers is experiments/retrieval's);
 - the same for llama.cpp (``llama-cpp-python``, on PyPI, built from source here) on the GGUF the embedded model is
   converted from, and its OpenAI-compatible server under the same clients, when the package is installed.
 
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import read_bandwidth  # noqa: E402
 from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wait_healthy  # noqa: E402
 
-from engrain.config import apply_settings  # noqa: E402
+from engrain.config import RagConfig, apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
 from engrain.models import LM, chat_messages, chat_prompt, decode_weights, generate, load_model  # noqa: E402
 from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
@@ -53,7 +55,7 @@ from engrain.home import engrain_home  # noqa: E402
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "What does a bee make?",
              "Who wrote Romeo and Juliet?", "Why is the sky blue?", "What is the largest ocean?",
              "How do plants drink water?", "What is the opposite of cold?"]
-PROMPT_TOKENS = 460  # about what rag's four chunks and the question come to on examples/acme
+PROMPT_TOKENS = 460  # the length of the rag prompt the first-token target was set on (four chunks then, on acme)
 
 
 def decode_rate(lm: LM, prompts: list[str], max_new_tokens: int) -> float:
@@ -177,9 +179,9 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
             proc.wait(120)
 
 
-def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
+def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None) -> dict:
     settings = OUT / f"answer-speed-{dtype}.yaml"
-    settings.write_text(f"model:\n  dtype: {dtype}\n")
+    settings.write_text(f"model:\n  dtype: {dtype}\nrag:\n  top_k: {RagConfig().top_k}\n")
     apply_settings(ws / "engrain.yaml", settings)
     command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
     rows = serve_load(command, [f"{ws.name}:base", f"{ws.name}:rag"], clients, seconds, f"engrain-{dtype}")
@@ -187,6 +189,15 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float) -> dict:
     if dtype != "float32":  # the opt-in approximate path: chunks' KV reused wherever they come back
         reused = serve_load(command + ["--reuse-chunks"], [f"{ws.name}:rag"], clients, seconds, "engrain-chunks")
         out["rag_reuse_chunks"] = reused[f"{ws.name}:rag"]
+    if dtype != "float32" and other_top_k:
+        other = OUT / "answer-speed-top-k.yaml"
+        other.write_text(f"rag:\n  top_k: {other_top_k}\n")
+        apply_settings(ws / "engrain.yaml", other)
+        try:
+            rows = serve_load(command, [f"{ws.name}:rag"], clients, seconds, f"engrain-top-{other_top_k}")
+        finally:
+            apply_settings(ws / "engrain.yaml", settings)  # the next run starts from the defaults again
+        out["rag_other_top_k"] = {**rows[f"{ws.name}:rag"], "top_k": other_top_k}
     return out
 
 
@@ -246,6 +257,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--llama-extra-bufts", action="store_true", help="keep llama.cpp's weight repacking on")
+    ap.add_argument("--rag-top-k", type=int, default=None,
+                    help="also load-test rag with this many chunks per prompt, beside the default rag.top_k")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
@@ -253,7 +266,7 @@ def main() -> None:
     runs = {}
     for dtype in ("float32", "auto"):
         runs[dtype] = in_process(dtype, args.max_new_tokens, bandwidth)
-        runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds)
+        runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds, args.rag_top_k)
         print(f"{dtype}: {json.dumps(runs[dtype], default=str)[:300]}", flush=True)
     ref, fast = runs["float32"], runs["auto"]
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
@@ -300,6 +313,11 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         lines.append(f"| {clients} clients, rag, chunks' KV reused (--reuse-chunks; requests/s, p50 s) | | "
                      f"{reused['rps']:.2f}, {reused['p50_ms'] / 1000:.2f} | "
                      f"{reused['rps'] / ref['serve']['rag']['rps']:.2f}x | - | - |")
+    if "rag_other_top_k" in fast["serve"]:
+        other, default = fast["serve"]["rag_other_top_k"], fast["serve"]["rag"]
+        lines.append(f"| {clients} clients, rag with {other['top_k']} chunks instead of {RagConfig().top_k} (requests/s, "
+                     f"p50 s) | | {other['rps']:.2f}, {other['p50_ms'] / 1000:.2f} | default / this: "
+                     f"{default['rps'] / other['rps']:.2f}x | - | - |")
     lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
                  f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
     if fast["decode_base_own_weights"]:
