@@ -67,7 +67,7 @@ def test_by_default_only_the_values_of_three_blocks_train():
 
     opts = MemoryLayerOptions()
     assert not opts.train_keys and resolve_layers(opts.layers, 30) == [7, 15, 22]
-    assert MemoryLayerKind.default_lr == 3e-2
+    assert MemoryLayerKind.default_lr == 0.1
 
 
 def test_sparse_update_moves_only_rows_the_batch_read(tiny_lm, tmp_path):
