@@ -16,7 +16,8 @@ def write_demo_config(path: Path) -> None:
     (experiments/knowledge's acme-demo rows time it), where training runs near the machine's matmul limit
     (``bench/bench_train.py`` measures it).
     Synthesis by the model-free ``facts`` strategy (every sentence stated in full, the passage once more in one
-    shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, 4 per RAG prompt.
+    shuffled order, at most 12 questions per chunk, two passes over them); chunks of 128 tokens, ``rag.top_k`` per
+    RAG prompt (experiments/retrieval's acme-demo-chunks rows measure it at these chunks).
     The loss on fact tokens is weighted three times (``train.fact_weight``): at these budgets it answered more on
     three seeds of acme and on fictional-dev, at the full defaults it did not (experiments/knowledge's fact-weight
     rows), so only the demo sets it. Its steps take rows of 512 tokens (``train.pack_tokens``), twice the updates
