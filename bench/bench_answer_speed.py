@@ -179,10 +179,16 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
             proc.wait(120)
 
 
-def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None) -> dict:
-    settings = OUT / f"answer-speed-{dtype}.yaml"
-    settings.write_text(f"model:\n  dtype: {dtype}\nrag:\n  top_k: {RagConfig().top_k}\n")
+def configure(ws: Path, dtype: str, top_k: int) -> None:
+    """The served workspace's model dtype and rag chunk count, written into its engrain.yaml."""
+    settings = OUT / "answer-speed-settings.yaml"
+    settings.write_text(f"model:\n  dtype: {dtype}\nrag:\n  top_k: {top_k}\n")
     apply_settings(ws / "engrain.yaml", settings)
+
+
+def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None) -> dict:
+    default_top_k = RagConfig().top_k
+    configure(ws, dtype, default_top_k)
     command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
     rows = serve_load(command, [f"{ws.name}:base", f"{ws.name}:rag"], clients, seconds, f"engrain-{dtype}")
     out = {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
@@ -190,13 +196,11 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_to
         reused = serve_load(command + ["--reuse-chunks"], [f"{ws.name}:rag"], clients, seconds, "engrain-chunks")
         out["rag_reuse_chunks"] = reused[f"{ws.name}:rag"]
     if dtype != "float32" and other_top_k:
-        other = OUT / "answer-speed-top-k.yaml"
-        other.write_text(f"rag:\n  top_k: {other_top_k}\n")
-        apply_settings(ws / "engrain.yaml", other)
+        configure(ws, dtype, other_top_k)
         try:
             rows = serve_load(command, [f"{ws.name}:rag"], clients, seconds, f"engrain-top-{other_top_k}")
         finally:
-            apply_settings(ws / "engrain.yaml", settings)  # the next run starts from the defaults again
+            configure(ws, dtype, default_top_k)  # the next run starts from the defaults again
         out["rag_other_top_k"] = {**rows[f"{ws.name}:rag"], "top_k": other_top_k}
     return out
 

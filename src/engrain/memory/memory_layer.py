@@ -60,8 +60,8 @@ WHERE = "train.options.memory_layer"  # where users set these options, for error
 class MemoryLayerOptions:
     """The memory layer's settings (``train.options.memory_layer``), checked when made."""
 
-    # Three blocks, values only, a large rate: learns what one middle block with keys at 1e-3 did not; top_t is what
-    # keeps its forgetting below LoRA's, at the cost of half what every row read learns (experiments/knowledge)
+    # Three blocks, values only, a large rate: learns what one middle block with keys at 1e-3 did not; top_t forgot
+    # less than every row read, for less learning (experiments/knowledge's memory-layer rows)
     layers: str | list[int] = "spread"  # 'middle', 'spread', or block indices: see resolve_layers
     slots: int = 16384  # value slots per memory; a square number (product keys address sqrt(slots) x sqrt(slots))
     heads: int = 4
@@ -378,8 +378,8 @@ class MemoryLayerKind:
     to block indices), which the sparse hook and ``save`` read."""
 
     name = "memory_layer"
-    # Values are embedding rows that start at zero: they take large steps. 0.1 learned far more than 3e-2
-    # did on fictional-dev-10 and forgot some general QA that 3e-2 did not (experiments/knowledge's memory-layer rows).
+    # Values are embedding rows that start at zero: they take large steps. 0.1 learned far more than 3e-2 on
+    # fictional-dev-10, its weights forgetting more general QA (experiments/knowledge's memory-layer rows).
     default_lr = 0.1
 
     def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
