@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import yaml
 
-from engrain.memory.gate import GATE_FILE, threshold_for
+from engrain.memory.gate import GATE_FILE, RelevanceGate, threshold_for
 
 ABOUT = "Who founded the Orvane archive?"
 GENERAL = "What is the capital of France?"
@@ -22,6 +22,19 @@ def test_threshold_lets_through_the_general_share_and_refuses_few_training_quest
     t = threshold_for(low_items, general, 0.05)
     assert t == np.quantile(low_items, 0.02) and (low_items < t).mean() <= 0.02
     assert threshold_for(np.array([]), general, 0.05) == np.quantile(general, 0.95)
+
+
+def test_a_question_scores_its_margin_over_the_nearest_general_request():
+    unit = np.eye(4, dtype=np.float32)
+    gate = RelevanceGate("none", chunks=unit[:1], general=unit[1:3], threshold=0.0)
+    about = np.array([[0.8, 0.6, 0.0, 0.0]], dtype=np.float32)  # near the chunk, less near a general request
+    topical = np.array([[0.6, 0.8, 0.0, 0.0]], dtype=np.float32)  # near the chunk, nearer a general request
+    assert np.allclose(gate.margins(about), [0.2]) and np.allclose(gate.margins(topical), [-0.2])
+    # Calibrating on the general requests themselves compares each with the others, never with itself.
+    assert np.allclose(gate.margins(unit[1:3], leave_out_general=True), [0.0, 0.0])
+    assert np.allclose(gate.margins(unit[1:3]), [-1.0, -1.0])
+    # No general requests: the similarity to the documents alone.
+    assert np.allclose(RelevanceGate("none", unit[:1], np.zeros((0, 4)), 0.0).margins(topical), [0.6])
 
 
 def test_the_gate_routes_answers_and_is_cached_per_learned_documents(tmp_path, tokenizer, tiny_model_dir, tiny_lm,

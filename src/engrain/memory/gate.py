@@ -2,9 +2,13 @@
 
 Training writes the documents into the weights and wears away some of what the model knew
 (``experiments/knowledge`` measures how much). Most questions a deployed model gets are not about the user's
-documents, and for those the trained weights can only be worse than the base model's. The gate asks the
-embedding model how close a question is to the documents the memory learned (its best cosine similarity to any of
-their chunks) and hands the question to the trained weights only above a threshold.
+documents, and for those the trained weights can only be worse than the base model's. The gate scores a question
+by how much closer the embedding model finds it to the documents the memory learned than to general requests:
+its best cosine similarity to any of their chunks minus its best similarity to any of the package's general
+replay requests. A general question on a topic the documents also cover (a capital city, when the documents are
+Wikipedia passages) is near a chunk and nearer still to some general request, so it stays with the base weights;
+a question about the documents is nearer to them. The trained weights answer above a threshold.
+``experiments/knowledge``'s gate-margin rows measure this score against the chunk similarity alone.
 
 The threshold is calibrated from training data alone, never from evaluation questions: it lets through the share
 ``answer.gate_general_share`` of the package's general replay requests (``engrain/data/replay_prompts.txt``), and
@@ -36,7 +40,7 @@ from ..workspace import Workspace
 GATE_FILE = "gate.npz"
 MAX_ITEMS_BELOW = 0.02  # share of the memory's training questions the threshold may refuse
 CALIBRATION_ITEMS = 512  # training questions sampled for the calibration
-RULE = "v1"  # part of the cache key: a changed rule rebuilds cached gates
+RULE = "v2"  # part of the cache key: a changed rule rebuilds cached gates (v2: the margin over general requests)
 
 
 @dataclass
@@ -45,17 +49,30 @@ class RelevanceGate:
 
     embedder: str
     chunks: np.ndarray  # unit rows, one per chunk of the learned documents
+    general: np.ndarray  # unit rows, one per general replay request
     threshold: float
     calibration: dict = field(default_factory=dict)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        """Each text's best cosine similarity to a chunk of the learned documents."""
+        """Each text's best cosine similarity to a chunk of the learned documents minus its best similarity to a
+        general request."""
         from ..rag.embeddings import load_embedder
 
         if not texts:
             return np.zeros(0, dtype=np.float32)
-        vectors = load_embedder(self.embedder).encode(texts)
-        return (vectors @ self.chunks.T.astype(np.float32)).max(axis=1)
+        return self.margins(load_embedder(self.embedder).encode(texts))
+
+    def margins(self, vectors: np.ndarray, leave_out_general: bool = False) -> np.ndarray:
+        """The score of each embedded text; ``leave_out_general`` when the texts are the general requests
+        themselves (row i of ``vectors`` is request i), so that none is compared with itself."""
+        vectors = vectors.astype(np.float32)
+        near_docs = (vectors @ self.chunks.T.astype(np.float32)).max(axis=1)
+        if not len(self.general):
+            return near_docs
+        general = vectors @ self.general.T.astype(np.float32)
+        if leave_out_general:
+            np.fill_diagonal(general, -1.0)
+        return near_docs - general.max(axis=1)
 
     def routes(self, texts: list[str]) -> list[bool]:
         return [bool(s >= self.threshold) for s in self.scores(texts)]
@@ -107,9 +124,9 @@ def relevance_gate(workspace: Workspace, folder: Path, meta: dict, general_share
         return None
     gate = _build(workspace, embedder, chunks, learned, general_share)
     buf = io.BytesIO()
-    np.savez(buf, chunks=gate.chunks, meta=np.array(json.dumps({"key": key, "threshold": gate.threshold,
-                                                                "embedder": embedder,
-                                                                "calibration": gate.calibration})))
+    meta_json = json.dumps({"key": key, "threshold": gate.threshold, "embedder": embedder,
+                            "calibration": gate.calibration})
+    np.savez(buf, chunks=gate.chunks, general=gate.general, meta=np.array(meta_json))
     try:
         write_bytes(folder / GATE_FILE, buf.getvalue())
     except OSError:  # a read-only memory folder: the gate is rebuilt next time, answers are the same
@@ -133,7 +150,8 @@ def _read(path: Path, key: str) -> RelevanceGate | None:
             meta = json.loads(str(data["meta"]))
             if meta.get("key") != key:
                 return None
-            return RelevanceGate(meta["embedder"], data["chunks"], float(meta["threshold"]), meta["calibration"])
+            return RelevanceGate(meta["embedder"], data["chunks"], data["general"], float(meta["threshold"]),
+                                 meta["calibration"])
     except (OSError, ValueError, KeyError):  # a torn or foreign file: build it again
         return None
 
@@ -143,13 +161,16 @@ def _build(workspace: Workspace, embedder: str, chunks: list[str], learned: dict
     from ..rag.embeddings import load_embedder
     from ..train.replay import replay_prompts
 
-    vectors = load_embedder(embedder).encode(chunks)
-    gate = RelevanceGate(embedder, vectors.astype(np.float16), 0.0)
-    questions = _training_questions(workspace, set(learned))
+    model = load_embedder(embedder)
     general = replay_prompts()
-    item_scores, general_scores = gate.scores(questions), gate.scores(general)
+    general_vectors = model.encode(general) if general else np.zeros((0, 1), dtype=np.float32)
+    gate = RelevanceGate(embedder, model.encode(chunks).astype(np.float16), general_vectors.astype(np.float16), 0.0)
+    questions = _training_questions(workspace, set(learned))
+    item_scores = gate.scores(questions)
+    general_scores = gate.margins(general_vectors, leave_out_general=True) if general else np.zeros(0)
     gate.threshold = threshold_for(item_scores, general_scores, general_share)
     gate.calibration = {
+        "score": "nearest learned chunk minus nearest general request (cosine)",
         "calibrated_on": f"{len(questions)} training questions, {len(general)} general replay requests",
         "training_questions_refused": round(float((item_scores < gate.threshold).mean()), 4) if len(questions) else None,
         "general_requests_admitted": round(float((general_scores >= gate.threshold).mean()), 4) if general else None,
