@@ -30,6 +30,7 @@ architectures, stop strings, repetition penalty) and when ``ENGRAIN_FASTGEN=0``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -93,7 +94,9 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     v_cache[:, :, start:start + t] = v
     span = attn_mask.shape[-1]  # the columns this forward attends (``attended_columns``)
     keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
-    if block is None:  # prefill: the plain form in low precision at any length (its query blocks bound its memory)
+    if q.dtype == torch.bfloat16 and amx_attention(q.device):
+        plain = False  # SDPA's kernel computes bf16 attention on the CPU's matrix tiles: faster at every shape
+    elif block is None:  # prefill: the plain form in low precision at any length (its query blocks bound its memory)
         plain = q.dtype != torch.float32
     else:  # a decode step: SDPA's kernel wins only for one row over a short cache
         plain = bsz > 1 or keys.shape[2] > DECODE_SDPA_KEYS
@@ -105,6 +108,22 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     else:
         out = _attend_with_prefix(q, keys, values, prefix, attn_mask, attn.scaling)
     return decode_weights.out(attn, out.transpose(1, 2).reshape(bsz, t, -1), block, packed)
+
+
+def amx_attention(device: torch.device) -> bool:
+    """Whether bf16 attention goes to SDPA's kernel at every shape: on a CPU with AMX matrix tiles, where it beats
+    the plain form (two matmuls around a softmax) at each prefill and decode shape timed; on CPUs without them the
+    plain form wins at most shapes (``python bench/bench_decode_attention.py`` times both forms on the host it
+    runs on)."""
+    return device.type == "cpu" and _amx_tiles()
+
+
+@functools.cache
+def _amx_tiles() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: keep the forms measured without AMX
+        return False
 
 
 QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill.py times blocks against none)
