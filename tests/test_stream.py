@@ -226,3 +226,27 @@ def test_decode_steps_over_the_whole_cache_give_the_sliced_steps_logits(tiny_lm,
     assert len(sliced) == len(whole) == 5
     for a, b in zip(sliced, whole):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_attention_through_sdpa_on_amx_agrees_with_the_plain_form(tiny_lm, monkeypatch):
+    """Where the CPU has AMX tiles (``fastgen.amx_attention``) bf16 attention goes to SDPA's kernel: a prefill of
+    left-padded prompts (a padding query sees no key) gives finite logits within bf16 rounding of the plain form's,
+    and the same next tokens."""
+    import copy
+
+    import torch
+
+    from engrain.models import fastgen
+
+    model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    tok = tiny_lm.tokenizer
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in
+               ("a much longer prompt about the lighthouse keeper and his log of ships", "Hi", "What is 2+2?")]
+    logits = {}
+    for amx in (True, False):
+        monkeypatch.setattr(fastgen, "amx_attention", lambda device, amx=amx: amx)
+        logits[amx] = fastgen._prefill(model, prompts, list(range(len(prompts))), tok.pad_token_id, None,
+                                       "cpu").logits.float()
+    assert torch.isfinite(logits[True]).all() and not torch.equal(logits[True], logits[False])  # two forms ran
+    assert (logits[True] - logits[False]).abs().max() <= 0.05 * logits[False].abs().max()
+    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))

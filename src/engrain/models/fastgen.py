@@ -127,8 +127,9 @@ def _amx_tiles() -> bool:
 
 
 QUERY_BLOCK = 128  # prefill queries per score block (python bench/bench_prefill.py times blocks against none)
-# Cached keys up to which a one-row decode step attends through SDPA rather than the plain form; steps of several
-# rows always take the plain form. python bench/bench_decode_attention.py times both.
+# Without AMX tiles (``amx_attention``): cached keys up to which a one-row decode step attends through SDPA rather
+# than the plain form; steps of several rows always take the plain form. python bench/bench_decode_attention.py
+# times both.
 DECODE_SDPA_KEYS = 128
 
 
