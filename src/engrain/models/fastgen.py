@@ -94,8 +94,8 @@ def _attend(layer, x, cos, sin, k_cache, v_cache, start: int, attn_mask, prefix=
     v_cache[:, :, start:start + t] = v
     span = attn_mask.shape[-1]  # the columns this forward attends (``attended_columns``)
     keys, values = k_cache[:, :, :span], v_cache[:, :, :span]
-    if q.dtype == torch.bfloat16 and amx_attention(q.device):
-        plain = False  # SDPA's kernel computes bf16 attention on the CPU's matrix tiles: faster at every shape
+    if sdpa_everywhere(q.dtype, q.device):
+        plain = False
     elif block is None:  # prefill: the plain form in low precision at any length (its query blocks bound its memory)
         plain = q.dtype != torch.float32
     else:  # a decode step: SDPA's kernel wins only for one row over a short cache
@@ -116,6 +116,12 @@ def amx_attention(device: torch.device) -> bool:
     plain form wins at most shapes (``python bench/bench_decode_attention.py`` times both forms on the host it
     runs on)."""
     return device.type == "cpu" and _amx_tiles()
+
+
+def sdpa_everywhere(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every attention call of a forward in ``dtype`` on ``device`` goes to SDPA's kernel (``amx_attention``),
+    so that no layer takes the plain form."""
+    return dtype == torch.bfloat16 and amx_attention(device)
 
 
 @functools.cache
@@ -236,7 +242,8 @@ def _forward(model, ids, positions, caches, start: int, key_mask, prefix=None, q
     mask = causal[None, None] & key_mask[:, None, None, :span]
     # Steps of a few tokens per forward read every weight for little compute: those read the quantized copy if the model
     # keeps one. Longer forwards (prefill) are bound by the matmuls and keep the model's own weights.
-    bias = mask_bias(mask, x.dtype) if ids.device.type == "cpu" else None  # once for every layer's plain attention
+    plain_possible = ids.device.type == "cpu" and not sdpa_everywhere(x.dtype, ids.device)
+    bias = mask_bias(mask, x.dtype) if plain_possible else None  # once for every layer's plain attention
     fast = quant if bsz * t <= decode_weights.MAX_ROWS else None
     # The others run the model's own weights, packed once for oneDNN where that applies (the same products).
     packed = quant.packed if fast is None and quant is not None else None
