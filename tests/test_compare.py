@@ -169,6 +169,8 @@ def test_compare_writes_results_contract_and_report(tmp_path, bench_dir, tiny_lm
         assert paired["wins"] == sum(x > y for x, y in zip(own, base)) and 0 <= paired["p_value"] <= 1
     assert "vs base (paired)" in (out / "report.md").read_text()
     assert saved["environment"]["seed"] == 0 and saved["environment"]["versions"]["torch"]
+    # The host's CPU model: rows trained on two CPUs differ from the same seed, so each result names its own.
+    assert saved["environment"]["cpu"]["model"] and "avx512_bf16" in saved["environment"]["cpu"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "What this means" in html
     assert (out / "report.md").read_text().count("| base |") >= 1
