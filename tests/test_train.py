@@ -374,6 +374,47 @@ def test_lora_plus_moves_b_by_its_ratio_and_a_not_at_all_in_the_first_step(tmp_p
     assert a[1.0] and all((a[1.0][n] == a[4.0][n]).all() for n in a[1.0])  # the same seeded start, not moved
 
 
+def test_weight_average_is_the_bias_corrected_moving_average_and_swaps_back():
+    """After t updates the average is sum_i (1 - d) d^(t - i) w_i / (1 - d^t); inside ``swapped_in`` the parameters
+    hold it, after it their trained values."""
+    import torch
+
+    from engrain.train.averaging import WeightAverage
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    avg = WeightAverage(layer, horizon_steps=4)  # decay 0.75
+    values = (1.0, 2.0, 3.0, 4.0)
+    for value in values:
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        avg.update()
+    d, t = 0.75, len(values)
+    expected = sum((1 - d) * d ** (t - i) * v for i, v in enumerate(values, start=1)) / (1 - d ** t)
+    assert torch.allclose(avg.averaged()["weight"], torch.full((1, 2), expected))
+    with avg.swapped_in():
+        assert torch.allclose(layer.weight, torch.full((1, 2), expected))
+    assert torch.equal(layer.weight, torch.full((1, 2), 4.0))
+
+
+def test_a_moving_average_is_the_memory_kept(tmp_path, tiny_model_dir):
+    """With ``ema_horizon`` and no keep_best the saved adapter is the average: B starts at zero and grows, so its
+    average is smaller than the last step's B, and not zero."""
+    from safetensors.torch import load_file
+
+    from engrain.train.loop import train
+
+    b_size = {}
+    for horizon in (0.0, 0.5):
+        w = Workspace.at(tmp_path / f"ws-{horizon}")
+        write_synth(w)
+        summary = train(w, TrainConfig(memory="lora", max_steps=4, lora_rank=4, lr=1e-3, keep_best=False,
+                                       ema_horizon=horizon, **FAST), str(tiny_model_dir), show_progress=False)
+        assert summary["steps"] == 4
+        weights = load_file(str(w.memory_dir("lora") / "adapter_model.safetensors"))
+        b_size[horizon] = sum(t.abs().sum().item() for n, t in weights.items() if "lora_B" in n)
+    assert 0 < b_size[0.5] < 0.9 * b_size[0.0]
+
+
 def test_loading_onto_another_model_is_refused(ws, tiny_model_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -55,9 +55,12 @@ def env() -> dict:
     return e
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("averaged", [False, True], ids=["trained-weights", "moving-average"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, averaged):
     train = dict(max_steps=14, save_every=3, seq_len=96, micro_batch=2, replay_share=0.0, eval_every=5,
                  lora_rank=4, lora_dropout=0.1, lr=3e-3)  # dropout: the RNG state must be restored too
+    if averaged:  # the average is the memory kept, so a resume must restore it too
+        train.update(ema_horizon=0.5, keep_best=False)
     ws_a, ws_b = make_ws(tmp_path / "a", train), make_ws(tmp_path / "b", train)
 
     done = subprocess.run(cli(ws_a, tiny_model_dir, "--json"), env=env(), capture_output=True, text=True, timeout=600)

@@ -181,6 +181,11 @@ class TrainConfig(Section):
     # trains B at a larger rate than A. experiments/knowledge's lora-plus rows measure it (the demo sets it).
     lora_plus_ratio: float = Field(1.0, gt=0, description="learning rate of the LoRA B matrices over that of A "
                                                           "(1: one rate for both)")
+    # An exponential moving average of the trainable weights (Polyak averaging) smooths the last steps' noise out of
+    # what is kept; experiments/knowledge's ema rows measure whether it answers more or steadier.
+    ema_horizon: float = Field(0.0, ge=0.0, le=1.0, description="the weights evaluated and kept are an exponential "
+                                                               "moving average spanning about this share of the "
+                                                               "run's steps (0: the trained weights themselves)")
     # settings of other memories, by memory name (e.g. options.prefix.length)
     options: dict[str, dict] = Field(default_factory=dict)
 

@@ -45,8 +45,10 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
 
 
-def save_checkpoint(ws: Workspace, name: str, step: int, module, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write everything a resume needs into a temporary folder, then rename it: a kill never leaves half a one."""
+def save_checkpoint(ws: Workspace, name: str, step: int, module, optimizer, scheduler, state: dict, keep: int,
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Write everything a resume needs into a temporary folder, then rename it: a kill never leaves half a one.
+    ``extra`` maps more safetensors files' names to their tensors (the weights' moving average)."""
     import torch
     from safetensors.torch import save_file
 
@@ -58,6 +60,8 @@ def save_checkpoint(ws: Workspace, name: str, step: int, module, optimizer, sche
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    for file, tensors in (extra or {}).items():
+        save_file(tensors, str(tmp / file))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
                tmp / "trainer.pt")
     write_json(tmp / "state.json", {**state, "step": step})

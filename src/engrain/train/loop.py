@@ -37,6 +37,7 @@ from .packing import (
     global_batches,
     loss_sum,
 )
+from .averaging import WeightAverage
 from .precision import bf16_autocast, use_bf16
 from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
@@ -49,6 +50,8 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+
+AVERAGE_FILE = "average.safetensors"  # the weights' moving average in a checkpoint (train.ema_horizon)
 
 # Settings only `engrain update` reads: they change nothing `engrain train` computes, so a memory trained before
 # they existed, or with other values, is still the same training run.
@@ -214,6 +217,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, plan.steps, cfg.min_lr_ratio))
         self.best = Best()
+        # The moving average spans a share of the planned steps, so one setting means the same on any corpus.
+        self.average = WeightAverage(self.module, cfg.ema_horizon * plan.steps) if cfg.ema_horizon > 0 else None
         self.step = self.start_step = 0
         self.resumed = False
         self.history: list[dict] = []
@@ -231,10 +236,12 @@ class Run:
                          tuple(state["best_score"]) if state.get("best_score") else None, state.get("bad_evals", 0))
         self.history = state.get("history", [])
         self.seconds_before, self.tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
-        if (folder / "best.safetensors").is_file():
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
+        if (folder / "best.safetensors").is_file():
             self.best.weights = load_file(str(folder / "best.safetensors"))
+        if self.average is not None and (folder / AVERAGE_FILE).is_file():
+            self.average.load(load_file(str(folder / AVERAGE_FILE)), state.get("average_updates", 0))
         if self.show:
             note(f"engrain: resuming '{self.name}' from step {self.start_step} ({folder})")
 
@@ -287,6 +294,8 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
         self.step += 1
         # Loss of the whole global batch (summed over processes) for logging.
         step_loss_t = accelerator.reduce(torch.tensor([step_loss], device=self.device), reduction="sum")
@@ -304,15 +313,18 @@ class Run:
         from ..memory.parametric import trainable_state
 
         inner = self.accelerator.unwrap_model(self.model)
-        with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
-            val, answered = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
-                                     seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
-        record["val_loss"] = round(val, 5)
-        if answered is not None:
-            record["val_answered"] = round(answered, 4)
-        keep = self.cfg.keep_best
-        self.best.judge(self.step, val, answered,
-                        lambda: {k: v.clone() for k, v in trainable_state(inner).items()} if keep else None)
+        # With a moving average, the average is what is judged and what keep_best keeps.
+        averaged = self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
+        with averaged:
+            with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
+                val, answered = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
+                                         seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
+            record["val_loss"] = round(val, 5)
+            if answered is not None:
+                record["val_answered"] = round(answered, 4)
+            keep = self.cfg.keep_best
+            self.best.judge(self.step, val, answered,
+                            lambda: {k: v.clone() for k, v in trainable_state(inner).items()} if keep else None)
         patience = self.cfg.early_stopping_patience
         if patience and self.best.bad_evals >= patience:
             self.stopped_early = True
@@ -337,8 +349,12 @@ class Run:
                      "best_score": list(best.score) if best.score else None, "history": self.history[-1000:],
                      "train_seconds": self.seconds_before + time.time() - self.t_start,
                      "train_tokens": self.tokens_before + self.tokens_seen * self.world}
+            extra = None
+            if self.average is not None:
+                state["average_updates"] = self.average.updates
+                extra = {AVERAGE_FILE: self.average.state()}
             ck = save_checkpoint(self.ws, self.name, self.step, self.accelerator.unwrap_model(self.model),
-                                 self.optimizer, self.scheduler, state, self.cfg.keep_checkpoints)
+                                 self.optimizer, self.scheduler, state, self.cfg.keep_checkpoints, extra)
             if best.weights is not None:
                 from safetensors.torch import save_file
 
@@ -363,6 +379,8 @@ class Run:
                 named = dict(module.named_parameters())
                 for k, v in best.weights.items():
                     named[k].copy_(v)
+        elif self.average is not None:
+            self.average.copy_into_params()
         summary = {"memory": self.name, "kind": self.kind.name, "base_model": lm.name, "base_model_path": lm.path,
                    "base_fingerprint": model_fingerprint(lm.model),
                    "steps": self.step, "planned_steps": self.plan.steps, "stopped_early": self.stopped_early,
