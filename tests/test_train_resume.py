@@ -90,7 +90,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, 
     log = [json.loads(line) for line in (ws_b.root / "train" / "lora" / "log.jsonl").read_text().splitlines()]
     before_kill = next(r["seconds"] for r in log if r["step"] == summary["resumed_from_step"])
     assert summary["train_seconds"] > before_kill > 0
-    assert summary["train_seconds"] > summary["resumed_seconds"] >= before_kill - 0.05  # the killed process's
+    # The killed process's seconds: the log rounds to 0.1 s and the summary to 0.01 s, so they may differ by 0.055.
+    assert summary["train_seconds"] > summary["resumed_seconds"] >= before_kill - 0.06
     assert_same_weights(adapter(ws_a), adapter(ws_b), atol=1e-6)
     assert not ckpt_dir.exists()  # checkpoints go once the memory is saved
 
