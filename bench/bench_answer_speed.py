@@ -48,7 +48,7 @@ from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wai
 
 from engrain.config import RagConfig, apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
-from engrain.models import LM, chat_messages, chat_prompt, decode_weights, generate, load_model  # noqa: E402
+from engrain.models import LM, chat_messages, chat_prompt, cpu_model, decode_weights, generate, load_model  # noqa: E402
 from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
 from engrain.home import engrain_home  # noqa: E402
 
@@ -275,10 +275,12 @@ def main() -> None:
     ref, fast = runs["float32"], runs["auto"]
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
                                                       args.llama_extra_bufts, bandwidth)
+    print(f"CPU: {cpu_model()}")  # ratios compare within one host: bf16 kernels differ between CPUs
     print_table(ref, fast, llama, bandwidth, args.clients)
     (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
                                                        "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
-                                                       "torch": torch.__version__, "args": vars(args)}, indent=1))
+                                                       "cpu": cpu_model(), "torch": torch.__version__,
+                                                       "args": vars(args)}, indent=1))
     print(f"wrote {OUT / 'answer_speed.json'}")
 
 

@@ -228,7 +228,10 @@ def main() -> None:
               f"{100 * r['mfu_fp32']:.1f}% | {100 * r['mfu_bf16']:.1f}% |")
     out = ROOT / "bench" / "out" / "bench_train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"peak_fp32_flops": peaks[0], "peak_bf16_flops": peaks[1], "real_tokens": real_tokens,
+    from engrain.models import cpu_model
+
+    out.write_text(json.dumps({"cpu": cpu_model(), "peak_fp32_flops": peaks[0], "peak_bf16_flops": peaks[1],
+                               "real_tokens": real_tokens,
                                "steps": args.steps, "items": args.items, "rows": rows}, indent=2))
     print(f"wrote {out}")
 

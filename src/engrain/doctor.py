@@ -19,7 +19,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__
-    from .models import bf16_supported, cache_state, default_device
+    from .models import bf16_supported, cache_state, cpu_model, default_device
 
     device = default_device()
     info = {
@@ -27,6 +27,7 @@ def collect() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": {d: _version(d) for d in ("torch", "transformers", "peft", "accelerate", "gguf", "safetensors",

@@ -15,11 +15,11 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .. import __version__
 from ..errors import EngrainError
 from ..memory.base import Answer, Memory
+from ..models import cpu_model
 from . import metrics
 from .bench import Bench, Question
 
@@ -213,29 +213,6 @@ def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def cpu_model() -> dict:
-    """The CPU's model name and the features that change bf16 numerics and speed. Rows measured on two hosts train
-    different weights from the same seed (AMX tiles and AVX512-BF16 take different kernels), so a result names its
-    host."""
-    import torch
-
-    name = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # not Linux: the platform module's guess
-        pass
-    features = {}
-    for feature, query in (("amx_tiles", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-        try:
-            features[feature] = bool(getattr(torch.cpu, query)())
-        except (AttributeError, RuntimeError):
-            features[feature] = None
-    return {"model": name or platform.processor() or platform.machine(), **features}
 
 
 def contains_scores(questions: list[Question], answers: list[Answer]) -> list[float]:

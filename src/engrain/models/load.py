@@ -31,6 +31,30 @@ def bf16_supported(device: str) -> bool:
     return native_bf16_cpu()
 
 
+def cpu_model() -> dict:
+    """The CPU's model name and the features that change bf16 numerics and speed. Two hosts train different weights
+    from the same seed (AMX tiles and AVX512-BF16 take different kernels), so results and benchmarks name theirs."""
+    import platform
+
+    import torch
+
+    name = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux: the platform module's guess
+        pass
+    features = {}
+    for feature, query in (("amx_tiles", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        try:
+            features[feature] = bool(getattr(torch.cpu, query)())
+        except (AttributeError, RuntimeError):
+            features[feature] = None
+    return {"model": name or platform.processor() or platform.machine(), **features}
+
+
 def pick_dtype(device: str, dtype: str = "auto"):
     """``auto``: bfloat16 where the device computes it natively (CUDA Ampere+, CPUs with AVX512-BF16 or AMX),
     float16 on older GPUs, float32 elsewhere (emulated bf16 is slower than fp32). Answering reads every weight once
