@@ -115,7 +115,7 @@ def amx_attention(device: torch.device) -> bool:
     the plain form (two matmuls around a softmax) at each prefill and decode shape timed; on CPUs without them the
     plain form wins at most shapes (``python bench/bench_decode_attention.py`` times both forms on the host it
     runs on)."""
-    return device.type == "cpu" and _amx_tiles()
+    return device.type == "cpu" and amx_tiles()
 
 
 def sdpa_everywhere(dtype: torch.dtype, device: torch.device) -> bool:
@@ -125,7 +125,8 @@ def sdpa_everywhere(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 @functools.cache
-def _amx_tiles() -> bool:
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX matrix tiles (torch's own query, asked once)."""
     try:
         return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # a torch without the query: keep the forms measured without AMX

@@ -38,6 +38,8 @@ def cpu_model() -> dict:
 
     import torch
 
+    from .fastgen import amx_tiles
+
     name = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -46,13 +48,12 @@ def cpu_model() -> dict:
                 break
     except OSError:  # not Linux: the platform module's guess
         pass
-    features = {}
-    for feature, query in (("amx_tiles", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-        try:
-            features[feature] = bool(getattr(torch.cpu, query)())
-        except (AttributeError, RuntimeError):
-            features[feature] = None
-    return {"model": name or platform.processor() or platform.machine(), **features}
+    try:
+        avx512_bf16 = bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query
+        avx512_bf16 = None
+    return {"model": name or platform.processor() or platform.machine(), "amx_tiles": amx_tiles(),
+            "avx512_bf16": avx512_bf16}
 
 
 def pick_dtype(device: str, dtype: str = "auto"):

@@ -56,7 +56,7 @@ class WeightAverage:
                     p.copy_(trained[n])
 
     def state(self) -> dict:
-        """The average's tensors, for a checkpoint (its update count goes in the checkpoint's state.json)."""
+        """The average's tensors, for a checkpoint (its update count is the checkpoint's step: one per step)."""
         return {n: t.contiguous() for n, t in self.average.items()}
 
     def load(self, tensors: dict, updates: int) -> None:

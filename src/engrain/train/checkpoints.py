@@ -48,7 +48,8 @@ def set_rng_states(states: dict) -> None:
 def save_checkpoint(ws: Workspace, name: str, step: int, module, optimizer, scheduler, state: dict, keep: int,
                     extra: dict[str, dict] | None = None) -> Path:
     """Write everything a resume needs into a temporary folder, then rename it: a kill never leaves half a one.
-    ``extra`` maps more safetensors files' names to their tensors (the weights' moving average)."""
+    ``extra`` maps more safetensors files' names to their tensors (the best evaluation's weights, the moving
+    average), written inside the same folder so they are there exactly when the checkpoint is."""
     import torch
     from safetensors.torch import save_file
 

@@ -51,7 +51,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-AVERAGE_FILE = "average.safetensors"  # the weights' moving average in a checkpoint (train.ema_horizon)
+# Beside a checkpoint's trained weights: the best evaluation's weights (keep_best) and the moving average
+# (train.ema_horizon), written inside the checkpoint's folder before its rename.
+BEST_FILE, AVERAGE_FILE = "best.safetensors", "average.safetensors"
 
 # Settings only `engrain update` reads: they change nothing `engrain train` computes, so a memory trained before
 # they existed, or with other values, is still the same training run.
@@ -238,10 +240,10 @@ class Run:
         self.seconds_before, self.tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
         from safetensors.torch import load_file
 
-        if (folder / "best.safetensors").is_file():
-            self.best.weights = load_file(str(folder / "best.safetensors"))
-        if self.average is not None and (folder / AVERAGE_FILE).is_file():
-            self.average.load(load_file(str(folder / AVERAGE_FILE)), state.get("average_updates", 0))
+        if (folder / BEST_FILE).is_file():
+            self.best.weights = load_file(str(folder / BEST_FILE))
+        if self.average is not None:  # one update per step; a config with the average always saved it
+            self.average.load(load_file(str(folder / AVERAGE_FILE)), self.start_step)
         if self.show:
             note(f"engrain: resuming '{self.name}' from step {self.start_step} ({folder})")
 
@@ -349,17 +351,13 @@ class Run:
                      "best_score": list(best.score) if best.score else None, "history": self.history[-1000:],
                      "train_seconds": self.seconds_before + time.time() - self.t_start,
                      "train_tokens": self.tokens_before + self.tokens_seen * self.world}
-            extra = None
-            if self.average is not None:
-                state["average_updates"] = self.average.updates
-                extra = {AVERAGE_FILE: self.average.state()}
-            ck = save_checkpoint(self.ws, self.name, self.step, self.accelerator.unwrap_model(self.model),
-                                 self.optimizer, self.scheduler, state, self.cfg.keep_checkpoints, extra)
+            extra = {}
             if best.weights is not None:
-                from safetensors.torch import save_file
-
-                # Written after the rename; a resume without it keeps the final weights instead.
-                save_file(best.weights, str(ck / "best.safetensors"))
+                extra[BEST_FILE] = best.weights
+            if self.average is not None:
+                extra[AVERAGE_FILE] = self.average.state()
+            save_checkpoint(self.ws, self.name, self.step, self.accelerator.unwrap_model(self.model),
+                            self.optimizer, self.scheduler, state, self.cfg.keep_checkpoints, extra)
         self.accelerator.wait_for_everyone()
 
     def finish(self, meta: dict | None = None) -> dict:
