@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -442,6 +443,9 @@ def serve(
 
 def main() -> None:
     """Entry point: run the app, turning user-fixable errors into a message and exit status 2."""
+    # PEFT asks transformers for a deprecated alias whenever it wraps a model: a warning about those two libraries,
+    # not about anything the user ran, so it stays out of every training and serving log.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         code = app(standalone_mode=False)  # without standalone mode click returns typer.Exit's code, not raises
         if isinstance(code, int) and code:
