@@ -87,13 +87,14 @@ def test_a_memory_trained_before_lora_packed_smaller_rows_differs_from_the_new_d
     from engrain.train.checkpoints import config_diff
     from engrain.train.loop import with_kind_defaults
 
-    old = {k: v for k, v in TrainConfig().model_dump().items() if k != "pack_tokens"}  # trained in rows of seq_len
     now = with_kind_defaults(TrainConfig(), get_kind("lora")).model_dump()
+    old = {k: v for k, v in now.items() if k != "pack_tokens"}  # trained in rows of seq_len
     assert config_diff(old, now) == [f"pack_tokens: 1024 -> {now['pack_tokens']}"]
     # setting rows of seq_len in engrain.yaml keeps the memory as trained
     kept = with_kind_defaults(TrainConfig(pack_tokens=1024), get_kind("lora")).model_dump()
     assert config_diff(old, kept) == []
-    assert config_diff(old, TrainConfig().model_dump()) == []  # kinds without their own row size: as before
+    assert config_diff({k: v for k, v in TrainConfig().model_dump().items() if k != "pack_tokens"},
+                       TrainConfig().model_dump()) == []  # kinds without their own row size: as before
 
 
 def test_text_items_take_loss_on_every_predicted_token(tokenizer):
@@ -147,6 +148,27 @@ def test_lora_packs_its_own_row_size_unless_the_config_sets_one():
     assert with_kind_defaults(TrainConfig(pack_tokens=300), lora).pack_tokens == 300  # the config's own wins
     assert with_kind_defaults(TrainConfig(seq_len=256), lora).pack_tokens == 256  # never above seq_len
     assert with_kind_defaults(TrainConfig(), prefix).pack_tokens is None  # measured for LoRA only: seq_len
+
+
+def test_lora_replays_its_own_sources_unless_the_config_names_them():
+    from engrain.memory.parametric import get_kind
+    from engrain.train.checkpoints import config_diff
+    from engrain.train.loop import with_kind_defaults
+
+    lora, prefix, layer = get_kind("lora"), get_kind("prefix"), get_kind("memory_layer")
+    assert with_kind_defaults(TrainConfig(), lora).replay_sources == ["self_distill", "self_prose"]
+    assert with_kind_defaults(TrainConfig(replay_sources=["self_distill"]), lora).replay_sources == ["self_distill"]
+    # measured for LoRA only: the other kinds replay the base model's chat answers alone, as before
+    assert with_kind_defaults(TrainConfig(), prefix).replay_sources == ["self_distill"]
+    assert with_kind_defaults(TrainConfig(), layer).replay_sources == ["self_distill"]
+    # a LoRA memory trained on the defaults before LoRA+ and the prose replay became them is named as such, not
+    # silently reused: its config differs in exactly those two settings
+    old = with_kind_defaults(TrainConfig(lora_plus_ratio=1.0, replay_sources=["self_distill"]), lora).model_dump()
+    now = with_kind_defaults(TrainConfig(), lora).model_dump()
+    assert config_diff(old, now) == ["lora_plus_ratio: 1.0 -> 4.0",
+                                     "replay_sources: ['self_distill'] -> ['self_distill', 'self_prose']"]
+    # one trained before LoRA+ existed trained at one rate, whatever the default is now
+    assert config_diff({k: v for k, v in old.items() if k != "lora_plus_ratio"}, old) == []
 
 
 @pytest.mark.parametrize("one_call", [False, True], ids=["per-example", "one-masked-call"])
@@ -603,6 +625,7 @@ def test_cli_train_json_and_bad_data(ws, tiny_model_dir):
            "--model", str(tiny_model_dir), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr  # a user's log shows engrain's progress, not libraries' warnings
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["out"].endswith("memories/lora")
     (ws.synth_dir / "zz.jsonl").write_text('{"oops": 1}\n')

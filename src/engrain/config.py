@@ -140,10 +140,11 @@ class TrainConfig(Section):
                                               "then loss) instead of the last")
     # replay against forgetting
     replay_share: float = Field(0.3, description="share of general data in the training mix (0 = none); experiments/knowledge measures what it keeps and costs")
-    replay_sources: list[str] = Field(default_factory=lambda: ["self_distill"],
-                                      description="self_distill (the base model's answers to general requests) "
-                                                  "and/or self_prose (its continuations of general prose openings), "
-                                                  "each an equal share of the replay")
+    replay_sources: list[str] | None = Field(None, description="self_distill (the base model's answers to general "
+                                                             "requests) and/or self_prose (its continuations of "
+                                                             "general prose openings), each an equal share of the "
+                                                             "replay (None: the memory kind's default; LoRA both, "
+                                                             "the others self_distill)")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: as many as the mix "
@@ -178,8 +179,9 @@ class TrainConfig(Section):
     lora_dropout: float = 0.0
     lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
     # LoRA+ (Hayou et al. 2024): B starts at zero and A at random, so at one learning rate B moves slowly; LoRA+
-    # trains B at a larger rate than A. experiments/knowledge's lora-plus rows measure it (the demo sets it).
-    lora_plus_ratio: float = Field(1.0, gt=0, description="learning rate of the LoRA B matrices over that of A "
+    # trains B at a larger rate than A. experiments/knowledge's lora-plus rows measure it, alone and with the
+    # self-prose replay that is LoRA's default beside it.
+    lora_plus_ratio: float = Field(4.0, gt=0, description="learning rate of the LoRA B matrices over that of A "
                                                           "(1: one rate for both)")
     # An exponential moving average of the trainable weights (Polyak averaging) smooths the last steps' noise out of
     # what is kept; experiments/knowledge's ema rows measure whether it answers more or steadier.

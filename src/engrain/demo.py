@@ -20,11 +20,11 @@ def write_demo_config(path: Path) -> None:
     RAG prompt (experiments/retrieval's acme-demo-chunks rows measure it at these chunks).
     The loss on fact tokens is weighted three times (``train.fact_weight``): at these budgets it answered more on
     three seeds of acme and on fictional-dev, at the full defaults it did not (experiments/knowledge's fact-weight
-    rows), so only the demo sets it. Its steps take rows of 512 tokens (``train.pack_tokens``), twice the updates
-    for the same tokens, which answered more on three seeds of acme (experiments/knowledge's seq-512 rows), and
-    LoRA's B matrices train at four times A's rate (``train.lora_plus_ratio``, LoRA+), which answered more on three
-    seeds of acme and forgot more by the weights alone, not through the relevance gate; at the full defaults it did
-    not answer more (experiments/knowledge's lora-plus rows), so only the demo sets it.
+    rows), so only the demo sets it. Its steps take rows of 512 tokens (``train.pack_tokens``, LoRA's default too),
+    twice the updates for the same tokens, which answered more on three seeds of acme (experiments/knowledge's
+    seq-512 rows). LoRA's defaults apply as they are: B trained at four times A's rate (LoRA+) and half the replay
+    as the base model's own prose (experiments/knowledge's acme-demo lora-plus and self-prose rows measure both at
+    these budgets).
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
     items: experiments/knowledge's acme-demo-open-book rows measure what those cost and give at these budgets)."""
     from .config import EngrainConfig, save_config
@@ -38,7 +38,6 @@ def write_demo_config(path: Path) -> None:
     config.train.epochs = 2.0
     config.train.fact_weight = 3.0
     config.train.pack_tokens = 512
-    config.train.lora_plus_ratio = 4.0
     save_config(config, path)
 
 

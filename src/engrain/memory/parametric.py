@@ -30,6 +30,8 @@ Details the trainer relies on:
 - ``default_lr`` (optional attribute): the learning rate when the config leaves ``lr`` unset.
 - ``default_pack_tokens`` (optional attribute): the tokens packed into a row when the config leaves ``pack_tokens``
   unset (``seq_len`` without it).
+- ``default_replay_sources`` (optional attribute): the replay's sources when the config leaves ``replay_sources``
+  unset (the base model's chat answers alone without it).
 - ``make_optimizer(module, lr, weight_decay)`` (optional): a kind needing a special optimizer (sparse updates must
   not let Adam momentum or weight decay move slots the batch did not read) returns it; AdamW otherwise.
 - ``param_groups(module, lr, cfg)`` (optional): the trainer's AdamW groups, for a kind whose weights train at
@@ -188,6 +190,9 @@ class LoraKind:
     # Rows of fewer tokens than seq_len: twice the updates for the same tokens answered more on acme and
     # fictional-dev, at the demo's budget and at the full defaults (experiments/knowledge's seq-512 and pack-512 rows).
     default_pack_tokens = 512
+    # Half the replay as the base model's own prose held general-text perplexity where LoRA+ (its default rate ratio)
+    # learned more, on squad-dev and fictional-dev (experiments/knowledge's lora-plus-4-self-prose rows).
+    default_replay_sources = ("self_distill", "self_prose")
 
     def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
         from peft import LoraConfig, get_peft_model

@@ -89,12 +89,17 @@ def load_checkpoint(folder: Path, module, optimizer, scheduler) -> dict:
     return json.loads((folder / "state.json").read_text())
 
 
+# Settings whose default changed after they were added: a config saved before a setting existed trained the way
+# it behaved when it was added, not the way today's default does.
+BEFORE_IT_EXISTED = {"lora_plus_ratio": 1.0}
+
+
 def config_diff(old: dict, new: dict) -> list[str]:
     """The settings that differ. A setting missing on one side is its default there: a memory trained before the
     setting existed was trained the way its default behaves (new settings default to the earlier behaviour)."""
     from ..config import TrainConfig
 
-    defaults = TrainConfig().model_dump()
+    defaults = {**TrainConfig().model_dump(), **BEFORE_IT_EXISTED}
     keys = sorted((set(old) | set(new)) - OPERATIONAL_KEYS)
     before, after = ({k: d.get(k, defaults.get(k)) for k in keys} for d in (old, new))
     for side in (before, after):  # rows of seq_len is what an unset pack_tokens trained with, whatever the kind now

@@ -41,6 +41,7 @@ from .averaging import WeightAverage
 from .precision import bf16_autocast, use_bf16
 from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
+from .replay import DEFAULT_SOURCES
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -88,11 +89,16 @@ def keep_freed_memory() -> bool:
 
 def with_kind_defaults(cfg: TrainConfig, kind) -> TrainConfig:
     """``cfg`` with what it leaves to the memory kind filled in: rows packed to the kind's ``default_pack_tokens``
-    where ``train.pack_tokens`` is unset (fewer tokens per row, more updates for the same tokens)."""
+    where ``train.pack_tokens`` is unset (fewer tokens per row, more updates for the same tokens), and replay from
+    the kind's ``default_replay_sources`` (the base model's chat answers alone without it) where
+    ``train.replay_sources`` is unset."""
+    update: dict = {}
     rows = getattr(kind, "default_pack_tokens", None)
     if cfg.pack_tokens is None and rows:
-        return cfg.model_copy(update={"pack_tokens": min(rows, cfg.seq_len)})
-    return cfg
+        update["pack_tokens"] = min(rows, cfg.seq_len)
+    if cfg.replay_sources is None:
+        update["replay_sources"] = list(getattr(kind, "default_replay_sources", DEFAULT_SOURCES))
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def train(ws: Workspace, cfg: TrainConfig, model_spec: str | None = None, *, name: str | None = None,

@@ -46,6 +46,7 @@ def replay_prompts() -> list[str]:
 # Rows decoded together while answering the replay prompts, more than `answer`'s default (which `engrain compare`
 # keeps, so that its answers compare across runs): python bench/bench_answer_batch.py times the sizes side by side.
 REPLAY_BATCH = 64
+DEFAULT_SOURCES = ("self_distill",)  # where neither the config nor the memory kind names the replay's sources
 PROSE_TEMPERATURE, PROSE_TOP_P = 0.8, 0.95  # self-prose continuations are sampled (see self_prose_items)
 
 
@@ -154,7 +155,7 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
     if cfg.replay_share <= 0 or n_train == 0:
         return []
     want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
-    sources = list(dict.fromkeys(cfg.replay_sources))
+    sources = list(dict.fromkeys(cfg.replay_sources or DEFAULT_SOURCES))  # unset: the trainer gives the kind's
     # Each source gets an equal share of the replay, so adding one does not depend on how large its pool is.
     shares = [want // len(sources) + (1 if i < want % len(sources) else 0) for i in range(len(sources))]
     picked: list[dict] = []
