@@ -259,6 +259,7 @@ def test_demo_writes_its_budgets_and_reports_on_the_example_corpus(tmp_path, tin
     assert config.synth.strategies == ["facts"] and config.ingest.chunk_tokens == 128
     assert config.train.fact_weight == 3.0 and config.synth.facts_reading == 0  # the demo's own budget settings
     assert config.train.pack_tokens == 512 and config.train.lora_plus_ratio == 4.0
+    assert config.train.replay_sources == ["self_distill"]  # LoRA's prose replay answered less at the demo's budget
     saved = json.loads((ws / "reports" / "acme" / "results.json").read_text())
     assert saved["n_questions"] == 149 and set(saved["methods"]) == {"base", "rag"}
     assert saved["environment"]["settings"]["latency_sample"] == 4

@@ -22,9 +22,10 @@ def write_demo_config(path: Path) -> None:
     three seeds of acme and on fictional-dev, at the full defaults it did not (experiments/knowledge's fact-weight
     rows), so only the demo sets it. Its steps take rows of 512 tokens (``train.pack_tokens``, LoRA's default too),
     twice the updates for the same tokens, which answered more on three seeds of acme (experiments/knowledge's
-    seq-512 rows). LoRA's defaults apply as they are: B trained at four times A's rate (LoRA+) and half the replay
-    as the base model's own prose (experiments/knowledge's acme-demo lora-plus and self-prose rows measure both at
-    these budgets).
+    seq-512 rows), and B at four times A's rate (LoRA+, LoRA's default: it answered more on three seeds of acme
+    here, experiments/knowledge's acme-demo-lora-plus rows). The replay stays the base model's chat answers alone
+    (``train.replay_sources``): LoRA's default, half of it as the model's own prose, answered less of acme at
+    these budgets on both seeds measured (experiments/knowledge's acme-demo-self-prose rows).
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
     items: experiments/knowledge's acme-demo-open-book rows measure what those cost and give at these budgets)."""
     from .config import EngrainConfig, save_config
@@ -38,6 +39,7 @@ def write_demo_config(path: Path) -> None:
     config.train.epochs = 2.0
     config.train.fact_weight = 3.0
     config.train.pack_tokens = 512
+    config.train.replay_sources = ["self_distill"]
     save_config(config, path)
 
 
