@@ -207,6 +207,8 @@ def test_compare_trains_lora_and_measures_forgetting(tmp_path, bench_dir, tiny_m
     # lora and lora+rag answer through the memory's relevance gate: general QA is measured that way too
     assert 0 <= f["gate_general_to_memory"] <= 1 and "gated_general_qa_delta" in f and "gated_general_qa_delta" in hybrid
     assert lora["describe"]["gate"]["threshold"] is not None
+    # the memory's training as resolved: the config left pack_tokens unset, the result names LoRA's own row size
+    assert lora["describe"]["train_config"]["pack_tokens"] == 128 and lora["describe"]["train_config"]["seed"] == 0
     assert saved["probe_form"] == "continuation" and saved["environment"]["settings"]["config"]["train"]["max_steps"] == 2
     assert (ws / "memories" / "lora" / "adapter_config.json").is_file()
 
