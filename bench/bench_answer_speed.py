@@ -275,11 +275,12 @@ def main() -> None:
     ref, fast = runs["float32"], runs["auto"]
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
                                                       args.llama_extra_bufts, bandwidth)
-    print(f"CPU: {cpu_model()}")  # ratios compare within one host: bf16 kernels differ between CPUs
+    cpu = cpu_model()
+    print(f"CPU: {cpu}")  # ratios compare within one host: bf16 kernels differ between CPUs
     print_table(ref, fast, llama, bandwidth, args.clients)
     (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
                                                        "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
-                                                       "cpu": cpu_model(), "torch": torch.__version__,
+                                                       "cpu": cpu, "torch": torch.__version__,
                                                        "args": vars(args)}, indent=1))
     print(f"wrote {OUT / 'answer_speed.json'}")
 

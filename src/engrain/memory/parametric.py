@@ -190,8 +190,9 @@ class LoraKind:
     # Rows of fewer tokens than seq_len: twice the updates for the same tokens answered more on acme and
     # fictional-dev, at the demo's budget and at the full defaults (experiments/knowledge's seq-512 and pack-512 rows).
     default_pack_tokens = 512
-    # Half the replay as the base model's own prose held general-text perplexity where LoRA+ (its default rate ratio)
-    # learned more, on squad-dev and fictional-dev (experiments/knowledge's lora-plus-4-self-prose rows).
+    # Half the replay as the base model's own prose kept LoRA+'s answers (its default rate ratio) at a lower
+    # general-text perplexity than LoRA+ alone, on squad-dev and fictional-dev (experiments/knowledge's
+    # lora-plus-4-self-prose rows).
     default_replay_sources = ("self_distill", "self_prose")
 
     def attach(self, model, tokenizer, cfg: dict, workspace) -> Any:
