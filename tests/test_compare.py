@@ -196,6 +196,7 @@ def test_compare_trains_lora_and_measures_forgetting(tmp_path, bench_dir, tiny_m
     assert lora["build_seconds"] > 0 and lora["disk_bytes"] > 0
     f = lora["forgetting"]
     assert f["n_general_questions"] >= 100 and f["perplexity_before"] > 0 and "general_qa_delta" in f
+    assert len(f["general_answers"]) == f["n_general_questions"]  # what `engrain paired general` tests
     assert saved["leak_check"]["items_checked"] > 0 and saved["leak_check"]["leaks"] == 0
     assert saved["methods"]["lora+rag"]["prompt_tokens_mean"] > lora["prompt_tokens_mean"]
     # the hybrid's forgetting is its weights' (closed-book), not retrieval distracting general questions

@@ -89,3 +89,33 @@ def test_pooled_names_a_bad_pair(tmp_path):
         res = CliRunner().invoke(app, ["pooled", str(bench), spec])
         assert isinstance(res.exception, EngrainError), res.output
         assert words in str(res.exception)
+
+
+def write_general_run(path, method: str, right: set[int]):
+    """A results.json whose trained memory's weights answered the general questions, right on ``right``."""
+    from engrain.evaluate.forgetting import general_questions
+
+    answers = {q.id: (q.answers[0] if i in right else "no idea") for i, q in enumerate(general_questions())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"methods": {method: {"forgetting": {"general_answers": answers}}},
+                                "answers": {method: []}}))
+    return f"{path}:{method}"
+
+
+def test_paired_and_pooled_test_forgetting_on_the_general_questions(tmp_path, monkeypatch):
+    """`general` in place of a benchmark tests the trained weights' general answers question by question; a run
+    without them (an untrained method, an older comparison) is a message."""
+    monkeypatch.chdir(tmp_path)
+    keeps = write_general_run(tmp_path / "a" / "results.json", "lora", set(range(100)))
+    forgets = write_general_run(tmp_path / "b" / "results.json", "lora", set(range(80)))
+    res = CliRunner().invoke(app, ["paired", "general", forgets, "--against", keeps, "--json"])
+    assert res.exit_code == 0, res.output
+    table = json.loads(res.stdout.strip().splitlines()[-1])
+    assert table["n_questions"] == 120 and table["reference_contains"] == 100 / 120
+    d = table["rows"][0]["vs_reference"]
+    assert (d["wins"], d["losses"]) == (0, 20) and d["p_value"] < 1e-5
+    res = CliRunner().invoke(app, ["pooled", "general", f"{forgets}={keeps}", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["pooled"]["losses"] == 20
+    plain = write_run(tmp_path / "c" / "results.json", "lora", {0})
+    res = CliRunner().invoke(app, ["paired", "general", plain, "--against", keeps])
+    assert isinstance(res.exception, EngrainError) and "no general answers" in str(res.exception)

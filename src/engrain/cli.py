@@ -193,7 +193,9 @@ def compare(
 
 @app.command()
 def paired(
-    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered")],
+    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered, or 'general': the "
+                                               "general questions forgetting is measured on, as each run's "
+                                               "trained weights answered them")],
     runs: Annotated[list[str], typer.Argument(help="FILE:METHOD, e.g. OUT/results.json:lora")],
     against: Annotated[str, typer.Option("--against", help="FILE:METHOD every run is tested against")],
     docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
@@ -201,10 +203,11 @@ def paired(
 ) -> None:
     """Methods from separate runs tested question by question against one reference: paired bootstrap interval of
     the difference, questions won and lost, McNemar's exact p."""
-    from .evaluate.paired import against as test, bench_questions, markdown, read_run
+    from .evaluate.paired import against as test, bench_questions, is_general, markdown, read_run
 
     questions = bench_questions(bench, docs)
-    table = test(against, [read_run(spec, questions) for spec in runs], questions)
+    general = is_general(bench)
+    table = test(against, [read_run(spec, questions, general) for spec in runs], questions, general)
     if as_json:
         emit_json(table)
     else:
@@ -213,7 +216,8 @@ def paired(
 
 @app.command()
 def pooled(
-    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered")],
+    bench: Annotated[Path, typer.Argument(help="the benchmark folder every run answered, or 'general' (see "
+                                               "`engrain paired`)")],
     pairs: Annotated[list[str], typer.Argument(help="TREATED=CONTROL, each FILE:METHOD: a change and its control "
                                                      "trained with the same seed; one pair per seed")],
     docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
@@ -221,10 +225,10 @@ def pooled(
 ) -> None:
     """A change measured on several seeds, each against its own control, tested as one: each pair's paired test,
     then the mean difference over all pairs with an exact sign-flip p that keeps each question's runs together."""
-    from .evaluate.paired import bench_questions, pooled as test, pooled_markdown
+    from .evaluate.paired import bench_questions, is_general, pooled as test, pooled_markdown
 
     questions = bench_questions(bench, docs)
-    table = test(pairs, questions)
+    table = test(pairs, questions, is_general(bench))
     if as_json:
         emit_json(table)
     else:

@@ -31,8 +31,24 @@ def split_spec(spec: str) -> tuple[Path, str]:
     return Path(path), method
 
 
-def answers_of(results: dict, method: str, where: str) -> dict[str, str]:
-    """question id -> answer text of one method in a results.json."""
+GENERAL = "general"  # the BENCH that names the general questions forgetting is measured on
+
+
+def is_general(bench: Path) -> bool:
+    """Whether ``bench`` names the general questions (a folder called general in the working directory wins)."""
+    return str(bench) == GENERAL and not bench.exists()
+
+
+def answers_of(results: dict, method: str, where: str, general: bool = False) -> dict[str, str]:
+    """question id -> answer text of one method in a results.json (``general``: its trained weights' answers to the
+    general questions, closed-book, recorded by the comparison's forgetting measurement)."""
+    if general:
+        answers = (((results.get("methods") or {}).get(method) or {}).get("forgetting") or {}).get("general_answers")
+        if answers is None:
+            raise EngrainError(f"{where} has no general answers for method '{method}'.",
+                               hint="Only trained memories have them, in comparisons run since engrain recorded "
+                                    "them; run the comparison again.")
+        return answers
     answers = (results.get("answers") or {}).get(method)
     if answers is None:
         have = ", ".join(results.get("answers") or {}) or "none"
@@ -48,10 +64,11 @@ def score_answers(by_id: dict[str, str], questions: list[Question], label: str) 
     return Scored(label, [metrics.contains(by_id[q.id], q.answers) for q in questions])
 
 
-def read_run(spec: str, questions: list[Question]) -> Scored:
-    """``FILE:METHOD`` scored on ``questions``."""
+def read_run(spec: str, questions: list[Question], general: bool = False) -> Scored:
+    """``FILE:METHOD`` scored on ``questions`` (``general``: the general questions, see ``answers_of``)."""
     path, method = split_spec(spec)
-    return score_answers(answers_of(load_results(path), method, str(path)), questions, f"{path.parent.name}:{method}")
+    return score_answers(answers_of(load_results(path), method, str(path), general), questions,
+                         f"{path.parent.name}:{method}")
 
 
 def load_results(path: Path) -> dict:
@@ -77,9 +94,9 @@ def paired_rows(reference: Scored, runs: list[Scored]) -> list[dict]:
     return rows
 
 
-def against(reference_spec: str, runs: list[Scored], questions: list[Question]) -> dict:
+def against(reference_spec: str, runs: list[Scored], questions: list[Question], general: bool = False) -> dict:
     """The runs tested against ``FILE:METHOD``: what results.json records under ``against``."""
-    reference = read_run(reference_spec, questions)
+    reference = read_run(reference_spec, questions, general)
     return {"reference": reference_spec, "reference_label": reference.label,
             "reference_contains": sum(reference.scores) / max(1, len(reference.scores)),
             "n_questions": len(questions), "rows": paired_rows(reference, runs)}
@@ -116,8 +133,14 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
 
 
 def bench_questions(bench: Path, docs: int | None = None) -> list[Question]:
-    """The questions of the benchmark folder ``bench``, cut to its first ``docs`` documents' as the runs were."""
+    """The questions of the benchmark folder ``bench``, cut to its first ``docs`` documents' as the runs were;
+    ``general`` (``GENERAL``) names the general questions forgetting is measured on."""
     from .bench import load_bench
+
+    if is_general(bench):
+        from .forgetting import general_questions
+
+        return general_questions()
 
     loaded = load_bench(bench)
     return (loaded.first_docs(docs) if docs else loaded).questions
@@ -132,7 +155,7 @@ def split_pair(spec: str) -> tuple[str, str]:
     return treated, control
 
 
-def pooled(pairs: list[str], questions: list[Question]) -> dict:
+def pooled(pairs: list[str], questions: list[Question], general: bool = False) -> dict:
     """Pairs of runs (``TREATED=CONTROL``), each a treatment and its control trained with the same seed, tested as
     one: each pair's paired difference, then over all pairs the mean difference, its 95% bootstrap interval with a
     question's runs resampled together, the questions won and lost summed, and an exact sign-flip p on each
@@ -142,7 +165,7 @@ def pooled(pairs: list[str], questions: list[Question]) -> dict:
         raise EngrainError("No pairs of runs given.", hint="Name at least one TREATED=CONTROL pair.")
     rows, sums = [], [0] * len(questions)
     for spec in pairs:
-        treated, control = (read_run(s, questions) for s in split_pair(spec))
+        treated, control = (read_run(s, questions, general) for s in split_pair(spec))
         rows.append({"treated": treated.label, "control": control.label,
                      "treated_contains": sum(treated.scores) / max(1, len(questions)),
                      "control_contains": sum(control.scores) / max(1, len(questions)),
