@@ -542,6 +542,19 @@ def test_self_prose_replay_is_half_the_replay_and_continues_the_shipped_openings
     assert [json.loads(x)["messages"][0]["content"] for x in chat] == replay_prompts()[:4]
 
 
+def test_self_qa_replay_answers_the_shipped_short_questions(ws, tiny_lm):
+    from engrain.train.plan import make_plan
+    from engrain.train.replay import replay_questions
+
+    cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0,
+                      replay_sources=["self_distill", "self_qa"])
+    plan = make_plan(ws, tiny_lm, cfg, world=1, packing=True)
+    drawn = [ex.key for ex in plan.train if ex.kind == "replay"]
+    assert plan.n_replay == 8 and sum(k.startswith("replay-qa-") for k in drawn) == 4
+    rows = next((ws.root / "train" / "replay").glob("self-qa-*.jsonl")).read_text().splitlines()
+    assert [json.loads(x)["messages"][0]["content"] for x in rows] == replay_questions()[:4]
+
+
 def test_replay_refuses_the_text_forgetting_is_measured_on(ws, tiny_lm):
     from engrain.train.plan import make_plan
 
@@ -561,6 +574,22 @@ def test_replay_openings_and_prompts_stay_apart_from_what_forgetting_is_measured
         assert not any(re.search(rf"\b{t.removeprefix('the ')}\b", opening.lower()) for t in titles), opening
     questions = {q.question.lower() for q in general_questions()}
     assert not questions & {p.lower() for p in replay_prompts() + replay_openings()}
+
+
+def test_replay_questions_ask_neither_a_measured_fact_nor_in_a_measured_question_s_words():
+    """The short questions of self-QA replay hold no measured question's content words and never begin with the
+    four words one begins with, so what they keep of the general answers is measured, not rehearsed."""
+    from engrain.evaluate.forgetting import general_questions
+    from engrain.synth.text import normalize
+    from engrain.train.replay import _content_words, asks_a_measured_question, replay_questions
+
+    asked = replay_questions()
+    assert len(asked) >= 150 and len({normalize(q) for q in asked}) == len(asked)
+    measured = [_content_words(q.question) for q in general_questions()]
+    heads = {tuple(normalize(q.question).split()[:4]) for q in general_questions()}
+    for q in asked:
+        assert q.endswith("?") and not asks_a_measured_question(q, measured), q
+        assert tuple(normalize(q).split()[:4]) not in heads, q
 
 
 def test_a_larger_replay_pool_answers_only_the_prompts_not_yet_answered(tmp_path, tiny_lm, monkeypatch):
@@ -670,3 +699,37 @@ def test_packed_attention_equals_the_block_diagonal_mask(tiny_lm):
         bf16, _ = run(True)
     assert (bf16 - ref_bf16).abs().max() < 0.05 * ref_logits.abs().max()
     assert (bf16 - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()
+
+
+def test_self_questions_keep_short_ended_questions_and_never_a_measured_one(tmp_path, tiny_lm, monkeypatch):
+    """The base model's own user turns become replay only when they ended on their own, fit on one line and ask a
+    question; one holding every content word of a general question forgetting is measured on is dropped. Round r
+    samples with seed r, and a cached pool grows by rounds without sampling the earlier ones again."""
+    import engrain.models
+    from engrain.models.generation import Generation
+    from engrain.train import replay
+
+    samples = {0: ["What is the capital of France?", "Why not?", "How do tides work?", "How do tides work?"],
+               1: ["Which river is longest in Europe?", "What do owls eat at night?"],
+               2: ["Why do cats purr when they are content?"]}
+    seeds: list[int] = []
+
+    def fake(lm, prompts, *, seed, max_new_tokens, **kw):
+        seeds.append(seed)
+        assert prompts[0].endswith("<|im_start|>user\n") and "Answer briefly" in prompts[0]
+        out = [Generation(t, 1, 1, "stop") for t in samples[seed]]
+        return out + [Generation("Tell me a story about a ship", 1, 1, "stop"),  # no question
+                      Generation("What is the tallest tree in", 1, 1, "length"),  # cut off
+                      Generation("Hi.\nWhat is love?", 1, 1, "stop")]  # two lines
+
+    monkeypatch.setattr(engrain.models, "generate", fake)
+    ws = Workspace.at(tmp_path / "w").ensure()
+    assert replay.self_questions(ws, tiny_lm, 2) == ["How do tides work?", "Which river is longest in Europe?",
+                                                      "What do owls eat at night?"]
+    assert seeds == [0, 1]  # "Why not?" is under three words; France's capital is measured
+    assert replay.self_questions(ws, tiny_lm, 4)[-1] == "Why do cats purr when they are content?"
+    assert seeds == [0, 1, 2]
+    assert replay.asks_a_measured_question("So, what is the capital city of France?",
+                                           [replay._content_words("What is the capital of France?")])
+    assert not replay.asks_a_measured_question("What is the capital of Peru?",
+                                               [replay._content_words("What is the capital of France?")])

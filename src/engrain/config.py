@@ -141,10 +141,13 @@ class TrainConfig(Section):
     # replay against forgetting
     replay_share: float = Field(0.3, description="share of general data in the training mix (0 = none); experiments/knowledge measures what it keeps and costs")
     replay_sources: list[str] | None = Field(None, description="self_distill (the base model's answers to general "
-                                                             "requests) and/or self_prose (its continuations of "
-                                                             "general prose openings), each an equal share of the "
-                                                             "replay (None: the memory kind's default; LoRA both, "
-                                                             "the others self_distill)")
+                                                             "requests), self_prose (its continuations of general "
+                                                             "prose openings), self_qa (its answers to short "
+                                                             "general-knowledge questions) and self_questions (its "
+                                                             "answers to questions it wrote itself), each an equal "
+                                                             "share of the replay (None: the memory kind's default; "
+                                                             "LoRA self_distill and self_prose, the others "
+                                                             "self_distill); experiments/knowledge measures them")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: as many as the mix "

@@ -55,20 +55,125 @@ def self_distill_items(ws: Workspace, lm: LM, max_new_tokens: int, n_prompts: in
     per model: cached in the workspace and, for a model engrain keeps in ENGRAIN_HOME (the embedded model, hub
     models), there too, so a new workspace on the same model reuses them; a larger pool generates only the prompts
     not yet answered (training on its own outputs keeps the model close to itself on general requests)."""
+    return _own_answers(ws, lm, replay_prompts(), max_new_tokens, n_prompts, "self-distill", "sd",
+                        "self-distillation replay data")
+
+
+def _own_answers(ws: Workspace, lm: LM, prompts: list[str], max_new_tokens: int, n: int | None, name: str,
+                 tag: str, what: str) -> list[dict]:
+    """The base model's greedy chat answers to the first ``n`` of ``prompts``, as replay items (cached, see
+    ``_base_outputs``)."""
     from ..models import answer, answering_lm
 
-    def make(prompts: list[str], progress) -> list[str]:
+    def make(todo: list[str], progress) -> list[str]:
         # In the dtype the model answers in (bf16 where native), not the fp32 it is trained in: these are its answers.
-        return [g.text for g in answer(answering_lm(lm), prompts, max_new_tokens=max_new_tokens,
+        return [g.text for g in answer(answering_lm(lm), todo, max_new_tokens=max_new_tokens,
                                        batch_size=REPLAY_BATCH, progress=progress)]
 
     def row(i: int, prompt: str, text: str) -> dict:  # an empty answer is the model's behaviour too
-        return {"id": f"replay-sd-{i}", "strategy": "self-distill", "generator": lm.name,
+        return {"id": f"replay-{tag}-{i}", "strategy": name, "generator": lm.name,
                 "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]}
 
-    return _base_outputs(ws, lm, f"self-distill-{file_safe(lm.name)}-{max_new_tokens}.jsonl", replay_prompts(),
-                         n_prompts, make, row, lambda r: r["messages"][0]["content"], "self-distillation replay data",
-                         "replay answers")
+    return _base_outputs(ws, lm, f"{name}-{file_safe(lm.name)}-{max_new_tokens}.jsonl", prompts, n, make, row,
+                         lambda r: r["messages"][0]["content"], what, "replay answers")
+
+
+def replay_questions() -> list[str]:
+    """Short general-knowledge questions for self-QA replay (shipped with the package; kept apart from the general
+    questions forgetting is measured on, by fact and by kind: see the file's header)."""
+    return _data_lines("replay_questions.txt")
+
+
+def self_qa_items(ws: Workspace, lm: LM, max_new_tokens: int, n: int | None = None) -> list[dict]:
+    """The base model's greedy answers to the first ``n`` short general questions (``replay_questions``): replay in
+    the shape of the documents' question items, which teach short factual answers that otherwise reach general
+    questions too."""
+    return _own_answers(ws, lm, replay_questions(), max_new_tokens, n, "self-qa", "qa", "self-QA replay data")
+
+
+# Self-questions: the base model writes the user's turn itself (sampled from the chat template's empty user turn,
+# as Magpie does), so the replay asks what the model's own instruction data taught it to expect, short factual
+# questions among them, instead of only the requests engrain ships.
+QUESTION_TEMPERATURE, QUESTION_TOP_P, QUESTION_MAX_TOKENS = 1.0, 0.95, 48
+QUESTION_ROUND, QUESTION_ROUNDS = 256, 16  # samples per seeded round; rounds at most, however few are kept
+QUESTION_WORDS = (3, 30)
+_STOP_WORDS = frozenset("a an the of in on at to for and or is are was were be do does did what which who whom "
+                        "whose how many much when where why there it its this that with by from as".split())
+
+
+def _content_words(text: str) -> frozenset[str]:
+    from ..synth.text import normalize
+
+    return frozenset(w for w in normalize(text).split() if w not in _STOP_WORDS)
+
+
+def asks_a_measured_question(question: str, measured: list[frozenset[str]]) -> bool:
+    """Whether ``question`` holds every content word of a general question forgetting is measured on (it asks the
+    same thing, in whatever words around them): such a question never becomes replay."""
+    words = _content_words(question)
+    return any(m and m <= words for m in measured)
+
+
+def keep_question(text: str, finish_reason: str) -> bool:
+    """A sampled user turn worth replaying: it ended on its own, is one line, asks a question and is short."""
+    text = text.strip()
+    n = len(text.split())
+    return (finish_reason == "stop" and "\n" not in text and text.endswith("?")
+            and QUESTION_WORDS[0] <= n <= QUESTION_WORDS[1])
+
+
+def self_questions(ws: Workspace, lm: LM, n: int) -> list[str]:
+    """At least ``n`` distinct questions the base model asks itself (fewer when ``QUESTION_ROUNDS`` rounds do not
+    make them), in the order sampled; round r samples with seed r, so a pool grown by rounds is the one a fresh
+    machine makes. Those asking a measured general question are dropped. Cached like the replay answers."""
+    from ..evaluate.forgetting import general_questions
+    from ..models import answering_lm, chat_prompt, generate
+    from ..models.prompts import DEFAULT_SYSTEM
+    from ..synth.text import normalize
+
+    probe = chat_prompt(lm.tokenizer, [{"role": "system", "content": DEFAULT_SYSTEM},
+                                       {"role": "user", "content": "\x00"}], add_generation_prompt=False)
+    if "\x00" not in probe:
+        return []
+    opening = probe.split("\x00", 1)[0]
+    measured = [_content_words(q.question) for q in general_questions()]
+    caches = [ws.root / "train" / "replay" / f"self-questions-{file_safe(lm.name)}.jsonl"]
+    if (mk := model_key(lm)) is not None:
+        caches.append(engrain_home() / "replay" / mk / caches[0].name)
+    rounds: dict[int, list[str]] = {}
+    for cache in caches:
+        if cache.is_file():
+            for _, r in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
+                rounds.setdefault(int(r["round"]), list(r["questions"]))
+
+    def pool() -> list[str]:
+        seen: dict[str, str] = {}
+        for r in sorted(rounds):
+            for q in rounds[r]:
+                if not asks_a_measured_question(q, measured):
+                    seen.setdefault(normalize(q), q)
+        return list(seen.values())
+
+    grew = False
+    while len(pool()) < n and len(rounds) < QUESTION_ROUNDS:
+        r = len(rounds)
+        if not grew:
+            note(f"engrain: the base model writing its own general questions for replay (rounds of {QUESTION_ROUND} "
+                 f"samples, once; cached in {caches[-1]})")
+        gens = generate(answering_lm(lm), [opening] * QUESTION_ROUND, max_new_tokens=QUESTION_MAX_TOKENS,
+                        temperature=QUESTION_TEMPERATURE, top_p=QUESTION_TOP_P, seed=r, batch_size=REPLAY_BATCH)
+        rounds[r] = [g.text.strip() for g in gens if keep_question(g.text, g.finish_reason)]
+        grew = True
+    if grew or not all(c.is_file() for c in caches):
+        for cache in caches:
+            write_jsonl(cache, [{"round": r, "questions": rounds[r]} for r in sorted(rounds)])
+    return pool()
+
+
+def self_question_items(ws: Workspace, lm: LM, max_new_tokens: int, n: int) -> list[dict]:
+    """The base model's greedy answers to ``n`` questions it asked itself (``self_questions``)."""
+    return _own_answers(ws, lm, self_questions(ws, lm, n), max_new_tokens, n, "self-questions", "sq",
+                        "self-question replay data")
 
 
 def replay_openings() -> list[str]:
@@ -167,13 +272,17 @@ def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> li
             pool = self_distill_items(ws, lm, cfg.replay_max_new_tokens, n_prompts)
         elif source == "self_prose":
             pool = self_prose_items(ws, lm, cfg.replay_max_new_tokens, share)
+        elif source == "self_qa":
+            pool = self_qa_items(ws, lm, cfg.replay_max_new_tokens, share)
+        elif source == "self_questions":
+            pool = self_question_items(ws, lm, cfg.replay_max_new_tokens, share)
         elif source == "general_text":
             raise EngrainError("train.replay_sources names general_text, the text engrain measures forgetting on "
                                "(its perplexity): training on it would hide what the memory forgets.",
                                hint="Use self_prose: the base model's own continuations of general prose openings.")
         else:
             raise EngrainError(f"Unknown replay source '{source}' in train.replay_sources.",
-                               hint="Use self_distill and/or self_prose.")
+                               hint="Use self_distill, self_prose, self_qa and/or self_questions.")
         if pool:
             rng = random.Random(cfg.seed)  # one source alone draws exactly as the single pool did before
             order = list(range(len(pool)))
