@@ -1,10 +1,12 @@
 """The general questions a trained memory answers differently from the base model, lost and gained.
 
-    python experiments/knowledge/lost_answers.py WS [--memory lora]
+    python experiments/knowledge/lost_answers.py WS [--memory lora] [--against OTHER_WS]
 
 Asks the forgetting probe (engrain/data/general_qa.jsonl) of the base model and of WS's trained memory, closed-book,
 as `engrain compare` measures forgetting, and prints every question one of them answers right and the other not,
-with both answers: what the general-QA drop in a row's results is made of.
+with both answers: what the general-QA drop in a row's results is made of. With --against, OTHER_WS's memory is
+asked too and the two memories are tested question by question (what `engrain paired general` does from results
+recorded since comparisons keep the general answers).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workspace")
     parser.add_argument("--memory", default="lora")
+    parser.add_argument("--against", help="another workspace whose memory is tested against WS's")
     args = parser.parse_args()
     lm = load_model(None)
     questions = general_questions()
@@ -35,6 +38,15 @@ def main() -> None:
         if right_before != right_after:
             print(f"{'LOST' if right_before > right_after else 'GAINED'}: {q.question}\n"
                   f"  base:    {' '.join(b.text.split())[:100]}\n  trained: {' '.join(t.text.split())[:100]}")
+    if args.against:
+        other = ClosedBook(TrainedMemory(args.memory, Workspace.at(args.against), lm).lm).answer(asked,
+                                                                                                max_new_tokens=32)
+        mine = [metrics.contains(t.text, q.answers) for q, t in zip(questions, trained)]
+        theirs = [metrics.contains(t.text, q.answers) for q, t in zip(questions, other)]
+        d = metrics.paired_difference(mine, theirs)
+        print(f"general QA {sum(mine) / len(mine):.3f} against {sum(theirs) / len(theirs):.3f}: {d['diff']:+.3f} "
+              f"[{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}], p={d['p_value']:.2g} "
+              f"({d['wins']} won / {d['losses']} lost)")
 
 
 if __name__ == "__main__":
