@@ -119,3 +119,28 @@ def test_paired_and_pooled_test_forgetting_on_the_general_questions(tmp_path, mo
     plain = write_run(tmp_path / "c" / "results.json", "lora", {0})
     res = CliRunner().invoke(app, ["paired", "general", plain, "--against", keeps])
     assert isinstance(res.exception, EngrainError) and "no general answers" in str(res.exception)
+
+
+def test_compare_against_tests_forgetting_too_where_both_runs_recorded_it(tmp_path):
+    """`engrain compare --against` adds the general-QA test of each trained method whose general answers this run
+    and the reference both hold; a reference without them leaves the table as it was."""
+    from engrain.evaluate.bench import Question
+    from engrain.evaluate.paired import markdown, run_against
+
+    reference = write_general_run(tmp_path / "ref" / "results.json", "lora", set(range(100)))
+    ref_path = tmp_path / "ref" / "results.json"
+    saved = json.loads(ref_path.read_text())
+    saved["answers"]["lora"] = [{"id": "q0", "answer": "answer0"}]
+    ref_path.write_text(json.dumps(saved))
+    this = json.loads(json.dumps(saved))
+    this["methods"]["lora"]["forgetting"]["general_answers"] = {
+        k: ("no idea" if i < 30 else v) for i, (k, v) in enumerate(saved["methods"]["lora"]["forgetting"]["general_answers"].items())}
+    this["methods"]["base"], this["answers"]["base"] = {}, [{"id": "q0", "answer": "no idea"}]
+    questions = [Question(id="q0", type="qa", question="Question 0?", answers=["answer0"], docs=[], hops=1, tags=[])]
+    table = run_against(this, questions, reference)
+    general = table["general"]
+    assert [r["run"] for r in general["rows"]] == ["lora"] and general["n_questions"] == 120
+    assert (general["rows"][0]["vs_reference"]["wins"], general["rows"][0]["vs_reference"]["losses"]) == (0, 30)
+    assert "General QA of the trained weights" in markdown(table)
+    plain = write_run(tmp_path / "old" / "results.json", "lora", {0})
+    assert "general" not in run_against(this, questions, plain)

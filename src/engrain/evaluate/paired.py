@@ -114,6 +114,8 @@ def markdown(table: dict) -> str:
         lo, hi = r["contains_ci"]
         lines.append(f"| {r['run']} | {r['contains']:.3f} ({lo:.3f}-{hi:.3f}) | {fmt_paired(d)} | "
                      f"{d['wins']} / {d['losses']} |")
+    if "general" in table:
+        lines += ["", "General QA of the trained weights (forgetting), the same test:", "", markdown(table["general"])]
     return "\n".join(lines)
 
 
@@ -129,7 +131,19 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
     answered = {a["id"] for run in (results.get("answers") or {}).values() for a in run}
     asked = [q for q in questions if q.id in answered]
     runs = [score_answers(answers_of(results, m, "this run"), asked, m) for m in results["methods"]]
-    return against(reference_spec, runs, asked)
+    table = against(reference_spec, runs, asked)
+    # Where the reference and methods of this run are trained memories whose general answers were recorded, their
+    # forgetting is tested the same way (`engrain paired general`).
+    trained = [m for m, v in results["methods"].items() if (v.get("forgetting") or {}).get("general_answers")]
+    path, method = split_spec(reference_spec)
+    reference_forgetting = ((load_results(path).get("methods") or {}).get(method) or {}).get("forgetting") or {}
+    if trained and reference_forgetting.get("general_answers"):
+        from .forgetting import general_questions
+
+        general = general_questions()
+        table["general"] = against(reference_spec, [score_answers(answers_of(results, m, "this run", True), general, m)
+                                                    for m in trained], general, True)
+    return table
 
 
 def bench_questions(bench: Path, docs: int | None = None) -> list[Question]:
