@@ -127,14 +127,16 @@ def test_compare_against_tests_forgetting_too_where_both_runs_recorded_it(tmp_pa
     from engrain.evaluate.bench import Question
     from engrain.evaluate.paired import markdown, run_against
 
+    def with_bench_answers(path):
+        saved = json.loads(path.read_text())
+        saved["answers"]["lora"] = [{"id": "q0", "answer": "answer0"}]
+        path.write_text(json.dumps(saved))
+        return saved
+
     reference = write_general_run(tmp_path / "ref" / "results.json", "lora", set(range(100)))
-    ref_path = tmp_path / "ref" / "results.json"
-    saved = json.loads(ref_path.read_text())
-    saved["answers"]["lora"] = [{"id": "q0", "answer": "answer0"}]
-    ref_path.write_text(json.dumps(saved))
-    this = json.loads(json.dumps(saved))
-    this["methods"]["lora"]["forgetting"]["general_answers"] = {
-        k: ("no idea" if i < 30 else v) for i, (k, v) in enumerate(saved["methods"]["lora"]["forgetting"]["general_answers"].items())}
+    with_bench_answers(tmp_path / "ref" / "results.json")
+    write_general_run(tmp_path / "this" / "results.json", "lora", set(range(30, 100)))
+    this = with_bench_answers(tmp_path / "this" / "results.json")
     this["methods"]["base"], this["answers"]["base"] = {}, [{"id": "q0", "answer": "no idea"}]
     questions = [Question(id="q0", type="qa", question="Question 0?", answers=["answer0"], docs=[], hops=1, tags=[])]
     table = run_against(this, questions, reference)

@@ -15,6 +15,7 @@ import argparse
 
 from engrain.evaluate import metrics
 from engrain.evaluate.forgetting import general_questions
+from engrain.evaluate.report import fmt_paired
 from engrain.memory.base import ClosedBook
 from engrain.memory.parametric import TrainedMemory
 from engrain.models import load_model
@@ -44,8 +45,7 @@ def main() -> None:
         mine = [metrics.contains(t.text, q.answers) for q, t in zip(questions, trained)]
         theirs = [metrics.contains(t.text, q.answers) for q, t in zip(questions, other)]
         d = metrics.paired_difference(mine, theirs)
-        print(f"general QA {sum(mine) / len(mine):.3f} against {sum(theirs) / len(theirs):.3f}: {d['diff']:+.3f} "
-              f"[{d['diff_ci'][0]:+.3f}, {d['diff_ci'][1]:+.3f}], p={d['p_value']:.2g} "
+        print(f"general QA {sum(mine) / len(mine):.3f} against {sum(theirs) / len(theirs):.3f}: {fmt_paired(d)} "
               f"({d['wins']} won / {d['losses']} lost)")
 
 

@@ -39,11 +39,16 @@ def is_general(bench: Path) -> bool:
     return str(bench) == GENERAL and not bench.exists()
 
 
+def general_answers_of(results: dict, method: str) -> dict[str, str] | None:
+    """question id -> a trained method's closed-book answer to the general questions, as the comparison's forgetting
+    measurement recorded it (None for an untrained method or a comparison made before they were recorded)."""
+    return (((results.get("methods") or {}).get(method) or {}).get("forgetting") or {}).get("general_answers")
+
+
 def answers_of(results: dict, method: str, where: str, general: bool = False) -> dict[str, str]:
-    """question id -> answer text of one method in a results.json (``general``: its trained weights' answers to the
-    general questions, closed-book, recorded by the comparison's forgetting measurement)."""
+    """question id -> answer text of one method in a results.json (``general``: ``general_answers_of``)."""
     if general:
-        answers = (((results.get("methods") or {}).get(method) or {}).get("forgetting") or {}).get("general_answers")
+        answers = general_answers_of(results, method)
         if answers is None:
             raise EngrainError(f"{where} has no general answers for method '{method}'.",
                                hint="Only trained memories have them, in comparisons run since engrain recorded "
@@ -134,14 +139,13 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
     table = against(reference_spec, runs, asked)
     # Where the reference and methods of this run are trained memories whose general answers were recorded, their
     # forgetting is tested the same way (`engrain paired general`).
-    trained = [m for m, v in results["methods"].items() if (v.get("forgetting") or {}).get("general_answers")]
+    trained = [m for m in results["methods"] if general_answers_of(results, m)]
     path, method = split_spec(reference_spec)
-    reference_forgetting = ((load_results(path).get("methods") or {}).get(method) or {}).get("forgetting") or {}
-    if trained and reference_forgetting.get("general_answers"):
+    if trained and general_answers_of(load_results(path), method):
         from .forgetting import general_questions
 
         general = general_questions()
-        table["general"] = against(reference_spec, [score_answers(answers_of(results, m, "this run", True), general, m)
+        table["general"] = against(reference_spec, [score_answers(general_answers_of(results, m), general, m)
                                                     for m in trained], general, True)
     return table
 

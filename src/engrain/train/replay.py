@@ -137,25 +137,23 @@ def self_questions(ws: Workspace, lm: LM, n: int) -> list[str]:
         return []
     opening = probe.split("\x00", 1)[0]
     measured = [_content_words(q.question) for q in general_questions()]
-    caches = [ws.root / "train" / "replay" / f"self-questions-{file_safe(lm.name)}.jsonl"]
-    if (mk := model_key(lm)) is not None:
-        caches.append(engrain_home() / "replay" / mk / caches[0].name)
+    caches = _cache_paths(ws, lm, f"self-questions-{file_safe(lm.name)}.jsonl")
     rounds: dict[int, list[str]] = {}
     for cache in caches:
         if cache.is_file():
             for _, r in read_jsonl(cache, hint=f"Delete {cache}; the next run makes it again."):
                 rounds.setdefault(int(r["round"]), list(r["questions"]))
+    pool: dict[str, str] = {}  # normalised -> as sampled, in the order sampled
 
-    def pool() -> list[str]:
-        seen: dict[str, str] = {}
-        for r in sorted(rounds):
-            for q in rounds[r]:
-                if not asks_a_measured_question(q, measured):
-                    seen.setdefault(normalize(q), q)
-        return list(seen.values())
+    def add(questions: list[str]) -> None:
+        for q in questions:
+            if not asks_a_measured_question(q, measured):
+                pool.setdefault(normalize(q), q)
 
+    for r in sorted(rounds):
+        add(rounds[r])
     grew = False
-    while len(pool()) < n and len(rounds) < QUESTION_ROUNDS:
+    while len(pool) < n and len(rounds) < QUESTION_ROUNDS:
         r = len(rounds)
         if not grew:
             note(f"engrain: the base model writing its own general questions for replay (rounds of {QUESTION_ROUND} "
@@ -163,11 +161,12 @@ def self_questions(ws: Workspace, lm: LM, n: int) -> list[str]:
         gens = generate(answering_lm(lm), [opening] * QUESTION_ROUND, max_new_tokens=QUESTION_MAX_TOKENS,
                         temperature=QUESTION_TEMPERATURE, top_p=QUESTION_TOP_P, seed=r, batch_size=REPLAY_BATCH)
         rounds[r] = [g.text.strip() for g in gens if keep_question(g.text, g.finish_reason)]
+        add(rounds[r])
         grew = True
     if grew or not all(c.is_file() for c in caches):
         for cache in caches:
             write_jsonl(cache, [{"round": r, "questions": rounds[r]} for r in sorted(rounds)])
-    return pool()
+    return list(pool.values())
 
 
 def self_question_items(ws: Workspace, lm: LM, max_new_tokens: int, n: int) -> list[dict]:
@@ -218,9 +217,7 @@ def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | N
     wanted = every[:n]
     if not wanted:
         return []
-    caches = [ws.root / "train" / "replay" / name]
-    if (mk := model_key(lm)) is not None:
-        caches.append(engrain_home() / "replay" / mk / name)
+    caches = _cache_paths(ws, lm, name)
     have: dict[str, dict] = {}
     for cache in caches:
         if cache.is_file():
@@ -239,6 +236,15 @@ def _base_outputs(ws: Workspace, lm: LM, name: str, every: list[str], n: int | N
         if missing or not cache.is_file():
             write_jsonl(cache, rows)
     return [have[x] for x in wanted]
+
+
+def _cache_paths(ws: Workspace, lm: LM, name: str) -> list[Path]:
+    """Where a replay file called ``name`` is cached: the workspace, and ENGRAIN_HOME where the model is one engrain
+    keeps (``model_key``), last."""
+    caches = [ws.root / "train" / "replay" / name]
+    if (mk := model_key(lm)) is not None:
+        caches.append(engrain_home() / "replay" / mk / name)
+    return caches
 
 
 def model_key(lm: LM) -> str | None:
