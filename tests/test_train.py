@@ -733,3 +733,88 @@ def test_self_questions_keep_short_ended_questions_and_never_a_measured_one(tmp_
                                            [replay._content_words("What is the capital of France?")])
     assert not replay.asks_a_measured_question("What is the capital of Peru?",
                                                [replay._content_words("What is the capital of France?")])
+
+
+def test_null_space_projection_keeps_out_the_directions_the_general_inputs_use_most(tiny_lm):
+    """Each layer's projection removes the top ``share`` of its input directions by the replay's energy: what it
+    leaves of that energy is the smallest any projection of that rank leaves (the sum of the smallest eigenvalues)."""
+    import copy
+
+    import torch
+
+    from engrain.memory.parametric import get_kind
+    from engrain.train.null_space import general_projections, lora_layers
+
+    module = get_kind("lora").attach(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, {"lora_rank": 4}, None)
+    examples = [tiny_lm.tokenizer(t).input_ids for t in ("The capital of France is Paris.",
+                                                         "Water boils at a hundred degrees Celsius at sea level.",
+                                                         "A hexagon has six sides and six corners.")]
+    layers = lora_layers(module)
+    inputs: dict[str, list] = {}
+    handles = [layer.register_forward_pre_hook(lambda _m, args, n=name: inputs.setdefault(n, []).append(
+        args[0].reshape(-1, args[0].shape[-1]))) for name, layer in layers.items()]
+    projections = general_projections(module, examples, 0.5, "cpu")
+    for h in handles:
+        h.remove()
+    assert set(projections) == set(layers) and len(layers) == 14  # 7 linear layers in each of 2 blocks
+    for name, p in projections.items():
+        x = torch.cat(inputs[name]).double()
+        cov = x.T @ x
+        dim = cov.shape[0]
+        p = p.double()
+        assert torch.allclose(p, p.T, atol=1e-5) and torch.allclose(p @ p, p, atol=1e-5)
+        assert round(float(torch.trace(p))) == dim - round(0.5 * dim)
+        smallest = torch.linalg.eigvalsh(cov)[:dim - round(0.5 * dim)].sum()
+        assert float(torch.trace(p @ cov @ p)) == pytest.approx(float(smallest), rel=1e-3, abs=1e-6)
+
+
+def test_relative_null_space_keeps_out_the_directions_general_inputs_use_and_documents_do_not():
+    """Ranked by the replay's energy relative to the documents', the direction the documents never use goes first,
+    though the replay uses another more."""
+    import torch
+
+    from engrain.train.null_space import projection_off_relative
+
+    replay = torch.diag(torch.tensor([10.0, 1.0, 1.0, 1.0]))
+    documents = torch.diag(torch.tensor([10.0, 1.0, 0.0, 1.0]))
+    p = projection_off_relative(replay, documents, 0.25)
+    assert torch.allclose(p, torch.diag(torch.tensor([1.0, 1.0, 0.0, 1.0])), atol=1e-5)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_null_space_lora_learns_only_outside_the_general_directions(ws, tiny_model_dir, tiny_lm, relative):
+    """With train.lora_null_share the saved adapter's A rows lie in the allowed subspace (the projection leaves them
+    as they are), B has moved, and the setting is refused where it cannot apply."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file
+
+    from engrain.memory.parametric import get_kind
+    from engrain.train.loop import train, with_kind_defaults
+    from engrain.train.null_space import general_projections
+    from engrain.train.plan import make_plan
+
+    fast = {**FAST, "replay_share": 0.25, "replay_max_new_tokens": 4, "replay_kl": 0.0}
+    cfg = TrainConfig(memory="lora", max_steps=4, lora_rank=4, lr=5e-3, lora_null_share=0.5,
+                      lora_null_relative=relative, bf16="off", **fast)
+    train(ws, cfg, str(tiny_model_dir), show_progress=False)
+    weights = load_file(str(ws.memory_dir("lora") / "adapter_model.safetensors"))
+    plan = make_plan(ws, tiny_lm, with_kind_defaults(cfg, get_kind("lora")), world=1, packing=True)
+    module = get_kind("lora").attach(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, {"lora_rank": 4}, ws)
+    documents = [ex.ids for ex in plan.train if ex.kind != "replay"] if relative else None
+    projections = general_projections(module, [ex.ids for ex in plan.train if ex.kind == "replay"], 0.5, "cpu",
+                                      documents=documents)
+    checked = 0
+    for name, p in projections.items():
+        a = next(t for n, t in weights.items() if n.endswith(f"{name.removeprefix('base_model.')}.lora_A.weight"))
+        assert a.abs().sum() > 0 and torch.allclose(a @ p, a, atol=1e-4)
+        checked += 1
+    assert checked == len(projections) and any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
+
+    with pytest.raises(EngrainError, match="replay"):
+        train(Workspace.at(ws.root), cfg.model_copy(update={"replay_share": 0.0}), str(tiny_model_dir),
+              show_progress=False, force=True)
+    with pytest.raises(EngrainError, match="lora_null_share"):
+        train(Workspace.at(ws.root), cfg.model_copy(update={"memory": "full", "lr": 1e-5}), str(tiny_model_dir),
+              show_progress=False, force=True)

@@ -181,6 +181,14 @@ class TrainConfig(Section):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: str = Field("all-linear", description="all-linear or comma-separated module names")
+    # A LoRA that cannot read the input directions general text uses most leaves the base model's answers from them
+    # as they were (train/null_space.py); experiments/knowledge's null-space rows measure what that keeps and costs.
+    lora_null_share: float = Field(0.0, ge=0.0, lt=1.0, description="share of each LoRA layer's input directions, "
+                                                                    "those the replay's inputs use most, that the "
+                                                                    "adapter is kept from reading (0: off)")
+    lora_null_relative: bool = Field(False, description="rank those directions by the replay's input energy "
+                                                        "relative to the documents' items' (false: by the "
+                                                        "replay's alone)")
     # LoRA+ (Hayou et al. 2024): B starts at zero and A at random, so at one learning rate B moves slowly; LoRA+
     # trains B at a larger rate than A. experiments/knowledge's lora-plus rows measure it, alone and with the
     # self-prose replay that is LoRA's default beside it.
