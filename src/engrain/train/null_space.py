@@ -109,7 +109,8 @@ def projection_off_relative(covariance, other, share: float):
     b = b + 1e-3 * torch.trace(b) / dim * torch.eye(dim, dtype=b.dtype, device=b.device)
     lower = torch.linalg.cholesky(b)
     inv = torch.linalg.solve_triangular(lower, torch.eye(dim, dtype=b.dtype, device=b.device), upper=False)
-    _, vectors = torch.linalg.eigh(inv @ a @ inv.T)  # ascending: those most the replay's, relative to the documents', come last
+    # Ascending: the directions most the replay's, relative to the documents', come last.
+    _, vectors = torch.linalg.eigh(inv @ a @ inv.T)
     basis, _ = torch.linalg.qr(inv.T @ vectors[:, dim - round(share * dim):])
     return (torch.eye(dim, dtype=b.dtype, device=b.device) - basis @ basis.T).to(covariance.dtype)
 
