@@ -38,7 +38,7 @@ from .packing import (
     loss_sum,
 )
 from .averaging import WeightAverage
-from .null_space import general_projections, lora_layers, project_
+from .null_space import general_projections, lora_layers, project_, projected_weights
 from .precision import bf16_autocast, use_bf16
 from .validation import evaluate
 from .plan import Plan, dry_run_report, make_plan
@@ -236,11 +236,12 @@ class Run:
         self.seconds_before, self.tokens_before = 0.0, 0
         self.tokens_seen, self.last_loss, self.stopped_early = 0, float("nan"), False
         self.bf16 = use_bf16(cfg.bf16, str(self.device))
-        self.null_space = self.general_projections()
+        self.null_space = self.null_space_projections()
 
-    def general_projections(self) -> dict | None:
-        """``train.lora_null_share``'s projections, from the replay, before any step (None when off); the adapter
-        starts inside them. A resumed run computes the same ones: the replay and the base weights are the same."""
+    def null_space_projections(self) -> list[tuple] | None:
+        """``train.lora_null_share``'s (A weight, projection) pairs, from the replay, before any step (None when
+        off); the adapter starts inside them. A resumed run computes the same ones: the replay and the base weights
+        are the same."""
         share = self.cfg.lora_null_share
         if share <= 0:
             return None
@@ -253,12 +254,13 @@ class Run:
                                hint="Set train.replay_share above 0, or lora_null_share back to 0.")
         documents = [ex.ids for ex in self.plan.train if ex.kind != "replay"] if self.cfg.lora_null_relative else None
         t0 = time.time()
-        projections = general_projections(self.module, replay, share, self.device, self.bf16, documents=documents)
-        project_(self.module, projections)
+        pairs = projected_weights(self.module, general_projections(self.module, replay, share, self.device,
+                                                                   self.bf16, documents=documents))
+        project_(pairs)
         if self.show:
             note(f"engrain: LoRA kept out of {share:.0%} of each layer's input directions "
-                 f"({len(projections)} layers, found in {time.time() - t0:.0f} s)")
-        return projections
+                 f"({len(pairs)} layers, found in {time.time() - t0:.0f} s)")
+        return pairs
 
     def resume(self, folder) -> None:
         state = load_checkpoint(folder, self.module, self.optimizer, self.scheduler)
@@ -325,7 +327,7 @@ class Run:
             accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         if self.null_space is not None:
-            project_(accelerator.unwrap_model(model), self.null_space)
+            project_(self.null_space)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.average is not None:

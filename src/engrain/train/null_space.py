@@ -16,15 +16,14 @@ both rankings against LoRA's defaults: on that evidence it trades knowledge for 
 
 from __future__ import annotations
 
-# Tokens read for each set's covariances: several times the widest layer input (an estimate of full rank), few
-# enough that finding the directions is a small part of a run (the run prints how long it took).
+# Tokens read for each set's covariances: several times the embedded model's widest layer input (an estimate of full
+# rank), few enough that finding the directions is a small part of a run (the run prints how long it took).
 MAX_TOKENS = 8192
 
 
 def lora_layers(module) -> dict[str, object]:
     """The LoRA layers of a PEFT module (each with one adapter's ``lora_A``), by module name."""
-    return {name: m for name, m in module.named_modules()
-            if hasattr(m, "lora_A") and len(getattr(m, "lora_A", {})) == 1}
+    return {name: m for name, m in module.named_modules() if len(getattr(m, "lora_A", {})) == 1}
 
 
 def general_projections(module, examples: list, share: float, device, bf16: bool = False,
@@ -115,12 +114,17 @@ def projection_off_relative(covariance, other, share: float):
     return (torch.eye(dim, dtype=b.dtype, device=b.device) - basis @ basis.T).to(covariance.dtype)
 
 
-def project_(module, projections: dict) -> None:
-    """Every LoRA layer's A rows projected (in place) off the directions its projection removes."""
+def projected_weights(module, projections: dict) -> list[tuple]:
+    """(A weight, its layer's projection) for every LoRA layer ``projections`` covers: found once, so that a training
+    step's projection walks no module tree."""
+    return [(next(iter(layer.lora_A.values())).weight, projections[name])
+            for name, layer in lora_layers(module).items() if name in projections]
+
+
+def project_(pairs: list[tuple]) -> None:
+    """Each A's rows projected (in place) off the directions its projection removes (``projected_weights``)."""
     import torch
 
     with torch.no_grad():
-        for name, layer in lora_layers(module).items():
-            if name in projections:
-                a = next(iter(layer.lora_A.values())).weight
-                a.copy_(a @ projections[name].to(a.dtype))
+        for a, projection in pairs:
+            a.copy_(a @ projection.to(a.dtype))
