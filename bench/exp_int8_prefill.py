@@ -14,7 +14,7 @@ alpha)``, the weight's column multiplied by it, ``amax_x`` measured on the repla
 Prints: the products alone at a rag prompt's shapes (packed bf16 against int8); the decode loop's own prefill
 (``fastgen._prefill``, the model's 4-bit decode weights' packed copy against the same with int8 products), best of
 ``--repeats`` each, alternately, and how often the two agree on the next token; and the perplexity of the package's
-general text through the model with every linear layer in bf16, int8 without smoothing and int8 with it (one
+general text (`engrain compare`'s forgetting measure) through the model with every linear layer in bf16, int8 without smoothing and int8 with it (one
 module at a time there, not the fused products). Writes ``bench/out/int8_prefill.json``. Needs a CPU whose oneDNN
 computes bf16 natively (the packed weights' condition).
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from engrain.evaluate.forgetting import general_text, perplexity  # noqa: E402
 from engrain.models import decode_weights, fastgen, load_model, packed_weights  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -64,17 +64,21 @@ class Int8Product:
         return _compiled(flat, self.inv_smooth, self.weight, self.scale).view(*x.shape[:-1], -1)
 
 
+def linear_modules(model) -> list[torch.nn.Linear]:
+    """The projections of every block of a Llama model."""
+    return [getattr(part, name) for layer in model.model.layers for part in (layer.self_attn, layer.mlp)
+            for name in NAMES if hasattr(part, name)]
+
+
 def input_amax(model, ids: torch.Tensor) -> dict:
     """Per linear module, the largest magnitude each input channel took over ``ids``."""
-    amax, hooks = {}, []
-    for layer in model.model.layers:
-        for part in (layer.self_attn, layer.mlp):
-            for name in NAMES:
-                if hasattr(part, name):
-                    def hook(mod, args):
-                        a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                        amax[mod] = torch.maximum(amax[mod], a) if mod in amax else a
-                    hooks.append(getattr(part, name).register_forward_pre_hook(hook))
+    amax = {}
+
+    def hook(mod, args):
+        a = args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).amax(0)
+        amax[mod] = torch.maximum(amax[mod], a) if mod in amax else a
+
+    hooks = [m.register_forward_pre_hook(hook) for m in linear_modules(model)]
     with torch.inference_mode():
         for i in range(0, ids.shape[1], 512):
             model(ids[:, i:i + 512])
@@ -94,26 +98,15 @@ def int8_product(modules, amax: torch.Tensor | None, alpha: float) -> Int8Produc
     return Int8Product((w / scale[:, None]).round().to(torch.int8).t().contiguous(), scale, 1 / smooth)
 
 
-def perplexity(model, ids: torch.Tensor) -> float:
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, ids.shape[1] - 1, 512):
-            x = ids[:, i:i + 512]
-            total += model(x, labels=x).loss.item() * (x.shape[1] - 1)
-            n += x.shape[1] - 1
-    return math.exp(total / n)
-
-
-def perplexity_int8(model, ids, amax: dict | None, alpha: float) -> float:
-    """Perplexity with every linear layer of the blocks run as an int8 product (its own, unfused)."""
+def perplexity_int8(model, tokenizer, amax: dict | None, alpha: float) -> float:
+    """The general text's perplexity (as `engrain compare` measures forgetting) with every linear layer of the
+    blocks run as an int8 product (its own, unfused)."""
     saved = []
-    for layer in model.model.layers:
-        for part in (layer.self_attn, layer.mlp):
-            for m in (getattr(part, name) for name in NAMES if hasattr(part, name)):
-                saved.append((m, m.forward))
-                m.forward = int8_product([m], amax[m] if amax is not None else None, alpha)
+    for m in linear_modules(model):
+        saved.append((m, m.forward))
+        m.forward = int8_product([m], amax[m] if amax is not None else None, alpha)
     try:
-        return perplexity(model, ids)
+        return perplexity(model, tokenizer, general_text())
     finally:
         for m, forward in saved:
             m.forward = forward
@@ -141,7 +134,6 @@ def main() -> None:
     model, tok = fastgen.decoder(lm.model), lm.tokenizer
     data = ROOT / "src" / "engrain" / "data"
     calibration = tok((data / "replay_prompts.txt").read_text(), return_tensors="pt").input_ids[:, :2048]
-    text = tok((data / "general_text.txt").read_text(), return_tensors="pt").input_ids[:, :4096]
     amax = input_amax(model, calibration)
     print(f"{model.dtype}, {torch.get_num_threads()} threads, alpha {args.alpha}")
 
@@ -182,9 +174,9 @@ def main() -> None:
             print(f"| {rows} x {width} | {tp:.3f} | {ti:.3f} | {tp / ti:.2f}x | {agree:.2f} |")
             prefills.append({"prompts": rows, "tokens": width, "packed_s": tp, "int8_s": ti, "agree": agree})
 
-    ppl = {"bf16": perplexity(model, text), "int8": perplexity_int8(model, text, None, args.alpha),
-           "int8_smoothed": perplexity_int8(model, text, amax, args.alpha)}
-    print(f"perplexity of the general text ({text.shape[1]} tokens): bf16 {ppl['bf16']:.3f}, int8 "
+    ppl = {"bf16": perplexity(model, tok, general_text()), "int8": perplexity_int8(model, tok, None, args.alpha),
+           "int8_smoothed": perplexity_int8(model, tok, amax, args.alpha)}
+    print(f"perplexity of the general text: bf16 {ppl['bf16']:.3f}, int8 "
           f"{ppl['int8']:.3f} (x{ppl['int8'] / ppl['bf16']:.3f}), int8 smoothed {ppl['int8_smoothed']:.3f} "
           f"(x{ppl['int8_smoothed'] / ppl['bf16']:.3f})")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -192,7 +184,7 @@ def main() -> None:
         {"products": products, "prefills": prefills, "perplexity": ppl, "alpha": args.alpha,
          "repeats": args.repeats, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
          "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}, indent=2))
-    print(f"wrote {OUT / 'int8_prefill.json'}")
+    print(f"wrote {(OUT / 'int8_prefill.json').relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
