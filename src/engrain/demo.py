@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import EngrainError
 
-DEMO_METHODS = "base,context,rag,lora"  # add lora+rag with --methods (one more method to answer with)
+DEMO_METHODS = "base,context,rag,lora"  # lora+rag with --methods; write_demo_config says what it answers here
 DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
 
 
@@ -26,8 +26,13 @@ def write_demo_config(path: Path) -> None:
     here, experiments/knowledge's acme-demo-lora-plus rows). The replay stays the base model's chat answers alone
     (``train.replay_sources``): LoRA's default, half of it as the model's own prose, answered less of acme at
     these budgets on both seeds measured (experiments/knowledge's acme-demo-self-prose rows).
+    Its items are closed-book only (``synth.facts_reading`` 0): open-book items did not answer more closed-book here
+    and cost more training time than the demo holds (experiments/knowledge's acme-demo-open-book rows). A memory
+    never trained with chunks in view reads rag's chunks badly, so the demo's hybrid (lora+rag, which `engrain
+    serve` offers) answers level with retrieval or below it; open-book items take that collapse away
+    (experiments/knowledge's acme-demo-today hybrid and reading rows).
     Edit WS/engrain.yaml and rerun to trade time for quality (more orders, questions per chunk, epochs, open-book
-    items: experiments/knowledge's acme-demo-open-book rows measure what those cost and give at these budgets)."""
+    items)."""
     from .config import EngrainConfig, save_config
 
     config = EngrainConfig()
