@@ -14,16 +14,22 @@ answered in two inputs, or a method missing from one, is refused: the slices mus
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from engrain.atomic import write_json
+from engrain.errors import EngrainError
+from engrain.evaluate.paired import answers_of, load_results
 
 
 def main() -> None:
     if len(sys.argv) < 4:
         sys.exit(__doc__)
     out, inputs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
-    runs = [json.loads(p.read_text(encoding="utf-8")) for p in inputs]
+    try:
+        runs = [load_results(p) for p in inputs]
+    except EngrainError as e:
+        sys.exit(str(e))
     methods = [m for m in runs[0].get("answers", {}) if all(m in r.get("answers", {}) for r in runs)]
     if not methods:
         sys.exit("the inputs share no method's answers")
@@ -32,17 +38,13 @@ def main() -> None:
         seen: set[str] = set()
         answers[method] = []
         for path, run in zip(inputs, runs):
-            for a in run["answers"][method]:
-                if a["id"] in seen:
-                    sys.exit(f"{path} answers {a['id']} again: the slices overlap")
-                seen.add(a["id"])
-                answers[method].append({"id": a["id"], "answer": a["answer"]})
-    out.mkdir(parents=True, exist_ok=True)
-    joined = {"joined_from": [str(p) for p in inputs],
-              "benches": [r.get("bench") for r in runs], "answers": answers}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(joined, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
+            for qid, text in answers_of(run, method, str(path)).items():
+                if qid in seen:
+                    sys.exit(f"{path} answers {qid} again: the slices overlap")
+                seen.add(qid)
+                answers[method].append({"id": qid, "answer": text})
+    write_json(out / "results.json", {"joined_from": [str(p) for p in inputs],
+                                      "benches": [r.get("bench") for r in runs], "answers": answers})
     print(f"wrote {out / 'results.json'}: {', '.join(methods)}, {len(answers[methods[0]])} answers each")
 
 
