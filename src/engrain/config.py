@@ -84,6 +84,11 @@ class SynthConfig(Section):
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "
                                                           "retrieval shows them, so the memory learns to read them too")
+    # off until experiments/knowledge measures it (the hotpot30-polar row)
+    facts_polar: int = Field(0, ge=0, le=8, description="sentences per chunk also asked as yes/no questions: once as "
+                                                        "stated (answered \"Yes.\" and the statement) and once with "
+                                                        "a fact swapped for another of its kind (\"No.\" and the "
+                                                        "statement)")
     facts_about: int = Field(0, ge=0, le=16, description="entity-centred items: each name the statements give, asked "
                                                          "about and answered with up to this many of them (0: off)")
     max_rounds: int = Field(3, ge=1, description="generation rounds per chunk before it is reported under-covered")

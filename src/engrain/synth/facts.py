@@ -21,6 +21,11 @@ Entity-centred items (``synth.facts_about``, ``about_items``): each name the doc
 across chunks: the way a biography gathers one person's facts (Physics of Language Models 3.1), so a name leads to
 its own facts and not to the neighbouring names' ones.
 
+Yes/no items (``synth.facts_polar`` sentences per chunk, ``polar_items``): a sentence asked as a yes/no question
+twice, once as stated ("Yes." and the statement) and once with one of its facts swapped for another of the same kind
+("No." and the statement). Every other item answers with a statement, so a memory trained on them alone answers
+"Are A and B both ...?" by restating it, true or not (experiments/knowledge, 2026-12-06).
+
 Open-book items (``synth.facts_reading`` sentences per chunk, ``open_book``): a sentence's statement continued,
 and its wh-question answered, with the chunk and a similar chunk in the prompt as retrieval shows them. A memory
 trained closed-book only learns to answer from its weights even when the right passage is in view, so a hybrid
@@ -37,8 +42,8 @@ from dataclasses import dataclass
 
 from . import synonyms
 from .base import Candidate, Unit
-from .fronted import fronted_question
-from .text import _NAME, COMMON_WORDS, MONTHS, YEAR, Span, names, spans, words
+from .fronted import fronted_question, polar_question
+from .text import _NAME, COMMON_WORDS, MONTHS, YEAR, Span, names, spans, split_header, words
 
 NAME = "facts"
 KIND = "mixed"
@@ -187,20 +192,26 @@ def wh_question(statement: str, span: Span) -> str | None:
     return f"{before}{wh}{after}?"
 
 
-QUESTION_PREFIXES = ("c", "k", "q", "h", "f", "a")  # variants asked as questions; "s", "r", "o", "b" are statements
+QUESTION_PREFIXES = ("c", "k", "q", "h", "f", "a", "y", "n")  # asked as questions; "s", "r", "o", "b" are statements
+POLAR_PREFIXES = ("y", "n")  # yes/no questions: answered "Yes." or "No.", whichever the fact is
 
 
 def fact_of(variant: str) -> str | None:
     """The sentence (fact) a facts variant is about, e.g. "k3.1w2" -> "3"; None for items spanning a whole chunk
     (shuffled orders) or not made by this strategy. Every question about one sentence shares it, so a held-out
     fact can keep all its question wordings out of training."""
-    m = re.fullmatch(r"([sckrqhfab])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
+    m = re.fullmatch(r"([sckrqhfabyn])(\d+)(?:\.\d+)?(?:w\d+)?", variant or "")
     return m.group(2) if m else None
 
 
 def is_question(variant: str) -> bool:
     """Whether a facts variant asks about its fact (rather than stating it)."""
     return fact_of(variant) is not None and variant[0] in QUESTION_PREFIXES
+
+
+def is_polar(variant: str) -> bool:
+    """Whether a facts variant is a yes/no question (``polar_items``)."""
+    return fact_of(variant) is not None and variant[0] in POLAR_PREFIXES
 
 
 def _shuffled_orders(statements: list[str], orders: int, key: str) -> list[str]:
@@ -375,6 +386,90 @@ def open_book(kept: list[Candidate], neighbour: Unit | None, count: int) -> list
                              check=by_variant[f"s{i}"].text, context=context))
         out.append(Candidate(unit, f"a{i}", unit.chunk.text, messages=question.messages, check=question.check,
                              context=context))
+    return out
+
+
+def _nudged(text: str, rng: random.Random) -> str | None:
+    """``text`` (a number or a date) with its last whole number moved a little: a year by one to nine, a count by
+    about a fifth (at least one), never to zero or below; None where it holds no whole number."""
+    found = list(re.finditer(r"\d+", text))
+    if not found:
+        return None
+    m = found[-1]
+    n = int(m.group())
+    step = rng.randint(1, 9) if YEAR.fullmatch(m.group()) else max(1, round(n * rng.uniform(0.15, 0.4)))
+    moved = n + step if n - step <= 0 or rng.random() < 0.5 else n - step
+    return text[:m.start()] + str(moved) + text[m.end():]
+
+
+def _before(sentence: str, span: Span) -> str:
+    """The word before ``span`` in its sentence, lower-cased ("" at its start): "by", "in", "on", ..."""
+    return (words(sentence[:span.start]) or [""])[-1].lower()
+
+
+def _shape(span: Span) -> tuple:
+    """What a fact swapped for this one must share with it, so that the false claim reads as one: its kind, for a
+    name whether it is one word ("American") or several ("Adelaide Lightning"), for a number whether it is a year,
+    for a date whether it names a month."""
+    if span.kind == "name":
+        return span.kind, " " in span.text
+    if span.kind == "number":
+        return span.kind, bool(YEAR.fullmatch(span.text))
+    return span.kind, bool(re.search(r"[A-Za-z]", span.text))
+
+
+def _swapped(span: Span, statement: str, others: list[tuple[Span, str]], rng: random.Random) -> str | None:
+    """What to put in ``span``'s place for a claim that is false: another fact of its kind from the chunk (not one
+    the statement already holds), one after the same word if there is one ("founded by" another founder, not a
+    place), else for a number or date the same one nudged (``_nudged``); None if neither."""
+    same = [(o, before) for o, before in others
+            if _shape(o) == _shape(span) and o.text.lower() not in statement.lower()]
+    matched = sorted({o.text for o, before in same if before == _before(statement, span)})
+    pool = matched or sorted({o.text for o, _ in same})
+    if pool:
+        return rng.choice(pool)
+    return _nudged(span.text, rng) if span.kind in ("number", "date") else None
+
+
+def _askable(statement: str, span: Span, subject: str) -> bool:
+    """A span a yes/no question can swap: not visible elsewhere (``_gives_away``), and not a single capitalised
+    word opening the sentence ("Engineers from ..."), which the name finder takes for a name."""
+    _, body = split_header(statement, span.start)
+    opens = statement.index(body) == span.start
+    return not _gives_away(statement, span, subject) and not (span.kind == "name" and opens and " " not in span.text)
+
+
+def polar_items(unit: Unit, count: int) -> list[Candidate]:
+    """Yes/no items for ``count`` sentences of a chunk (a seeded draw among those whose claim can be asked both ways):
+    the statement asked as a yes/no question (``y``, answered "Yes." and the statement) and asked again with its
+    first askable fact swapped for another of the same kind (``n``, answered "No." and the true statement). Both
+    answers state the fact, so the items ground as the statement does; the false claim is only in the question."""
+    if count <= 0:
+        return []
+    said = statements_of(unit)
+    others = [(sp, _before(sent, sp)) for _, sent, _ in said for sp in spans(sent)]
+    rng = random.Random(f"polar:{unit.key}")
+    pairs: list[tuple[int, str, str, str]] = []
+    for i, _, statement in said:
+        for span in spans(statement):
+            if not _askable(statement, span, unit.subject):
+                continue
+            true_q = polar_question(statement, span)
+            other = _swapped(span, statement, others, rng) if true_q else None
+            if not other:
+                continue
+            false_q = polar_question(statement[:span.start] + other + statement[span.end:],
+                                     Span(span.kind, other, span.start, span.start + len(other)))
+            if false_q and false_q != true_q:
+                pairs.append((i, statement, true_q, false_q))
+                break
+    out = []
+    for i, statement, true_q, false_q in sorted(rng.sample(pairs, min(count, len(pairs)))):
+        for variant, question, answer in ((f"y{i}", true_q, f"Yes. {statement}"),
+                                          (f"n{i}", false_q, f"No. {statement}")):
+            out.append(Candidate(unit, variant, unit.chunk.text, check=answer,
+                                 messages=[{"role": "user", "content": question},
+                                           {"role": "assistant", "content": answer}]))
     return out
 
 

@@ -189,3 +189,18 @@ def fronted_question(statement: str, span: Span) -> str | None:
         return None  # "the island of Carrowmede": a name inside a noun phrase
     inverted = _inverted(subject, verb, form, f"{middle} {after}")
     return head + _tidy(f"{phrase} {inverted}") if inverted else None
+
+
+def polar_question(statement: str, span: Span) -> str | None:
+    """``statement`` asked as a yes/no question, its verb inverted ("Did the head office move inland in 1962?"), cut
+    at the first clause break, keeping any "Subject: " header; None where the sentence's shape is not one this can
+    invert, or where the cut would leave ``span`` (the fact the question is about) out."""
+    head, body = split_header(statement, span.start)
+    clause = _clause(body)
+    if clause.count("(") > clause.count(")"):  # "... for the Eagles (1941": the aside ends past the cut
+        clause = clause[:clause.rindex("(")]
+    if span.end - len(head) > len(clause.rstrip(" .!?")):
+        return None
+    parts = _split_at_verb(clause)
+    inverted = parts and _inverted(*parts)
+    return head + _tidy(inverted) if inverted else None

@@ -292,7 +292,7 @@ class Synthesizer:
         if cfg.facts_reading:
             cands += facts.open_book(cands, facts.similar_chunk(unit, neighbours) if neighbours else None,
                                      cfg.facts_reading)
-        return cands + self._about.get(unit.key, [])
+        return cands + facts.polar_items(unit, cfg.facts_polar) + self._about.get(unit.key, [])
 
     def _facts_batch(self, batch: list[Unit], store, dedup, report) -> tuple[list[dict], list[dict]]:
         items, progress = [], []

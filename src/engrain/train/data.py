@@ -213,6 +213,8 @@ def split_examples(examples: list[Example], items: dict[str, dict], fraction: fl
                    max_val: int) -> tuple[list[Example], list[Example]]:
     """(train, validation): whole facts held out (see ``fact_group``), chosen by a stable hash until ``max_val``
     questions are held out."""
+    from ..synth.facts import is_polar
+
     if fraction <= 0 or len(examples) < 10:
         return examples, []
     groups = {e.key: fact_group(e.key, items.get(e.key, {})) for e in examples}
@@ -229,8 +231,10 @@ def split_examples(examples: list[Example], items: dict[str, dict], fraction: fl
     val = [e for e in examples if groups[e.key][0] in chosen and groups[e.key][1]]
     held = {id(e) for e in val}
     # A held-out fact asked open-book is neither trained (it would quiz the fact) nor validated (its answer is in
-    # view, while validation asks closed-book).
-    val = [e for e in val if not items.get(e.key, {}).get("context")]
+    # view, while validation asks closed-book); nor is one asked yes or no (validation scores an answer's first
+    # tokens, and "Yes." is right half the time without the fact).
+    val = [e for e in val if not items.get(e.key, {}).get("context")
+           and not (items.get(e.key, {}).get("strategy") == "facts" and is_polar(str(items[e.key].get("variant"))))]
     return [e for e in examples if id(e) not in held], val
 
 
