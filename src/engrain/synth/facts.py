@@ -434,8 +434,8 @@ def _swapped(span: Span, statement: str, others: list[tuple[Span, str]], rng: ra
 def _askable(statement: str, span: Span, subject: str) -> bool:
     """A span a yes/no question can swap: not visible elsewhere (``_gives_away``), and not a single capitalised
     word opening the sentence ("Engineers from ..."), which the name finder takes for a name."""
-    _, body = split_header(statement, span.start)
-    opens = statement.index(body) == span.start
+    head, _ = split_header(statement, span.start)
+    opens = span.start == len(head)
     return not _gives_away(statement, span, subject) and not (span.kind == "name" and opens and " " not in span.text)
 
 
