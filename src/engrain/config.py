@@ -84,7 +84,8 @@ class SynthConfig(Section):
     facts_reading: int = Field(1, ge=0, le=8, description="sentences per chunk also trained open-book: continued and "
                                                           "asked with the chunk and a similar one in the prompt, as "
                                                           "retrieval shows them, so the memory learns to read them too")
-    # off until experiments/knowledge measures it (the hotpot30-polar row)
+    # off: experiments/knowledge's hotpot30-polar row measured it (the yes/no answers came back; the hybrid answered
+    # fewer of the other questions on that one seed)
     facts_polar: int = Field(0, ge=0, le=8, description="sentences per chunk also asked as yes/no questions: once as "
                                                         "stated (answered \"Yes.\" and the statement) and once with "
                                                         "a fact swapped for another of its kind (\"No.\" and the "
