@@ -3,6 +3,7 @@ or "No." and the true statement, grounded in the chunk, and kept out of training
 
 from __future__ import annotations
 
+import os
 import re
 
 from synth_workspace import DOCS, read_jsonl, write_corpus
@@ -57,9 +58,11 @@ def test_each_sentence_drawn_is_asked_true_and_false_and_both_answers_state_the_
         assert yes[1]["content"] == f"Yes. {statement}" and no[1]["content"] == f"No. {statement}"
         assert yes[0]["content"].endswith("?") and no[0]["content"].endswith("?")
         assert yes[0]["content"] != no[0]["content"]
-        # The false claim differs in one place: the rest of the question is the true one's.
-        a, b = yes[0]["content"].split(), no[0]["content"].split()
-        assert a[0] == b[0] and a[-1][-1] == b[-1][-1] == "?"
+        # The false claim differs in one place, a fact's few words: the rest of the question is the true one's.
+        a, b = yes[0]["content"], no[0]["content"]
+        head = len(os.path.commonprefix([a, b]))
+        tail = len(os.path.commonprefix([a[head:][::-1], b[head:][::-1]]))
+        assert 0 < len(a[head:len(a) - tail].split()) <= 4 and 0 < len(b[head:len(b) - tail].split()) <= 4, (a, b)
         unit = next(u for u in units if u.key == key)
         assert any(s == statement for _, _, s in facts.statements_of(unit))
         source = SourceIndex(unit.chunk.text)
