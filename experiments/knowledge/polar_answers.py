@@ -40,6 +40,8 @@ def main() -> None:
     try:
         runs = [load_results(Path(p)) for p in args.results]
         methods = [m for m in runs[0].get("answers", {}) if all(m in r.get("answers", {}) for r in runs)]
+        if not methods:
+            raise SystemExit("the results share no method's answers")
         answers = {m: {} for m in methods}
         for path, run in zip(args.results, runs):
             for m in methods:
