@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engrain.atomic import write_json
 from engrain.errors import EngrainError
-from engrain.evaluate.paired import answers_of, load_results
+from engrain.evaluate.paired import joined_answers, load_results
 
 
 def main() -> None:
@@ -27,25 +27,15 @@ def main() -> None:
         sys.exit(__doc__)
     out, inputs = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
     try:
-        runs = [load_results(p) for p in inputs]
+        runs = [(str(p), load_results(p)) for p in inputs]
+        joined = joined_answers(runs)
     except EngrainError as e:
         sys.exit(str(e))
-    methods = [m for m in runs[0].get("answers", {}) if all(m in r.get("answers", {}) for r in runs)]
-    if not methods:
-        sys.exit("the inputs share no method's answers")
-    answers: dict[str, list] = {}
-    for method in methods:
-        seen: set[str] = set()
-        answers[method] = []
-        for path, run in zip(inputs, runs):
-            for qid, text in answers_of(run, method, str(path)).items():
-                if qid in seen:
-                    sys.exit(f"{path} answers {qid} again: the slices overlap")
-                seen.add(qid)
-                answers[method].append({"id": qid, "answer": text})
-    write_json(out / "results.json", {"joined_from": [str(p) for p in inputs],
-                                      "benches": [r.get("bench") for r in runs], "answers": answers})
-    print(f"wrote {out / 'results.json'}: {', '.join(methods)}, {len(answers[methods[0]])} answers each")
+    answers = {m: [{"id": qid, "answer": text} for qid, text in by_id.items()] for m, by_id in joined.items()}
+    write_json(out / "results.json", {"joined_from": [where for where, _ in runs],
+                                      "benches": [r.get("bench") for _, r in runs],
+                                      "answers": answers})
+    print(f"wrote {out / 'results.json'}: {', '.join(answers)}, {len(next(iter(joined.values())))} answers each")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from engrain.cli import app
 from engrain.errors import EngrainError
+from engrain.evaluate.paired import joined_answers
 
 
 def make_bench(root):
@@ -146,3 +148,16 @@ def test_compare_against_tests_forgetting_too_where_both_runs_recorded_it(tmp_pa
     assert "General QA of the trained weights" in markdown(table)
     plain = write_run(tmp_path / "old" / "results.json", "lora", {0})
     assert "general" not in run_against(this, questions, plain)
+
+
+def test_answers_of_disjoint_slices_join_for_the_methods_all_of_them_answered():
+    def run(ids: list[str], methods: tuple[str, ...]) -> dict:
+        return {"answers": {m: [{"id": i, "answer": f"{m} {i}"} for i in ids] for m in methods}}
+
+    joined = joined_answers([("a", run(["q1", "q2"], ("rag", "lora"))), ("b", run(["q3"], ("lora", "rag", "base")))])
+    assert list(joined) == ["rag", "lora"]  # base is missing from the first slice
+    assert joined["lora"] == {"q1": "lora q1", "q2": "lora q2", "q3": "lora q3"}
+    with pytest.raises(EngrainError, match="answers q2 again"):
+        joined_answers([("a", run(["q1", "q2"], ("rag",))), ("b", run(["q2"], ("rag",)))])
+    with pytest.raises(EngrainError, match="share no method"):
+        joined_answers([("a", run(["q1"], ("rag",))), ("b", run(["q2"], ("lora",)))])

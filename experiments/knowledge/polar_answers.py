@@ -2,8 +2,8 @@
 
     python experiments/knowledge/polar_answers.py BENCH RESULTS [RESULTS ...] [--method lora+rag --against rag]
 
-For every method in the results (one run, or slices joined by experiments/join_slices.py, or several slices given
-one after the other), prints how its answers to BENCH's yes/no questions begin (Yes, No, anything else) and how
+For every method in the results (one run, a run joined by experiments/join_slices.py, or the slices' own runs given
+one after the other, joined as join_slices.py joins them), prints how its answers to BENCH's yes/no questions begin (Yes, No, anything else) and how
 many it gets right, then the questions the method answers right and --against does not, and the other way round,
 split into yes/no questions and the rest, per tag (bridge, comparison, ...). A trained memory's items answer every
 question with a statement, so this shows whether it still answers a yes/no question with yes or no.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from engrain.errors import EngrainError
 from engrain.evaluate import metrics
-from engrain.evaluate.paired import answers_of, bench_questions, load_results
+from engrain.evaluate.paired import bench_questions, joined_answers, load_results
 from engrain.evaluate.report import fmt_paired
 
 POLAR = ("yes", "no")
@@ -38,22 +38,17 @@ def main() -> None:
     parser.add_argument("--against", default="rag")
     args = parser.parse_args()
     try:
-        runs = [load_results(Path(p)) for p in args.results]
-        methods = [m for m in runs[0].get("answers", {}) if all(m in r.get("answers", {}) for r in runs)]
-        if not methods:
-            raise SystemExit("the results share no method's answers")
-        answers = {m: {} for m in methods}
-        for path, run in zip(args.results, runs):
-            for m in methods:
-                answers[m].update(answers_of(run, m, path))
-        questions = [q for q in bench_questions(Path(args.bench)) if q.id in answers[methods[0]]]
+        answers = joined_answers([(p, load_results(Path(p))) for p in args.results])
+        first = next(iter(answers.values()))
+        questions = [q for q in bench_questions(Path(args.bench)) if q.id in first]
     except EngrainError as e:
         raise SystemExit(str(e)) from e
     polar = [q for q in questions if any(a.strip().lower() in POLAR for a in q.answers)]
+    polar_ids = {q.id for q in polar}
     print(f"{len(questions)} questions answered, {len(polar)} of them yes/no "
           f"({sum(q.answers[0].strip().lower() == 'yes' for q in polar)} yes)")
     print("| method | begins Yes | begins No | other | right |\n| --- | --- | --- | --- | --- |")
-    for m in methods:
+    for m in answers:
         begins = Counter(opening(answers[m][q.id]) for q in polar)
         right = sum(metrics.contains(answers[m][q.id], q.answers) > 0 for q in polar)
         print(f"| {m} | {begins['yes']} | {begins['no']} | {begins['other']} | {right} of {len(polar)} |")
@@ -64,13 +59,13 @@ def main() -> None:
         mine = metrics.contains(answers[args.method][q.id], q.answers) > 0
         theirs = metrics.contains(answers[args.against][q.id], q.answers) > 0
         for tag in q.tags or ["untagged"]:
-            key = (tag, "yes/no" if q in polar else "other")
+            key = (tag, "yes/no" if q.id in polar_ids else "other")
             won[key] += mine and not theirs
             lost[key] += theirs and not mine
     print(f"\n{args.method} against {args.against}, questions won / lost:")
     for key in sorted(set(won) | set(lost)):
         print(f"  {key[0]}, {key[1]}: {won[key]} / {lost[key]}")
-    for label, part in (("all", questions), ("all but the yes/no ones", [q for q in questions if q not in polar])):
+    for label, part in (("all", questions), ("all but the yes/no ones", [q for q in questions if q.id not in polar_ids])):
         d = metrics.paired_difference([metrics.contains(answers[args.method][q.id], q.answers) for q in part],
                                       [metrics.contains(answers[args.against][q.id], q.answers) for q in part])
         print(f"{label} ({len(part)}): {fmt_paired(d)} ({d['wins']} won / {d['losses']} lost)")

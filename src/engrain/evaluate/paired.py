@@ -87,6 +87,25 @@ def load_results(path: Path) -> dict:
                            hint="Name a results.json written by `engrain compare`.") from None
 
 
+def joined_answers(runs: list[tuple[str, dict]]) -> dict[str, dict[str, str]]:
+    """method -> question id -> answer over results.json files made on disjoint slices of one benchmark (``runs``:
+    (where each was read, its content)), for the methods every file answered, in file order. An EngrainError where
+    they share no method, or where two files answer one question (the slices overlap)."""
+    contents = [run for _, run in runs]
+    methods = [m for m in contents[0].get("answers") or {} if all(m in (r.get("answers") or {}) for r in contents)]
+    if not methods:
+        raise EngrainError(f"{', '.join(where for where, _ in runs)} share no method's answers.",
+                           hint="Join runs of the same methods, one per slice.")
+    joined: dict[str, dict[str, str]] = {m: {} for m in methods}
+    for where, run in runs:
+        for method in methods:
+            for qid, text in answers_of(run, method, where).items():
+                if qid in joined[method]:
+                    raise EngrainError(f"{where} answers {qid} again.", hint="The slices must not overlap.")
+                joined[method][qid] = text
+    return joined
+
+
 def paired_rows(reference: Scored, runs: list[Scored]) -> list[dict]:
     """Per run: contains with its 95% interval, and the paired difference to the reference (bootstrap interval,
     questions won and lost, McNemar's exact p)."""
