@@ -233,8 +233,10 @@ def split_examples(examples: list[Example], items: dict[str, dict], fraction: fl
     # A held-out fact asked open-book is neither trained (it would quiz the fact) nor validated (its answer is in
     # view, while validation asks closed-book); nor is one asked yes or no (validation scores an answer's first
     # tokens, and "Yes." is right half the time without the fact).
-    val = [e for e in val if not items.get(e.key, {}).get("context")
-           and not (items.get(e.key, {}).get("strategy") == "facts" and is_polar(str(items[e.key].get("variant"))))]
+    def validates(item: dict) -> bool:
+        return not item.get("context") and not (item.get("strategy") == "facts" and is_polar(str(item.get("variant"))))
+
+    val = [e for e in val if validates(items.get(e.key, {}))]
     return [e for e in examples if id(e) not in held], val
 
 
