@@ -542,6 +542,25 @@ def test_self_prose_replay_is_half_the_replay_and_continues_the_shipped_openings
     assert [json.loads(x)["messages"][0]["content"] for x in chat] == replay_prompts()[:4]
 
 
+def test_replay_shares_split_the_replay_between_its_sources(ws, tiny_lm):
+    """train.replay_shares weighs the sources; the counts add up to the replay asked, and shares that do not fit the
+    sources are refused by name."""
+    from engrain.train.plan import make_plan
+    from engrain.train.replay import source_counts
+
+    assert source_counts(10, ["a", "b"], None) == [5, 5]
+    assert source_counts(9, ["a", "b"], None) == [5, 4]  # as the equal split always gave
+    assert source_counts(10, ["a", "b"], [1, 2]) == [3, 7]
+    assert source_counts(7, ["a", "b", "c"], [1, 0, 1]) == [4, 0, 3]
+    cfg = TrainConfig(replay_share=0.25, replay_max_new_tokens=4, seq_len=128, val_fraction=0.0,
+                      replay_sources=["self_distill", "self_prose"], replay_shares=[1, 3])
+    drawn = [ex.key for ex in make_plan(ws, tiny_lm, cfg, world=1, packing=True).train if ex.kind == "replay"]
+    assert sum(k.startswith("replay-sd-") for k in drawn) == 2 and sum(k.startswith("replay-sp-") for k in drawn) == 6
+    for bad in ([1.0], [0, 0], [-1, 2]):
+        with pytest.raises(EngrainError, match="replay_shares"):
+            make_plan(ws, tiny_lm, cfg.model_copy(update={"replay_shares": bad}), world=1, packing=True)
+
+
 def test_self_qa_replay_answers_the_shipped_short_questions(ws, tiny_lm):
     from engrain.train.plan import make_plan
     from engrain.train.replay import replay_questions

@@ -154,6 +154,9 @@ class TrainConfig(Section):
                                                              "share of the replay (None: the memory kind's default; "
                                                              "LoRA self_distill and self_prose, the others "
                                                              "self_distill); experiments/knowledge measures them")
+    replay_shares: list[float] | None = Field(None, description="each replay source's share of the replay, in "
+                                                           "the order of replay_sources (None: equal shares); "
+                                                           "experiments/knowledge's prose-share rows measure it")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: as many as the mix "

@@ -261,16 +261,35 @@ def model_key(lm: LM) -> str | None:
     return hashlib.sha1(json.dumps([str(folder), stats]).encode()).hexdigest()[:16]
 
 
+def source_counts(want: int, sources: list[str], weights: list[float] | None) -> list[int]:
+    """``want`` replay items split between ``sources`` in proportion to ``weights`` (equal where None), rounded so
+    that they add up to ``want``: the largest remainders get the items left over, the earlier source on a tie."""
+    if weights is None:
+        weights = [1.0] * len(sources)
+    if len(weights) != len(sources) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise EngrainError(f"train.replay_shares {list(weights)} does not fit train.replay_sources {sources}.",
+                           hint="Give one share (zero or more, not all zero) per replay source, in the same order.")
+    exact = [want * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sources)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:want - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def replay_examples(ws: Workspace, lm: LM, cfg: TrainConfig, n_train: int) -> list[Example]:
     """``replay_share`` of the final mix, drawn (seeded, cycling) from the enabled replay sources."""
     if cfg.replay_share <= 0 or n_train == 0:
         return []
     want = round(n_train * cfg.replay_share / (1.0 - cfg.replay_share))
     sources = list(dict.fromkeys(cfg.replay_sources or DEFAULT_SOURCES))  # unset: the trainer gives the kind's
-    # Each source gets an equal share of the replay, so adding one does not depend on how large its pool is.
-    shares = [want // len(sources) + (1 if i < want % len(sources) else 0) for i in range(len(sources))]
+    # Each source gets its share of the replay (equal unless train.replay_shares says otherwise), so adding one does
+    # not depend on how large its pool is.
+    shares = source_counts(want, sources, cfg.replay_shares)
     picked: list[dict] = []
     for source, share in zip(sources, shares):
+        if share == 0:
+            continue
         if source == "self_distill":
             # No more prompts answered than the mix draws: the base model's answers cost generation time of their own
             # (bench/bench_answer_batch.py), and a pool larger than the draw adds no prompt to it.
