@@ -151,12 +151,13 @@ class TrainConfig(Section):
                                                              "prose openings), self_qa (its answers to short "
                                                              "general-knowledge questions) and self_questions (its "
                                                              "answers to questions it wrote itself), each an equal "
-                                                             "share of the replay (None: the memory kind's default; "
+                                                             "share of the replay unless replay_shares weighs "
+                                                             "them (None: the memory kind's default; "
                                                              "LoRA self_distill and self_prose, the others "
                                                              "self_distill); experiments/knowledge measures them")
     replay_shares: list[float] | None = Field(None, description="each replay source's share of the replay, in "
-                                                           "the order of replay_sources (None: equal shares); "
-                                                           "experiments/knowledge's prose-share rows measure it")
+                                                             "the order of replay_sources (None: equal shares); "
+                                                             "experiments/knowledge's prose-share rows measure it")
     replay_max_new_tokens: int = 96
     replay_prompts: int | None = Field(None, ge=1, description="self-distillation replays the first N of the general "
                                                                "prompts engrain ships (None: as many as the mix "
