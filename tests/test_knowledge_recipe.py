@@ -4,6 +4,7 @@ validation, the KL to the base model on replay, and the checkpoint chosen by hel
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from synth_workspace import DOCS
@@ -218,9 +219,9 @@ def test_held_out_answers_are_greedy_decoding_read_from_the_validation_forward(t
                         device="cpu")
 
     for packing in (True, False):
-        assert judge([right], packing)[1] == 1.0
+        assert judge([right], packing)[1] == [True]
         # packed behind a statement and a wrong answer in one row, or one per row: each question judged on its own
-        assert judge([text_only, wrong, right], packing)[1] == 0.5
+        assert judge([text_only, wrong, right], packing)[1] == [False, True]
         assert judge([text_only], packing)[1] is None
     examples = [right, text_only, wrong]
     rows = pack(examples, 256)
@@ -263,6 +264,26 @@ def test_training_keeps_the_checkpoint_that_answers_held_out_facts_best(tmp_path
     best = max(evals, key=lambda r: (r["val_answered"], -r["val_loss"]))
     assert summary["best_val_step"] == best["step"] and summary["kept_weights_of_step"] == best["step"]
     assert summary["data"]["validation"] >= 3
+    # keep_best_p 0: no lead is beyond it, so the last step is kept whatever the evaluations counted
+    strict = Workspace.at(tmp_path / "strict")
+    shutil.copytree(ws.synth_dir, strict.synth_dir)
+    summary = train(strict, cfg.model_copy(update={"keep_best_p": 0.0}), str(tiny_model_dir), show_progress=False)
+    won, lost = summary["best_over_last"]
+    assert summary["kept_weights_of_step"] == summary["steps"] == 6 and won >= lost
+
+
+def test_an_earlier_checkpoint_replaces_the_last_only_on_a_lead_beyond_noise():
+    from engrain.train.loop import beyond_noise, lead
+
+    last = [True, False, False, True, False, False, False, False]
+    one_ahead = [True, True, False, True, False, False, False, False]
+    assert lead(one_ahead, last) == (1, 0)
+    assert beyond_noise(lead(one_ahead, last), None)  # no threshold: any lead, as the evaluations were judged
+    assert not beyond_noise(lead(one_ahead, last), 0.05)  # one question is noise
+    assert lead([True] * 8, last) == (6, 0) and beyond_noise(lead([True] * 8, last), 0.05)  # McNemar p 1/32
+    assert not beyond_noise(lead(last, last), 1.0)  # a tie is no lead
+    assert not beyond_noise(lead(last, [True] * 8), 1.0)  # behind is no lead
+    assert lead(None, last) is None and beyond_noise(None, 0.05)  # nothing to compare: the judgement stands
 
 
 def test_experiment_settings_merge_into_the_workspace_config(tmp_path):

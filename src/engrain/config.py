@@ -144,6 +144,11 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, description="stop after this many evals without improvement; 0 = off")
     keep_best: bool = Field(True, description="save the weights of the best validation (held-out facts answered, "
                                               "then loss) instead of the last")
+    keep_best_p: float | None = Field(None, ge=0, le=1,
+                                      description="with keep_best, an earlier evaluation's weights replace the last "
+                                                  "step's only when it answered more held-out questions than the last "
+                                                  "at McNemar's exact p at or below this; None: any better score, "
+                                                  "however small the lead")
     # replay against forgetting
     replay_share: float = Field(0.3, description="share of general data in the training mix (0 = none); experiments/knowledge measures what it keeps and costs")
     replay_sources: list[str] | None = Field(None, description="self_distill (the base model's answers to general "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..config import TrainConfig
 from ..errors import EngrainError
+from ..evaluate.metrics import mcnemar_p
 from ..models import LM
 from ..progress import Progress, note
 from ..workspace import Workspace
@@ -182,6 +183,24 @@ def resume_point(ws: Workspace, name: str, runcfg: dict, force: bool, accelerato
     return None
 
 
+def lead(best: list[bool] | None, last: list[bool] | None) -> tuple[int, int] | None:
+    """(questions answered by ``best`` alone, by ``last`` alone): two evaluations' answers to the same held-out
+    questions, or None when they cannot be compared."""
+    if best is None or last is None or len(best) != len(last):
+        return None
+    return sum(b and not a for b, a in zip(best, last)), sum(a and not b for b, a in zip(best, last))
+
+
+def beyond_noise(split: tuple[int, int] | None, p: float | None) -> bool:
+    """Whether an earlier evaluation's lead over the last (``lead``'s split) is larger than the noise of counting a
+    few held-out questions: more answered by it alone, at McNemar's exact p at or below ``p``. With ``p`` None, or
+    answers that cannot be compared, any better score counts, as the evaluations were judged."""
+    if p is None or split is None:
+        return True
+    won, lost = split
+    return won > lost and mcnemar_p(won, lost) <= p
+
+
 @dataclass
 class Best:
     """The best evaluation so far, judged by (held-out facts answered, -validation loss): higher is better."""
@@ -191,12 +210,13 @@ class Best:
     score: tuple | None = None
     bad_evals: int = 0
     weights: dict | None = None  # the trainable weights of that evaluation, when cfg.keep_best
+    answers: list[bool] | None = None  # its answer to each held-out question
 
-    def judge(self, step: int, val: float, answered: float | None, weights) -> None:
+    def judge(self, step: int, val: float, answers: list[bool] | None, weights) -> None:
         """Record an evaluation; ``weights()`` is called only when it is the best so far."""
-        score = (answered or 0.0, -round(val, 6))
+        score = (sum(answers) / len(answers) if answers else 0.0, -round(val, 6))
         if self.score is None or score > self.score:
-            self.val, self.step, self.score, self.bad_evals = val, step, score, 0
+            self.val, self.step, self.score, self.bad_evals, self.answers = val, step, score, 0, answers
             self.weights = weights()
         else:
             self.bad_evals += 1
@@ -226,6 +246,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup, plan.steps, cfg.min_lr_ratio))
         self.best = Best()
+        self.last_answers: list[bool] | None = None  # of the latest evaluation, which at the end is the last step
         # The moving average spans a share of the planned steps, so one setting means the same on any corpus.
         self.average = WeightAverage(self.module, cfg.ema_horizon * plan.steps) if cfg.ema_horizon > 0 else None
         self.step = self.start_step = 0
@@ -267,7 +288,8 @@ class Run:
         self.step = self.start_step = state["step"]
         self.resumed = True
         self.best = Best(state.get("best_val"), state.get("best_step"),
-                         tuple(state["best_score"]) if state.get("best_score") else None, state.get("bad_evals", 0))
+                         tuple(state["best_score"]) if state.get("best_score") else None, state.get("bad_evals", 0),
+                         answers=state.get("best_answers"))
         self.history = state.get("history", [])
         self.seconds_before, self.tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
         from safetensors.torch import load_file
@@ -353,13 +375,14 @@ class Run:
         averaged = self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
         with averaged:
             with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
-                val, answered = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
+                val, answers = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
                                          seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
             record["val_loss"] = round(val, 5)
-            if answered is not None:
-                record["val_answered"] = round(answered, 4)
+            if answers is not None:
+                record["val_answered"] = round(sum(answers) / len(answers), 4)
+            self.last_answers = answers
             keep = self.cfg.keep_best
-            self.best.judge(self.step, val, answered,
+            self.best.judge(self.step, val, answers,
                             lambda: {k: v.clone() for k, v in trainable_state(inner).items()} if keep else None)
         patience = self.cfg.early_stopping_patience
         if patience and self.best.bad_evals >= patience:
@@ -382,7 +405,8 @@ class Run:
         if self.accelerator.is_main_process:
             best = self.best
             state = {"config": self.runcfg, "best_val": best.val, "best_step": best.step, "bad_evals": best.bad_evals,
-                     "best_score": list(best.score) if best.score else None, "history": self.history[-1000:],
+                     "best_score": list(best.score) if best.score else None, "best_answers": best.answers,
+                     "history": self.history[-1000:],
                      "train_seconds": self.seconds_before + time.time() - self.t_start,
                      "train_tokens": self.tokens_before + self.tokens_seen * self.world}
             extra = {}
@@ -405,7 +429,9 @@ class Run:
         seconds = time.time() - self.t_start
         module = self.accelerator.unwrap_model(self.model)
         best, cfg, lm = self.best, self.cfg, self.lm
-        kept_best = cfg.keep_best and best.weights is not None
+        # The last evaluation is of the last step; an earlier one replaces it only on a lead beyond keep_best_p.
+        split = lead(best.answers, self.last_answers)
+        kept_best = cfg.keep_best and best.weights is not None and beyond_noise(split, cfg.keep_best_p)
         if kept_best:
             with torch.no_grad():
                 named = dict(module.named_parameters())
@@ -423,6 +449,7 @@ class Run:
                    "tokens_per_s": round(self.tokens_per_s(seconds), 1),
                    "final_train_loss": round(self.last_loss, 5), "best_val_loss": best.val, "best_val_step": best.step,
                    "best_val_answered": best.score[0] if best.score else None,
+                   "best_over_last": list(split) if split else None,  # held-out questions answered by one alone
                    "kept_weights_of_step": best.step if kept_best else self.step,
                    "trainable_params": sum(p.numel() for p in self.params), "processes": self.world,
                    "bf16": self.bf16, "packing": self.packing, "data": self.plan.summary(), "config": self.runcfg,

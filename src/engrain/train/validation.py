@@ -32,13 +32,13 @@ def answer_positions(example: Example, n_end: int, seq_len: int) -> list[int] | 
 
 
 def evaluate(module, examples: list[Example], tokenizer, *, micro_batch: int, seq_len: int, packing: bool,
-             device) -> tuple[float | None, float | None]:
-    """(validation loss, share of held-out questions answered) of the validation ``examples``, packed as training packs
-    them (or one per row). A question counts as answered when the model's most likely token is the answer's at each
+             device) -> tuple[float | None, list[bool] | None]:
+    """(validation loss, whether each held-out question was answered) of the validation ``examples``, packed as
+    training packs them (or one per row). A question counts as answered when the model's most likely token is the answer's at each
     position ``answer_positions`` names: greedy decoding closed-book, read from the same teacher-forced forward as the
     loss, so judging a checkpoint costs one validation pass, not a generation. Choosing the checkpoint by it picks the
     memory that answers facts it was never quizzed on, which item loss does not measure. (None, None) without
-    examples; the share is None without questions."""
+    examples; the answers are None without questions."""
     import torch
     import torch.nn.functional as F
 
@@ -54,7 +54,8 @@ def evaluate(module, examples: list[Example], tokenizer, *, micro_batch: int, se
             judged.setdefault(r, []).append([t + p for p in positions])
     was_training = module.training
     module.eval()
-    total, count, right = 0.0, 0, 0
+    total, count = 0.0, 0
+    answers: list[bool] = []  # per held-out question, in the same order at every evaluation of a run
     with torch.no_grad():
         for first in range(0, len(rows), micro_batch):
             batch = collate(rows[first:first + micro_batch], tokenizer.pad_token_id, packing, device)
@@ -72,7 +73,6 @@ def evaluate(module, examples: list[Example], tokenizer, *, micro_batch: int, se
                 for positions in judged.get(first + i, []):
                     # logits at t predict token t + 1: the answer's token at p is read at p - 1
                     at_p = torch.tensor(positions)
-                    right += int(torch.equal(guess[at[i, at_p - 1]], batch["labels"][i, at_p]))
+                    answers.append(torch.equal(guess[at[i, at_p - 1]], batch["labels"][i, at_p]))
     module.train(was_training)
-    asked = sum(len(v) for v in judged.values())
-    return total / max(1, count), (right / asked if asked else None)
+    return total / max(1, count), (answers or None)
