@@ -6,6 +6,11 @@ Reads each results.json under RESULTS_DIR (default experiments/knowledge/results
 step kept (`describe.kept_weights_of_step`; older results do not), prints those kept before the given share of
 their steps with the held-out facts they answered, and counts them by the part of the run's name before its first
 "-" (squad10, fictional10, ...): whether the choice of checkpoint moves off the last steps, and where.
+
+Memories trained with `train.keep_best_p` also record `best_over_last`, the held-out questions answered by the best
+evaluation alone and by the last alone: for those it prints the evaluations' best step (the one kept without
+`keep_best_p`, read from the run's train-log.jsonl where the results predate `describe.best_val_step`), that split,
+its McNemar p and the step kept.
 """
 
 from __future__ import annotations
@@ -14,6 +19,19 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
+
+from engrain.evaluate.metrics import mcnemar_p
+
+
+def best_step(run_dir: Path, described: dict) -> int | None:
+    """The evaluations' best step, judged as `train.keep_best` judges (held-out facts answered, then loss)."""
+    if described.get("best_val_step") is not None:
+        return described["best_val_step"]
+    log = run_dir / "train-log.jsonl"
+    if not log.is_file():
+        return None
+    evals = [r for r in map(json.loads, log.read_text().splitlines()) if "val_loss" in r]
+    return max(evals, key=lambda r: (r.get("val_answered", 0.0), -r["val_loss"]))["step"] if evals else None
 
 
 def main() -> None:
@@ -29,6 +47,11 @@ def main() -> None:
             kept, steps = described.get("kept_weights_of_step"), described.get("steps")
             if not kept or not steps:
                 continue
+            if described.get("best_over_last") is not None:
+                won, lost = described["best_over_last"]
+                print(f"{run} {method}: best evaluation step {best_step(path.parent, described)} answered {won} "
+                      f"held-out questions the last did not, the last {lost} (McNemar p={mcnemar_p(won, lost):.2g}); "
+                      f"step {kept} of {steps} kept")
             bench = run.split("-")[0]
             recorded[bench] += 1
             if kept < args.before * steps:
