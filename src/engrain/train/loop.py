@@ -376,7 +376,7 @@ class Run:
         with averaged:
             with bf16_autocast(str(self.device), self.bf16):  # in the precision the run trains in
                 val, answers = evaluate(inner, self.plan.val, self.lm.tokenizer, micro_batch=self.cfg.micro_batch,
-                                         seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
+                                        seq_len=self.cfg.seq_len, packing=self.packing, device=self.device)
             record["val_loss"] = round(val, 5)
             if answers is not None:
                 record["val_answered"] = round(sum(answers) / len(answers), 4)

@@ -34,11 +34,11 @@ def answer_positions(example: Example, n_end: int, seq_len: int) -> list[int] | 
 def evaluate(module, examples: list[Example], tokenizer, *, micro_batch: int, seq_len: int, packing: bool,
              device) -> tuple[float | None, list[bool] | None]:
     """(validation loss, whether each held-out question was answered) of the validation ``examples``, packed as
-    training packs them (or one per row). A question counts as answered when the model's most likely token is the answer's at each
-    position ``answer_positions`` names: greedy decoding closed-book, read from the same teacher-forced forward as the
-    loss, so judging a checkpoint costs one validation pass, not a generation. Choosing the checkpoint by it picks the
-    memory that answers facts it was never quizzed on, which item loss does not measure. (None, None) without
-    examples; the answers are None without questions."""
+    training packs them (or one per row). A question counts as answered when the model's most likely token is the
+    answer's at each position ``answer_positions`` names: greedy decoding closed-book, read from the same
+    teacher-forced forward as the loss, so judging a checkpoint costs one validation pass, not a generation.
+    Choosing the checkpoint by it picks the memory that answers facts it was never quizzed on, which item loss does
+    not measure. (None, None) without examples; the answers are None without questions."""
     import torch
     import torch.nn.functional as F
 
