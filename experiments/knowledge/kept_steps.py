@@ -7,10 +7,10 @@ step kept (`describe.kept_weights_of_step`; older results do not), prints those 
 their steps with the held-out facts they answered, and counts them by the part of the run's name before its first
 "-" (squad10, fictional10, ...): whether the choice of checkpoint moves off the last steps, and where.
 
-Memories trained with `train.keep_best_p` also record `best_over_last`, the held-out questions answered by the best
+Memories trained since `train.keep_best_p` also record `best_over_last`, the held-out questions answered by the best
 evaluation alone and by the last alone: for those it prints the evaluations' best step (the one kept without
-`keep_best_p`, read from the run's train-log.jsonl where the results predate `describe.best_val_step`), that split,
-its McNemar p and the step kept.
+`keep_best_p`; results older than `describe.best_val_step` leave it to the run's train-log.jsonl), that split, its
+McNemar p and the step kept.
 """
 
 from __future__ import annotations
@@ -21,17 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 from engrain.evaluate.metrics import mcnemar_p
-
-
-def best_step(run_dir: Path, described: dict) -> int | None:
-    """The evaluations' best step, judged as `train.keep_best` judges (held-out facts answered, then loss)."""
-    if described.get("best_val_step") is not None:
-        return described["best_val_step"]
-    log = run_dir / "train-log.jsonl"
-    if not log.is_file():
-        return None
-    evals = [r for r in map(json.loads, log.read_text().splitlines()) if "val_loss" in r]
-    return max(evals, key=lambda r: (r.get("val_answered", 0.0), -r["val_loss"]))["step"] if evals else None
 
 
 def main() -> None:
@@ -49,7 +38,8 @@ def main() -> None:
                 continue
             if described.get("best_over_last") is not None:
                 won, lost = described["best_over_last"]
-                print(f"{run} {method}: best evaluation step {best_step(path.parent, described)} answered {won} "
+                best = described.get("best_val_step", "(see train-log.jsonl)")
+                print(f"{run} {method}: best evaluation step {best} answered {won} "
                       f"held-out questions the last did not, the last {lost} (McNemar p={mcnemar_p(won, lost):.2g}); "
                       f"step {kept} of {steps} kept")
             bench = run.split("-")[0]

@@ -4,9 +4,10 @@
 
 For every method in the results (one run, a run joined by experiments/join_slices.py, or the slices' own runs given
 one after the other, joined as join_slices.py joins them), prints how its answers to BENCH's yes/no questions begin
-(Yes, No, anything else) and how many it gets right, then the questions the method answers right and --against does not, and the other way round,
-split into yes/no questions and the rest, per tag (bridge, comparison, ...). A trained memory's items answer every
-question with a statement, so this shows whether it still answers a yes/no question with yes or no.
+(Yes, No, anything else) and how many it gets right, then the questions the method answers right and --against does
+not, and the other way round, split into yes/no questions and the rest, per tag (bridge, comparison, ...). A trained
+memory's items answer every question with a statement, so this shows whether it still answers a yes/no question
+with yes or no.
 """
 
 from __future__ import annotations
