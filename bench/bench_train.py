@@ -11,7 +11,7 @@ output):
   gradients accumulated: no padding, each example's attention block computed alone, logits only where a loss is
   taken, the head fused with the loss a slice of positions at a time, each LoRA layer one fused function, and
   malloc keeping freed memory as `engrain train` sets it), in fp32 and, where the CPU has native bf16, under bf16
-  autocast as the trainer runs by default.
+  autocast (the trainer's default where bf16 products also measure faster than fp32's; the output says which).
 Tokens/s counts real (non-padding) tokens. MFU = achieved FLOP/s / measured fp32 matmul peak, with FLOPs per token
 = 2 x body params forward + (4 or 2) x body params backward (weights trained or frozen) + the output head on the
 positions where logits are computed; attention FLOPs are left out (small at these lengths, and the baseline's
@@ -200,6 +200,7 @@ def main() -> None:
     import torch
 
     from engrain.memory.parametric import get_kind
+    from engrain.models import bf16_supported
     from engrain.train.loop import use_bf16
 
     peaks = (matmul_peak(torch.float32), matmul_peak(torch.bfloat16))  # bf16 is emulated (slow) without native
@@ -213,8 +214,9 @@ def main() -> None:
         except Exception as exc:  # a memory whose module is not there yet
             print(f"skip {name}: {exc}", flush=True)
             continue
-        # fp32, and bf16 autocast as the trainer runs where the CPU has native bf16 (train.bf16: auto)
-        for bf16 in (False, True) if use_bf16("auto", "cpu") else (False,):
+        # fp32, and bf16 autocast where the CPU has native bf16 (the trainer's train.bf16 auto takes it only where its
+        # products measure faster than fp32's: the last line says which it takes here)
+        for bf16 in (False, True) if bf16_supported("cpu") else (False,):
             rows.append(in_fresh_process(measure_memory, args, peaks, name, bf16))
             print(rows[-1], flush=True)
 
@@ -226,6 +228,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
               f"{100 * r['mfu_fp32']:.1f}% | {100 * r['mfu_bf16']:.1f}% |")
+    print(f"the trainer's train.bf16 auto on this CPU: {'bf16 autocast' if use_bf16('auto', 'cpu') else 'fp32'}")
     out = ROOT / "bench" / "out" / "bench_train.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     from engrain.models import cpu_model

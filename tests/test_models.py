@@ -177,6 +177,19 @@ def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
     assert loading.pick_dtype("cpu", "float32") is torch.float32
 
 
+def test_training_takes_bf16_on_a_cpu_only_where_its_products_measure_faster(monkeypatch):
+    from engrain.models import load as loading
+    from engrain.train.precision import use_bf16
+
+    speedup = loading.bf16_speedup_cpu()  # the real measurement on this CPU: a ratio, or 0.0 where bf16 is emulated
+    assert speedup == 0.0 if not loading.bf16_supported("cpu") else speedup > 0
+    assert use_bf16("auto", "cpu") == (speedup >= loading.BF16_TRAINING_MARGIN)
+    for measured, expected in ((0.0, False), (0.6, False), (1.1, False), (2.5, True)):
+        monkeypatch.setattr(loading, "bf16_speedup_cpu", lambda measured=measured: measured)
+        assert use_bf16("auto", "cpu") is expected, measured
+        assert use_bf16("on", "cpu") is True and use_bf16("off", "cpu") is False  # an explicit setting is obeyed
+
+
 def test_a_workspace_answers_in_its_configured_dtype(tmp_path, tiny_model_dir):
     import torch
 

@@ -134,7 +134,7 @@ class TrainConfig(Section):
     micro_batch: int = 1  # one packed row: more updates for the same compute
     grad_accum: int = 1
     packing: bool = True
-    bf16: str = Field("auto", description="auto (only where bf16 is native) | on | off")
+    bf16: str = Field("auto", description="auto (only where bf16 is native and measured faster than fp32) | on | off")
     # validation, checkpoints, early stopping
     val_fraction: float = Field(0.1, description="share of facts whose questions are held out for validation")
     val_max: int = 64

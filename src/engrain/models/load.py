@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,45 @@ def bf16_supported(device: str) -> bool:
     return native_bf16_cpu()
 
 
+# Training takes bf16 on a CPU only where its products run at least this many times fp32's speed: near a tie, fp32's
+# exact sums are worth more than a few percent.
+BF16_TRAINING_MARGIN = 1.25
+
+
+@functools.cache
+def bf16_speedup_cpu() -> float:
+    """How many times faster than fp32 this CPU multiplies bf16 matrices of a small model's layer size (fp32's time
+    over bf16's, best of several products each, timed once per process); 0.0 where oneDNN does not compute bf16
+    natively. Native is not always faster: a virtual CPU can report AVX512-BF16 and run bf16 products slower than
+    fp32 ones (``python bench/bench_train.py`` times training both ways on the host it runs on)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .packed_weights import native_bf16_cpu
+
+    if not native_bf16_cpu():
+        return 0.0
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024, generator=generator)
+    pairs = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
+    best = {dtype: float("inf") for dtype in pairs}
+    for round_ in range(11):  # alternating, so that a busy moment slows both; the first round warms both up
+        for dtype, (a, b) in pairs.items():
+            t0 = time.perf_counter()
+            F.linear(a, b)
+            if round_:
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def bf16_trains_faster(device: str) -> bool:
+    """Whether training on ``device`` runs faster under bf16 autocast than in fp32: on CUDA where bf16 is native, on
+    a CPU where bf16 is native and its products measure ``BF16_TRAINING_MARGIN`` times fp32's speed or more."""
+    if device.startswith("cuda"):
+        return bf16_supported(device)
+    return bf16_speedup_cpu() >= BF16_TRAINING_MARGIN
+
+
 def cpu_model() -> dict:
     """The CPU's model name and the features that change bf16 numerics and speed. Two hosts train different weights
     from the same seed (AMX tiles and AVX512-BF16 take different kernels), so results and benchmarks name theirs."""
@@ -53,7 +93,7 @@ def cpu_model() -> dict:
     except (AttributeError, RuntimeError):  # a torch without the query
         avx512_bf16 = None
     return {"model": name or platform.processor() or platform.machine(), "amx_tiles": amx_tiles(),
-            "avx512_bf16": avx512_bf16}
+            "avx512_bf16": avx512_bf16, "bf16_speedup": round(bf16_speedup_cpu(), 2)}
 
 
 def pick_dtype(device: str, dtype: str = "auto"):
