@@ -49,6 +49,7 @@ from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wai
 from engrain.config import RagConfig, apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
 from engrain.models import LM, chat_messages, chat_prompt, cpu_model, decode_weights, generate, load_model  # noqa: E402
+from engrain.models import packed_weights  # noqa: E402
 from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
 from engrain.home import engrain_home  # noqa: E402
 
@@ -179,10 +180,10 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
             proc.wait(120)
 
 
-def configure(ws: Path, dtype: str, top_k: int) -> None:
-    """The served workspace's model dtype and rag chunk count, written into its engrain.yaml."""
+def configure(ws: Path, dtype: str, top_k: int, prefill_dtype: str = "auto") -> None:
+    """The served workspace's model dtype, prefill dtype and rag chunk count, written into its engrain.yaml."""
     settings = OUT / "answer-speed-settings.yaml"
-    settings.write_text(f"model:\n  dtype: {dtype}\nrag:\n  top_k: {top_k}\n")
+    settings.write_text(f"model:\n  dtype: {dtype}\n  prefill_dtype: {prefill_dtype}\nrag:\n  top_k: {top_k}\n")
     apply_settings(ws / "engrain.yaml", settings)
 
 
@@ -276,11 +277,14 @@ def main() -> None:
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
                                                       args.llama_extra_bufts, bandwidth)
     cpu = cpu_model()
-    print(f"CPU: {cpu}")  # ratios compare within one host: bf16 kernels differ between CPUs
+    packing = str(packed_weights.pack_dtype()).removeprefix("torch.")
+    # Ratios compare within one host: bf16 kernels differ between CPUs.
+    print(f"CPU: {cpu}; the bf16 path prefills in {packing} (model.prefill_dtype auto)")
     print_table(ref, fast, llama, bandwidth, args.clients)
     (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
                                                        "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
-                                                       "cpu": cpu, "torch": torch.__version__,
+                                                       "cpu": cpu, "pack_dtype": packing,
+                                                       "torch": torch.__version__,
                                                        "args": vars(args)}, indent=1))
     print(f"wrote {OUT / 'answer_speed.json'}")
 

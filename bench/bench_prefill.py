@@ -7,7 +7,8 @@ Shapes: one 477-token prompt (a rag prompt's first token) and 16 prompts of 500 
 compare`'s rag questions). Then one prompt of 16 to 256 tokens, fitted as a fixed cost per forward plus a cost per
 token: the fixed part, in tokens, is how much padding a prefill group may take before a second forward costs more
 (``stream.PAD_TOKENS``). Last, the same lengths and the 477-token prompt with the weights packed once for oneDNN
-(``packed_weights``, built with the decode weights) against the plain weights, alternately, logits compared. Best
+(``packed_weights``, built with the decode weights), in bf16 and in fp32, against the plain weights, alternately,
+logits compared; it prints which packing this host takes (``packed_weights.pack_dtype``). Best
 of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the logits of the two forms are compared
 too (they must agree: the same attention, or the same products, in another order). Then the attention's mask added as
 a bias (``fastgen.mask_bias``, the plain form at any length in bf16) against the form before it (``masked_fill`` on
@@ -26,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from engrain.models import fastgen, load_model
+from engrain.models import fastgen, load, load_model
 
 OUT = ROOT / "bench" / "out"
 
@@ -78,6 +79,7 @@ def main() -> None:
         {"rows": rows_out, "by_length": by_length, "packed": packing, "mask_forms": masking, "query_block": blocked, "repeats": args.repeats,
          "dtype": str(model.dtype),
          "threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+         "cpu_model": load.cpu_model(),
          "torch": torch.__version__}, indent=2))
     print(f"wrote {OUT / 'prefill.json'}")
 
@@ -105,31 +107,40 @@ def cost_by_length(model, generator, repeats: int) -> dict:
 
 
 def packed_against_plain(model, generator, repeats: int) -> list[dict]:
-    """One prompt's prefill through the packed weights and through the plain ones, best of ``repeats`` each."""
-    from engrain.models import decode_weights, packed_weights
+    """One prompt's prefill through the plain weights and through the layers packed in bf16 and in fp32
+    (``packed_weights.pack_dtype`` picks one per host), best of ``repeats`` each, alternately; logits against the
+    plain weights'."""
+    from engrain.models import decode_weights, load, packed_weights
 
     quant = decode_weights.for_model(model)
     if quant is None or quant.packed is None:
         print(f"no packed weights here (decode weights {getattr(model, decode_weights.ATTRIBUTE, 'model')}, "
               f"packing available: {packed_weights.available()})")
         return []
-    plain = dataclasses.replace(quant, packed=None)
-    print("| prompt tokens | plain weights (ms) | packed (ms) | speed-up | logits max diff |")
-    print("| --- | --- | --- | --- | --- |")
+    forms = {"plain": dataclasses.replace(quant, packed=None),
+             "bf16": dataclasses.replace(quant, packed=packed_weights.build(model, torch.bfloat16)),
+             "fp32": dataclasses.replace(quant, packed=packed_weights.build(model, torch.float32))}
+    chosen = "fp32" if packed_weights.pack_dtype() == torch.float32 else "bf16"
+    print(f"bf16 products at {load.bf16_speedup_cpu():.2f}x fp32's speed here: the layers are packed in {chosen}")
+    print("| prompt tokens | plain weights (ms) | packed bf16 (ms) | packed fp32 (ms) | fp32 over bf16 packed | "
+          "logits max diff bf16 / fp32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     out = []
     with torch.inference_mode():
         for n in (16, 32, 64, 128, 256, 477):
             ids = torch.randint(100, 20000, (1, n), generator=generator)
-            prefill(model, ids, quant)
-            best = {"plain": float("inf"), "packed": float("inf")}
+            best = dict.fromkeys(forms, float("inf"))
+            for form in forms.values():
+                prefill(model, ids, form)
             for _ in range(repeats):
-                for name, q in (("plain", plain), ("packed", quant)):
-                    t, _ = best_of(model, ids, fastgen.QUERY_BLOCK, 1, q)
-                    best[name] = min(best[name], t)
-            diff = (prefill(model, ids, quant) - prefill(model, ids, plain)).abs().max().item()
-            print(f"| {n} | {best['plain'] * 1000:.0f} | {best['packed'] * 1000:.0f} | "
-                  f"{best['plain'] / best['packed']:.2f}x | {diff:.3g} |")
-            out.append({"tokens": n, "plain_s": best["plain"], "packed_s": best["packed"], "logits_max_diff": diff})
+                for name, form in forms.items():
+                    best[name] = min(best[name], best_of(model, ids, fastgen.QUERY_BLOCK, 1, form)[0])
+            ref = prefill(model, ids, forms["plain"])
+            diff = {name: (prefill(model, ids, forms[name]) - ref).abs().max().item() for name in ("bf16", "fp32")}
+            print(f"| {n} | {best['plain'] * 1000:.0f} | {best['bf16'] * 1000:.0f} | {best['fp32'] * 1000:.0f} | "
+                  f"{best['bf16'] / best['fp32']:.2f}x | {diff['bf16']:.3g} / {diff['fp32']:.3g} |")
+            out.append({"tokens": n, "plain_s": best["plain"], "packed_s": best["bf16"], "packed_fp32_s": best["fp32"],
+                        "logits_max_diff": diff["bf16"], "logits_max_diff_fp32": diff["fp32"]})
     return out
 
 

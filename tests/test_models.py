@@ -198,9 +198,10 @@ def test_a_workspace_answers_in_its_configured_dtype(tmp_path, tiny_model_dir):
     ws = tmp_path / "ws"
     ws.mkdir()
     for name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
-        (ws / "engrain.yaml").write_text(f"model:\n  dtype: {name}\n")
+        (ws / "engrain.yaml").write_text(f"model:\n  dtype: {name}\n  prefill_dtype: {name}\n")
         lm = load_for_workspace(ws, str(tiny_model_dir), device="cpu")
         assert next(lm.model.parameters()).dtype == dtype
+        assert lm.model.engrain_prefill_dtype == name  # what packed_weights packs a bf16 model's layers in
 
 
 def test_answering_lm_converts_a_training_copy_and_leaves_the_original(monkeypatch, tiny_lm):

@@ -15,6 +15,12 @@ needs_packing = pytest.mark.skipif(not packed_weights.available(),
                                    reason="this CPU or PyTorch build does not pack bf16 weights for oneDNN")
 
 
+@pytest.fixture
+def bf16_packing(monkeypatch):
+    """Layers packed in bf16 whatever this CPU's products measure (``pack_dtype``): the exact form."""
+    monkeypatch.setattr(packed_weights, "pack_dtype", lambda choice="auto": torch.bfloat16)
+
+
 @needs_packing
 def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_side_by_side():
     torch.manual_seed(0)
@@ -27,7 +33,7 @@ def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_si
 
 
 @needs_packing
-def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny_lm):
+def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny_lm, bf16_packing):
     """A bf16 model decoding from quantized weights packs its layers with them; prompts longer than MAX_ROWS tokens
     prefill through the packed copy and give the logits and greedy tokens of the same model without it."""
     model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
@@ -77,3 +83,64 @@ def test_the_plain_reference_path_packs_nothing(tiny_lm):
     fp32 = copy.deepcopy(tiny_lm.model)
     setattr(fp32, decode_weights.ATTRIBUTE, "int8")
     assert decode_weights.for_model(fp32).packed is None  # fp32 keeps its own products
+
+
+@pytest.mark.parametrize("speedup, dtype", [(0.56, torch.float32), (0.8, torch.float32), (0.9, torch.bfloat16),
+                                            (1.0, torch.bfloat16), (3.1, torch.bfloat16)])
+def test_layers_are_packed_in_fp32_only_where_fp32_products_measure_clearly_faster(monkeypatch, speedup, dtype):
+    from engrain.models import load
+
+    monkeypatch.setattr(load, "bf16_speedup_cpu", lambda: speedup)
+    assert packed_weights.pack_dtype() == dtype
+    assert packed_weights.pack_dtype("bfloat16") == torch.bfloat16  # asked for by name, whatever was measured
+    assert packed_weights.pack_dtype("float32") == torch.float32
+
+
+@needs_packing
+def test_an_fp32_packed_weight_takes_and_gives_bf16_around_an_fp32_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 160, bias=False).to(torch.bfloat16)
+    packed = packed_weights.pack(linear, dtype=torch.float32)
+    assert packed.weight.dtype == torch.float32
+    for rows in (1, 40):
+        x = torch.randn(2, rows, 96, dtype=torch.bfloat16)
+        got = packed(x)
+        want = torch.nn.functional.linear(x.float(), linear.weight.float())
+        assert got.dtype == torch.bfloat16
+        # The same products of the same bf16 numbers, summed in another order, rounded once to bf16.
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5)
+
+
+@needs_packing
+def test_a_model_packed_in_fp32_prefills_to_the_logits_of_its_own_bf16_weights_within_rounding(tiny_lm, monkeypatch):
+    """Packed in fp32 (``model.prefill_dtype``, and ``auto`` where fp32 products are the faster), the layers' products
+    run in fp32 and the head stays bf16 (a batch-1 decode step reads it); a prefill through them agrees with the
+    model's own bf16 forward within bf16's rounding."""
+    model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
+    setattr(model, decode_weights.ATTRIBUTE, "int8")
+    setattr(model, packed_weights.ATTRIBUTE, "float32")  # model.prefill_dtype, as load_model sets it
+    quant = decode_weights.for_model(model)
+    assert all(b.qkv.weight.dtype == torch.float32 and b.down.weight.dtype == torch.float32 for b in quant.packed)
+    assert quant.head.weight.dtype == torch.bfloat16
+    plain = dataclasses.replace(quant, packed=None)
+    tok = tiny_lm.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ["The capital of France is a city that", "A bee makes honey and wax"]]
+    wide = []
+    product = packed_weights.PackedLinear.__call__
+    monkeypatch.setattr(packed_weights.PackedLinear, "__call__",
+                        lambda self, x: wide.append(self.weight.dtype == torch.float32) or product(self, x))
+    with torch.inference_mode():
+        got = fastgen._prefill(model, prompts, [0, 1], tok.pad_token_id, None, "cpu", quant=quant).logits
+        assert wide.count(True) == 4 * len(model.model.layers)  # every block's four products, in fp32
+        want = fastgen._prefill(model, prompts, [0, 1], tok.pad_token_id, None, "cpu", quant=plain).logits
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05 * want.float().abs().max().item())
+
+
+def test_the_workspace_prefill_dtype_reaches_the_model_and_a_bad_one_is_refused(tiny_model_dir):
+    from engrain.errors import EngrainError
+    from engrain.models import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", prefill_dtype="float32")
+    assert getattr(lm.model, packed_weights.ATTRIBUTE) == "float32"
+    with pytest.raises(EngrainError, match="model.prefill_dtype 'fp16'"):
+        load_model(str(tiny_model_dir), device="cpu", prefill_dtype="fp16")

@@ -29,6 +29,11 @@ class ModelConfig(Section):
     compile_decode: bool = Field(False, description="run quantized decode steps through torch.compile: faster "
                                                     "after a compile on the first step (bench/bench_compiled_decode.py"
                                                     " measures both); needs a C++ compiler")
+    prefill_dtype: str = Field("auto", description="what a bf16 model's prompts (and decode steps of many rows) "
+                                                   "multiply in on a CPU, through a packed copy of the linear layers: "
+                                                   "bfloat16, float32 (twice the copy's memory), or auto: float32 "
+                                                   "where bf16 products measure slower than fp32's (engrain doctor "
+                                                   "shows bf16_speedup; bench/bench_prefill.py times both)")
 
 
 class IngestConfig(Section):

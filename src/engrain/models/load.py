@@ -166,14 +166,21 @@ def pick_decode_weights(device: str, dtype: str = "auto", decode_weights: str = 
     return decode_weights
 
 
+PREFILL_DTYPES = ("auto", "bfloat16", "float32")
+
+
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto",
-               decode_weights: str = "auto", compile_decode: bool = False) -> LM:
+               decode_weights: str = "auto", compile_decode: bool = False, prefill_dtype: str = "auto") -> LM:
     """Load a model by spec (see module docstring); the embedded default when ``spec`` is None. ``decode_weights``:
-    see ``pick_decode_weights``; ``compile_decode``: see ``compiled_decode.py``."""
+    see ``pick_decode_weights``; ``compile_decode``: see ``compiled_decode.py``; ``prefill_dtype``: the dtype of the
+    linear layers' packed copy for many-token forwards of a bf16 model on a CPU (``packed_weights.pack_dtype``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    decode = pick_decode_weights(device, dtype, decode_weights)  # a bad value refused before the load
+    decode = pick_decode_weights(device, dtype, decode_weights)  # bad values refused before the load
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise EngrainError(f"Unknown model.prefill_dtype '{prefill_dtype}'.",
+                           hint="Use one of: " + ", ".join(PREFILL_DTYPES) + ".")
     name, path = resolve_model(spec)
     t0 = time.time()
     torch_dtype = pick_dtype(device, dtype)
@@ -202,9 +209,10 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
                                hint="Check the folder holds config.json, weights and a tokenizer.") from exc
     model.to(device)
     model.eval()
-    from . import compiled_decode, decode_weights
+    from . import compiled_decode, decode_weights, packed_weights
 
     setattr(model, decode_weights.ATTRIBUTE, decode)
+    setattr(model, packed_weights.ATTRIBUTE, prefill_dtype)
     setattr(model, compiled_decode.ATTRIBUTE, compile_decode)
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
@@ -231,4 +239,5 @@ def load_for_workspace(workspace: Path | str, spec: str | None = None, device: s
 
     cfg = load_config(Workspace.at(workspace).config_path).model
     return load_model(spec or cfg.name, device=device or cfg.device, dtype=cfg.dtype,
-                      decode_weights=cfg.decode_weights, compile_decode=cfg.compile_decode)
+                      decode_weights=cfg.decode_weights, compile_decode=cfg.compile_decode,
+                      prefill_dtype=cfg.prefill_dtype)

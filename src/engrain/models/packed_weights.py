@@ -1,4 +1,4 @@
-"""bf16 linear weights packed once into oneDNN's blocked layout, for the forwards of many tokens on a CPU.
+"""A bf16 model's linear weights packed once into oneDNN's blocked layout, for the forwards of many tokens on a CPU.
 
 ``F.linear`` on a bf16 weight hands oneDNN a plain row-major matrix, which it reorders into its blocked layout on
 every call: for a prefill of a few dozen tokens (a chat question joining a server's batch) that reorder costs as
@@ -10,6 +10,12 @@ Built with a bf16 model's quantized decode weights (``decode_weights.build``), s
 is not ``model`` (the plain reference path), and read wherever the decode loop runs the model's own weights
 (prefill, decode steps of more than ``decode_weights.MAX_ROWS`` rows). The packed copy costs the memory of the
 layers' weights once more.
+
+Packed in bf16 where bf16 products are native and fast. A CPU can report native bf16 and multiply it slower than fp32
+(``load.bf16_speedup_cpu``); there the layers are packed in fp32 instead (``pack_dtype``): each product takes its
+bf16 input in fp32 and rounds its output back to bf16, so the forward stays a bf16 one around products that differ
+from bf16's only in the order of their sums, at twice the packed copy's memory. ``python bench/bench_prefill.py``
+times both packings on the host it runs on.
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import torch
 
 @dataclass
 class PackedLinear:
-    """``x @ W.T`` with W packed for oneDNN."""
+    """``x @ W.T`` with W packed for oneDNN; the product in W's dtype, the output in x's."""
 
     weight: torch.Tensor  # an mkldnn tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, None, "none", [], "")
+        return out.to(x.dtype)  # no copy where the dtypes agree
 
 
 @dataclass
@@ -55,20 +62,42 @@ def available() -> bool:
     return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-def pack(*modules: torch.nn.Linear) -> PackedLinear:
-    """``modules``' weights stacked (their outputs side by side, in this order) and packed."""
+# The layers are packed in fp32 where fp32 products measure at least this many times faster than bf16 ones: the fp32
+# copy costs twice the memory, so a near tie keeps bf16.
+FP32_MARGIN = 1.25
+PACK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ATTRIBUTE = "engrain_prefill_dtype"  # on the model: "auto", "bfloat16" or "float32" (``load_model``'s prefill_dtype)
+
+
+def pack_dtype(choice: str = "auto") -> torch.dtype:
+    """The dtype a bf16 model's layers are packed in on this CPU (``model.prefill_dtype``): ``bfloat16``, ``float32``,
+    or ``auto``: fp32 where bf16 products measure ``FP32_MARGIN`` times slower than fp32 ones or more
+    (``load.bf16_speedup_cpu``), bf16 elsewhere."""
+    if choice != "auto":
+        return PACK_DTYPES[choice]
+    from .load import bf16_speedup_cpu
+
+    return torch.float32 if bf16_speedup_cpu() * FP32_MARGIN <= 1.0 else torch.bfloat16
+
+
+def pack(*modules: torch.nn.Linear, dtype: torch.dtype | None = None) -> PackedLinear:
+    """``modules``' weights stacked (their outputs side by side, in this order) and packed, in ``dtype`` (the
+    weights' own when None)."""
     weight = torch.cat([m.weight.detach() for m in modules])
-    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight, 64))
+    return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype or weight.dtype), 64))
 
 
-def build(model) -> list[PackedBlock | None]:
-    """Per block of a Llama model its packed projections; None for a block whose modules are not plain bias-free
-    linear layers (a PEFT LoRA layer, a memory layer beside the MLP): those run as the model's modules."""
+def build(model, dtype: torch.dtype | None = None) -> list[PackedBlock | None]:
+    """Per block of a Llama model its projections packed in ``dtype`` (when None, the one ``pack_dtype`` picks for
+    the model's ``ATTRIBUTE``); None for a block whose modules are not plain bias-free linear layers (a PEFT LoRA
+    layer, a memory layer beside the MLP): those run as the model's modules."""
+    dtype = dtype or pack_dtype(getattr(model, ATTRIBUTE, "auto"))
     out: list[PackedBlock | None] = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
         modules = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         plain = type(m).__name__ == "LlamaMLP" and all(type(x) is torch.nn.Linear and x.bias is None for x in modules)
-        out.append(PackedBlock(pack(a.q_proj, a.k_proj, a.v_proj), pack(a.o_proj), pack(m.gate_proj, m.up_proj),
-                               pack(m.down_proj)) if plain else None)
+        out.append(PackedBlock(pack(a.q_proj, a.k_proj, a.v_proj, dtype=dtype), pack(a.o_proj, dtype=dtype),
+                               pack(m.gate_proj, m.up_proj, dtype=dtype), pack(m.down_proj, dtype=dtype))
+                   if plain else None)
     return out
