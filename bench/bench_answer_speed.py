@@ -49,7 +49,7 @@ from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wai
 from engrain.config import RagConfig, apply_settings  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
 from engrain.models import LM, chat_messages, chat_prompt, cpu_model, decode_weights, generate, load_model  # noqa: E402
-from engrain.models import packed_weights  # noqa: E402
+from engrain.models.load import prefill_dtype_for  # noqa: E402
 from engrain.models.fetch import EMBEDDED_GGUF_NAME  # noqa: E402
 from engrain.home import engrain_home  # noqa: E402
 
@@ -277,13 +277,13 @@ def main() -> None:
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
                                                       args.llama_extra_bufts, bandwidth)
     cpu = cpu_model()
-    packing = str(packed_weights.pack_dtype()).removeprefix("torch.")
+    packing = prefill_dtype_for("cpu")
     # Ratios compare within one host: bf16 kernels differ between CPUs.
     print(f"CPU: {cpu}; the bf16 path prefills in {packing} (model.prefill_dtype auto)")
     print_table(ref, fast, llama, bandwidth, args.clients)
     (OUT / "answer_speed.json").write_text(json.dumps({"fp32": ref, "engrain": fast, "llama_cpp": llama,
                                                        "read_gb_s": bandwidth / 1e9, "cores": os.cpu_count(),
-                                                       "cpu": cpu, "pack_dtype": packing,
+                                                       "cpu": cpu, "prefill_dtype": packing,
                                                        "torch": torch.__version__,
                                                        "args": vars(args)}, indent=1))
     print(f"wrote {OUT / 'answer_speed.json'}")

@@ -8,7 +8,7 @@ compare`'s rag questions). Then one prompt of 16 to 256 tokens, fitted as a fixe
 token: the fixed part, in tokens, is how much padding a prefill group may take before a second forward costs more
 (``stream.PAD_TOKENS``). Last, the same lengths and the 477-token prompt with the weights packed once for oneDNN
 (``packed_weights``, built with the decode weights), in bf16 and in fp32, against the plain weights, alternately,
-logits compared; it prints which packing this host takes (``packed_weights.pack_dtype``). Best
+logits compared; it prints which packing this host takes (``load.prefill_dtype_for``). Best
 of ``--repeats`` per form, so a noisy neighbour inflates both forms alike; the logits of the two forms are compared
 too (they must agree: the same attention, or the same products, in another order). Then the attention's mask added as
 a bias (``fastgen.mask_bias``, the plain form at any length in bf16) against the form before it (``masked_fill`` on
@@ -108,7 +108,7 @@ def cost_by_length(model, generator, repeats: int) -> dict:
 
 def packed_against_plain(model, generator, repeats: int) -> list[dict]:
     """One prompt's prefill through the plain weights and through the layers packed in bf16 and in fp32
-    (``packed_weights.pack_dtype`` picks one per host), best of ``repeats`` each, alternately; logits against the
+    (``load.prefill_dtype_for`` picks one per host), best of ``repeats`` each, alternately; logits against the
     plain weights'."""
     from engrain.models import decode_weights, load, packed_weights
 
@@ -120,7 +120,7 @@ def packed_against_plain(model, generator, repeats: int) -> list[dict]:
     forms = {"plain": dataclasses.replace(quant, packed=None),
              "bf16": dataclasses.replace(quant, packed=packed_weights.build(model, torch.bfloat16)),
              "fp32": dataclasses.replace(quant, packed=packed_weights.build(model, torch.float32))}
-    chosen = "fp32" if packed_weights.pack_dtype() == torch.float32 else "bf16"
+    chosen = "fp32" if load.prefill_dtype_for("cpu") == "float32" else "bf16"
     print(f"bf16 products at {load.bf16_speedup_cpu():.2f}x fp32's speed here: the layers are packed in {chosen}")
     print("| prompt tokens | plain weights (ms) | packed bf16 (ms) | packed fp32 (ms) | fp32 over bf16 packed | "
           "logits max diff bf16 / fp32 |")

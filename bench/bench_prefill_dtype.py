@@ -29,7 +29,7 @@ from bench_serve import KEY, OUT, build_workspace  # noqa: E402
 
 from engrain.config import RagConfig  # noqa: E402
 from engrain.models import chat_messages, chat_prompt, cpu_model, generate, load_model  # noqa: E402
-from engrain.models import packed_weights  # noqa: E402
+from engrain.models.load import prefill_dtype_for  # noqa: E402
 
 FORMS = ("bfloat16", "float32")
 
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--serve-rounds", type=int, default=2)
     args = ap.parse_args()
     cpu = cpu_model()
-    chosen = str(packed_weights.pack_dtype()).removeprefix("torch.")
+    chosen = prefill_dtype_for("cpu")
     print(f"CPU: {cpu}; bf16 products at {cpu['bf16_speedup']}x fp32's speed: auto prefills in {chosen}")
     lms = {form: load_model(None, device="cpu", prefill_dtype=form) for form in FORMS}
     tok = lms[FORMS[0]].tokenizer

@@ -15,12 +15,6 @@ needs_packing = pytest.mark.skipif(not packed_weights.available(),
                                    reason="this CPU or PyTorch build does not pack bf16 weights for oneDNN")
 
 
-@pytest.fixture
-def bf16_packing(monkeypatch):
-    """Layers packed in bf16 whatever this CPU's products measure (``pack_dtype``): the exact form."""
-    monkeypatch.setattr(packed_weights, "pack_dtype", lambda choice="auto": torch.bfloat16)
-
-
 @needs_packing
 def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_side_by_side():
     torch.manual_seed(0)
@@ -33,7 +27,7 @@ def test_a_packed_weight_gives_the_products_of_the_plain_one_and_stacked_ones_si
 
 
 @needs_packing
-def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny_lm, bf16_packing):
+def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny_lm):
     """A bf16 model decoding from quantized weights packs its layers with them; prompts longer than MAX_ROWS tokens
     prefill through the packed copy and give the logits and greedy tokens of the same model without it."""
     model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
@@ -85,15 +79,18 @@ def test_the_plain_reference_path_packs_nothing(tiny_lm):
     assert decode_weights.for_model(fp32).packed is None  # fp32 keeps its own products
 
 
-@pytest.mark.parametrize("speedup, dtype", [(0.56, torch.float32), (0.8, torch.float32), (0.9, torch.bfloat16),
-                                            (1.0, torch.bfloat16), (3.1, torch.bfloat16)])
-def test_layers_are_packed_in_fp32_only_where_fp32_products_measure_clearly_faster(monkeypatch, speedup, dtype):
+@pytest.mark.parametrize("speedup, dtype", [(0.56, "float32"), (0.8, "float32"), (0.9, "bfloat16"),
+                                            (1.0, "bfloat16"), (3.1, "bfloat16"), (0.0, "bfloat16")])
+def test_prompts_multiply_in_fp32_only_where_fp32_products_measure_clearly_faster(monkeypatch, speedup, dtype):
+    """``model.prefill_dtype: auto`` on a CPU: fp32 where bf16 products measured 1.25x slower or worse; bf16 near a
+    tie, where bf16 is faster, and where it is not native (0.0: nothing is packed there)."""
     from engrain.models import load
 
     monkeypatch.setattr(load, "bf16_speedup_cpu", lambda: speedup)
-    assert packed_weights.pack_dtype() == dtype
-    assert packed_weights.pack_dtype("bfloat16") == torch.bfloat16  # asked for by name, whatever was measured
-    assert packed_weights.pack_dtype("float32") == torch.float32
+    assert load.prefill_dtype_for("cpu") == dtype
+    assert load.prefill_dtype_for("cuda") == "bfloat16"  # a GPU packs nothing
+    for name in ("bfloat16", "float32"):  # asked for by name, whatever was measured
+        assert load.prefill_dtype_for("cpu", name) == name
 
 
 @needs_packing

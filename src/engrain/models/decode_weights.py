@@ -158,7 +158,7 @@ def build(model, mode: str = "int8") -> DecodeWeights:
         # Where bf16 weights are packed for oneDNN, the head keeps them: its product reads twice int8's bytes, yet
         # runs as fast at one row and faster at several (int8's kernel is bound by unpacking, not by reading), and
         # its logits carry no int8 rounding. ``python bench/bench_decode_step.py`` times both. It stays bf16 where
-        # the layers are packed in fp32 (``packed_weights.pack_dtype``): every decode step reads it, at one row.
+        # the layers are packed in fp32 (``model.prefill_dtype``): every decode step reads it, at one row.
         head = packed_weights.pack(model.lm_head) if packed is not None else _quantized([model.lm_head], dtype, mode)
     return DecodeWeights(blocks, head, packed)
 
@@ -187,7 +187,7 @@ def for_model(model) -> DecodeWeights | None:
     mode = getattr(model, ATTRIBUTE, "model")
     if mode not in QUANTIZED or model.model.embed_tokens.weight.device.type != "cpu":
         return None
-    key = (mode, getattr(model, packed_weights.ATTRIBUTE, "auto"), fingerprint(model))
+    key = (mode, getattr(model, packed_weights.ATTRIBUTE, None), fingerprint(model))
     cached = _CACHE.get(model)
     if cached is None or cached[0] != key:
         with torch.inference_mode():

@@ -35,6 +35,7 @@ def bf16_supported(device: str) -> bool:
 # Training takes bf16 on a CPU only where its products run at least this many times fp32's speed: near a tie, fp32's
 # exact sums are worth more than a few percent.
 BF16_TRAINING_MARGIN = 1.25
+PREFILL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @functools.cache
@@ -61,6 +62,24 @@ def bf16_speedup_cpu() -> float:
             if round_:
                 best[dtype] = min(best[dtype], time.perf_counter() - t0)
     return best[torch.float32] / best[torch.bfloat16]
+
+
+# A bf16 model's prompts multiply in fp32 on a CPU whose bf16 products measure at least this many times slower than
+# fp32's: the fp32 copy of the layers costs twice the memory, so a near tie keeps bf16.
+FP32_PREFILL_MARGIN = 1.25
+
+
+def prefill_dtype_for(device: str, prefill_dtype: str = "auto") -> str:
+    """``model.prefill_dtype`` resolved for ``device`` (``packed_weights`` packs a bf16 model's layers in it):
+    ``bfloat16`` or ``float32`` as asked; ``auto``: float32 on a CPU whose bf16 products measure
+    ``FP32_PREFILL_MARGIN`` times slower than fp32's or more (``bf16_speedup_cpu``), bfloat16 elsewhere."""
+    if prefill_dtype not in PREFILL_DTYPES:
+        raise EngrainError(f"Unknown model.prefill_dtype '{prefill_dtype}'.",
+                           hint="Use one of: " + ", ".join(PREFILL_DTYPES) + ".")
+    if prefill_dtype != "auto":
+        return prefill_dtype
+    slow = device == "cpu" and 0.0 < bf16_speedup_cpu() * FP32_PREFILL_MARGIN <= 1.0
+    return "float32" if slow else "bfloat16"
 
 
 def bf16_trains_faster(device: str) -> bool:
@@ -166,21 +185,16 @@ def pick_decode_weights(device: str, dtype: str = "auto", decode_weights: str = 
     return decode_weights
 
 
-PREFILL_DTYPES = ("auto", "bfloat16", "float32")
-
-
 def load_model(spec: str | None = None, device: str | None = None, dtype: str = "auto",
                decode_weights: str = "auto", compile_decode: bool = False, prefill_dtype: str = "auto") -> LM:
     """Load a model by spec (see module docstring); the embedded default when ``spec`` is None. ``decode_weights``:
     see ``pick_decode_weights``; ``compile_decode``: see ``compiled_decode.py``; ``prefill_dtype``: the dtype of the
-    linear layers' packed copy for many-token forwards of a bf16 model on a CPU (``packed_weights.pack_dtype``)."""
+    linear layers' packed copy for many-token forwards of a bf16 model on a CPU (``prefill_dtype_for``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
     decode = pick_decode_weights(device, dtype, decode_weights)  # bad values refused before the load
-    if prefill_dtype not in PREFILL_DTYPES:
-        raise EngrainError(f"Unknown model.prefill_dtype '{prefill_dtype}'.",
-                           hint="Use one of: " + ", ".join(PREFILL_DTYPES) + ".")
+    prefill = prefill_dtype_for(device, prefill_dtype)
     name, path = resolve_model(spec)
     t0 = time.time()
     torch_dtype = pick_dtype(device, dtype)
@@ -212,7 +226,7 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
     from . import compiled_decode, decode_weights, packed_weights
 
     setattr(model, decode_weights.ATTRIBUTE, decode)
-    setattr(model, packed_weights.ATTRIBUTE, prefill_dtype)
+    setattr(model, packed_weights.ATTRIBUTE, prefill)
     setattr(model, compiled_decode.ATTRIBUTE, compile_decode)
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)

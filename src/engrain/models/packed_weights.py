@@ -12,7 +12,7 @@ is not ``model`` (the plain reference path), and read wherever the decode loop r
 layers' weights once more.
 
 Packed in bf16 where bf16 products are native and fast. A CPU can report native bf16 and multiply it slower than fp32
-(``load.bf16_speedup_cpu``); there the layers are packed in fp32 instead (``pack_dtype``): each product takes its
+(``load.bf16_speedup_cpu``); there the layers are packed in fp32 instead (``load.prefill_dtype_for``): each product takes its
 bf16 input in fp32 and rounds its output back to bf16, so the forward stays a bf16 one around products that differ
 from bf16's only in the order of their sums, at twice the packed copy's memory. ``python bench/bench_prefill.py``
 times both packings on the host it runs on.
@@ -62,22 +62,8 @@ def available() -> bool:
     return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-# The layers are packed in fp32 where fp32 products measure at least this many times faster than bf16 ones: the fp32
-# copy costs twice the memory, so a near tie keeps bf16.
-FP32_MARGIN = 1.25
 PACK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-ATTRIBUTE = "engrain_prefill_dtype"  # on the model: "auto", "bfloat16" or "float32" (``load_model``'s prefill_dtype)
-
-
-def pack_dtype(choice: str = "auto") -> torch.dtype:
-    """The dtype a bf16 model's layers are packed in on this CPU (``model.prefill_dtype``): ``bfloat16``, ``float32``,
-    or ``auto``: fp32 where bf16 products measure ``FP32_MARGIN`` times slower than fp32 ones or more
-    (``load.bf16_speedup_cpu``), bf16 elsewhere."""
-    if choice != "auto":
-        return PACK_DTYPES[choice]
-    from .load import bf16_speedup_cpu
-
-    return torch.float32 if bf16_speedup_cpu() * FP32_MARGIN <= 1.0 else torch.bfloat16
+ATTRIBUTE = "engrain_prefill_dtype"  # on the model: "bfloat16" or "float32" (``load.prefill_dtype_for`` resolves it)
 
 
 def pack(*modules: torch.nn.Linear, dtype: torch.dtype | None = None) -> PackedLinear:
@@ -88,10 +74,10 @@ def pack(*modules: torch.nn.Linear, dtype: torch.dtype | None = None) -> PackedL
 
 
 def build(model, dtype: torch.dtype | None = None) -> list[PackedBlock | None]:
-    """Per block of a Llama model its projections packed in ``dtype`` (when None, the one ``pack_dtype`` picks for
-    the model's ``ATTRIBUTE``); None for a block whose modules are not plain bias-free linear layers (a PEFT LoRA
-    layer, a memory layer beside the MLP): those run as the model's modules."""
-    dtype = dtype or pack_dtype(getattr(model, ATTRIBUTE, "auto"))
+    """Per block of a Llama model its projections packed in ``dtype`` (when None, the model's ``ATTRIBUTE`` as
+    ``load_model`` set it; bf16 for a model it did not load); None for a block whose modules are not plain bias-free
+    linear layers (a PEFT LoRA layer, a memory layer beside the MLP): those run as the model's modules."""
+    dtype = dtype or PACK_DTYPES[getattr(model, ATTRIBUTE, "bfloat16")]
     out: list[PackedBlock | None] = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
