@@ -32,8 +32,9 @@ class ModelConfig(Section):
     prefill_dtype: str = Field("auto", description="what a bf16 model's prompts (and decode steps of many rows) "
                                                    "multiply in on a CPU, through a packed copy of the linear layers: "
                                                    "bfloat16, float32 (twice the copy's memory), or auto: float32 "
-                                                   "where bf16 products measure slower than fp32's (engrain doctor "
-                                                   "shows bf16_speedup; bench/bench_prefill.py times both)")
+                                                   "where bf16 products measure clearly slower than fp32's (engrain "
+                                                   "doctor shows what auto picks here; "
+                                                   "bench/bench_prefill_dtype.py times both)")
 
 
 class IngestConfig(Section):

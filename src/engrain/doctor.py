@@ -20,6 +20,7 @@ def collect() -> dict:
 
     from . import __version__
     from .models import bf16_supported, cache_state, cpu_model, default_device
+    from .models.load import prefill_dtype_for
 
     device = default_device()
     info = {
@@ -37,6 +38,7 @@ def collect() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "bf16_supported": bf16_supported(device),
         "cpu_bf16_supported": bf16_supported("cpu"),
+        "cpu_prefill_dtype": prefill_dtype_for("cpu"),  # what model.prefill_dtype: auto multiplies prompts in
         "env": {k: os.environ[k] for k in ("ENGRAIN_HOME", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "CUDA_VISIBLE_DEVICES")
                 if k in os.environ},
     }

@@ -12,10 +12,11 @@ is not ``model`` (the plain reference path), and read wherever the decode loop r
 layers' weights once more.
 
 Packed in bf16 where bf16 products are native and fast. A CPU can report native bf16 and multiply it slower than fp32
-(``load.bf16_speedup_cpu``); there the layers are packed in fp32 instead (``load.prefill_dtype_for``): each product takes its
-bf16 input in fp32 and rounds its output back to bf16, so the forward stays a bf16 one around products that differ
-from bf16's only in the order of their sums, at twice the packed copy's memory. ``python bench/bench_prefill.py``
-times both packings on the host it runs on.
+(``load.bf16_speedup_cpu``); there the layers are packed in fp32 instead (``model.prefill_dtype``, which
+``load.prefill_dtype_for`` resolves): each product takes its bf16 input in fp32 and rounds its output back to bf16,
+so the forward stays a bf16 one around products that differ from bf16's only in the order of their sums, at twice
+the packed copy's memory. ``python bench/bench_prefill.py`` and ``bench/bench_prefill_dtype.py`` time both packings
+on the host they run on.
 """
 
 from __future__ import annotations
