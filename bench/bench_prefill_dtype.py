@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_answer_speed import QUESTIONS, configure, decode_rate, long_prompt, serve_load  # noqa: E402
-from bench_serve import KEY, OUT, build_workspace  # noqa: E402
+from bench_serve import EXAMPLE, KEY, OUT, build_workspace  # noqa: E402
 
 from engrain.config import RagConfig  # noqa: E402
 from engrain.models import chat_messages, chat_prompt, cpu_model, generate, load_model  # noqa: E402
@@ -37,8 +37,6 @@ FORMS = ("bfloat16", "float32")
 def rag_prompts(tokenizer, long: str, n: int) -> list[str]:
     """``n`` chat prompts of about ``long``'s length in tokens, each with another stretch of acme's documents in view
     (no two share a start past the system prompt, so the prompt cache spares none of them)."""
-    from bench_answer_speed import EXAMPLE
-
     words = " ".join(p.read_text(encoding="utf-8") for p in sorted((EXAMPLE / "docs").glob("*.md"))).split()
     size = len(long.split())  # words, the chat template's included: near enough
     step = max(1, (len(words) - size) // n)
@@ -92,16 +90,17 @@ def main() -> None:
                 if model not in served or row["rps"] > served[model]["rps"]:
                     served[model] = row
     configure(ws, "auto", RagConfig().top_k)  # the next run starts from the defaults again
-    print_table(best, long, tok, args.clients)
+    tokens = len(tok(long)["input_ids"])
+    print_table(best, tokens, args.clients)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "prefill_dtype.json").write_text(json.dumps(
-        {"forms": best, "auto": chosen, "prompt_tokens": len(tok(long)["input_ids"]), "cpu": cpu,
+        {"forms": best, "auto": chosen, "prompt_tokens": tokens, "cpu": cpu,
          "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
          "args": vars(args)}, indent=1))
     print(f"wrote {OUT / 'prefill_dtype.json'}")
 
 
-def print_table(best: dict, long: str, tok, clients: int) -> None:
+def print_table(best: dict, tokens: int, clients: int) -> None:
     bf, fp = best["bfloat16"], best["float32"]
 
     def row(name: str, a: float, b: float, fmt: str, higher_better: bool) -> None:
@@ -110,8 +109,7 @@ def print_table(best: dict, long: str, tok, clients: int) -> None:
 
     print("| measure | products in bf16 | products in fp32 | fp32 over bf16 |")
     print("| --- | --- | --- | --- |")
-    n = len(tok(long)["input_ids"])
-    row(f"first token, {n}-token prompt (s)", bf["first_token_s"], fp["first_token_s"], ".3f", False)
+    row(f"first token, {tokens}-token prompt (s)", bf["first_token_s"], fp["first_token_s"], ".3f", False)
     row("first tokens, 16 rag-sized prompts (s)", bf["batch16_first_token_s"], fp["batch16_first_token_s"], ".2f",
         False)
     row("batch-1 decode (tokens/s)", bf["decode"], fp["decode"], ".1f", True)

@@ -35,7 +35,6 @@ def bf16_supported(device: str) -> bool:
 # Training takes bf16 on a CPU only where its products run at least this many times fp32's speed: near a tie, fp32's
 # exact sums are worth more than a few percent.
 BF16_TRAINING_MARGIN = 1.25
-PREFILL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @functools.cache
@@ -67,6 +66,7 @@ def bf16_speedup_cpu() -> float:
 # A bf16 model's prompts multiply in fp32 on a CPU whose bf16 products measure at least this many times slower than
 # fp32's: the fp32 copy of the layers costs twice the memory, so a near tie keeps bf16.
 FP32_PREFILL_MARGIN = 1.25
+PREFILL_DTYPES = ("auto", "bfloat16", "float32")
 
 
 def prefill_dtype_for(device: str, prefill_dtype: str = "auto") -> str:

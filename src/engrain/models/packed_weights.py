@@ -63,7 +63,6 @@ def available() -> bool:
     return native_bf16_cpu() and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
-PACK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTRIBUTE = "engrain_prefill_dtype"  # on the model: "bfloat16" or "float32" (``load.prefill_dtype_for`` resolves it)
 
 
@@ -78,7 +77,7 @@ def build(model, dtype: torch.dtype | None = None) -> list[PackedBlock | None]:
     """Per block of a Llama model its projections packed in ``dtype`` (when None, the model's ``ATTRIBUTE`` as
     ``load_model`` set it; bf16 for a model it did not load); None for a block whose modules are not plain bias-free
     linear layers (a PEFT LoRA layer, a memory layer beside the MLP): those run as the model's modules."""
-    dtype = dtype or PACK_DTYPES[getattr(model, ATTRIBUTE, "bfloat16")]
+    dtype = dtype or getattr(torch, getattr(model, ATTRIBUTE, "bfloat16"))
     out: list[PackedBlock | None] = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp

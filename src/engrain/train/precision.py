@@ -15,8 +15,8 @@ def use_bf16(setting: str, device: str) -> bool:
     if setting == "off":
         return False
     # auto: only where bf16 is native (CUDA Ampere+, CPUs with AMX/AVX512-BF16); elsewhere it is emulated and slower.
-    # A CPU that reports native bf16 can still multiply it slower than fp32 (a virtual one that hides AMX, say): there
-    # the products are timed once and fp32 kept unless bf16 is clearly faster.
+    # A CPU that reports native bf16 can still multiply it slower than fp32: there the products are timed once and
+    # fp32 kept unless bf16 is clearly faster.
     return bf16_trains_faster(str(device))
 
 
