@@ -120,9 +120,13 @@ class TrainConfig(Section):
     memory: str = Field("lora", description=f"the kind trained: {trained_help()}")
     name: str | None = Field(None, description="folder under memories/; default: the memory's name")
     seed: int = 0
-    # length of the run: max_steps wins over epochs
+    # length of the run: max_steps wins over epochs; max_minutes cuts either to what fits
     max_steps: int | None = None
     epochs: float = 3.0
+    max_minutes: float | None = Field(None, gt=0, description="training time the run must fit: once its first steps "
+                                                               "are timed, the steps (and the learning-rate decay "
+                                                               "with them) are cut, never added, to fit at that pace; "
+                                                               "None: every planned step")
     # optimisation; lr None = the memory's default (lora 1e-3, full 3e-5, ...)
     lr: float | None = None
     warmup_steps: int | None = Field(None, description="None: 5% of the steps")

@@ -56,6 +56,12 @@ class Progress:
             self.console.print(plain_progress(self.label, completed, self.total, self.start, now - self.t0, info),
                                soft_wrap=True, highlight=False)
 
+    def set_total(self, total: int) -> None:
+        """A new end: a run whose plan changed on the way (``train.max_minutes``)."""
+        self.total = total
+        if self.show:
+            self.bar.update(self.task, total=total)
+
     def advance(self, k: int = 1, info: str = "") -> None:
         """``k`` more done: for work counted as it finishes (a file, a batch of embeddings) rather than in total."""
         self.update(self.completed + k, info)

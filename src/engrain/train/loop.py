@@ -54,6 +54,17 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_within(budget_s: float, seconds: float, done: int, planned: int) -> int:
+    """The steps a run fits into ``budget_s`` seconds of training at the pace of its first ``done`` steps (which took
+    ``seconds``, evaluations included): never more than ``planned``, never fewer than ``done``."""
+    if done <= 0 or seconds <= 0:
+        return planned
+    return max(done, min(planned, int(budget_s * done / seconds)))
+
+
+# Steps timed before train.max_minutes cuts a plan: the first steps carry one-off costs (allocation, warm caches).
+BUDGET_TIMED_STEPS = 8
+
 # Beside a checkpoint's trained weights: the best evaluation's weights (keep_best) and the moving average
 # (train.ema_horizon), written inside the checkpoint's folder before its rename.
 BEST_FILE, AVERAGE_FILE = "best.safetensors", "average.safetensors"
@@ -250,6 +261,7 @@ class Run:
         # The moving average spans a share of the planned steps, so one setting means the same on any corpus.
         self.average = WeightAverage(self.module, cfg.ema_horizon * plan.steps) if cfg.ema_horizon > 0 else None
         self.step = self.start_step = 0
+        self.planned_steps = plan.steps  # before train.max_minutes cuts plan.steps (and the decay with it)
         self.resumed = False
         self.history: list[dict] = []
         # Training time and tokens of the runs before a resume (up to their last checkpoint), so the summary's
@@ -291,6 +303,7 @@ class Run:
                          tuple(state["best_score"]) if state.get("best_score") else None, state.get("bad_evals", 0),
                          answers=state.get("best_answers"))
         self.history = state.get("history", [])
+        self.plan.steps = state.get("plan_steps", self.plan.steps)  # as train.max_minutes had cut it
         self.seconds_before, self.tokens_before = state.get("train_seconds", 0.0), state.get("train_tokens", 0)
         from safetensors.torch import load_file
 
@@ -314,6 +327,8 @@ class Run:
             while self.step < plan.steps:
                 epoch, batch = next(stream)
                 record = self.optimizer_step(epoch, batch)
+                if cfg.max_minutes is not None:
+                    self.fit_budget(progress)
                 if (self.step % eval_every == 0 or self.step == plan.steps) and plan.val:
                     self.evaluate(record)
                 self.log(record, progress)
@@ -363,6 +378,18 @@ class Run:
                 "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": round(self.tokens_per_s(elapsed), 1),
                 "seconds": round(self.seconds_before + elapsed, 1)}
 
+    def fit_budget(self, progress: Progress) -> None:
+        """train.max_minutes: the plan's steps cut to what fits at the pace so far, re-judged after every step (the
+        pace includes evaluations, and a host's speed drifts); the cosine decay reads plan.steps, so it ends with
+        the cut plan instead of being stopped halfway down."""
+        if self.step - self.start_step < BUDGET_TIMED_STEPS:
+            return
+        seconds = self.seconds_before + time.time() - self.t_start
+        steps = steps_within(self.cfg.max_minutes * 60, seconds, self.step, self.planned_steps)
+        if steps != self.plan.steps:
+            self.plan.steps = steps
+            progress.set_total(steps)
+
     def tokens_per_s(self, elapsed: float) -> float:
         return self.tokens_seen * self.world / max(1e-9, elapsed)
 
@@ -404,7 +431,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             best = self.best
-            state = {"config": self.runcfg, "best_val": best.val, "best_step": best.step, "bad_evals": best.bad_evals,
+            state = {"config": self.runcfg, "plan_steps": self.plan.steps, "best_val": best.val, "best_step": best.step, "bad_evals": best.bad_evals,
                      "best_score": list(best.score) if best.score else None, "best_answers": best.answers,
                      "history": self.history[-1000:],
                      "train_seconds": self.seconds_before + time.time() - self.t_start,
@@ -441,7 +468,8 @@ class Run:
             self.average.copy_into_params()
         summary = {"memory": self.name, "kind": self.kind.name, "base_model": lm.name, "base_model_path": lm.path,
                    "base_fingerprint": model_fingerprint(lm.model),
-                   "steps": self.step, "planned_steps": self.plan.steps, "stopped_early": self.stopped_early,
+                   "steps": self.step, "planned_steps": self.planned_steps, "stopped_early": self.stopped_early,
+                   "cut_by_max_minutes": self.plan.steps < self.planned_steps,
                    "resumed_from_step": self.start_step if self.resumed else None, "learning_rate": self.lr,
                    "train_seconds": round(self.seconds_before + seconds, 2),
                    "resumed_seconds": round(self.seconds_before, 2),  # trained before a resume, by another process

@@ -137,6 +137,9 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
               "estimated_seconds": round(total_tokens / tok_s, 1) if tok_s == tok_s and tok_s > 0 else None,
               "predicted_peak_memory_mb": round(predicted / 2**20), "available_memory_mb": round(budget / 2**20),
               "oom_risk": predicted > budget}
+    if cfg.max_minutes is not None and report["estimated_seconds"]:  # what train.max_minutes would leave
+        report["steps_within_max_minutes"] = min(plan.steps, int(plan.steps * cfg.max_minutes * 60
+                                                                 / report["estimated_seconds"]))
     if report["oom_risk"]:
         note(f"engrain: WARNING: predicted peak memory {report['predicted_peak_memory_mb']} MB exceeds the "
              f"{report['available_memory_mb']} MB available: out-of-memory risk. Lower train.micro_batch or "
