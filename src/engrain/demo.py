@@ -9,6 +9,9 @@ from .errors import EngrainError
 
 DEMO_METHODS = "base,context,rag,lora"  # lora+rag with --methods; write_demo_config says what it answers here
 DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
+# Training's share of the demo's 20 minutes (train.max_minutes): the rest, answering four methods and measuring
+# forgetting, took the remainder on the slowest host measured (experiments/knowledge's acme-demo rows time each part).
+DEMO_TRAIN_MINUTES = 11.0
 
 
 def write_demo_config(path: Path) -> None:
@@ -26,6 +29,9 @@ def write_demo_config(path: Path) -> None:
     here, experiments/knowledge's acme-demo-lora-plus rows). The replay stays the base model's chat answers alone
     (``train.replay_sources``): LoRA's default, half of it as the model's own prose, answered less of acme at
     these budgets on both seeds measured (experiments/knowledge's acme-demo-self-prose rows).
+    Training stops within ``DEMO_TRAIN_MINUTES`` (``train.max_minutes``): a host too slow for every planned step
+    trains fewer, its learning-rate decay ending with them, so the demo keeps its time on hosts slower than the one it was sized on, and says in
+    results.json's train summary (``cut_by_max_minutes``) that it cut.
     Its items are closed-book only (``synth.facts_reading`` 0): open-book items did not answer more closed-book here
     and cost more training time than the demo holds (experiments/knowledge's acme-demo-open-book rows). A memory
     never trained with chunks in view reads rag's chunks badly, so the demo's hybrid (lora+rag, which `engrain
@@ -45,6 +51,7 @@ def write_demo_config(path: Path) -> None:
     config.train.fact_weight = 3.0
     config.train.pack_tokens = 512
     config.train.replay_sources = ["self_distill"]
+    config.train.max_minutes = DEMO_TRAIN_MINUTES
     save_config(config, path)
 
 
