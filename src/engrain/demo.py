@@ -30,8 +30,8 @@ def write_demo_config(path: Path) -> None:
     (``train.replay_sources``): LoRA's default, half of it as the model's own prose, answered less of acme at
     these budgets on both seeds measured (experiments/knowledge's acme-demo-self-prose rows).
     Training stops within ``DEMO_TRAIN_MINUTES`` (``train.max_minutes``): a host too slow for every planned step
-    trains fewer, its learning-rate decay ending with them, so the demo keeps its time on hosts slower than the one it was sized on, and says in
-    results.json's train summary (``cut_by_max_minutes``) that it cut.
+    trains fewer, its learning-rate decay ending with them, so the demo keeps its time on slower hosts than the one
+    it was sized on and says in results.json's train summary (``cut_by_max_minutes``) that it cut.
     Its items are closed-book only (``synth.facts_reading`` 0): open-book items did not answer more closed-book here
     and cost more training time than the demo holds (experiments/knowledge's acme-demo-open-book rows). A memory
     never trained with chunks in view reads rag's chunks badly, so the demo's hybrid (lora+rag, which `engrain

@@ -431,7 +431,8 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             best = self.best
-            state = {"config": self.runcfg, "plan_steps": self.plan.steps, "best_val": best.val, "best_step": best.step, "bad_evals": best.bad_evals,
+            state = {"config": self.runcfg, "plan_steps": self.plan.steps, "best_val": best.val,
+                     "best_step": best.step, "bad_evals": best.bad_evals,
                      "best_score": list(best.score) if best.score else None, "best_answers": best.answers,
                      "history": self.history[-1000:],
                      "train_seconds": self.seconds_before + time.time() - self.t_start,
