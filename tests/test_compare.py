@@ -253,6 +253,7 @@ def test_demo_writes_its_budgets_and_reports_on_the_example_corpus(tmp_path, tin
 
     from engrain.cli import app
     from engrain.config import load_config
+    from engrain.demo import DEMO_TRAIN_MINUTES
 
     ws = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "-w", str(ws), "--methods", "base,rag", "--model", str(tiny_model_dir),
@@ -263,6 +264,7 @@ def test_demo_writes_its_budgets_and_reports_on_the_example_corpus(tmp_path, tin
     assert config.train.fact_weight == 3.0 and config.synth.facts_reading == 0  # the demo's own budget settings
     assert config.train.pack_tokens == 512 and config.train.lora_plus_ratio == 4.0
     assert config.train.replay_sources == ["self_distill"]  # LoRA's prose replay answered less at the demo's budget
+    assert config.train.max_minutes == DEMO_TRAIN_MINUTES  # a slow host trains fewer steps, not past the demo's time
     saved = json.loads((ws / "reports" / "acme" / "results.json").read_text())
     assert saved["n_questions"] == 149 and set(saved["methods"]) == {"base", "rag"}
     assert saved["environment"]["settings"]["latency_sample"] == 4

@@ -351,9 +351,9 @@ class TrainedMemory:
                      lambda qs: ask(ClosedBook(self.base_lm, self.batch_size), qs), self.name)
 
     def describe(self) -> dict:
-        keep = ("kind", "base_model", "steps", "train_tokens", "train_seconds", "final_train_loss", "best_val_loss",
-                "best_val_step", "best_val_answered", "best_over_last", "kept_weights_of_step", "trainable_params",
-                "bf16")
+        keep = ("kind", "base_model", "steps", "planned_steps", "cut_by_max_minutes", "train_tokens", "train_seconds",
+                "final_train_loss", "best_val_loss", "best_val_step", "best_val_answered", "best_over_last",
+                "kept_weights_of_step", "trainable_params", "bf16")
         # The training settings as resolved when it trained (a kind's defaults filled in where engrain.yaml left a
         # setting unset), so a result says how its memory was trained, not only what the config asked.
         return {"memory": self.name, "closed_book": True, **{k: self.meta.get(k) for k in keep if k in self.meta},
