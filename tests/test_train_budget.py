@@ -9,7 +9,8 @@ import pytest
 
 from engrain.config import TrainConfig
 from engrain.train import loop
-from engrain.train.loop import BUDGET_TIMED_STEPS, lr_factor, steps_within, train
+from engrain.train.loop import lr_factor, train
+from engrain.train.plan import BUDGET_TIMED_STEPS, steps_within
 from engrain.workspace import Workspace
 
 from test_train import FAST, write_synth
@@ -90,3 +91,11 @@ def test_a_resumed_run_keeps_the_cut_schedule(ws, tiny_model_dir, monkeypatch):
     resumed = [r for r in log(ws) if r["step"] == start + 1][-1]
     assert resumed["lr"] == pytest.approx(cfg.lr * lr_factor(start + 1, 2, cut, cfg.min_lr_ratio))
     assert resumed["lr"] != pytest.approx(cfg.lr * lr_factor(start + 1, 2, 40, cfg.min_lr_ratio))
+
+
+def test_dry_run_says_what_the_budget_would_leave(ws, tiny_model_dir):
+    report = train(ws, config(max_minutes=1e-6), str(tiny_model_dir), dry_run=True, show_progress=False)
+    # a microsecond holds no step: the run would end once its first steps are timed
+    assert report["steps"] == 40 and report["steps_within_max_minutes"] == BUDGET_TIMED_STEPS
+    roomy = train(ws, config(max_minutes=600), str(tiny_model_dir), dry_run=True, show_progress=False)
+    assert roomy["steps_within_max_minutes"] == 40  # never more than planned

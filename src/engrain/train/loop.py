@@ -42,7 +42,7 @@ from .averaging import WeightAverage
 from .null_space import general_projections, lora_layers, project_, projected_weights
 from .precision import bf16_autocast, use_bf16
 from .validation import evaluate
-from .plan import Plan, dry_run_report, make_plan
+from .plan import BUDGET_TIMED_STEPS, Plan, dry_run_report, make_plan, steps_within
 from .replay import DEFAULT_SOURCES
 
 
@@ -53,17 +53,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-
-def steps_within(budget_s: float, seconds: float, done: int, planned: int) -> int:
-    """The steps a run fits into ``budget_s`` seconds of training at the pace of its first ``done`` steps (which took
-    ``seconds``, evaluations included): never more than ``planned``, never fewer than ``done``."""
-    if done <= 0 or seconds <= 0:
-        return planned
-    return max(done, min(planned, int(budget_s * done / seconds)))
-
-
-# Steps timed before train.max_minutes cuts a plan: the first steps carry one-off costs (allocation, warm caches).
-BUDGET_TIMED_STEPS = 8
 
 # Beside a checkpoint's trained weights: the best evaluation's weights (keep_best) and the moving average
 # (train.ema_horizon), written inside the checkpoint's folder before its rename.

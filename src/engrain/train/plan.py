@@ -99,6 +99,18 @@ def make_plan(ws: Workspace, lm: LM, cfg: TrainConfig, world: int, packing: bool
                 sources={sha for _, item in items for sha in item_shas(item)})
 
 
+def steps_within(budget_s: float, seconds: float, done: int, planned: int) -> int:
+    """The steps a run fits into ``budget_s`` seconds of training at the pace of its first ``done`` steps (which took
+    ``seconds``, evaluations included): never more than ``planned``, never fewer than ``done``."""
+    if done <= 0 or seconds <= 0:
+        return planned
+    return max(done, min(planned, int(budget_s * done / seconds)))
+
+
+# Steps timed before train.max_minutes cuts a plan: the first steps carry one-off costs (allocation, warm caches).
+BUDGET_TIMED_STEPS = 8
+
+
 def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr: float, packing: bool,
                    device) -> dict:
     """Steps, tokens, time measured on a few real micro-steps, and predicted peak memory against available RAM."""
@@ -138,8 +150,9 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
               "predicted_peak_memory_mb": round(predicted / 2**20), "available_memory_mb": round(budget / 2**20),
               "oom_risk": predicted > budget}
     if cfg.max_minutes is not None and report["estimated_seconds"]:  # what train.max_minutes would leave
-        report["steps_within_max_minutes"] = min(plan.steps, int(plan.steps * cfg.max_minutes * 60
-                                                                 / report["estimated_seconds"]))
+        seconds_per_step = report["estimated_seconds"] / plan.steps
+        report["steps_within_max_minutes"] = steps_within(cfg.max_minutes * 60, seconds_per_step * BUDGET_TIMED_STEPS,
+                                                           min(plan.steps, BUDGET_TIMED_STEPS), plan.steps)
     if report["oom_risk"]:
         note(f"engrain: WARNING: predicted peak memory {report['predicted_peak_memory_mb']} MB exceeds the "
              f"{report['available_memory_mb']} MB available: out-of-memory risk. Lower train.micro_batch or "
