@@ -114,6 +114,29 @@ def test_recall_against_gold_docs(indexed):
     assert r["misses"] == [{"id": None, "missing": ["no-such-doc"]}]
 
 
+def test_a_draft_answer_finds_the_document_the_question_alone_does_not(indexed):
+    """rag.draft_query: what a memory answered without retrieval is searched beside the question, so a question
+    that names nothing of its document is found through the draft's names."""
+    retriever = Retriever(ChunkIndex(indexed, RagConfig(top_k=1)))
+    question = "Who runs the tea room?"
+    draft = "The Haddow family runs it, in the old Corran mill on the river Sele."
+    alone = retriever.retrieve([question, question], 4)
+    drafted = retriever.retrieve([question, question], 4, drafts=[draft, ""])
+    assert drafted[0][0].doc_id == "mill"
+    assert drafted[1] == alone[1]  # an empty draft searches the question alone
+    # fused, not replaced: the question's own ranking still counts
+    assert {h.chunk_id for h in drafted[0]} & {h.chunk_id for h in alone[0]}
+
+
+def test_rag_memory_drafts_before_it_retrieves(indexed, tiny_lm):
+    mem = RagMemory(indexed, tiny_lm, RagConfig(top_k=2, draft_query=True))
+    answers = mem.answer(["When was the Varn lighthouse first lit?"], max_new_tokens=6)
+    assert isinstance(answers[0].meta["draft"], str) and len(answers[0].chunks) == 2
+    assert mem.describe()["draft_query"] is True
+    starts = mem.complete(["The Varn lighthouse was first lit in"], max_new_tokens=4)
+    assert "\n" not in starts[0].meta["draft"]  # a continuation's draft is one line, as its answer is
+
+
 def test_rag_memory_puts_labelled_chunks_in_the_prompt(indexed, tiny_lm):
     mem = RagMemory(indexed, tiny_lm, RagConfig(top_k=2))
     answers = mem.answer(["When was the Varn lighthouse first lit?", "How long is the pier?"], max_new_tokens=6)

@@ -498,6 +498,43 @@ def test_compile_decode_compiles_every_served_model_before_the_first_request(ws,
     assert "compiled for base, lora" in logs[-1]
 
 
+def test_draft_query_drafts_with_each_memorys_own_weights(ws, tiny_model_dir, monkeypatch):
+    """rag.draft_query in the server: rag's question is drafted by the base model, a hybrid's by its trained
+    memory's module (a merged LoRA is a module of its own), then retrieved with the draft and answered."""
+    from engrain.models import load_model
+    from engrain.serve.engine import Engine
+    from engrain.serve.scheduler import Job, Scheduler
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    engine = Engine(ws, lm)
+    engine.rag.config = engine.rag.config.model_copy(update={"draft_query": True})
+    drafted = []
+    real = engine.rag.drafts
+
+    def drafts(texts, max_new_tokens, form, lm=None):
+        drafted.append((texts, lm.model))
+        return real(texts, max_new_tokens, form, lm=lm)
+
+    monkeypatch.setattr(engine.rag, "drafts", drafts)
+    scheduler = Scheduler(engine)
+    try:
+        for name in ("rag", "lora+rag"):
+            events = []
+            job = Job(served=engine.get(f"{engine.prefix}:{name}"), question=QUESTION, max_tokens=4,
+                      emit=events.append)
+            scheduler.submit(job)
+            deadline = time.time() + 60
+            while not any(e["type"] in ("done", "error") for e in events) and time.time() < deadline:
+                time.sleep(0.05)
+            assert any(e["type"] == "done" for e in events), events
+            assert job.chunks
+    finally:
+        scheduler.close(30)
+    assert [texts for texts, _ in drafted] == [[QUESTION], [QUESTION]]
+    with engine.weights("base") as base, engine.weights("lora") as lora:
+        assert drafted[0][1] is base and drafted[1][1] is lora and lora is not base
+
+
 def test_decode_weights_and_retrieval_are_built_before_the_first_request(ws, tiny_model_dir, monkeypatch):
     """The server builds each served module's quantized decode weights and opens retrieval at start, so the first
     requests do not queue behind them: answering afterwards builds nothing."""

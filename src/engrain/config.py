@@ -262,6 +262,9 @@ class RagConfig(Section):
     bm25_weight: float = Field(1.0, ge=0.0, description="weight of the BM25 ranking in the fusion")
     rewrite_query: bool = Field(False, description="let the model rewrite each question into a search query "
                                                    "(fused with the original)")
+    draft_query: bool = Field(False, description="the model first answers each question without retrieval; the "
+                                                 "question with that draft is searched too (fused with the "
+                                                 "original): a trained memory's draft names what it learned")
     ann_min_rows: int = Field(5000, ge=1, description="build an IVF_SQ vector index from this many chunks on")
     nprobes: int = Field(20, ge=1, description="IVF partitions searched per query")
 

@@ -27,6 +27,11 @@ from .base import Answer, BuildInfo
 from .gate import route
 
 
+# A draft (rag.draft_query) is at most this many tokens, `engrain compare`'s answer length: its names come early, and a
+# server request's longer answer budget would only make the search wait.
+DRAFT_TOKENS = 48
+
+
 class RagMemory:
     """Retrieve top-k chunks per question (hybrid by default), answer with them in the prompt."""
 
@@ -97,9 +102,24 @@ class RagMemory:
                          lambda qs: self.fallback.complete(qs, max_new_tokens=max_new_tokens), self.name)
         return self._respond(starts, max_new_tokens, "continuation")
 
+    def drafts(self, texts: list[str], max_new_tokens: int, form: str, lm: LM | None = None) -> list[str]:
+        """``rag.draft_query``: each question answered (or start continued) without retrieval by ``lm`` (this
+        memory's model by default), the words a search for the answer's document can use. For a hybrid the model is
+        the trained memory's, so a fact it learned names the document that holds the rest of a two-document
+        answer."""
+        lm = lm or self.lm
+        if form == "continuation":
+            prompts = [continuation_prompt(t) for t in texts]
+        else:
+            prompts = [chat_prompt(lm.tokenizer, chat_messages(t, None, self.system)) for t in texts]
+        gens = generate(lm, prompts, max_new_tokens=min(max_new_tokens, DRAFT_TOKENS),
+                        batch_size=self.batch_size, one_line=form == "continuation")
+        return [g.text for g in gens]
+
     def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:
         t0 = time.perf_counter()
-        retrieved = self.retriever.retrieve(texts, self.config.top_k)
+        drafts = self.drafts(texts, max_new_tokens, form) if self.config.draft_query else None
+        retrieved = self.retriever.retrieve(texts, self.config.top_k, drafts)
         t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         fitted = [self.fit_prompt(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
         gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
@@ -112,6 +132,8 @@ class RagMemory:
             ids = [h.chunk_id for h in kept]
             meta = {"retrieval_ms": round(t_retrieve, 1), "cited": [i for i in ids if i in g.text],
                     "docs": list(dict.fromkeys(h.doc_id for h in kept))}
+            if drafts is not None:
+                meta["draft"] = drafts[len(answers)]
             if len(kept) < len(hits):
                 meta["chunks_dropped"] = [h.chunk_id for h in hits[len(kept):]]
             answers.append(Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens, chunks=ids, meta=meta))
@@ -120,6 +142,6 @@ class RagMemory:
     def describe(self) -> dict:
         return {"memory": self.name, "model": self.lm.name, "top_k": self.config.top_k, "mode": self.config.mode,
                 "rrf_k": self.config.rrf_k, "candidates": self.config.candidates,
-                "rewrite_query": self.config.rewrite_query,
+                "rewrite_query": self.config.rewrite_query, "draft_query": self.config.draft_query,
                 "embedding_model": self.config.embedding_model or "all-minilm-l6-v2",
                 **({"gate": self.gate.describe()} if self.gate is not None else {})}

@@ -51,9 +51,15 @@ class Retriever:
             raise EngrainError("rag.rewrite_query is on but no model was given to rewrite queries with.",
                                hint="Pass the model, or set rag.rewrite_query: false.")
 
-    def retrieve(self, questions: list[str], k: int | None = None) -> list[list[Hit]]:
+    def retrieve(self, questions: list[str], k: int | None = None,
+                 drafts: list[str] | None = None) -> list[list[Hit]]:
+        """The top-k chunks of each question; with ``drafts`` (an answer to each question given without retrieval),
+        the question followed by its draft is searched too and fused with the question alone."""
         k = k or self.config.top_k
         queries = [[q] for q in questions]
+        for qs, draft in zip(queries, drafts or []):
+            if draft.strip():
+                qs.append(f"{qs[0]} {draft.strip()}")
         if self.config.rewrite_query:
             for qs, rewrite in zip(queries, rewrite_queries(self.lm, questions)):
                 if rewrite and rewrite.lower() != qs[0].lower():
@@ -117,12 +123,12 @@ def _doc_key(doc_id: str) -> str:
 
 
 def retrieval_recall(ws: Workspace, questions: list[dict], k: int = 5, config: RagConfig | None = None,
-                     lm=None) -> dict:
+                     lm=None, drafts: list[str] | None = None) -> dict:
     """Recall@k of gold documents: ``any`` = at least one gold document among the top-k chunks' documents,
-    ``all`` = every gold document there; overall and by ``hops``."""
+    ``all`` = every gold document there; overall and by ``hops``. ``drafts``: see ``Retriever.retrieve``."""
     config = (config or RagConfig()).model_copy(update={"top_k": k})
     retriever = Retriever(ChunkIndex(ws, config), config, lm=lm)
-    hits = retriever.retrieve([q["question"] for q in questions], k)
+    hits = retriever.retrieve([q["question"] for q in questions], k, drafts)
     groups: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     misses = []
     for q, found in zip(questions, hits):

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..errors import EngrainError
@@ -337,14 +337,15 @@ class Scheduler:
     def _join(self, key: tuple, live: int) -> list[Job]:
         """Queued jobs that may join a running stream of ``key``: only while the oldest queued job has that key
         (so another memory's requests are not passed over for long), up to the free rows, rag prompts fitted."""
-        rewrite = self.engine.rag is not None and self.engine.rag.config.rewrite_query
+        rag = self.engine.rag
+        asks_model = rag is not None and (rag.config.rewrite_query or rag.config.draft_query)
         with self.cond:
             if not self.queue or self.paused or self.queue[0].key != key:
                 return []
             take, rest = [], deque()
             while self.queue:
                 job = self.queue.popleft()
-                fits = len(take) + live < self.max_batch and not (rewrite and job.question is not None)
+                fits = len(take) + live < self.max_batch and not (asks_model and job.question is not None)
                 (take if job.key == key and fits else rest).append(job)
             self.queue = rest
             self.running = live + len(take)
@@ -368,9 +369,16 @@ class Scheduler:
         if not rag_jobs:
             return batch
         rag = self.engine.rag
-        # query rewriting (when on) uses the base model; never asked for inside a running stream (see _join)
+        questions = [j.question for j in rag_jobs]
+        # Query rewriting uses the base model, drafts the jobs' own weights (a hybrid's memory names what it
+        # learned); neither is asked for inside a running stream (see _join).
+        drafts = None
+        if rag.config.draft_query:
+            with self.engine.weights(rag_jobs[0].weights) as module:  # a merged LoRA is a module of its own
+                drafts = rag.drafts(questions, max(j.max_tokens for j in rag_jobs), "chat",
+                                    lm=replace(self.engine.lm, model=module))
         with self.engine.weights("base") if rag.config.rewrite_query else nullcontext():
-            hits = rag.retriever.retrieve([j.question for j in rag_jobs], rag.config.top_k)
+            hits = rag.retriever.retrieve(questions, rag.config.top_k, drafts)
         for job, job_hits in zip(rag_jobs, hits):
             try:
                 prompt, kept, _ = rag.fit_prompt(job.question, job_hits, job.max_tokens)
