@@ -135,3 +135,19 @@ def test_two_ddp_processes_equal_one_process(tmp_path, tiny_model_dir):
     summary = json.loads([ln for ln in two.stdout.splitlines() if ln.startswith("{")][-1])
     assert summary["processes"] == 2
     assert_same_weights(adapter(single), adapter(ddp), atol=2e-5)
+
+
+def test_two_ddp_processes_cut_to_a_budget_at_the_same_step(tmp_path, tiny_model_dir):
+    """train.max_minutes under DDP: the processes judge by the slowest one's clock, so they stop together instead of
+    one waiting forever in a collective the other left."""
+    from engrain.train.plan import BUDGET_TIMED_STEPS
+
+    ws = make_ws(tmp_path / "ddp", dict(max_steps=12, max_minutes=1e-6, seq_len=96, micro_batch=1, replay_share=0.0,
+                                        eval_every=0, save_every=0, lora_rank=2, val_fraction=0.0))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "engrain.cli", *cli(ws, tiny_model_dir, "--json")[3:]]
+    run = subprocess.run(launch, env=env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads([ln for ln in run.stdout.splitlines() if ln.startswith("{")][-1])
+    assert summary["processes"] == 2 and summary["cut_by_max_minutes"]
+    assert summary["steps"] == BUDGET_TIMED_STEPS and summary["planned_steps"] == 12

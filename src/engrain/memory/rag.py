@@ -128,12 +128,12 @@ class RagMemory:
             gens = [cut_continuation(g) for g in gens]
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         answers = []
-        for g, (_, kept, _), hits in zip(gens, fitted, retrieved):
+        for g, (_, kept, _), hits, draft in zip(gens, fitted, retrieved, drafts or [None] * len(gens)):
             ids = [h.chunk_id for h in kept]
             meta = {"retrieval_ms": round(t_retrieve, 1), "cited": [i for i in ids if i in g.text],
                     "docs": list(dict.fromkeys(h.doc_id for h in kept))}
-            if drafts is not None:
-                meta["draft"] = drafts[len(answers)]
+            if draft is not None:
+                meta["draft"] = draft
             if len(kept) < len(hits):
                 meta["chunks_dropped"] = [h.chunk_id for h in hits[len(kept):]]
             answers.append(Answer(g.text, per_q, g.prompt_tokens, g.completion_tokens, chunks=ids, meta=meta))

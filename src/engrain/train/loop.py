@@ -374,6 +374,10 @@ class Run:
         if self.step - self.start_step < BUDGET_TIMED_STEPS:
             return
         seconds = self.seconds_before + time.time() - self.t_start
+        if self.world > 1:  # every process must cut at the same step: they judge by the slowest one's clock
+            import torch
+
+            seconds = float(self.accelerator.reduce(torch.tensor([seconds], device=self.device), reduction="max")[0])
         steps = steps_within(self.cfg.max_minutes * 60, seconds, self.step, self.planned_steps)
         if steps != self.plan.steps:
             self.plan.steps = steps
