@@ -64,6 +64,13 @@ def test_a_run_over_budget_is_cut_and_its_decay_ends_at_the_cut(ws, tiny_model_d
     assert before["lr"] == pytest.approx(cfg.lr * lr_factor(before["step"], 2, 40, cfg.min_lr_ratio))
 
 
+def test_the_cut_is_said_once(ws, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "time", Clock())
+    summary = train(ws, config(max_minutes=0.5), str(tiny_model_dir), show_progress=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if "train.max_minutes" in line]
+    assert len(said) == 1 and "of the 40 planned steps fit" in said[0] and summary["cut_by_max_minutes"]
+
+
 def test_a_run_within_budget_trains_every_planned_step(ws, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(loop, "time", Clock())
     summary = train(ws, config(max_minutes=60), str(tiny_model_dir), show_progress=False)

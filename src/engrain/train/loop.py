@@ -380,6 +380,9 @@ class Run:
             seconds = float(self.accelerator.reduce(torch.tensor([seconds], device=self.device), reduction="max")[0])
         steps = steps_within(self.cfg.max_minutes * 60, seconds, self.step, self.planned_steps)
         if steps != self.plan.steps:
+            if self.show and self.plan.steps == self.planned_steps:  # said once, when the plan is first cut
+                note(f"engrain: train.max_minutes ({self.cfg.max_minutes:g}): at this pace {steps} of the "
+                     f"{self.planned_steps} planned steps fit; the learning rate decays to its floor by then")
             self.plan.steps = steps
             progress.set_total(steps)
 
