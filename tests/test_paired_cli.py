@@ -42,6 +42,26 @@ def test_paired_tests_each_run_against_the_reference(tmp_path):
     assert row["vs_reference"]["p_value"] < 0.01
 
 
+def test_paired_and_pooled_on_the_questions_of_some_hops(tmp_path):
+    bench = make_bench(tmp_path / "bench")
+    rows = [json.loads(line) for line in (bench / "questions.jsonl").read_text().splitlines()]
+    for row in rows[8:]:  # q8 to q11 join two documents
+        row["hops"] = 2
+    (bench / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ref = write_run(tmp_path / "a" / "results.json", "base", {0, 8})
+    better = write_run(tmp_path / "b" / "results.json", "lora", {0, 1, 8, 9, 10})
+    res = CliRunner().invoke(app, ["paired", str(bench), better, "--against", ref, "--hops", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])["rows"][0]
+    assert row["contains"] == 3 / 4 and (row["vs_reference"]["wins"], row["vs_reference"]["losses"]) == (2, 0)
+    res = CliRunner().invoke(app, ["pooled", str(bench), f"{better}={ref}", "--hops", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    pooled = json.loads(res.stdout.strip().splitlines()[-1])
+    assert pooled["n_questions"] == 8 and (pooled["pooled"]["wins"], pooled["pooled"]["losses"]) == (1, 0)
+    res = CliRunner().invoke(app, ["paired", str(bench), better, "--against", ref, "--hops", "3"])
+    assert isinstance(res.exception, EngrainError) and "no question of 3 hops" in str(res.exception)
+
+
 def test_paired_names_a_bad_run(tmp_path):
     bench = make_bench(tmp_path / "bench")
     ref = write_run(tmp_path / "a" / "results.json", "base", {0})

@@ -13,13 +13,13 @@ joined by question id.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from engrain.atomic import write_json
 from engrain.config import load_config
 from engrain.corpus.ingest import ingest
 from engrain.evaluate.metrics import mcnemar_p
+from engrain.evaluate.paired import joined_answers, load_results
 from engrain.rag.index import build_index
 from engrain.rag.retrieval import load_questions, retrieval_recall
 from engrain.workspace import Workspace
@@ -41,10 +41,7 @@ def main() -> None:
         ingest(Path(args.bench) / "docs", ws, settings.ingest)
         build_index(ws, config)
     questions = load_questions(args.bench)
-    answers: dict[str, dict[str, str]] = {}
-    for path in args.answers:
-        for method, rows in json.loads(Path(path).read_text())["answers"].items():
-            answers.setdefault(method, {}).update((r["id"], r["answer"]) for r in rows)
+    answers = joined_answers([(path, load_results(Path(path))) for path in args.answers])
     runs = {"question": retrieval_recall(ws, questions, args.k, config)}
     for method in args.methods.split(","):
         drafts = [answers[method].get(q["id"], "") for q in questions]

@@ -28,6 +28,8 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="base model: em
 ExcludeQuestionsOpt = Annotated[Optional[list[Path]], typer.Option("--exclude-questions", help="benchmark questions.jsonl "
                                                                   "to keep out of synthesis (repeatable)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object with the step's summary on stdout")]
+HopsOpt = Annotated[Optional[int], typer.Option("--hops", help="only the questions joining this many documents "
+                                                            "(2: the two-document ones)")]
 ProbeFormOpt = Annotated[str, typer.Option("--probe-form", help="how cloze probes are asked: continuation (the sentence "
                                            "start as plain text, as the data sets intend) or chat (an instruction in "
                                            "the chat template)")]
@@ -199,13 +201,14 @@ def paired(
     runs: Annotated[list[str], typer.Argument(help="FILE:METHOD, e.g. OUT/results.json:lora")],
     against: Annotated[str, typer.Option("--against", help="FILE:METHOD every run is tested against")],
     docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
+    hops: HopsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Methods from separate runs tested question by question against one reference: paired bootstrap interval of
     the difference, questions won and lost, McNemar's exact p."""
     from .evaluate.paired import against as test, bench_questions, is_general, markdown, read_run
 
-    questions = bench_questions(bench, docs)
+    questions = bench_questions(bench, docs, hops)
     general = is_general(bench)
     table = test(against, [read_run(spec, questions, general) for spec in runs], questions, general)
     if as_json:
@@ -221,13 +224,14 @@ def pooled(
     pairs: Annotated[list[str], typer.Argument(help="TREATED=CONTROL, each FILE:METHOD: a change and its control "
                                                      "trained with the same seed; one pair per seed")],
     docs: Annotated[Optional[int], typer.Option("--docs", help="the runs' --docs")] = None,
+    hops: HopsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A change measured on several seeds, each against its own control, tested as one: each pair's paired test,
     then the mean difference over all pairs with an exact sign-flip p that keeps each question's runs together."""
     from .evaluate.paired import bench_questions, is_general, pooled as test, pooled_markdown
 
-    questions = bench_questions(bench, docs)
+    questions = bench_questions(bench, docs, hops)
     table = test(pairs, questions, is_general(bench))
     if as_json:
         emit_json(table)

@@ -9,8 +9,8 @@ from .errors import EngrainError
 
 DEMO_METHODS = "base,context,rag,lora"  # lora+rag with --methods; write_demo_config says what it answers here
 DEMO_LATENCY_SAMPLE = 4  # questions timed one at a time per method (p50/p95); `engrain compare` times 10
-# Training's share of the demo's 20 minutes (train.max_minutes): the rest, answering four methods and measuring
-# forgetting, took the remainder on the slowest host measured (experiments/knowledge's acme-demo rows time each part).
+# Training's share of the demo's 20 minutes (train.max_minutes): on the slowest host measured, answering four methods
+# and measuring forgetting fit in the rest (experiments/knowledge's acme-demo-2026-12-07-train-11-minutes row).
 DEMO_TRAIN_MINUTES = 11.0
 
 

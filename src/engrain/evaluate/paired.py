@@ -169,18 +169,26 @@ def run_against(results: dict, questions: list[Question], reference_spec: str) -
     return table
 
 
-def bench_questions(bench: Path, docs: int | None = None) -> list[Question]:
-    """The questions of the benchmark folder ``bench``, cut to its first ``docs`` documents' as the runs were;
-    ``general`` (``GENERAL``) names the general questions forgetting is measured on."""
+def bench_questions(bench: Path, docs: int | None = None, hops: int | None = None) -> list[Question]:
+    """The questions of the benchmark folder ``bench``, cut to its first ``docs`` documents' as the runs were, and
+    to those joining ``hops`` documents when given; ``general`` (``GENERAL``) names the general questions forgetting
+    is measured on."""
     from .bench import load_bench
 
     if is_general(bench):
         from .forgetting import general_questions
 
-        return general_questions()
-
-    loaded = load_bench(bench)
-    return (loaded.first_docs(docs) if docs else loaded).questions
+        questions = general_questions()
+    else:
+        loaded = load_bench(bench)
+        questions = (loaded.first_docs(docs) if docs else loaded).questions
+    if hops is None:
+        return questions
+    kept = [q for q in questions if q.hops == hops]
+    if not kept:
+        raise EngrainError(f"{bench} has no question of {hops} hops.",
+                           hint="Leave out --hops, or pick a count its questions.jsonl's `hops` fields hold.")
+    return kept
 
 
 def split_pair(spec: str) -> tuple[str, str]:

@@ -19,8 +19,8 @@ import time
 from ..config import RagConfig, load_config
 from ..errors import EngrainError
 from ..rag.index import ChunkIndex, Hit, build_index
-from ..models import (DEFAULT_SYSTEM, LM, chat_messages, chat_prompt, check_starts, continuation_prompt,
-                      cut_continuation, generate, plain_chunks, render_chunks)
+from ..models import (DEFAULT_SYSTEM, LM, answer, chat_messages, chat_prompt, check_starts, continuation_prompt,
+                      continue_text, cut_continuation, generate, plain_chunks, render_chunks)
 from ..rag.retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
@@ -107,13 +107,11 @@ class RagMemory:
         memory's model by default), the words a search for the answer's document can use. For a hybrid the model is
         the trained memory's, so a fact it learned names the document that holds the rest of a two-document
         answer."""
-        lm = lm or self.lm
+        lm, n = lm or self.lm, min(max_new_tokens, DRAFT_TOKENS)
         if form == "continuation":
-            prompts = [continuation_prompt(t) for t in texts]
+            gens = continue_text(lm, texts, max_new_tokens=n, batch_size=self.batch_size)
         else:
-            prompts = [chat_prompt(lm.tokenizer, chat_messages(t, None, self.system)) for t in texts]
-        gens = generate(lm, prompts, max_new_tokens=min(max_new_tokens, DRAFT_TOKENS),
-                        batch_size=self.batch_size, one_line=form == "continuation")
+            gens = answer(lm, texts, max_new_tokens=n, batch_size=self.batch_size, system=self.system)
         return [g.text for g in gens]
 
     def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:

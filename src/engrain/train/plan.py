@@ -150,9 +150,10 @@ def dry_run_report(ws: Workspace, lm: LM, kind, cfg: TrainConfig, plan: Plan, lr
               "predicted_peak_memory_mb": round(predicted / 2**20), "available_memory_mb": round(budget / 2**20),
               "oom_risk": predicted > budget}
     if cfg.max_minutes is not None and report["estimated_seconds"]:  # what train.max_minutes would leave
-        seconds_per_step = report["estimated_seconds"] / plan.steps
-        report["steps_within_max_minutes"] = steps_within(cfg.max_minutes * 60, seconds_per_step * BUDGET_TIMED_STEPS,
-                                                           min(plan.steps, BUDGET_TIMED_STEPS), plan.steps)
+        timed = min(plan.steps, BUDGET_TIMED_STEPS)  # the run judges after these, at this measured pace
+        report["steps_within_max_minutes"] = steps_within(cfg.max_minutes * 60,
+                                                           report["estimated_seconds"] * timed / plan.steps,
+                                                           timed, plan.steps)
     if report["oom_risk"]:
         note(f"engrain: WARNING: predicted peak memory {report['predicted_peak_memory_mb']} MB exceeds the "
              f"{report['available_memory_mb']} MB available: out-of-memory risk. Lower train.micro_batch or "
