@@ -152,7 +152,7 @@ def test_doctor_reports_versions_and_cache(tmp_path):
     assert info["embedded_model_cached"] is False  # a fresh ENGRAIN_HOME holds nothing yet
     assert "bf16_supported" in info and "torch_threads" in info
     assert info["cpu"]["model"] and "amx_tiles" in info["cpu"]  # what a bug report about speed or numerics needs
-    assert info["cpu_prefill_dtype"] in ("bfloat16", "float32")  # what model.prefill_dtype: auto picks here
+    assert info["cpu_prefill_dtype"] in ("bfloat16", "float32", "int8")  # what model.prefill_dtype: auto picks here
 
 
 def test_no_registry_on_first_use_says_how_to_place_the_model_by_hand(tmp_path):

@@ -13,6 +13,7 @@ from engrain.models import decode_weights, fastgen, packed_weights
 
 needs_packing = pytest.mark.skipif(not packed_weights.available(),
                                    reason="this CPU or PyTorch build does not pack bf16 weights for oneDNN")
+needs_int8 = pytest.mark.skipif(not packed_weights.int8_available(), reason="this PyTorch build has no int8 matmul")
 
 
 @needs_packing
@@ -32,6 +33,7 @@ def test_prefill_and_wide_steps_read_the_packed_weights_and_answer_the_same(tiny
     prefill through the packed copy and give the logits and greedy tokens of the same model without it."""
     model = copy.deepcopy(tiny_lm.model).to(torch.bfloat16)
     setattr(model, decode_weights.ATTRIBUTE, "int8")
+    setattr(model, packed_weights.ATTRIBUTE, "bfloat16")  # not what auto picks on a host with fast int8 products
     quant = decode_weights.for_model(model)
     assert quant.packed is not None and all(b is not None for b in quant.packed)
     plain = dataclasses.replace(quant, packed=None)
@@ -93,6 +95,31 @@ def test_prompts_multiply_in_fp32_only_where_fp32_products_measure_clearly_faste
         assert load.prefill_dtype_for("cpu", name) == name
 
 
+@pytest.mark.parametrize("int8", [0.0, 1.8, 4.0])
+def test_auto_never_picks_int8_products_however_fast_they_measure(monkeypatch, int8):
+    """int8 rounds every token's input and moved answers (experiments/answering's int8 rows): asked for by name
+    only, whatever its products gain here."""
+    from engrain.models import load
+
+    monkeypatch.setattr(load, "int8_speedup_cpu", lambda: int8)
+    for bf16 in (0.56, 3.1):
+        monkeypatch.setattr(load, "bf16_speedup_cpu", lambda: bf16)
+        assert load.prefill_dtype_for("cpu") == ("float32" if bf16 < 1 else "bfloat16")
+
+
+@needs_int8
+@needs_packing
+def test_the_int8_timing_leaves_the_global_random_state_alone():
+    from engrain.models import load
+
+    load.int8_speedup_cpu.cache_clear()
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    assert load.int8_speedup_cpu() > 0.0
+    assert torch.equal(torch.rand(3), want)
+
+
 @needs_packing
 def test_an_fp32_packed_weight_takes_and_gives_bf16_around_an_fp32_product():
     torch.manual_seed(0)
@@ -141,3 +168,67 @@ def test_the_workspace_prefill_dtype_reaches_the_model_and_a_bad_one_is_refused(
     assert getattr(lm.model, packed_weights.ATTRIBUTE) == "float32"
     with pytest.raises(EngrainError, match="model.prefill_dtype 'fp16'"):
         load_model(str(tiny_model_dir), device="cpu", prefill_dtype="fp16")
+
+
+
+@needs_int8
+def test_an_int8_product_gives_the_float_product_within_int8_rounding_and_smoothing_spares_the_other_channels():
+    """W8A8: each weight row and each token's input rounded to 127 levels. An input channel 50 times the others
+    (the outliers SmoothQuant moves into the weights) takes most of a token's range unsmoothed; smoothed on the
+    calibration's per-channel ranges, the products come closer to the float ones."""
+    torch.manual_seed(0)
+    linear, other = (torch.nn.Linear(96, n, bias=False) for n in (160, 48))
+    x = torch.randn(2, 40, 96)
+    x[..., 7] *= 50
+    want = torch.cat([linear(x), other(x)], dim=-1)
+    plain = packed_weights.pack_int8(linear, other)
+    smoothed = packed_weights.pack_int8(linear, other, input_amax=x.abs().reshape(-1, 96).amax(0))
+    assert plain.weight.dtype == torch.int8 and plain.weight.shape == (96, 208)
+
+    def error(product):
+        return ((product(x.to(torch.bfloat16)).float() - want).norm() / want.norm()).item()
+
+    assert plain(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    assert error(smoothed) < 0.02
+    assert error(smoothed) < error(plain) / 2
+    assert error(plain) < 0.2  # still the same product, roughly
+
+
+@needs_int8
+@needs_packing
+def test_a_model_loaded_with_int8_prompts_measures_its_smoothing_and_prefills_close_to_bf16(tiny_model_dir):
+    """``model.prefill_dtype: int8``: the model carries the calibration ids, its packed blocks are int8 products
+    smoothed on them but for the down projections (fp32), and a prefill's logits stay close to the bf16 layers'
+    (int8 rounds more than bf16 does)."""
+    from engrain.models import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16", decode_weights="int8", prefill_dtype="int8")
+    model = lm.model
+    assert getattr(model, packed_weights.ATTRIBUTE) == "int8"
+    ids = getattr(model, packed_weights.CALIBRATION)
+    assert ids.shape == (1, min(packed_weights.CALIBRATION_TOKENS, ids.shape[1])) and ids.shape[1] > 100
+    quant = decode_weights.for_model(model)
+    assert all(isinstance(b.gate_up, packed_weights.Int8Product) for b in quant.packed)
+    assert all(isinstance(b.down, packed_weights.PackedLinear) and b.down.weight.dtype == torch.float32
+               for b in quant.packed)
+    assert any((b.gate_up.inv_smooth != 1).any() for b in quant.packed)  # smoothed, not plain
+    every = packed_weights.build(model, "int8", float_products=())
+    assert all(isinstance(b.down, packed_weights.Int8Product) for b in every)
+    plain = dataclasses.replace(quant, packed=None)
+    tok = lm.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ["The capital of France is a city that", "A bee makes honey and wax"]]
+    with torch.inference_mode():
+        got = fastgen._prefill(model, prompts, [0, 1], tok.pad_token_id, None, "cpu", quant=quant).logits.float()
+        want = fastgen._prefill(model, prompts, [0, 1], tok.pad_token_id, None, "cpu", quant=plain).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 0.1
+
+
+def test_int8_prompts_are_refused_clearly_where_int8_products_are_missing(monkeypatch):
+    from engrain.errors import EngrainError
+    from engrain.models import load
+
+    monkeypatch.setattr(packed_weights, "int8_available", lambda: False)
+    with pytest.raises(EngrainError, match="int8"):
+        load.prefill_dtype_for("cpu", "int8")
+    monkeypatch.setattr(packed_weights, "int8_available", lambda: True)
+    assert load.prefill_dtype_for("cpu", "int8") == "int8"

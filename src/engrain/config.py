@@ -31,10 +31,12 @@ class ModelConfig(Section):
                                                     " measures both); needs a C++ compiler")
     prefill_dtype: str = Field("auto", description="what a bf16 model's prompts (and decode steps of many rows) "
                                                    "multiply in on a CPU, through a packed copy of the linear layers: "
-                                                   "bfloat16, float32 (twice the copy's memory), or auto: float32 "
-                                                   "where bf16 products measure clearly slower than fp32's (engrain "
-                                                   "doctor shows what auto picks here; "
-                                                   "bench/bench_prefill_dtype.py times both)")
+                                                   "bfloat16, float32 (twice the copy's memory), int8 (W8A8 "
+                                                   "products: each token's input rounded to int8; engrain doctor's "
+                                                   "int8_speedup says what they gain here), or auto: float32 where "
+                                                   "bf16 products measure clearly slower than fp32's, else bfloat16 "
+                                                   "(engrain doctor shows what auto picks here; "
+                                                   "bench/bench_prefill_dtype.py times them)")
 
 
 class IngestConfig(Section):

@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..errors import EngrainError
 from ..progress import note
@@ -66,20 +67,64 @@ def bf16_speedup_cpu() -> float:
 # A bf16 model's prompts multiply in fp32 on a CPU whose bf16 products measure at least this many times slower than
 # fp32's: the fp32 copy of the layers costs twice the memory, so a near tie keeps bf16.
 FP32_PREFILL_MARGIN = 1.25
-PREFILL_DTYPES = ("auto", "bfloat16", "float32")
+PREFILL_DTYPES = ("auto", "bfloat16", "float32", "int8")
 
 
 def prefill_dtype_for(device: str, prefill_dtype: str = "auto") -> str:
     """``model.prefill_dtype`` resolved for ``device`` (``packed_weights`` packs a bf16 model's layers in it):
-    ``bfloat16`` or ``float32`` as asked; ``auto``: float32 on a CPU whose bf16 products measure
-    ``FP32_PREFILL_MARGIN`` times slower than fp32's or more (``bf16_speedup_cpu``), bfloat16 elsewhere."""
+    as asked; ``auto``: float32 on a CPU whose bf16 products measure ``FP32_PREFILL_MARGIN`` times slower than
+    fp32's or more (``bf16_speedup_cpu``), bfloat16 elsewhere. Never int8, which is asked for by name: where
+    measured it took a quarter off a batch's prefill and little off one prompt's (docs/performance.md), not enough
+    to round every token's input by default (``int8_speedup_cpu`` says what its products gain on a host)."""
     if prefill_dtype not in PREFILL_DTYPES:
         raise EngrainError(f"Unknown model.prefill_dtype '{prefill_dtype}'.",
                            hint="Use one of: " + ", ".join(PREFILL_DTYPES) + ".")
+    if prefill_dtype == "int8" and device == "cpu":
+        from .packed_weights import int8_available
+
+        if not int8_available():
+            raise EngrainError("model.prefill_dtype is int8, but this PyTorch build does not multiply int8 "
+                               "matrices on this CPU.", hint="Use model.prefill_dtype: auto.")
     if prefill_dtype != "auto":
         return prefill_dtype
-    slow = device == "cpu" and 0.0 < bf16_speedup_cpu() * FP32_PREFILL_MARGIN <= 1.0
-    return "float32" if slow else "bfloat16"
+    return "float32" if device == "cpu" and bf16_slow_cpu() else "bfloat16"
+
+
+def bf16_slow_cpu() -> bool:
+    """Whether this CPU computes bf16 natively but its products measure ``FP32_PREFILL_MARGIN`` times slower than
+    fp32's or more (``bf16_speedup_cpu``): there a bf16 model's prompts multiply in fp32."""
+    return 0.0 < bf16_speedup_cpu() * FP32_PREFILL_MARGIN <= 1.0
+
+
+@functools.cache
+def int8_speedup_cpu() -> float:
+    """How many times faster than the float packing ``auto`` takes (fp32 where ``bf16_slow_cpu``, bf16 elsewhere)
+    this CPU runs a prompt's W8A8 product (``packed_weights.Int8Product``, its quantizing included), best
+    of several each, timed once per process; 0.0 where nothing is packed or int8 products are missing. A CPU with
+    VNNI or AMX can multiply int8 several times faster than floats, and another gains nothing once each token's
+    quantizing is paid (``python bench/bench_prefill_dtype.py`` times whole prompts in each form)."""
+    import torch
+
+    from . import packed_weights
+
+    if not (packed_weights.available() and packed_weights.int8_available()):
+        return 0.0
+    # 512 tokens through the embedded model's gate|up product; a generator of its own leaves the global one (a
+    # caller's seeded draws) as it was.
+    generator = torch.Generator().manual_seed(0)
+    layer = SimpleNamespace(weight=(torch.randn(3072, 576, generator=generator) * 0.02).to(torch.bfloat16))
+    x = torch.randn(512, 576, generator=generator).to(torch.bfloat16)
+    products = {"float": packed_weights.pack(layer, dtype=torch.float32 if bf16_slow_cpu() else torch.bfloat16),
+                "int8": packed_weights.pack_int8(layer)}
+    best = dict.fromkeys(products, float("inf"))
+    with torch.inference_mode():
+        for round_ in range(11):  # alternating, so that a busy moment slows both; the first round warms both up
+            for name, product in products.items():
+                t0 = time.perf_counter()
+                product(x)
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - t0)
+    return best["float"] / best["int8"]
 
 
 def bf16_trains_faster(device: str) -> bool:
@@ -112,7 +157,8 @@ def cpu_model() -> dict:
     except (AttributeError, RuntimeError):  # a torch without the query
         avx512_bf16 = None
     return {"model": name or platform.processor() or platform.machine(), "amx_tiles": amx_tiles(),
-            "avx512_bf16": avx512_bf16, "bf16_speedup": round(bf16_speedup_cpu(), 2)}
+            "avx512_bf16": avx512_bf16, "bf16_speedup": round(bf16_speedup_cpu(), 2),
+            "int8_speedup": round(int8_speedup_cpu(), 2)}
 
 
 def pick_dtype(device: str, dtype: str = "auto"):
@@ -227,6 +273,8 @@ def load_model(spec: str | None = None, device: str | None = None, dtype: str = 
 
     setattr(model, decode_weights.ATTRIBUTE, decode)
     setattr(model, packed_weights.ATTRIBUTE, prefill)
+    if prefill == "int8":
+        setattr(model, packed_weights.CALIBRATION, packed_weights.calibration_ids(tokenizer))
     setattr(model, compiled_decode.ATTRIBUTE, compile_decode)
     return LM(model=model, tokenizer=prepare_tokenizer(tokenizer), name=name, path=path, device=device,
               load_seconds=time.time() - t0)
