@@ -118,8 +118,10 @@ def int8_available() -> bool:
 
 
 def calibration_ids(tokenizer) -> torch.Tensor:
-    """The first ``CALIBRATION_TOKENS`` tokens of the package's replay prompts (everyday requests, none of a
-    user's documents), as a (1, T) tensor: what an int8 model's smoothing is measured on."""
+    """The first ``CALIBRATION_TOKENS`` tokens of the package's replay prompts file as it is written (its comment
+    header, then everyday requests; none of a user's documents), as a (1, T) tensor: what an int8 model's smoothing
+    is measured on. Read whole rather than through ``train.replay.replay_prompts`` (models may not import train),
+    and the measured int8 rows were calibrated on exactly this text."""
     from importlib import resources
 
     text = resources.files("engrain").joinpath("data", "replay_prompts.txt").read_text(encoding="utf-8")
@@ -167,9 +169,9 @@ def input_amax(model, ids: torch.Tensor) -> dict[torch.nn.Module, torch.Tensor]:
     return amax
 
 
-# The projections an int8 model keeps in fp32: the down projection's input (the MLP's gated activation) has the
-# widest outliers of the block, and rounding it cost the base model general answers that the other three did not
-# (experiments/answering's general-qa-int8 results).
+# The projections an int8 model keeps in fp32: with the down projections in fp32 the base model's general answers
+# stayed within the noise of fp32's, with the q/k/v or the gate/up ones instead they did not (experiments/answering's
+# general-qa-int8 results).
 INT8_FLOAT_PRODUCTS = ("down",)
 
 
