@@ -205,7 +205,7 @@ def test_corrupt_table_names_the_rebuild_command(indexed):
     assert build_index(indexed, rebuild=True).chunks == len(read_chunks(indexed))
 
 
-def test_hybrid_wraps_a_trained_memorys_model(indexed, tiny_lm):
+def test_hybrid_wraps_a_trained_memorys_model(indexed, tiny_lm, monkeypatch):
     """lora+rag: the registry opens the LoRA memory and RagMemory reads chunks with its adapted model."""
     import copy
 
@@ -230,10 +230,25 @@ def test_hybrid_wraps_a_trained_memorys_model(indexed, tiny_lm):
     hybrid = open_memory("lora+rag", indexed, tiny_lm)
     plain = open_memory("rag", indexed, tiny_lm)
     assert isinstance(hybrid, RagMemory) and hybrid.name == "lora+rag" and hybrid.lm.model is not tiny_lm.model
+    assert hybrid.fused  # rag.hybrid's default
+    hybrid.config = RagConfig(hybrid="read")
     q = ["When was the Varn lighthouse first lit?"]
     a, b = hybrid.answer(q, max_new_tokens=8)[0], plain.answer(q, max_new_tokens=8)[0]
     assert a.chunks == b.chunks and a.prompt_tokens == b.prompt_tokens
     assert a.text != b.text  # the adapter is applied while reading the same chunks
+    # rag.hybrid fused: the base model reads the chunks; at weight 0 the memory adds nothing, so rag's answer comes
+    # back, and at weight 1 the memory's change moves it.
+    hybrid.config = RagConfig(hybrid="fused", fused_weight=0.0)
+    assert hybrid.fused and hybrid.base_lm is tiny_lm and hybrid.describe()["hybrid"] == "fused"
+    fused = hybrid.answer(q, max_new_tokens=8)[0]
+    assert (fused.text, fused.chunks, fused.prompt_tokens) == (b.text, b.chunks, b.prompt_tokens)
+    start = ["The Varn lighthouse was first lit in"]
+    assert hybrid.complete(start, max_new_tokens=6)[0].text == plain.complete(start, max_new_tokens=6)[0].text
+    hybrid.config = RagConfig(hybrid="fused", fused_weight=1.0)
+    assert hybrid.answer(q, max_new_tokens=8)[0].text != b.text
+    assert not plain.fused  # rag alone has no memory to fuse
+    monkeypatch.setenv("ENGRAIN_FASTGEN", "0")  # no decode loop to fuse in: the memory reads the chunks
+    assert not hybrid.fused and hybrid.describe()["hybrid"] == "read"
     with pytest.raises(EngrainError, match="not a hybrid"):
         open_memory("base+rag", indexed, tiny_lm)
 

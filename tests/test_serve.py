@@ -64,6 +64,7 @@ def test_models_lists_every_memory_that_opens(client):
     models = {m.id: m for m in client.models.list()}
     assert list(models) == MODELS
     assert models["acme:lora+rag"].model_extra["engrain"]["layout"] == "rag"
+    assert models["acme:lora+rag"].model_extra["engrain"]["hybrid"] == "fused"  # rag.hybrid's default
     assert client.models.retrieve("acme:lora").id == "acme:lora"
 
 
@@ -245,9 +246,9 @@ def test_concurrent_requests_are_batched_per_memory(server, client):
     for t in threads:
         t.join(60)
     batches = list(sched.batch_log)[before:]
-    # lora and lora+rag share an adapter (and a batch); base and context need different layouts
-    assert sorted(w for w, _ in batches) == ["base", "base", "lora"]
-    assert sorted(n for _, n in batches) == [4, 4, 8]
+    # base and context need different layouts; lora+rag (fused: three readings a step) decodes apart from lora
+    assert sorted(w for w, _ in batches) == ["base", "base", "lora", "lora"]
+    assert sorted(n for _, n in batches) == [4, 4, 4, 4]
     for (m, q), r in results.items():
         assert r.model_extra["engrain"]["batch_size"] > 1
         assert r.choices[0].message.content == alone[(m, q)], (m, q)
@@ -566,3 +567,47 @@ def test_decode_weights_and_retrieval_are_built_before_the_first_request(ws, tin
     finally:
         scheduler.close(30)
     assert built == []
+
+
+def test_a_fused_hybrid_answers_in_the_server_as_engrain_compare_does(ws, tiny_model_dir):
+    """rag.hybrid fused in the server: the hybrid's requests decode as one FusedStream (the base model reading the
+    chunks, the memory and the base model closed-book) and give the tokens the batch path gives; under
+    --lora-adapters, where the base model and the memory are one model, the hybrid reads the chunks and says so."""
+    from engrain.memory.registry import open_memory
+    from engrain.models import load_model
+    from engrain.serve.engine import Engine
+    from engrain.serve.scheduler import Job, Scheduler
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    engine = Engine(ws, lm)
+    fused = engine.rag.config.model_copy(update={"hybrid": "fused", "fused_weight": 1.0})
+    engine.rag.config = fused
+    assert engine.fuses("lora") and not engine.fuses("base")
+    questions = [QUESTION, "When was the Varn lighthouse first lit?"]
+    scheduler = Scheduler(engine)
+    try:
+        jobs, events = [], []
+        for q in questions:
+            events.append([])
+            jobs.append(Job(served=engine.get(f"{engine.prefix}:lora+rag"), question=q, max_tokens=8,
+                            emit=events[-1].append))
+            scheduler.submit(jobs[-1])
+        deadline = time.time() + 60
+        while not all(any(e["type"] in ("done", "error") for e in ev) for ev in events) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.close(30)
+    served = ["".join(e.get("text", "") for e in ev if e["type"] == "delta") for ev in events]
+    assert all(j.closed_ids and j.chunks for j in jobs)
+    hybrid = open_memory("lora+rag", ws, lm)
+    hybrid.config = fused
+    batch = hybrid.answer(questions, max_new_tokens=8)
+    assert [a.chunks for a in batch] == [j.chunks for j in jobs]
+    assert [s.strip() for s in served] == [a.text for a in batch]
+    read = open_memory("lora+rag", ws, lm)
+    read.config = fused.model_copy(update={"hybrid": "read"})
+    assert [a.text for a in read.answer(questions, max_new_tokens=8)] != [a.text for a in batch]
+
+    with_adapters = Engine(ws, load_model(str(tiny_model_dir), device="cpu", dtype="float32"), lora_adapters=True)
+    with_adapters.rag.config = fused
+    assert not with_adapters.fuses("lora")

@@ -267,6 +267,15 @@ class RagConfig(Section):
     draft_query: bool = Field(False, description="the model first answers each question without retrieval; the "
                                                  "question with that draft is searched too (fused with the "
                                                  "original): a trained memory's draft names what it learned")
+    # fused, not read: with the base model reading the chunks the hybrid answered more than with the memory reading
+    # them on acme (the demo's memory), fictional-dev and squad-dev, and more than rag on each (experiments/retrieval's
+    # fused rows); 0.5 answered more than 1 on acme.
+    hybrid: str = Field("fused", pattern="^(read|fused)$",
+                        description="how a hybrid (lora+rag, ...) answers: 'fused', the base model reads the chunks "
+                                    "and each token adds what training changed about the closed-book answer "
+                                    "(models/fused.py); 'read', the trained memory reads the chunks itself")
+    fused_weight: float = Field(0.5, ge=0.0, description="rag.hybrid fused: the weight of what training changed "
+                                                         "against the base model's reading of the chunks")
     ann_min_rows: int = Field(5000, ge=1, description="build an IVF_SQ vector index from this many chunks on")
     nprobes: int = Field(20, ge=1, description="IVF partitions searched per query")
 

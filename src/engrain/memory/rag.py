@@ -20,7 +20,7 @@ from ..config import RagConfig, load_config
 from ..errors import EngrainError
 from ..rag.index import ChunkIndex, Hit, build_index
 from ..models import (DEFAULT_SYSTEM, LM, answer, chat_messages, chat_prompt, check_starts, continuation_prompt,
-                      continue_text, cut_continuation, generate, plain_chunks, render_chunks)
+                      continue_text, cut_continuation, fused_generate, generate, plain_chunks, render_chunks)
 from ..rag.retrieval import Retriever
 from ..workspace import Workspace
 from .base import Answer, BuildInfo
@@ -48,6 +48,9 @@ class RagMemory:
         # closed-book by ``fallback`` (the base model), as retrieved chunks would only distract it.
         self.gate = None
         self.fallback = None
+        # A hybrid's base model: with rag.hybrid fused it reads the chunks, and the trained memory (``lm``) adds what
+        # training changed about the closed-book answer (models/fused.py).
+        self.base_lm: LM | None = None
 
     @property
     def retriever(self) -> Retriever:
@@ -114,14 +117,31 @@ class RagMemory:
             gens = answer(lm, texts, max_new_tokens=n, batch_size=self.batch_size, system=self.system)
         return [g.text for g in gens]
 
+    @property
+    def fused(self) -> bool:
+        """Whether this memory answers by fused decoding: a hybrid under ``rag.hybrid: fused`` whose models both run
+        through engrain's decode loop (the one fused decoding is built on); the memory reads the chunks otherwise."""
+        from ..models import fastgen
+
+        return (self.config.hybrid == "fused" and self.base_lm is not None and fastgen.supports(self.lm.model)
+                and fastgen.supports(self.base_lm.model))
+
     def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:
         t0 = time.perf_counter()
         drafts = self.drafts(texts, max_new_tokens, form) if self.config.draft_query else None
         retrieved = self.retriever.retrieve(texts, self.config.top_k, drafts)
         t_retrieve = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
         fitted = [self.fit_prompt(t, hits, max_new_tokens, form) for t, hits in zip(texts, retrieved)]
-        gens = generate(self.lm, [p for p, _, _ in fitted], max_new_tokens=max_new_tokens, batch_size=self.batch_size,
-                        one_line=form == "continuation")
+        prompts = [p for p, _, _ in fitted]
+        if self.fused:
+            closed = [self._prompt(t, [], form) for t in texts]
+            w = self.config.fused_weight
+            gens = fused_generate([(self.base_lm, prompts, 1.0), (self.lm, closed, w), (self.base_lm, closed, -w)],
+                                  max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                                  one_line=form == "continuation")
+        else:
+            gens = generate(self.lm, prompts, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
+                            one_line=form == "continuation")
         if form == "continuation":
             gens = [cut_continuation(g) for g in gens]
         per_q = (time.perf_counter() - t0) * 1000 / max(1, len(texts))
@@ -141,5 +161,7 @@ class RagMemory:
         return {"memory": self.name, "model": self.lm.name, "top_k": self.config.top_k, "mode": self.config.mode,
                 "rrf_k": self.config.rrf_k, "candidates": self.config.candidates,
                 "rewrite_query": self.config.rewrite_query, "draft_query": self.config.draft_query,
+                **({"hybrid": "fused", "fused_weight": self.config.fused_weight} if self.fused
+                   else {"hybrid": "read"} if self.base_lm is not None else {}),
                 "embedding_model": self.config.embedding_model or "all-minilm-l6-v2",
                 **({"gate": self.gate.describe()} if self.gate is not None else {})}

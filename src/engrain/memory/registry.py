@@ -40,6 +40,7 @@ def open_memory(name: str, workspace: Workspace, lm: LM) -> Memory:
                                f"'{name}' cannot be made.", hint="Hybrids take a trained memory: lora+rag, "
                                                                   "prefix+rag, memory_layer+rag.")
         hybrid = RagMemory(workspace, base_lm, name=name)
+        hybrid.base_lm = lm  # reads the chunks itself under rag.hybrid: fused
         if getattr(base, "gate", None) is not None:  # the trained memory's gate guards its hybrid too
             hybrid.gate, hybrid.fallback = base.gate, ClosedBook(lm)
         return hybrid

@@ -19,7 +19,7 @@ from .fetch import (
     model_cache_dir,
     resolve_model,
 )
-from .generation import Generation, answer, continue_text, cut_continuation, generate
+from .generation import Generation, answer, continue_text, cut_continuation, fused_generate, generate
 from .load import (
     LM,
     bf16_supported,
@@ -48,4 +48,4 @@ from .prompts import (
 )
 from .stops import line_break_ids, stop_index, stop_token_ids
 
-__all__ = ['EMBEDDED_ALIASES', 'EMBEDDED_NAME', 'EMBEDDED_WHEEL_PACKAGE', 'EMBEDDED_WHEEL_NAME', 'EMBEDDED_GGUF_NAME', 'MANIFEST', 'ACCEPTED_SPECS', 'model_cache_dir', 'cache_state', 'ensure_embedded_model', 'resolve_model', 'default_device', 'bf16_supported', 'bf16_trains_faster', 'cpu_model', 'pick_dtype', 'LM', 'prepare_tokenizer', 'load_tokenizer', 'load_model', 'load_for_workspace', 'answering_lm', 'CHATML_TEMPLATE', 'DEFAULT_SYSTEM', 'chat_messages', 'context_question', 'chat_prompt', 'end_of_turn', 'continuation_prompt', 'render_chunks', 'plain_chunks', 'first_line', 'check_starts', 'stop_token_ids', 'line_break_ids', 'stop_index', 'Generation', 'generate', 'answer', 'cut_continuation', 'continue_text']
+__all__ = ['EMBEDDED_ALIASES', 'EMBEDDED_NAME', 'EMBEDDED_WHEEL_PACKAGE', 'EMBEDDED_WHEEL_NAME', 'EMBEDDED_GGUF_NAME', 'MANIFEST', 'ACCEPTED_SPECS', 'model_cache_dir', 'cache_state', 'ensure_embedded_model', 'resolve_model', 'default_device', 'bf16_supported', 'bf16_trains_faster', 'cpu_model', 'pick_dtype', 'LM', 'prepare_tokenizer', 'load_tokenizer', 'load_model', 'load_for_workspace', 'answering_lm', 'CHATML_TEMPLATE', 'DEFAULT_SYSTEM', 'chat_messages', 'context_question', 'chat_prompt', 'end_of_turn', 'continuation_prompt', 'render_chunks', 'plain_chunks', 'first_line', 'check_starts', 'stop_token_ids', 'line_break_ids', 'stop_index', 'Generation', 'generate', 'answer', 'cut_continuation', 'continue_text', 'fused_generate']

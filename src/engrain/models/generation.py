@@ -61,6 +61,12 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
         new = _generate_batched(lm, encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=stop, batch_size=batch_size, repetition_penalty=repetition_penalty,
                                 progress=progress, stop_ids=stop_ids)
+    return _generations(tok, encoded, new, stop_ids, stop)
+
+
+def _generations(tok, encoded: list[list[int]], new: list[list[int]], stop_ids: list[int],
+                 stop: list[str] | None = None) -> list[Generation]:
+    """Each prompt's new tokens as text, cut at the first stop token (or ``stop`` string)."""
     results = []
     for seq, prompt in zip(new, encoded):
         n = stop_index(seq, stop_ids)
@@ -73,6 +79,32 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
         results.append(Generation(text=text.strip(), prompt_tokens=len(prompt), completion_tokens=n,
                                   finish_reason=finish))
     return results
+
+
+def fused_generate(readings: list[tuple[LM, list[str], float]], *, max_new_tokens: int = 48, batch_size: int = 16,
+                   one_line: bool = False) -> list[Generation]:
+    """Greedy answers from several readings of the same questions at once (``fused.py``): each reading is (LM, its
+    prompt per question, weight), all LMs on one tokenizer; the next token maximises the weighted sum of the
+    readings' log-probabilities. Token counts are the first reading's prompt and the answer."""
+    from . import fastgen
+    from .fused import Reading, fused_tokens
+
+    unfit = [lm.name for lm, _, _ in readings if not fastgen.supports(lm.model)]
+    if unfit:
+        raise EngrainError(f"Fused decoding runs Llama-family models through engrain's decode loop; {unfit[0]} is not "
+                           f"one (or ENGRAIN_FASTGEN=0 is set).", hint="Set rag.hybrid: read in engrain.yaml.")
+    tok = readings[0][0].tokenizer
+    encoded = [[tok(p, add_special_tokens=False)["input_ids"] for p in prompts] for _, prompts, _ in readings]
+    longest = max(len(seq) for seqs in encoded for seq in seqs)
+    limit = min(lm.max_context for lm, _, _ in readings)
+    if longest + max_new_tokens > limit:
+        raise EngrainError(f"A prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                           f"window of {limit} tokens.", hint="Shorten the prompt or lower max tokens.")
+    stop_ids = stop_token_ids(tok) + (line_break_ids(tok) if one_line else [])
+    new = fused_tokens([Reading(lm.model, seqs, w) for (lm, _, w), seqs in zip(readings, encoded)],
+                       max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=tok.pad_token_id,
+                       batch_size=batch_size)
+    return _generations(tok, encoded[0], new, stop_ids)
 
 
 def _generate_batched(lm: LM, encoded: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,

@@ -128,8 +128,12 @@ class Stream:
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:
         """Sample each live row's next token: (handle, token) pairs. Then ``advance`` with the rows now done."""
+        return self.choose(_sample(self.rows.logits, self.temperature, self.top_p, None))
+
+    def choose(self, tok: torch.Tensor) -> list[tuple[int, int]]:
+        """Take ``tok`` (one token per row, in the rows' order) as the rows' next tokens: what ``step`` does after
+        sampling, and what a fused decode (``fused.FusedStream``) does with tokens chosen from several streams."""
         rows = self.rows
-        tok = _sample(rows.logits, self.temperature, self.top_p, None)
         live = ~rows.done
         rows.n_out += live.long()
         self._tok = tok

@@ -113,6 +113,27 @@ class Engine:
             self._add(name, name, "chat", {"kind": kind, "gate": gate.describe() if gate is not None else None})
             if self.rag is not None:
                 self._add(f"{name}+rag", name, "rag", {"kind": kind, "gate": gate.describe() if gate else None})
+        # How each hybrid answers (rag.hybrid), known once every memory is open: adapters change what "base" runs.
+        unfused = []
+        for served in self.served.values():
+            if served.layout == "rag" and served.weights != "base":
+                served.info["hybrid"] = "fused" if self.fuses(served.weights) else "read"
+                if self.rag.config.hybrid == "fused" and served.info["hybrid"] == "read":
+                    unfused.append(served.memory)
+        if unfused:
+            self.log(f"engrain serve: rag.hybrid is fused, but {', '.join(unfused)} read the chunks with the memory's "
+                     f"weights: fused decoding needs the memory's weights and the base model's side by side "
+                     f"(not under --lora-adapters) and engrain's decode loop.")
+
+    def fuses(self, name: str) -> bool:
+        """Whether the hybrid of trained memory ``name`` answers by fused decoding (rag.hybrid: fused,
+        models/fused.py): the base model reads the chunks while the memory adds what training changed. Needs the
+        memory's own module beside the untouched base model (under --lora-adapters they are one model) and
+        engrain's decode loop for both."""
+        from ..models import fastgen
+
+        return (self.rag is not None and self.rag.config.hybrid == "fused" and self._peft is None
+                and name in self.modules and fastgen.supports(self.modules[name]) and fastgen.supports(self.lm.model))
 
     def _open_context(self) -> None:
         if not self.ws.documents_path.is_file():

@@ -49,6 +49,7 @@ class Job:
     chunks: list[str] = field(default_factory=list)
     segments: list[tuple[int, int]] = field(default_factory=list)  # rag: the chunks' token ranges (reuse_chunks)
     gated_to_base: bool = False  # a trained memory's relevance gate sent this question to the base weights
+    closed_ids: list[int] | None = None  # a fused hybrid (rag.hybrid fused): the question's prompt without chunks
 
     @property
     def weights(self) -> str:
@@ -56,9 +57,14 @@ class Job:
         return "base" if self.gated_to_base else self.served.weights
 
     @property
+    def fused(self) -> bool:
+        """A fused hybrid's question (rag.hybrid fused, as the engine serves it), not one its gate refused."""
+        return self.served.info.get("hybrid") == "fused" and not self.gated_to_base
+
+    @property
     def key(self) -> tuple:
         """Jobs with equal keys may share a forward pass."""
-        layout = "context" if self.served.layout == "context" else "plain"
+        layout = "context" if self.served.layout == "context" else "fused" if self.fused else "plain"
         return self.weights, layout, round(self.temperature, 4), round(self.top_p, 4), self.ignore_eos
 
 
@@ -271,6 +277,7 @@ class Scheduler:
             if batch[0].served.layout != "context" and not batch[0].ignore_eos and fastgen.supports(module):
                 self._stream(module, batch, started)
                 return
+            # generate() runs one model, so a fused hybrid's request that ignores EOS reads the chunks with the memory
             self._started(batch, len(batch), started)
             ids, mask = self._inputs(batch)
             rows = [_Row(j, engine.tokenizer, self.stop_ids) for j in batch]
@@ -284,16 +291,15 @@ class Scheduler:
     def _stream(self, module, batch: list[Job], started: float) -> None:
         """Continuous batching: the rows decode together; once a quarter of them have finished, queued jobs of
         the same key take their places (``_join``), so a new request waits for a few tokens, not a whole batch."""
-        from ..models.stream import Stream
-
         first = batch[0]
-        stream = Stream(module, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
-                        top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(first.weights, PromptCache()),
-                        chunk_cache=self.chunk_caches.setdefault(first.weights, ChunkCache()) if self.reuse_chunks else None)
+        stream = self._open_stream(module, first)
+        fused = first.closed_ids is not None
         rows: dict[int, _Row] = {}
         total = 0
         while batch:
-            handles = stream.admit([j.prompt_ids for j in batch], [j.max_tokens for j in batch],
+            own = [j.prompt_ids for j in batch]
+            closed = [j.closed_ids for j in batch]
+            handles = stream.admit([own, closed, closed] if fused else own, [j.max_tokens for j in batch],
                                    [j.segments for j in batch])
             self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
@@ -310,6 +316,25 @@ class Scheduler:
                                       "code": "generation_failed"})
                 batch = []
         self._count(first.weights, total)
+
+    def _open_stream(self, module, first: Job):
+        """The decode stream for a batch like ``first``: one ``Stream`` on ``module``, or for a fused hybrid a
+        ``FusedStream`` of three (the base model reading the chunks, the memory and the base model closed-book)."""
+        from ..models.stream import Stream
+
+        def one(model, weights: str) -> Stream:
+            chunks = self.chunk_caches.setdefault(weights, ChunkCache()) if self.reuse_chunks else None
+            return Stream(model, pad_id=self.engine.tokenizer.pad_token_id, temperature=first.temperature,
+                          top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(weights, PromptCache()),
+                          chunk_cache=chunks)
+
+        if first.closed_ids is None:
+            return one(module, first.weights)
+        from ..models.fused import FusedStream
+
+        base, w = self.engine.lm.model, self.engine.rag.config.fused_weight  # fuses(): no adapter in the base model
+        return FusedStream([one(base, "base"), one(module, first.weights), one(base, "base")], [1.0, w, -w],
+                           temperature=first.temperature, top_p=first.top_p)
 
     def prompt_cache_stats(self) -> dict:
         """Prompt lookups, hits and tokens whose prefill a cached prompt's KV saved, over every served model."""
@@ -387,6 +412,8 @@ class Scheduler:
                 job.cancelled = True
                 continue
             job.chunks = [h.chunk_id for h in kept]
+            if job.fused:  # the memory's and the base model's closed-book readings
+                job.closed_ids = self.engine.encode(rag.fit_prompt(job.question, [], job.max_tokens)[0])
             if self.reuse_chunks:
                 enc = self.engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
                 job.prompt_ids = enc["input_ids"]
