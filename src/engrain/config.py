@@ -268,8 +268,8 @@ class RagConfig(Section):
                                                  "question with that draft is searched too (fused with the "
                                                  "original): a trained memory's draft names what it learned")
     # fused, not read: with the base model reading the chunks the hybrid answered more than with the memory reading
-    # them on acme (the demo's memory), fictional-dev and squad-dev, and more than rag on each (experiments/retrieval's
-    # fused rows); 0.5 answered more than 1 on acme.
+    # them on acme (two memories) and fictional-dev, as much within the noise on squad-dev, and more than rag with
+    # every memory (experiments/retrieval's fused rows); 0.5 answered more than 1 on acme.
     hybrid: str = Field("fused", pattern="^(read|fused)$",
                         description="how a hybrid (lora+rag, ...) answers: 'fused', the base model reads the chunks "
                                     "and each token adds what training changed about the closed-book answer "
