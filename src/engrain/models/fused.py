@@ -76,8 +76,7 @@ def _batch(readings: list[Reading], ids: list[int], max_new_tokens: int, stop_id
             break
         for model, prefix, quant, rows in runs:
             t = tok.to(rows.logits.device)[:, None]
-            rows.logits = _step(model, t, rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
-                                       prefix, quant)
+            rows.logits = _step(model, t, rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask, prefix, quant)
             rows.next_pos = rows.next_pos + 1
             rows.col += 1
     seqs = []
