@@ -245,6 +245,11 @@ def test_concurrent_requests_are_batched_per_memory(server, client):
         sched.resume()
     for t in threads:
         t.join(60)
+    # A stream's batch is logged once its last row is done, which can be after that row's answer was sent: wait for
+    # the worker to go idle.
+    deadline = time.time() + 30
+    while sched.pending() and time.time() < deadline:  # queued and running jobs
+        time.sleep(0.05)
     batches = list(sched.batch_log)[before:]
     # base and context need different layouts; lora+rag (fused: three readings a step) decodes apart from lora
     assert sorted(w for w, _ in batches) == ["base", "base", "lora", "lora"]
@@ -608,6 +613,10 @@ def test_a_fused_hybrid_answers_in_the_server_as_engrain_compare_does(ws, tiny_m
     read.config = fused.model_copy(update={"hybrid": "read"})
     assert [a.text for a in read.answer(questions, max_new_tokens=8)] != [a.text for a in batch]
 
-    with_adapters = Engine(ws, load_model(str(tiny_model_dir), device="cpu", dtype="float32"), lora_adapters=True)
+    logs = []
+    with_adapters = Engine(ws, load_model(str(tiny_model_dir), device="cpu", dtype="float32"), lora_adapters=True,
+                           log=logs.append)
+    assert with_adapters.served[f"{engine.prefix}:lora+rag"].info["hybrid"] == "read"
+    assert any("lora+rag read the chunks" in line and "--lora-adapters" in line for line in logs), logs
     with_adapters.rag.config = fused
     assert not with_adapters.fuses("lora")

@@ -32,6 +32,14 @@ from .gate import route
 DRAFT_TOKENS = 48
 
 
+def fuses(config: RagConfig, memory_model, base_model) -> bool:
+    """Whether a hybrid of ``memory_model`` answers by fused decoding (models/fused.py): ``rag.hybrid: fused`` and
+    both models run through engrain's decode loop, the one fused decoding is built on."""
+    from ..models import fastgen
+
+    return config.hybrid == "fused" and fastgen.supports(memory_model) and fastgen.supports(base_model)
+
+
 class RagMemory:
     """Retrieve top-k chunks per question (hybrid by default), answer with them in the prompt."""
 
@@ -119,12 +127,8 @@ class RagMemory:
 
     @property
     def fused(self) -> bool:
-        """Whether this memory answers by fused decoding: a hybrid under ``rag.hybrid: fused`` whose models both run
-        through engrain's decode loop (the one fused decoding is built on); the memory reads the chunks otherwise."""
-        from ..models import fastgen
-
-        return (self.config.hybrid == "fused" and self.base_lm is not None and fastgen.supports(self.lm.model)
-                and fastgen.supports(self.base_lm.model))
+        """Whether this memory answers by fused decoding (``fuses``); the memory reads the chunks otherwise."""
+        return self.base_lm is not None and fuses(self.config, self.lm.model, self.base_lm.model)
 
     def _respond(self, texts: list[str], max_new_tokens: int, form: str) -> list[Answer]:
         t0 = time.perf_counter()

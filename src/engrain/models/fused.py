@@ -19,6 +19,7 @@ import torch
 
 from . import decode_weights
 from .fastgen import _merge, _prefill, _sample, _step, decoder, trained_prefix
+from .stops import stop_index
 from .stream import Stream
 
 
@@ -32,9 +33,8 @@ class Reading:
 
 
 def weighted_log_probs(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """The sum of each reading's log-probabilities (rows aligned across readings) times its weight, in fp32 on the
-    CPU."""
-    return sum(w * torch.log_softmax(x.float().cpu(), dim=-1) for x, w in zip(logits, weights))
+    """The sum of each reading's log-probabilities (rows aligned across readings) times its weight, in fp32."""
+    return sum(w * torch.log_softmax(x.float(), dim=-1) for x, w in zip(logits, weights))
 
 
 @torch.inference_mode()
@@ -64,26 +64,23 @@ def _batch(readings: list[Reading], ids: list[int], max_new_tokens: int, stop_id
         device = model.model.embed_tokens.weight.device
         rows = _merge(None, _prefill(model, r.prompts, ids, pad_id, prefix, device, quant=quant), max_new_tokens)
         runs.append((model, prefix, quant, rows))
-    stop = torch.tensor(stop_ids)
-    tokens = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long)
-    done = torch.zeros(len(ids), dtype=torch.bool)
+    # Every reading's model is on one device (``device``, the last reading's): the readings choose one token.
+    stop = torch.tensor(stop_ids, device=device)
+    tokens = torch.full((len(ids), max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         scores = weighted_log_probs([rows.logits for _, _, _, rows in runs], [r.weight for r in readings])
-        tok = torch.where(done, torch.full((len(ids),), pad_id), scores.argmax(dim=-1))
+        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), scores.argmax(dim=-1))
         tokens[:, step] = tok
         done |= torch.isin(tok, stop)
         if bool(done.all()) or step + 1 == max_new_tokens:
             break
         for model, prefix, quant, rows in runs:
-            t = tok.to(rows.logits.device)[:, None]
-            rows.logits = _step(model, t, rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask, prefix, quant)
+            rows.logits = _step(model, tok[:, None], rows.next_pos[:, None], rows.caches, rows.col, rows.key_mask,
+                                prefix, quant)
             rows.next_pos = rows.next_pos + 1
             rows.col += 1
-    seqs = []
-    for row in tokens.tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
-        seqs.append(row if cut is None else row[:cut + 1])
-    return seqs
+    return [seq[:stop_index(seq, stop_ids) + 1] for seq in tokens.tolist()]  # through the stop token, if any
 
 
 class FusedStream:
@@ -111,14 +108,18 @@ class FusedStream:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:
+        """One token per live request, in the first stream's row order (as ``Stream.step`` gives them)."""
         order = self.streams[0].rows.ids.tolist()
-        logits = [s.rows.logits[_positions(s, order)] for s in self.streams]
+        # Streams admit prompts in groups by their own lengths, so each holds the requests in its own row order.
+        positions = [_positions(s, order) for s in self.streams]
+        logits = [s.rows.logits[pos] for s, pos in zip(self.streams, positions)]
         tok = _sample(weighted_log_probs(logits, self.weights), self.temperature, self.top_p, None)
-        chosen = self.streams[0].choose(tok.to(self.streams[0].rows.logits.device))
-        at = {h: i for i, h in enumerate(order)}
-        for stream in self.streams[1:]:
-            stream.choose(tok[[at[h] for h in stream.rows.ids.tolist()]].to(stream.rows.logits.device))
-        return chosen
+        chosen = []
+        for stream, pos in zip(self.streams, positions):
+            own = torch.empty_like(tok)
+            own[pos] = tok  # back to this stream's row order
+            chosen.append(stream.choose(own))  # every stream takes the token
+        return chosen[0]
 
     @torch.inference_mode()
     def advance(self, finished: set[int]) -> None:

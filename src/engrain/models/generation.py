@@ -43,10 +43,7 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
     if seed is not None:
         torch.manual_seed(seed)
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    for seq in encoded:
-        if len(seq) + max_new_tokens > lm.max_context:
-            raise EngrainError(f"A prompt of {len(seq)} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                               f"window of {lm.max_context} tokens.", hint="Shorten the prompt or lower max tokens.")
+    _check_window(encoded, max_new_tokens, lm.max_context)
     stop_ids = stop_token_ids(tok) + (line_break_ids(tok) if one_line else [])
     pad_id = tok.pad_token_id
     # The lean decode loop (fastgen.py) when it applies: same greedy tokens, several times faster on CPU, and
@@ -62,6 +59,14 @@ def generate(lm: LM, prompts: list[str], *, max_new_tokens: int = 64, temperatur
                                 stop=stop, batch_size=batch_size, repetition_penalty=repetition_penalty,
                                 progress=progress, stop_ids=stop_ids)
     return _generations(tok, encoded, new, stop_ids, stop)
+
+
+def _check_window(encoded: list[list[int]], max_new_tokens: int, window: int) -> None:
+    """Refuse a prompt that leaves no room in the model's window for ``max_new_tokens``."""
+    for seq in encoded:
+        if len(seq) + max_new_tokens > window:
+            raise EngrainError(f"A prompt of {len(seq)} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                               f"window of {window} tokens.", hint="Shorten the prompt or lower max tokens.")
 
 
 def _generations(tok, encoded: list[list[int]], new: list[list[int]], stop_ids: list[int],
@@ -95,11 +100,8 @@ def fused_generate(readings: list[tuple[LM, list[str], float]], *, max_new_token
                            f"one (or ENGRAIN_FASTGEN=0 is set).", hint="Set rag.hybrid: read in engrain.yaml.")
     tok = readings[0][0].tokenizer
     encoded = [[tok(p, add_special_tokens=False)["input_ids"] for p in prompts] for _, prompts, _ in readings]
-    longest = max(len(seq) for seqs in encoded for seq in seqs)
-    limit = min(lm.max_context for lm, _, _ in readings)
-    if longest + max_new_tokens > limit:
-        raise EngrainError(f"A prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                           f"window of {limit} tokens.", hint="Shorten the prompt or lower max tokens.")
+    for (lm, _, _), seqs in zip(readings, encoded):
+        _check_window(seqs, max_new_tokens, lm.max_context)
     stop_ids = stop_token_ids(tok) + (line_break_ids(tok) if one_line else [])
     new = fused_tokens([Reading(lm.model, seqs, w) for (lm, _, w), seqs in zip(readings, encoded)],
                        max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=tok.pad_token_id,

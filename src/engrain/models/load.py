@@ -73,9 +73,9 @@ PREFILL_DTYPES = ("auto", "bfloat16", "float32", "int8")
 def prefill_dtype_for(device: str, prefill_dtype: str = "auto") -> str:
     """``model.prefill_dtype`` resolved for ``device`` (``packed_weights`` packs a bf16 model's layers in it):
     as asked; ``auto``: float32 on a CPU whose bf16 products measure ``FP32_PREFILL_MARGIN`` times slower than
-    fp32's or more (``bf16_speedup_cpu``), bfloat16 elsewhere. Never int8, which is asked for by name: where
-    measured it took a quarter off a batch's prefill and little off one prompt's (docs/performance.md), not enough
-    to round every token's input by default (``int8_speedup_cpu`` says what its products gain on a host)."""
+    fp32's or more (``bf16_speedup_cpu``), bfloat16 elsewhere. Never int8, which is asked for by name: what it gains
+    (``python bench/bench_prefill_dtype.py``, docs/performance.md) did not pay for rounding every token's input by
+    default (``int8_speedup_cpu`` says what its products gain on a host)."""
     if prefill_dtype not in PREFILL_DTYPES:
         raise EngrainError(f"Unknown model.prefill_dtype '{prefill_dtype}'.",
                            hint="Use one of: " + ", ".join(PREFILL_DTYPES) + ".")

@@ -130,10 +130,10 @@ class Engine:
         models/fused.py): the base model reads the chunks while the memory adds what training changed. Needs the
         memory's own module beside the untouched base model (under --lora-adapters they are one model) and
         engrain's decode loop for both."""
-        from ..models import fastgen
+        from ..memory.rag import fuses
 
-        return (self.rag is not None and self.rag.config.hybrid == "fused" and self._peft is None
-                and name in self.modules and fastgen.supports(self.modules[name]) and fastgen.supports(self.lm.model))
+        return (self.rag is not None and self._peft is None and name in self.modules
+                and fuses(self.rag.config, self.modules[name], self.lm.model))
 
     def _open_context(self) -> None:
         if not self.ws.documents_path.is_file():
@@ -268,9 +268,14 @@ class Engine:
         """(the documents' shared prefix, this question's suffix) for the context memory."""
         return self.context.prefix_ids, self.context.question_ids(question)
 
+    def bare_rag_ids(self, question: str) -> list[int]:
+        """A rag question's prompt with no chunk at all: the least it can take, and what a fused hybrid's closed-book
+        readings read (``RagMemory``'s prompt without chunks)."""
+        return self.encode(chat_prompt(self.tokenizer, chat_messages(question, None, self.rag.system)))
+
     def bare_rag_tokens(self, question: str) -> int:
         """The prompt length of a rag question with no chunk at all (the least it can take)."""
-        return len(self.encode(chat_prompt(self.tokenizer, chat_messages(question, None, self.rag.system))))
+        return len(self.bare_rag_ids(question))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -413,7 +413,7 @@ class Scheduler:
                 continue
             job.chunks = [h.chunk_id for h in kept]
             if job.fused:  # the memory's and the base model's closed-book readings
-                job.closed_ids = self.engine.encode(rag.fit_prompt(job.question, [], job.max_tokens)[0])
+                job.closed_ids = self.engine.bare_rag_ids(job.question)
             if self.reuse_chunks:
                 enc = self.engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
                 job.prompt_ids = enc["input_ids"]
