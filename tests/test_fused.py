@@ -74,3 +74,30 @@ def test_fused_decoding_refuses_the_generic_path(tiny_lm, monkeypatch):
     monkeypatch.setenv("ENGRAIN_FASTGEN", "0")
     with pytest.raises(EngrainError, match="rag.hybrid"):
         fused_generate([(tiny_lm, prompts(tiny_lm), 1.0)], max_new_tokens=4)
+
+
+def test_the_servers_fused_stream_answers_as_the_batch_path(tiny_lm):
+    """FusedStream (the server's fused hybrid), a request joining after the first step: each request's tokens are
+    the batch path's."""
+    from engrain.models.fused import FusedStream, Reading, fused_tokens
+    from engrain.models.stream import Stream
+
+    memory, tok = changed(tiny_lm), tiny_lm.tokenizer
+    encode = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
+    with_chunks = encode(prompts(tiny_lm, "Acme Robotics was founded by Ada Brook in 1999."))
+    closed = encode(prompts(tiny_lm))
+    want = fused_tokens([Reading(tiny_lm.model, with_chunks, 1.0), Reading(memory.model, closed, 2.0),
+                         Reading(tiny_lm.model, closed, -2.0)], max_new_tokens=8, stop_ids=[-1],
+                        pad_id=tok.pad_token_id)
+    streams = [Stream(model, pad_id=tok.pad_token_id) for model in (tiny_lm.model, memory.model, tiny_lm.model)]
+    stream = FusedStream(streams, [1.0, 2.0, -2.0])
+    handles = stream.admit([with_chunks[:2], closed[:2], closed[:2]], [8, 8])
+    assert len(stream) == 2
+    got: dict[int, list[int]] = {}
+    while len(stream):
+        for h, t in stream.step():
+            got.setdefault(h, []).append(t)
+        stream.advance(set())
+        if len(handles) == 2:
+            handles += stream.admit([with_chunks[2:], closed[2:], closed[2:]], [8])
+    assert [got[h] for h in handles] == want
