@@ -33,7 +33,6 @@ from bench_answer_speed import merged_lora, serve_load  # noqa: E402
 from bench_serve import EXAMPLE, KEY, OUT, build_workspace  # noqa: E402
 
 from engrain.config import apply_settings  # noqa: E402
-
 from engrain.models import chat_messages, chat_prompt, cpu_model, load_model  # noqa: E402
 from engrain.models.fused import Reading, fused_tokens  # noqa: E402
 from engrain.models.fastgen import generate_many  # noqa: E402

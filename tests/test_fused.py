@@ -83,7 +83,10 @@ def test_the_servers_fused_stream_answers_as_the_batch_path(tiny_lm):
     from engrain.models.stream import Stream
 
     memory, tok = changed(tiny_lm), tiny_lm.tokenizer
-    encode = lambda ps: [tok(p, add_special_tokens=False)["input_ids"] for p in ps]  # noqa: E731
+
+    def encode(ps: list[str]) -> list[list[int]]:
+        return [tok(p, add_special_tokens=False)["input_ids"] for p in ps]
+
     with_chunks = encode(prompts(tiny_lm, "Acme Robotics was founded by Ada Brook in 1999."))
     closed = encode(prompts(tiny_lm))
     want = fused_tokens([Reading(tiny_lm.model, with_chunks, 1.0), Reading(memory.model, closed, 2.0),
