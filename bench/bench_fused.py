@@ -14,7 +14,7 @@ seconds per question and the ratio.
 Then ``engrain serve`` on ``bench_serve``'s acme workspace (its LoRA trained for a few steps) under ``--clients``
 concurrent clients, answers of up to 24 tokens: rag, and lora+rag read (``rag.hybrid: read``) and fused (the default),
 each for ``--seconds`` (``--clients 0`` skips it). Answers end at their stop token, so their lengths differ by method
-(and the gate answers some hybrid requests closed-book): tokens/s is printed beside requests/s. Writes
+(a hybrid's gate may also send a question to the base weights, closed-book): tokens/s is printed beside requests/s. Writes
 bench/out/fused.json.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ from engrain.models.fastgen import generate_many  # noqa: E402
 
 
 def questions_and_chunks(n: int) -> list[tuple[str, str]]:
-    """``n`` of acme's questions, each with another stretch of about 300 words of acme's documents in view (the length
-    of rag's three chunks; which stretch does not change the speed)."""
+    """``n`` of acme's questions, each with another stretch of about 300 words of acme's documents in view (about the
+    length of rag's three chunks)."""
     rows = [json.loads(line) for line in (EXAMPLE / "questions.jsonl").read_text(encoding="utf-8").splitlines()]
     words = " ".join(p.read_text(encoding="utf-8") for p in sorted((EXAMPLE / "docs").glob("*.md"))).split()
     step = max(1, (len(words) - 300) // n)
@@ -113,7 +113,7 @@ def served_hybrids(clients: int, seconds: float) -> dict:
     finally:
         settings.write_text("rag:\n  hybrid: fused\n")  # the next run starts from the default again
         apply_settings(ws / "engrain.yaml", settings)
-    print(f"\n{clients} clients, 24-token answers")
+    print(f"\n{clients} clients, answers of up to 24 tokens")
     print("| served | requests/s | tokens/s | p50 latency (s) |")
     print("| --- | --- | --- | --- |")
     for name, row in out.items():

@@ -293,14 +293,14 @@ class Scheduler:
         the same key take their places (``_join``), so a new request waits for a few tokens, not a whole batch."""
         first = batch[0]
         stream = self._open_stream(module, first)
-        fused = first.closed_ids is not None
         rows: dict[int, _Row] = {}
         total = 0
         while batch:
-            own = [j.prompt_ids for j in batch]
-            closed = [j.closed_ids for j in batch]
-            handles = stream.admit([own, closed, closed] if fused else own, [j.max_tokens for j in batch],
-                                   [j.segments for j in batch])
+            prompts = [j.prompt_ids for j in batch]
+            if first.fused:  # one prompt per reading: with the chunks, then the memory's and the base's closed-book
+                closed = [j.closed_ids for j in batch]
+                prompts = [prompts, closed, closed]
+            handles = stream.admit(prompts, [j.max_tokens for j in batch], [j.segments for j in batch])
             self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
             total += len(batch)
@@ -328,7 +328,7 @@ class Scheduler:
                           top_p=first.top_p, prompt_cache=self.prompt_caches.setdefault(weights, PromptCache()),
                           chunk_cache=chunks)
 
-        if first.closed_ids is None:
+        if not first.fused:
             return one(module, first.weights)
         from ..models.fused import FusedStream
 
@@ -412,7 +412,7 @@ class Scheduler:
                 job.cancelled = True
                 continue
             job.chunks = [h.chunk_id for h in kept]
-            if job.fused:  # the memory's and the base model's closed-book readings
+            if job.fused and not job.ignore_eos:  # the closed-book readings (ignore_eos reads: see _run)
                 job.closed_ids = self.engine.bare_rag_ids(job.question)
             if self.reuse_chunks:
                 enc = self.engine.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
