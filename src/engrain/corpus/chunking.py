@@ -149,8 +149,8 @@ def _units(text: str, a: int, b: int, count: _Counter, max_tokens: int) -> list[
     return units
 
 
-def chunk_text(doc_id: str, text: str, headings: list[list], starts: list[int], chunk_tokens: int = 256,
-               overlap: int = 32) -> list[Chunk]:
+def chunk_text(doc_id: str, text: str, headings: list[list], starts: list[int], chunk_tokens: int = 128,
+               overlap: int = 16) -> list[Chunk]:
     """Chunks of one document; ``starts`` are its token start offsets (``token_starts``)."""
     if chunk_tokens < 8:
         raise ValueError("chunk_tokens must be at least 8")

@@ -151,7 +151,7 @@ class _Clock:
 def _checked_source(source: Path | str, cfg: IngestConfig) -> Path:
     """The folder to ingest, after refusing settings and paths that cannot work."""
     if cfg.chunk_tokens < 8:
-        raise EngrainError(f"chunk_tokens={cfg.chunk_tokens} is too small.", hint="Use at least 8 (default 256).")
+        raise EngrainError(f"chunk_tokens={cfg.chunk_tokens} is too small.", hint=f"Use at least 8 (default {IngestConfig().chunk_tokens}).")
     if not 0 <= cfg.chunk_overlap < cfg.chunk_tokens:
         raise EngrainError(f"chunk_overlap={cfg.chunk_overlap} must be >= 0 and below chunk_tokens "
                            f"({cfg.chunk_tokens}).", hint="Try --chunk-overlap 32.")
