@@ -1,7 +1,7 @@
 """How fast engrain answers, against its fp32 reference path and against llama.cpp on the same model, in one run.
 
     python bench/bench_answer_speed.py [--max-new-tokens 48] [--clients 8] [--seconds 20] [--skip-llama]
-        [--llama-extra-bufts] [--rag-top-k K]
+        [--llama-extra-bufts] [--rag-top-k K] [--rag-chunk-tokens N]
 
 Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruct:
 
@@ -15,7 +15,8 @@ Side by side on this machine, greedy decoding, the embedded SmolLM2-135M-Instruc
   with ``--reuse-chunks`` (retrieved chunks' KV reused wherever they come back, approximate attention: what it does to
   answers is measured by ``experiments/answering/reuse_chunks.py``); with ``--rag-top-k K``, rag once more with K
   chunks in its prompts instead of the default ``rag.top_k`` (what the prompt's length costs under load; what the
-  number of chunks does to answers is experiments/retrieval's);
+  number of chunks does to answers is experiments/retrieval's); with ``--rag-chunk-tokens N``, rag once more from a
+  second workspace of the same documents chunked in N tokens (``ingest.chunk_tokens``, an eighth of it overlapping);
 - the same for llama.cpp (``llama-cpp-python``, on PyPI, built from source here) on the GGUF the embedded model is
   converted from, and its OpenAI-compatible server under the same clients, when the package is installed.
 
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import read_bandwidth  # noqa: E402
 from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wait_healthy  # noqa: E402
 
-from engrain.config import RagConfig, apply_settings  # noqa: E402
+from engrain.config import IngestConfig, RagConfig, apply_settings, load_config  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
 from engrain.models import LM, chat_messages, chat_prompt, cpu_model, decode_weights, generate, load_model  # noqa: E402
 from engrain.models.load import prefill_dtype_for  # noqa: E402
@@ -187,12 +188,32 @@ def configure(ws: Path, dtype: str, top_k: int, prefill_dtype: str = "auto") -> 
     apply_settings(ws / "engrain.yaml", settings)
 
 
-def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None) -> dict:
+def serve_command(ws: Path) -> list[str]:
+    return [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
+
+
+def chunked_workspace(chunk_tokens: int) -> Path:
+    """The example corpus ingested in chunks of ``chunk_tokens`` and indexed (kept in bench/out/serve-ws)."""
+    from engrain.corpus.ingest import ingest
+    from engrain.rag.index import build_index
+    from engrain.workspace import Workspace
+
+    ws = Workspace.at(OUT / "serve-ws" / f"acme-chunks-{chunk_tokens}")
+    if not ws.documents_path.is_file():
+        ingest(EXAMPLE / "docs", ws, IngestConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_tokens // 8))
+    if not ws.index_dir.is_dir():
+        build_index(ws)
+    return ws.root
+
+
+def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None,
+                    chunk_tokens: int | None = None) -> dict:
     default_top_k = RagConfig().top_k
     configure(ws, dtype, default_top_k)
-    command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
+    command = serve_command(ws)
     rows = serve_load(command, [f"{ws.name}:base", f"{ws.name}:rag"], clients, seconds, f"engrain-{dtype}")
-    out = {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"]}
+    out = {"base": rows[f"{ws.name}:base"], "rag": rows[f"{ws.name}:rag"],
+           "chunk_tokens": load_config(ws / "engrain.yaml").ingest.chunk_tokens}
     if dtype != "float32":  # the opt-in approximate path: chunks' KV reused wherever they come back
         reused = serve_load(command + ["--reuse-chunks"], [f"{ws.name}:rag"], clients, seconds, "engrain-chunks")
         out["rag_reuse_chunks"] = reused[f"{ws.name}:rag"]
@@ -203,6 +224,12 @@ def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_to
         finally:
             configure(ws, dtype, default_top_k)  # the next run starts from the defaults again
         out["rag_other_top_k"] = {**rows[f"{ws.name}:rag"], "top_k": other_top_k}
+    if dtype != "float32" and chunk_tokens:
+        chunked = chunked_workspace(chunk_tokens)
+        configure(chunked, dtype, default_top_k)
+        name = f"engrain-chunks-{chunk_tokens}"
+        rows = serve_load(serve_command(chunked), [f"{chunked.name}:rag"], clients, seconds, name)
+        out["rag_other_chunks"] = {**rows[f"{chunked.name}:rag"], "chunk_tokens": chunk_tokens}
     return out
 
 
@@ -264,6 +291,8 @@ def main() -> None:
     ap.add_argument("--llama-extra-bufts", action="store_true", help="keep llama.cpp's weight repacking on")
     ap.add_argument("--rag-top-k", type=int, default=None,
                     help="also load-test rag with this many chunks per prompt, beside the default rag.top_k")
+    ap.add_argument("--rag-chunk-tokens", type=int, default=None,
+                    help="also load-test rag from the documents chunked in this many tokens, beside the default")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
@@ -271,7 +300,8 @@ def main() -> None:
     runs = {}
     for dtype in ("float32", "auto"):
         runs[dtype] = in_process(dtype, args.max_new_tokens, bandwidth)
-        runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds, args.rag_top_k)
+        runs[dtype]["serve"] = engrain_serving(ws, dtype, args.clients, args.seconds, args.rag_top_k,
+                                             args.rag_chunk_tokens)
         print(f"{dtype}: {json.dumps(runs[dtype], default=str)[:300]}", flush=True)
     ref, fast = runs["float32"], runs["auto"]
     llama = None if args.skip_llama else llama_cpp(args.max_new_tokens, args.clients, args.seconds,
@@ -329,6 +359,11 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         lines.append(f"| {clients} clients, rag with {other['top_k']} chunks instead of {RagConfig().top_k} (requests/s, "
                      f"p50 s) | | {other['rps']:.2f}, {other['p50_ms'] / 1000:.2f} | default / this: "
                      f"{default['rps'] / other['rps']:.2f}x | - | - |")
+    if "rag_other_chunks" in fast["serve"]:
+        other, default = fast["serve"]["rag_other_chunks"], fast["serve"]["rag"]
+        lines.append(f"| {clients} clients, rag from chunks of {other['chunk_tokens']} tokens instead of "
+                     f"{fast['serve']['chunk_tokens']} (requests/s, p50 s) | | {other['rps']:.2f}, "
+                     f"{other['p50_ms'] / 1000:.2f} | this / default: {other['rps'] / default['rps']:.2f}x | - | - |")
     lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
                  f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
     if fast["decode_base_own_weights"]:
