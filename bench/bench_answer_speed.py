@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import read_bandwidth  # noqa: E402
-from bench_serve import EXAMPLE, KEY, OUT, build_workspace, free_port, load, wait_healthy  # noqa: E402
+from bench_serve import (EXAMPLE, KEY, OUT, build_workspace, free_port, indexed_workspace, load,  # noqa: E402
+                         wait_healthy)
 
 from engrain.config import IngestConfig, RagConfig, apply_settings, load_config  # noqa: E402
 from engrain.memory.parametric import LoraKind  # noqa: E402
@@ -194,16 +195,8 @@ def serve_command(ws: Path) -> list[str]:
 
 def chunked_workspace(chunk_tokens: int) -> Path:
     """The example corpus ingested in chunks of ``chunk_tokens`` and indexed (kept in bench/out/serve-ws)."""
-    from engrain.corpus.ingest import ingest
-    from engrain.rag.index import build_index
-    from engrain.workspace import Workspace
-
-    ws = Workspace.at(OUT / "serve-ws" / f"acme-chunks-{chunk_tokens}")
-    if not ws.documents_path.is_file():
-        ingest(EXAMPLE / "docs", ws, IngestConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_tokens // 8))
-    if not ws.index_dir.is_dir():
-        build_index(ws)
-    return ws.root
+    config = IngestConfig(chunk_tokens=chunk_tokens, chunk_overlap=chunk_tokens // 8)
+    return indexed_workspace(OUT / "serve-ws" / f"acme-chunks-{chunk_tokens}", config).root
 
 
 def engrain_serving(ws: Path, dtype: str, clients: int, seconds: float, other_top_k: int | None = None,
@@ -356,8 +349,8 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
                      f"{reused['rps'] / ref['serve']['rag']['rps']:.2f}x | - | - |")
     if "rag_other_top_k" in fast["serve"]:
         other, default = fast["serve"]["rag_other_top_k"], fast["serve"]["rag"]
-        lines.append(f"| {clients} clients, rag with {other['top_k']} chunks instead of {RagConfig().top_k} (requests/s, "
-                     f"p50 s) | | {other['rps']:.2f}, {other['p50_ms'] / 1000:.2f} | default / this: "
+        lines.append(f"| {clients} clients, rag with {other['top_k']} chunks instead of {RagConfig().top_k} "
+                     f"(requests/s, p50 s) | | {other['rps']:.2f}, {other['p50_ms'] / 1000:.2f} | default / this: "
                      f"{default['rps'] / other['rps']:.2f}x | - | - |")
     if "rag_other_chunks" in fast["serve"]:
         other, default = fast["serve"]["rag_other_chunks"], fast["serve"]["rag"]

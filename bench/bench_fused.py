@@ -14,8 +14,8 @@ seconds per question and the ratio.
 Then ``engrain serve`` on ``bench_serve``'s acme workspace (its LoRA trained for a few steps) under ``--clients``
 concurrent clients, answers of up to 24 tokens: rag, and lora+rag read (``rag.hybrid: read``) and fused (the default),
 each for ``--seconds`` (``--clients 0`` skips it). Answers end at their stop token, so their lengths differ by method
-(a hybrid's gate may also send a question to the base weights, closed-book): tokens/s is printed beside requests/s. Writes
-bench/out/fused.json.
+(a hybrid's gate may also send a question to the base weights, closed-book): tokens/s is printed beside requests/s.
+Writes bench/out/fused.json.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_answer_speed import merged_lora, serve_load  # noqa: E402
-from bench_serve import EXAMPLE, KEY, OUT, build_workspace  # noqa: E402
+from bench_answer_speed import merged_lora, serve_command, serve_load  # noqa: E402
+from bench_serve import EXAMPLE, OUT, build_workspace  # noqa: E402
 
 from engrain.config import apply_settings  # noqa: E402
 from engrain.models import chat_messages, chat_prompt, cpu_model, load_model  # noqa: E402
@@ -100,7 +100,7 @@ def served_hybrids(clients: int, seconds: float) -> dict:
     """Requests/s, tokens/s and p50 latency of rag and of lora+rag read and fused, ``clients`` at a time, a server
     for rag and the reading hybrid and one for the fused hybrid."""
     ws = build_workspace(OUT / "serve-ws" / "acme")
-    command = [sys.executable, "-c", "from engrain.cli import main; main()", "serve", "-w", str(ws), "--api-key", KEY]
+    command = serve_command(ws)
     settings = OUT / "fused-settings.yaml"
     out = {}
     try:

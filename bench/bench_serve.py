@@ -27,9 +27,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
+
+if TYPE_CHECKING:
+    from engrain.config import IngestConfig
+    from engrain.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
@@ -37,19 +42,26 @@ EXAMPLE = ROOT / "examples" / "acme"
 KEY = "bench-key-0123456789"
 
 
-def build_workspace(root: Path) -> Path:
-    from engrain.config import TrainConfig
+def indexed_workspace(root: Path, config: IngestConfig | None = None) -> Workspace:
+    """The example corpus ingested (with ``config``) and indexed at ``root``, each step skipped once done."""
     from engrain.corpus.ingest import ingest
     from engrain.rag.index import build_index
-    from engrain.memory.parametric import META_FILE
-    from engrain.train.loop import train
     from engrain.workspace import Workspace
 
     ws = Workspace.at(root)
     if not ws.documents_path.is_file():
-        ingest(EXAMPLE / "docs", ws)
-    if not (ws.index_dir).is_dir():
+        ingest(EXAMPLE / "docs", ws, config)
+    if not ws.index_dir.is_dir():
         build_index(ws)
+    return ws
+
+
+def build_workspace(root: Path) -> Path:
+    from engrain.config import TrainConfig
+    from engrain.memory.parametric import META_FILE
+    from engrain.train.loop import train
+
+    ws = indexed_workspace(root)
     if not (ws.memory_dir("lora") / META_FILE).is_file():
         rows = []
         for q in map(json.loads, (EXAMPLE / "questions.jsonl").read_text().splitlines()[:40]):

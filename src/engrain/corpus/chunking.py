@@ -149,9 +149,10 @@ def _units(text: str, a: int, b: int, count: _Counter, max_tokens: int) -> list[
     return units
 
 
-def chunk_text(doc_id: str, text: str, headings: list[list], starts: list[int], chunk_tokens: int = 128,
-               overlap: int = 16) -> list[Chunk]:
-    """Chunks of one document; ``starts`` are its token start offsets (``token_starts``)."""
+def chunk_text(doc_id: str, text: str, headings: list[list], starts: list[int], chunk_tokens: int,
+               overlap: int) -> list[Chunk]:
+    """Chunks of one document; ``starts`` are its token start offsets (``token_starts``); sizes as
+    ``IngestConfig.chunk_tokens`` and ``chunk_overlap``."""
     if chunk_tokens < 8:
         raise ValueError("chunk_tokens must be at least 8")
     overlap = max(0, min(overlap, chunk_tokens // 2))

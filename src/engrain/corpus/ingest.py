@@ -151,10 +151,11 @@ class _Clock:
 def _checked_source(source: Path | str, cfg: IngestConfig) -> Path:
     """The folder to ingest, after refusing settings and paths that cannot work."""
     if cfg.chunk_tokens < 8:
-        raise EngrainError(f"chunk_tokens={cfg.chunk_tokens} is too small.", hint=f"Use at least 8 (default {IngestConfig().chunk_tokens}).")
+        raise EngrainError(f"chunk_tokens={cfg.chunk_tokens} is too small.",
+                           hint=f"Use at least 8 (default {IngestConfig().chunk_tokens}).")
     if not 0 <= cfg.chunk_overlap < cfg.chunk_tokens:
         raise EngrainError(f"chunk_overlap={cfg.chunk_overlap} must be >= 0 and below chunk_tokens "
-                           f"({cfg.chunk_tokens}).", hint="Try --chunk-overlap 32.")
+                           f"({cfg.chunk_tokens}).", hint=f"Try --chunk-overlap {cfg.chunk_tokens // 8}.")
     source = Path(source).expanduser()
     if not source.exists():
         raise EngrainError(f"{source} does not exist.", hint="Pass the folder of documents to ingest.")
