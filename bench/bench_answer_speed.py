@@ -41,6 +41,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -176,10 +177,28 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
         try:
             wait_healthy(url, proc, log)
             questions = [json.loads(x)["question"] for x in (EXAMPLE / "questions.jsonl").read_text().splitlines()]
-            return {m: load(url, [m], questions, clients, seconds, 24) for m in models}
+            out = {}
+            for m in models:
+                before = worker_seconds(url)
+                out[m] = load(url, [m], questions, clients, seconds, 24)
+                after = worker_seconds(url)
+                out[m]["worker_seconds"] = {k: round(after[k] - before[k], 3) for k in after}
+            return out
         finally:
             proc.terminate()
             proc.wait(120)
+
+
+def worker_seconds(url: str) -> dict[str, float]:
+    """The server's worker time by part so far (``/health``'s ``worker_seconds``)."""
+    return httpx.get(url + "/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()["worker_seconds"]
+
+
+def worker_shares(load_result: dict) -> str:
+    """Where the server's worker spent a load test's wall time, as shares of it."""
+    spent, wall = load_result["worker_seconds"], load_result["seconds"]
+    parts = [f"{k} {spent[k] / wall:.0%}" for k in ("retrieval", "prefill", "decode", "other")]
+    return ", ".join(parts) + f", waiting {max(0.0, 1 - spent['busy'] / wall):.0%}"
 
 
 def configure(ws: Path, dtype: str, top_k: int, prefill_dtype: str = "auto") -> None:
@@ -357,6 +376,13 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
         lines.append(f"| {clients} clients, rag from chunks of {other['chunk_tokens']} tokens instead of "
                      f"{fast['serve']['chunk_tokens']} (requests/s, p50 s) | | {other['rps']:.2f}, "
                      f"{other['p50_ms'] / 1000:.2f} | this / default: {other['rps'] / default['rps']:.2f}x | - | - |")
+    for model in ("base", "rag"):
+        lines.append(f"| {clients} clients, {model}: the server worker's time | {worker_shares(ref['serve'][model])} | "
+                     f"{worker_shares(fast['serve'][model])} | | - | - |")
+    for load_name in ("rag_reuse_chunks", "rag_other_top_k", "rag_other_chunks"):
+        if load_name in fast["serve"]:
+            lines.append(f"| {clients} clients, {load_name}: the server worker's time | | "
+                         f"{worker_shares(fast['serve'][load_name])} | | - | - |")
     lines.append(f"| decode weights read per token (MB) | {ref['step_mb']:.0f} ({ref['decode_weights']}) | "
                  f"{fast['step_mb']:.0f} ({fast['decode_weights']}) | | | |")
     if fast["decode_base_own_weights"]:

@@ -157,6 +157,19 @@ def test_a_question_asked_again_reuses_its_prompt_and_gets_the_same_answer(clien
     assert after["tokens_reused"] - before["tokens_reused"] == again.usage.prompt_tokens - 1
 
 
+def test_health_says_where_the_worker_spent_a_rag_answer(client, server):
+    """/health's worker_seconds: a rag answer adds time to retrieval, prefill and decode, and the parts never add
+    up to more than the batches' time."""
+    before = httpx.get(server.url + "/health").json()["worker_seconds"]
+    ask(client, "acme:rag", "Which harbour do the ferries leave from?")
+    after = httpx.get(server.url + "/health").json()["worker_seconds"]
+    grew = {k: after[k] - before[k] for k in after}
+    assert grew["retrieval"] > 0 and grew["prefill"] > 0 and grew["decode"] > 0
+    assert after["retrieval"] + after["prefill"] + after["decode"] <= after["busy"] + 1e-3
+    assert after["other"] == pytest.approx(after["busy"] - after["retrieval"] - after["prefill"] - after["decode"],
+                                           abs=2e-3)
+
+
 def test_reuse_chunks_serves_later_questions_from_their_chunks_kv(ws, tiny_model_dir):
     """``engrain serve --reuse-chunks``: a new question over chunks an earlier one had in view, in whatever order,
     takes their KV from the chunk cache (counted in /health) and is answered; the same question twice gets the same

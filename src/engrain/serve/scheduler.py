@@ -17,9 +17,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..errors import EngrainError
 from ..models import stop_token_ids
@@ -180,6 +180,9 @@ class Scheduler:
         self.paused = False  # tests hold the worker to queue jobs deterministically
         self.running = 0  # jobs in the batch being generated
         self.stats = {"batches": 0, "jobs": 0, "max_batch_seen": 0, "errors": 0}
+        # Where the worker's time goes, in seconds since start (``worker_seconds``): retrieval and prompts made
+        # (rag), prefill (admitting rows), decode steps, and every batch's whole time ("busy"; waiting not counted).
+        self.seconds = dict.fromkeys(("retrieval", "prefill", "decode", "busy"), 0.0)
         self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
         self.stop_ids = set(stop_token_ids(engine.tokenizer))
         self.prompt_caches: dict[str, PromptCache] = {}  # weights name -> its recent prompts' KV (prompt_cache.py)
@@ -237,11 +240,28 @@ class Scheduler:
             self.running = len(batch)
             return batch
 
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Adds the block's time to ``seconds[part]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
+    def worker_seconds(self) -> dict[str, float]:
+        """The worker's seconds by part since start; "other" is the rest of its batches' time (tokens emitted, the
+        ``generate`` path, a batch still running)."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(0.0, out["busy"] - out["retrieval"] - out["prefill"] - out["decode"]), 3)
+        return out
+
     def _loop(self) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 return
+            t0 = time.perf_counter()
             try:
                 self._run(batch)
             except Exception as exc:  # a failure is the batch's, never the server's
@@ -250,6 +270,7 @@ class Scheduler:
                     job.emit({"type": "error", "status": 500, "message": f"generation failed: {exc}",
                               "code": "generation_failed"})
             finally:
+                self.seconds["busy"] += time.perf_counter() - t0
                 with self.cond:
                     self.running = 0
 
@@ -300,7 +321,8 @@ class Scheduler:
             if first.fused:  # one prompt per reading: with the chunks, then the memory's and the base's closed-book
                 closed = [j.closed_ids for j in batch]
                 prompts = [prompts, closed, closed]
-            handles = stream.admit(prompts, [j.max_tokens for j in batch], [j.segments for j in batch])
+            with self._timed("prefill"):
+                handles = stream.admit(prompts, [j.max_tokens for j in batch], [j.segments for j in batch])
             self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
             total += len(batch)
@@ -347,10 +369,13 @@ class Scheduler:
         """Steps until the stream is empty (returns no jobs) or queued jobs join it (returns them, and when their
         queueing ended)."""
         while len(stream):
-            for handle, token in stream.step():
+            with self._timed("decode"):
+                chosen = stream.step()
+            for handle, token in chosen:
                 rows[handle].push(token)
             done = {h for h, row in rows.items() if row.done or row.job.cancelled}
-            stream.advance(done)
+            with self._timed("decode"):
+                stream.advance(done)
             for h in done:
                 rows.pop(h).finish("length")  # a no-op for rows that already finished
             if len(stream) * 4 <= self.max_batch * 3:
@@ -393,6 +418,13 @@ class Scheduler:
         rag_jobs = [j for j in batch if j.question is not None]  # a gated hybrid's refused ones are closed-book
         if not rag_jobs:
             return batch
+        with self._timed("retrieval"):
+            self._fit_rag_jobs(rag_jobs)
+        return [j for j in batch if not j.cancelled]
+
+    def _fit_rag_jobs(self, rag_jobs: list[Job]) -> None:
+        """Retrieval for ``rag_jobs`` and their prompts (``job.prompt_ids``); a job whose prompt cannot fit is
+        cancelled after its error."""
         rag = self.engine.rag
         questions = [j.question for j in rag_jobs]
         # Query rewriting uses the base model, drafts the jobs' own weights (a hybrid's memory names what it
@@ -421,7 +453,6 @@ class Scheduler:
                 job.segments = chunk_segments(enc["offset_mapping"], prompt, pieces)
             else:
                 job.prompt_ids = self.engine.encode(prompt)
-        return [j for j in batch if not j.cancelled]
 
     def _inputs(self, batch: list[Job]):
         """Input ids and attention mask: the rows left-padded to one width, after the shared documents for context."""
