@@ -179,26 +179,36 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
             questions = [json.loads(x)["question"] for x in (EXAMPLE / "questions.jsonl").read_text().splitlines()]
             out = {}
             for m in models:
-                before = worker_seconds(url)
+                before = worker_counts(url)
                 out[m] = load(url, [m], questions, clients, seconds, 24)
-                after = worker_seconds(url)
-                out[m]["worker_seconds"] = {k: round(after[k] - before[k], 3) for k in after}
+                after = worker_counts(url)
+                for part in after:
+                    out[m][part] = {k: round(after[part][k] - before[part][k], 3) for k in after[part]}
             return out
         finally:
             proc.terminate()
             proc.wait(120)
 
 
-def worker_seconds(url: str) -> dict[str, float]:
-    """The server's worker time by part so far (``/health``'s ``worker_seconds``)."""
-    return httpx.get(url + "/health", timeout=30).json()["worker_seconds"]  # liveness needs no key
+def worker_counts(url: str) -> dict[str, dict[str, float]]:
+    """The server's worker time by part so far and what its prefill computed (``/health``'s ``worker_seconds`` and
+    ``prefill_tokens``)."""
+    health = httpx.get(url + "/health", timeout=30).json()  # liveness needs no key
+    return {"worker_seconds": health["worker_seconds"], "prefill_tokens": health["prefill_tokens"]}
 
 
 def worker_shares(load_result: dict) -> str:
-    """Where the server's worker spent a load test's wall time, as shares of it."""
+    """Where the server's worker spent a load test's wall time, as shares of it, and its prefill's time per token
+    computed (prompt tokens after reused KV, padding not counted) with the padding's share of the tokens."""
     spent, wall = load_result["worker_seconds"], load_result["seconds"]
     parts = [f"{k} {spent[k] / wall:.0%}" for k in ("retrieval", "prefill", "decode", "other")]
-    return ", ".join(parts) + f", waiting {max(0.0, 1 - spent['busy'] / wall):.0%}"
+    text = ", ".join(parts) + f", waiting {max(0.0, 1 - spent['busy'] / wall):.0%}"
+    computed = load_result.get("prefill_tokens")
+    if computed and computed["tokens"]:
+        text += (f"; prefill {1000 * spent['prefill'] / computed['tokens']:.2f} ms per token over "
+                 f"{computed['requests']:.0f} requests admitted ({computed['tokens'] / computed['requests']:.0f} "
+                 f"tokens each, padding {computed['padding'] / computed['tokens']:.0%} more)")
+    return text
 
 
 def configure(ws: Path, dtype: str, top_k: int, prefill_dtype: str = "auto") -> None:
@@ -355,6 +365,9 @@ def print_table(ref: dict, fast: dict, llama: dict | None, bandwidth: float, cli
                  f"{fast['decode_lora'] / fast['decode_base']:.2f} | | | |")
     row(f"first token, {fast['prompt_tokens']}-token prompt (s)", ref["first_token_s"], fast["first_token_s"],
         llama and llama["first_token_s"], ".3f", higher_better=False)
+    # the same time per prompt token, to set beside the server's prefill per token under load (the worker rows)
+    lines.append(f"| first token, ms per prompt token | {1000 * ref['first_token_s'] / ref['prompt_tokens']:.2f} | "
+                 f"{1000 * fast['first_token_s'] / fast['prompt_tokens']:.2f} | | | |")
     for model in ("base", "rag"):
         row(f"{clients} clients, 24-token answers, {model} (requests/s)", ref["serve"][model]["rps"],
             fast["serve"][model]["rps"], llama and llama["base"]["rps"] if model == "base" else None, ".2f")

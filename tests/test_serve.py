@@ -159,11 +159,17 @@ def test_a_question_asked_again_reuses_its_prompt_and_gets_the_same_answer(clien
 
 def test_health_says_where_the_worker_spent_a_rag_answer(client, server):
     """/health's worker_seconds: a rag answer adds time to retrieval, prefill and decode, and the parts never add
-    up to more than the batches' time."""
-    before = httpx.get(server.url + "/health").json()["worker_seconds"]
-    ask(client, "acme:rag", "Which harbour do the ferries leave from?")
-    after = httpx.get(server.url + "/health").json()["worker_seconds"]
+    up to more than the batches' time; its prefill_tokens count the request and the prompt tokens it computed."""
+    health = httpx.get(server.url + "/health").json()
+    before, tokens_before = health["worker_seconds"], health["prefill_tokens"]
+    answer = ask(client, "acme:rag", "Which harbour do the ferries leave from?")
+    health = httpx.get(server.url + "/health").json()
+    after, tokens_after = health["worker_seconds"], health["prefill_tokens"]
     grew = {k: after[k] - before[k] for k in after}
+    # one request admitted; what its prefill computed is its prompt, less any KV a cached start gave
+    computed = {k: tokens_after[k] - tokens_before[k] for k in tokens_after}
+    assert computed["requests"] == 1 and computed["padding"] == 0
+    assert 0 < computed["tokens"] <= answer.usage.prompt_tokens
     assert grew["retrieval"] > 0 and grew["prefill"] > 0 and grew["decode"] > 0
     assert after["retrieval"] + after["prefill"] + after["decode"] <= after["busy"] + 1e-3
     assert after["other"] == pytest.approx(after["busy"] - after["retrieval"] - after["prefill"] - after["decode"],

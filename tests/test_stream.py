@@ -195,6 +195,21 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart():
     assert stream_mod.length_groups({}) == []
 
 
+def test_prefilled_counts_the_tokens_each_forward_computed_and_its_padding(tiny_lm):
+    """``Stream.prefilled``: two prompts in one length group count their own tokens and the shorter one's padding;
+    the same prompt again, its KV cached, computes only its last token."""
+    from engrain.models.prompt_cache import PromptCache
+
+    tok = tiny_lm.tokenizer
+    a = tok("the keeper of the lighthouse wrote in his log", add_special_tokens=False)["input_ids"]
+    b = tok("the mill on the river", add_special_tokens=False)["input_ids"]
+    stream = stream_mod.Stream(tiny_lm.model, pad_id=tok.pad_token_id, prompt_cache=PromptCache())
+    stream.admit([a, b], [2, 2])
+    assert stream.prefilled == {"tokens": len(a) + len(b), "padding": abs(len(a) - len(b))}
+    stream.admit([a], [2])
+    assert stream.prefilled["tokens"] == len(a) + len(b) + 1
+
+
 def test_decode_steps_over_the_whole_cache_give_the_sliced_steps_logits(tiny_lm, monkeypatch):
     """A decode step attends the cache's whole buffer while its unwritten tail is short (``WHOLE_CACHE_RATIO``), the
     tail masked: the logits of every step are those of attending only the written columns, and a long tail (a large

@@ -96,6 +96,11 @@ class FusedStream:
     def __len__(self) -> int:
         return len(self.streams[0])
 
+    @property
+    def prefilled(self) -> dict[str, int]:
+        """Prefill tokens over every reading (``Stream.prefilled``)."""
+        return {k: sum(s.prefilled[k] for s in self.streams) for k in ("tokens", "padding")}
+
     def admit(self, prompts: list[list[list[int]]], budgets: list[int],
               segments: list[list[tuple[int, int]]] | None = None) -> list[int]:
         """``prompts[r]``: reading r's prompt per request. ``segments`` (retrieved chunks' token ranges) are the

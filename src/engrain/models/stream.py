@@ -56,6 +56,8 @@ class Stream:
         self.rows: _Rows | None = None
         self.budget: dict[int, int] = {}  # row handle -> most tokens it may produce
         self._next = 0
+        # Tokens through prefill forwards so far: the prompts' own (after any reused KV) and the padding beside them
+        self.prefilled = {"tokens": 0, "padding": 0}
 
     def __len__(self) -> int:
         return 0 if self.rows is None else int((~self.rows.done).sum())
@@ -107,7 +109,7 @@ class Stream:
                   for i, key in enumerate(keys)}
         rest = {i: todo[key][starts[i][0]:] for i, key in enumerate(keys)}
         for group in self._groups(rest):
-            new = prefill_after_starts(self.model, group, starts, self.pad_id, self.prefix, self.device, self.quant)
+            new = self._prefill(group, starts)
             for row, i in enumerate(group):
                 head, chunk = keys[i]
                 found[keys[i]] = cache.add(list(head), list(chunk), _row_kv(new, row))
@@ -119,11 +121,18 @@ class Stream:
         """Prefill one group (by handle, the tokens after each prompt's cached start), keep the whole ``prompts``' KV
         in the prompt cache, and add their rows to the batch. What the cache leaves to run is often a few tokens: those
         read the quantized weights, as a decode step does."""
-        new = prefill_after_starts(self.model, group, starts, self.pad_id, self.prefix, self.device, self.quant)
+        new = self._prefill(group, starts)
         if self.prompt_cache is not None:
             for row, handle in enumerate(group):
                 self.prompt_cache.add(prompts[handle], _row_kv(new, row))
         self.rows = _merge(self.rows, new, room)
+
+    def _prefill(self, group: dict, starts: dict) -> _Rows:
+        """One forward over ``group`` (each row's tokens after its start), counted in ``prefilled``."""
+        tokens = sum(len(p) for p in group.values())
+        self.prefilled["tokens"] += tokens
+        self.prefilled["padding"] += len(group) * max(len(p) for p in group.values()) - tokens
+        return prefill_after_starts(self.model, group, starts, self.pad_id, self.prefix, self.device, self.quant)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:

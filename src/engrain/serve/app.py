@@ -312,7 +312,8 @@ def add_playground_routes(app: FastAPI, api: Api) -> None:
                 "queue": scheduler.pending(), "auth": bool(api.api_key),
                 "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
                 "weights_mb": round(engine.weight_bytes() / 2**20, 1), **scheduler.stats,
-                "prompt_cache": scheduler.prompt_cache_stats(), "worker_seconds": scheduler.worker_seconds()}
+                "prompt_cache": scheduler.prompt_cache_stats(), "worker_seconds": scheduler.worker_seconds(),
+                "prefill_tokens": dict(scheduler.prefilled)}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():

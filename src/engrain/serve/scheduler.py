@@ -183,6 +183,9 @@ class Scheduler:
         # Where the worker's time goes, in seconds since start (``worker_seconds``): retrieval and prompts made
         # (rag), prefill (admitting rows), decode steps, and every batch's whole time ("busy"; waiting not counted).
         self.seconds = dict.fromkeys(("retrieval", "prefill", "decode", "busy"), 0.0)
+        # What those prefill seconds computed: requests admitted, their tokens through a forward (after reused KV)
+        # and the padding beside them, over every reading of a fused hybrid (``/health``'s ``prefill_tokens``)
+        self.prefilled = dict.fromkeys(("requests", "tokens", "padding"), 0)
         self.batch_log: deque[tuple[str, int]] = deque(maxlen=256)  # (weights, batch size), most recent last
         self.stop_ids = set(stop_token_ids(engine.tokenizer))
         self.prompt_caches: dict[str, PromptCache] = {}  # weights name -> its recent prompts' KV (prompt_cache.py)
@@ -321,8 +324,12 @@ class Scheduler:
             if first.fused:  # one prompt per reading: with the chunks, then the memory's and the base's closed-book
                 closed = [j.closed_ids for j in batch]
                 prompts = [prompts, closed, closed]
+            before = dict(stream.prefilled)
             with self._timed("prefill"):
                 handles = stream.admit(prompts, [j.max_tokens for j in batch], [j.segments for j in batch])
+            self.prefilled["requests"] += len(batch)
+            for k, n in stream.prefilled.items():
+                self.prefilled[k] += n - before[k]
             self._started(batch, len(stream), started)
             rows.update((h, _Row(j, self.engine.tokenizer, self.stop_ids)) for h, j in zip(handles, batch))
             total += len(batch)
