@@ -4,6 +4,7 @@ embedding model, real ingest, synthesis and training."""
 
 from __future__ import annotations
 
+import threading
 import numpy as np
 import yaml
 
@@ -110,6 +111,13 @@ def _served(ws, model_dir, memory: str, questions: list[str]) -> list[dict]:
     from engrain.serve.app import build, create_app
 
     engine, scheduler = build(ws.root, str(model_dir), device="cpu")
+    gate, ran_on = engine.gates["lora"], []
+
+    def routes(questions: list[str]) -> list[bool]:
+        ran_on.append(threading.current_thread())
+        return type(gate).routes(gate, questions)
+
+    gate.routes = routes
     out = []
     with ThreadServer(create_app(engine, scheduler, max_tokens_limit=16)) as srv:
         for question in questions:
@@ -118,4 +126,6 @@ def _served(ws, model_dir, memory: str, questions: list[str]) -> list[dict]:
                                  "messages": [{"role": "user", "content": question}]})
             assert r.status_code == 200, r.text
             out.append(r.json()["engrain"])
+    # the gate's embedding ran on threads that ended with it, none of the server's own (passing_thread.py)
+    assert len(ran_on) == len(questions) and not any(t.is_alive() for t in ran_on)
     return out

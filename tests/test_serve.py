@@ -20,6 +20,8 @@ import pytest
 
 from serve_workspace import DOCS, ThreadServer, free_port, make_workspace
 
+from engrain.errors import EngrainError
+
 KEY = "test-key-0123456789abcdef"
 QUESTION = "Who kept the logbook of the Varn lighthouse?"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -174,6 +176,29 @@ def test_health_says_where_the_worker_spent_a_rag_answer(client, server):
     assert after["retrieval"] + after["prefill"] + after["decode"] <= after["busy"] + 1e-3
     assert after["other"] == pytest.approx(after["busy"] - after["retrieval"] - after["prefill"] - after["decode"],
                                            abs=2e-3)
+
+
+def test_the_server_loads_on_a_thread_that_ends_and_hands_back_errors(ws, tiny_model_dir, monkeypatch):
+    """``build`` loads the model and memories on a passing thread, so the main thread keeps no OpenMP pool beside the
+    worker's (passing_thread.py); what the loading raises reaches the caller as it is."""
+    import engrain.models
+    from engrain.serve.app import build
+    from engrain.serve.passing_thread import on_passing_thread
+
+    loaded_on = []
+    real = engrain.models.load_for_workspace
+
+    def load(*args, **kwargs):
+        loaded_on.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engrain.models, "load_for_workspace", load)
+    _, scheduler = build(ws.root, str(tiny_model_dir), device="cpu")
+    scheduler.close()
+    assert len(loaded_on) == 1 and loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()
+    assert on_passing_thread(lambda: 6 * 7) == 42
+    with pytest.raises(EngrainError):
+        build(ws.root, str(ws.root / "no such model"), device="cpu")
 
 
 def test_reuse_chunks_serves_later_questions_from_their_chunks_kv(ws, tiny_model_dir):

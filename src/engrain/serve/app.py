@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import EngrainError
 from .engine import Engine, Served
+from .passing_thread import on_passing_thread
 from .responses import final_response, stream_events
 from .scheduler import Job, Scheduler, ShuttingDown
 from .validation import (ApiError, ChatBody, CompletionBody, Limits, RequestBody, chat_messages, error_body,
@@ -360,9 +361,13 @@ def build(ws_root: Path | str, model_spec: str | None = None, *, device: str | N
     if not ws.root.is_dir():
         raise EngrainError(f"The workspace {ws.root} does not exist.",
                            hint="Create one first: engrain ingest DOCS_DIR -w WORKSPACE")
-    lm = load_for_workspace(ws.root, model_spec, device)
-    engine = Engine(ws, lm, log=log, lora_adapters=lora_adapters)
-    _warm_up(engine, log or (lambda msg: None))
+
+    def load() -> Engine:
+        engine = Engine(ws, load_for_workspace(ws.root, model_spec, device), log=log, lora_adapters=lora_adapters)
+        _warm_up(engine, log or (lambda msg: None))
+        return engine
+
+    engine = on_passing_thread(load, "engrain-serve-load")  # no OpenMP pool left on the main thread
     return engine, Scheduler(engine, max_batch=max_batch, reuse_chunks=reuse_chunks)
 
 

@@ -34,6 +34,7 @@ from ..errors import EngrainError
 from ..memory.kinds import HYBRID, UNTRAINED, canonical
 from ..models import DEFAULT_SYSTEM, LM, chat_messages, chat_prompt
 from ..workspace import Workspace
+from .passing_thread import on_passing_thread
 
 # Folder names under memories/ that may become model names; anything else is skipped, never opened.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -215,9 +216,10 @@ class Engine:
         return gate
 
     def routed_to_base(self, served: Served, question: str) -> bool:
-        """True when ``served`` is a trained memory whose gate sends ``question`` to the base weights."""
+        """True when ``served`` is a trained memory whose gate sends ``question`` to the base weights. The gate's
+        embedding runs on a passing thread: the request handlers' threads live on (``passing_thread.py``)."""
         gate = self.gates.get(served.weights) if served.layout in ("chat", "rag") else None
-        return gate is not None and not gate.routes([question])[0]
+        return gate is not None and not on_passing_thread(lambda: gate.routes([question])[0])
 
     def _load_adapter(self, name: str, folder) -> None:
         from peft import PeftModel
