@@ -1,15 +1,12 @@
 """The request queue and the one worker thread that runs the model.
 
-Requests arrive from many HTTP handlers at once; each becomes a ``Job`` in one queue. The worker takes the
-oldest job and, with it, every queued job that runs on the same weights with the same prompt layout and
-sampling settings (up to ``max_batch``), and generates for all of them in one batched ``generate`` call: one
-forward pass per step for the whole batch, and never two adapters in one pass (a batch is one weights key).
-
-Tokens go back to each request as they are made (a streamer reads every step's tokens for the whole batch),
-so streaming clients see text while the batch runs. A row stops at its own ``max_tokens``, end-of-turn token or
-stop string; the batch ends when every row has stopped. A request whose client went away is stopped too.
-
-Shutdown: ``close()`` refuses new jobs, lets the worker finish every queued and running job, then joins it.
+Requests arrive from many HTTP handlers at once; each becomes a ``Job`` in one queue. The worker takes the oldest job
+and every queued job on the same weights with the same prompt layout and sampling (up to ``max_batch``; never two
+adapters in one pass) and decodes them together: continuously batched (``models/stream.py``: queued jobs of the same
+key join as rows finish), or, for context prompts and ``ignore_eos``, in one batched ``generate``. Tokens go back to
+each request as they are made; a row stops at its own ``max_tokens``, end-of-turn token or stop string, or when its
+client went away. Shutdown: ``close()`` refuses new jobs, lets the worker finish every queued and running job, then
+joins it.
 """
 
 from __future__ import annotations
