@@ -5,6 +5,7 @@ embedding model, real ingest, synthesis and training."""
 from __future__ import annotations
 
 import threading
+
 import numpy as np
 import yaml
 
