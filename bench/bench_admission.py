@@ -13,10 +13,12 @@ through their answers. Each admission is timed whole and by part: the prefill fo
 each prompt into an empty stream with the same cache, so its time per token is what one prompt costs; the model at
 its defaults. Median of ``--repeats`` per form, alternately. Prints a table, writes bench/out/admission.json.
 
-``--threads``: the same prompts admitted alone on a long-lived worker thread, as the server's scheduler runs them,
-the model loaded on a passing thread (what ``engrain serve`` does, ``serve/passing_thread.py``); then again after
-the main thread has run parallel work of its own and so keeps an OpenMP pool alive beside the worker's (what the
-server did when it loaded the model on its main thread). In that order, as a pool cannot be taken back.
+``--threads``: rag prompts admitted alone on a long-lived worker thread, as the server's scheduler runs them, the
+model loaded on a passing thread (what ``engrain serve`` does, ``serve/passing_thread.py``); again after a relevance
+gate's embedding of a question on a passing thread (what the server's request handlers do now); after the same
+embedding on a thread that lives on (what they did: its OpenMP pool stays beside the worker's); and after the main
+thread has run parallel work of its own (what loading the model on the main thread did). In that order, as a pool
+left alive cannot be taken back.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bench_answer_speed import EXAMPLE, OUT  # noqa: E402
 from engrain.models import chat_messages, chat_prompt, load_model  # noqa: E402
 from engrain.models import stream as stream_mod  # noqa: E402
 from engrain.models.prompt_cache import PromptCache  # noqa: E402
+from engrain.rag.embeddings import load_embedder  # noqa: E402
 from engrain.serve.passing_thread import on_passing_thread  # noqa: E402
 
 PARTS = {"forward": (stream_mod, "prefill_after_starts"), "merge": (stream_mod, "_merge"),
@@ -103,9 +106,14 @@ def admit_s(lm, joining: list[list[int]], running: list[list[int]], head: list[i
     return took, dict(SECONDS), stream.prefilled["tokens"] - before["tokens"]
 
 
+# In this order, as a pool left alive cannot be taken back.
+THREAD_FORMS = ("worker thread, no other pool", "after a gate's embedding on a passing thread",
+                "after a gate's embedding on a thread that lives on", "the main thread's pool alive too")
+
+
 def threads(repeats: int) -> dict:
-    """ms per prompt token of rag prompts admitted alone on a worker thread, without and then with the main thread's
-    OpenMP pool alive; the model loaded on a passing thread."""
+    """ms per prompt token of rag prompts admitted alone on a worker thread (``THREAD_FORMS``): with no other OpenMP
+    pool, then after other threads' parallel work left pools or not; the models loaded on passing threads."""
     lm = on_passing_thread(lambda: load_model(None, device="cpu"))
     prompts, head = rag_prompts(lm.tokenizer, 2), system_head(lm.tokenizer)
     jobs: queue.Queue = queue.Queue()
@@ -118,22 +126,39 @@ def threads(repeats: int) -> dict:
                 took = [admit_s(lm, [p], [], head) for _ in range(repeats) for p in prompts]
                 done.put((label, statistics.median(1000 * s / n for s, _, n in took)))
 
+    embedder = on_passing_thread(lambda: load_embedder(None))
+    question = "Which harbour do the ferries leave from?"
+    handler_done, handler_end = threading.Event(), threading.Event()
+
+    def handler() -> None:  # a thread that lives on after its embedding, as the server's event loop
+        embedder.encode([question])
+        handler_done.set()
+        handler_end.wait()
+
     thread = threading.Thread(target=worker)
     thread.start()
+    handler_thread = threading.Thread(target=handler)
     out = {}
-    for label in ("worker thread, no other pool", "worker thread, the main thread's pool alive"):
-        if "main" in label:
+    for label in THREAD_FORMS:
+        if label == "after a gate's embedding on a passing thread":
+            on_passing_thread(lambda: embedder.encode([question]))  # what the server's gates do now
+        elif label == "after a gate's embedding on a thread that lives on":
+            handler_thread.start()
+            handler_done.wait()
+        elif label == "the main thread's pool alive too":
             torch.ones(1024, 1024).mul(2.0).sum()  # parallel work on the main thread: its pool stays
         jobs.put(label)
         name, ms = done.get()
         out[name] = ms
     jobs.put(None)
-    thread.join()
+    handler_end.set()
+    for t in (thread, handler_thread):
+        t.join()
     print(f"rag prompts of {', '.join(str(len(p)) for p in prompts)} tokens admitted alone, {lm.model.dtype}, "
           f"{torch.get_num_threads()} threads; median of {repeats} each")
     print("| where | ms per prompt token | x no other pool |")
     print("| --- | --- | --- |")
-    base = out["worker thread, no other pool"]
+    base = out[THREAD_FORMS[0]]
     for name, ms in out.items():
         print(f"| {name} | {ms:.2f} | {ms / base:.2f} |")
     return {"ms_per_token": out, "prompt_tokens": [len(p) for p in prompts], "repeats": repeats}
