@@ -192,9 +192,10 @@ def serve_load(command: list[str], models: list[str], clients: int, seconds: flo
 
 def worker_counts(url: str) -> dict[str, dict[str, float]]:
     """The server's worker time by part so far and what its prefill computed (``/health``'s ``worker_seconds`` and
-    ``prefill_tokens``)."""
-    health = httpx.get(url + "/health", timeout=30).json()  # liveness needs no key
-    return {"worker_seconds": health["worker_seconds"], "prefill_tokens": health["prefill_tokens"]}
+    ``prefill_tokens``); none for a server that does not report them (llama.cpp's)."""
+    r = httpx.get(url + "/health", timeout=30)  # liveness needs no key
+    health = r.json() if r.status_code == 200 else {}
+    return {k: health[k] for k in ("worker_seconds", "prefill_tokens") if k in health}
 
 
 def worker_shares(load_result: dict) -> str:
