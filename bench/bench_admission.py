@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_answer_speed import EXAMPLE, OUT  # noqa: E402
+from bench_prompt_cache import half_way  # noqa: E402
 
 from engrain.models import chat_messages, chat_prompt, load_model  # noqa: E402
 from engrain.models import stream as stream_mod  # noqa: E402
@@ -89,15 +90,8 @@ def admit_s(lm, joining: list[list[int]], running: list[list[int]], head: list[i
     """Seconds to admit ``joining`` into a stream decoding ``running`` (none: an empty stream), its parts' seconds,
     and the tokens its forwards computed."""
     cache = PromptCache()
-    stream = stream_mod.Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
-    stream.admit([head], [1])
-    stream.step()
-    stream.advance({0})  # the head's row done: its KV stays in the cache only
-    if running:
-        stream.admit(running, [48] * len(running))
-        for _ in range(24):  # the running rows are half way through their answers
-            stream.step()
-            stream.advance(set())
+    stream_mod.Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache).admit([head], [1])
+    stream = half_way(lm, cache, running)
     SECONDS.clear()
     before = dict(stream.prefilled)
     t0 = time.perf_counter()

@@ -54,16 +54,23 @@ def first_token_s(lm, prompt: list[int], cache_with: list[int] | None, cached: b
     return time.perf_counter() - t0
 
 
+def half_way(lm, cache: PromptCache, running: list[list[int]]) -> Stream:
+    """A stream on ``cache`` whose ``running`` prompts are half way through 48-token answers (none: an empty one)."""
+    stream = Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
+    if running:
+        stream.admit(running, [48] * len(running))
+        for _ in range(24):
+            stream.step()
+            stream.advance(set())
+    return stream
+
+
 def admission_s(lm, groups: list[list[list[int]]], cached: list[list[int]], running: list[list[int]]) -> float:
     """Seconds to admit ``groups`` (one ``admit`` call, so one prefill forward, each) into a stream already decoding
     ``running`` and make the next token of all, with ``cached`` prompts in the cache beforehand."""
     cache = PromptCache()
     Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache).admit(cached, [1] * len(cached))
-    stream = Stream(lm.model, pad_id=lm.tokenizer.pad_token_id, prompt_cache=cache)
-    stream.admit(running, [48] * len(running))
-    for _ in range(24):  # the running rows are half way through their answers
-        stream.step()
-        stream.advance(set())
+    stream = half_way(lm, cache, running)
     t0 = time.perf_counter()
     for group in groups:
         stream.admit(group, [1] * len(group))
